@@ -1,0 +1,30 @@
+"""fusionrec's exception hierarchy: one root, a few one-line classes per concern."""
+
+
+class FusionrecError(Exception):
+    """Root of every error fusionrec raises on purpose."""
+
+
+class ConfigError(FusionrecError):
+    """A setting is missing or malformed."""
+
+
+class ServiceError(FusionrecError):
+    """An embedded service (broker, redis-server) could not be started, found or stopped."""
+
+
+class InvalidEventError(FusionrecError):
+    """An event violates the contract; ``reason`` is the low-cardinality DLQ reason."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class DeliveryError(FusionrecError):
+    """Kafka did not acknowledge produced messages."""
+
+
+class StateStoreError(FusionrecError):
+    """Redis rejected or could not apply a state update."""

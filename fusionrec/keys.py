@@ -1,0 +1,110 @@
+"""The Redis key schema: the only module that spells a key.
+
+Keys carry a hash tag naming a *bucket* (``crc32(id) % buckets``), so one Lua script can update every
+user (or item) of a bucket that a batch touched, atomically, in one Redis Cluster slot. A batch thus
+costs at most ``buckets`` script calls per stage, whatever its size. ``buckets`` is fixed for the
+lifetime of a deployment (``FUSIONREC_REDIS_BUCKETS``; changing it means a new prefix).
+
+=================================  ====  ======================================================
+key                                type  content
+=================================  ====  ======================================================
+``P:{u:B}:<uid>:s``                hash  counters ``n:<type>``, ``last_seen`` (ms)
+``P:{u:B}:<uid>:recent``           list  most recent distinct item ids, newest first (capped)
+``P:{u:B}:<uid>:items``            zset  decayed interaction weight per item (repeat candidates)
+``P:{u:B}:<uid>:aff``              zset  decayed affinity, members ``c:<category>``/``b:<brand>``
+``P:{u:B}:<uid>:rec``              str   JSON top-K recommendations with scores and sources
+``P:{u:B}:o``                      hash  offset guard per source partition for the bucket's users
+``P:{i:B}:<iid>:meta``             hash  catalog fields (title, category, brand, price, ts, deleted)
+``P:{i:B}:<iid>:covis``            zset  co-visitation neighbours with weights (capped)
+``P:{i:B}:o``                      hash  offset guard per source partition for co-visitation
+``P:{g}:pop``                      zset  decayed item popularity
+``P:{g}:o``                        hash  offset guard per source partition for popularity
+``P:{g}:deleted``                  set   deleted item ids (excluded from candidates)
+=================================  ====  ======================================================
+
+``P`` is ``Settings.redis_prefix``; a test or an evaluation run uses its own prefix.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fusionrec.settings import Settings
+
+# Ids may not contain hash-tag braces or whitespace; the contract rejects such ids before they get here.
+ID_PATTERN = re.compile(r"^[^{}\s]{1,128}$")
+
+
+class Keys:
+    """Builds fusionrec's Redis keys under one prefix."""
+
+    def __init__(self, prefix: str = "fr", buckets: int = 64) -> None:
+        self.prefix = prefix
+        self.buckets = buckets
+
+    @classmethod
+    def for_settings(cls, settings: Settings) -> Keys:
+        return cls(settings.redis_prefix, settings.redis_buckets)
+
+    def bucket(self, ident: str) -> int:
+        return zlib.crc32(ident.encode()) % self.buckets
+
+    # --- per user
+    def user_tag(self, bucket: int) -> str:
+        return f"{self.prefix}:{{u:{bucket}}}"
+
+    def user(self, uid: str, kind: str) -> str:
+        """``kind`` is one of ``s``, ``recent``, ``items``, ``aff``, ``rec``."""
+        return f"{self.user_tag(self.bucket(uid))}:{uid}:{kind}"
+
+    def user_state(self, uid: str) -> str:
+        return self.user(uid, "s")
+
+    def user_recent(self, uid: str) -> str:
+        return self.user(uid, "recent")
+
+    def user_items(self, uid: str) -> str:
+        return self.user(uid, "items")
+
+    def user_affinity(self, uid: str) -> str:
+        return self.user(uid, "aff")
+
+    def user_rec(self, uid: str) -> str:
+        return self.user(uid, "rec")
+
+    def user_keys(self, uid: str) -> list[str]:
+        """The four keys the user-state script writes for one user, in script order."""
+        return [self.user(uid, k) for k in ("s", "recent", "items", "aff")]
+
+    def user_guard(self, bucket: int) -> str:
+        return f"{self.user_tag(bucket)}:o"
+
+    # --- per item
+    def item_tag(self, bucket: int) -> str:
+        return f"{self.prefix}:{{i:{bucket}}}"
+
+    def item_meta(self, iid: str) -> str:
+        return f"{self.item_tag(self.bucket(iid))}:{iid}:meta"
+
+    def item_covis(self, iid: str) -> str:
+        return f"{self.item_tag(self.bucket(iid))}:{iid}:covis"
+
+    def item_guard(self, bucket: int) -> str:
+        return f"{self.item_tag(bucket)}:o"
+
+    # --- global
+    def popularity(self) -> str:
+        return f"{self.prefix}:{{g}}:pop"
+
+    def popularity_guard(self) -> str:
+        return f"{self.prefix}:{{g}}:o"
+
+    def deleted_items(self) -> str:
+        return f"{self.prefix}:{{g}}:deleted"
+
+    def pattern(self) -> str:
+        """A SCAN pattern matching every key under this prefix."""
+        return f"{self.prefix}:*"

@@ -1,0 +1,94 @@
+"""Prometheus metrics: one registry-aware bundle per process.
+
+Names follow ``fusionrec_<subsystem>_<name>_<unit>``; labels are low-cardinality (topic, event type,
+reason, partition), never user or item ids. Tests pass a fresh ``CollectorRegistry``. Consumer lag is
+a scrape-time figure: the loop records high watermarks and positions, the collector turns them into
+gauges when Prometheus asks.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+log = logging.getLogger(__name__)
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_BATCH_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2000, 5000, 10_000)
+
+
+class LagCollector(Collector):
+    """Consumer lag per topic/partition from the high watermarks that come back with fetches."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lag: dict[tuple[str, int], int] = {}
+
+    def record(self, topic: str, partition: int, high_watermark: int, next_offset: int) -> None:
+        with self._lock:
+            self._lag[(topic, partition)] = max(0, high_watermark - next_offset)
+
+    def forget(self, topic: str, partition: int) -> None:
+        with self._lock:
+            self._lag.pop((topic, partition), None)
+
+    def total(self) -> int:
+        with self._lock:
+            return sum(self._lag.values())
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily("fusionrec_stream_consumer_lag_messages",
+                                   "Messages behind the high watermark, per assigned partition",
+                                   labels=["topic", "partition"])
+        with self._lock:
+            for (topic, partition), lag in sorted(self._lag.items()):
+                family.add_metric([topic, str(partition)], lag)
+        yield family
+
+
+class Metrics:
+    """Every metric a fusionrec process may export, registered on one registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.events = Counter("fusionrec_stream_events_total", "Valid events consumed",
+                              ["topic", "type"], registry=r)
+        self.dead_letters = Counter("fusionrec_stream_dead_letters_total",
+                                    "Messages sent to a dead-letter topic", ["topic", "reason"], registry=r)
+        self.batch_size = Histogram("fusionrec_stream_batch_messages", "Messages per consumed batch",
+                                    buckets=_BATCH_BUCKETS, registry=r)
+        self.batch_seconds = Histogram("fusionrec_stream_batch_seconds",
+                                       "Wall time to process one batch end to end",
+                                       buckets=_LATENCY_BUCKETS, registry=r)
+        self.redis_write_seconds = Histogram("fusionrec_state_redis_write_seconds",
+                                             "Wall time of the Redis round trips applying one batch",
+                                             ["stage"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.freshness_seconds = Histogram("fusionrec_state_freshness_seconds",
+                                           "Kafka message timestamp to state + recommendations visible "
+                                           "in Redis", buckets=_LATENCY_BUCKETS, registry=r)
+        self.replay_skipped = Counter("fusionrec_state_replay_skipped_total",
+                                      "Events skipped because their offset was already applied",
+                                      registry=r)
+        self.retries = Counter("fusionrec_stream_retries_total", "Batch retries after a transient error",
+                               ["stage"], registry=r)
+        self.recs_written = Counter("fusionrec_recs_written_total", "Recommendation lists written",
+                                    registry=r)
+        self.rank_seconds = Histogram("fusionrec_recs_rank_seconds",
+                                      "Wall time to rank and write recommendations for one batch",
+                                      buckets=_LATENCY_BUCKETS, registry=r)
+        self.delivery_failures = Counter("fusionrec_producer_delivery_failures_total",
+                                         "Messages Kafka did not acknowledge", ["topic"], registry=r)
+        self.lag = LagCollector()
+        r.register(self.lag)
+
+    def serve(self, host: str, port: int) -> None:
+        """Expose ``/metrics`` over HTTP in a daemon thread (port 0 disables)."""
+        if port:
+            start_http_server(port, addr=host, registry=self.registry)
+            log.info("metrics on http://%s:%d/metrics", host, port)

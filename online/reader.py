@@ -1,0 +1,75 @@
+"""``RecommendationReader``: how applications read recommendations straight from Redis.
+
+One GET per user; users without a stored list (unknown, or expired) get the currently popular items,
+marked ``fallback=True``.
+
+>>> reader = RecommendationReader(redis.Redis.from_url(url), settings)   # doctest: +SKIP
+>>> [r.item_id for r in reader.top_k("42", k=5).items]                    # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import time
+
+import msgspec
+import redis
+
+from fusionrec.keys import Keys
+from fusionrec.settings import Settings
+from online.ranker import Recommendation, RecList
+
+_decoder = msgspec.json.Decoder(RecList)
+
+
+class RecommendationReader:
+    def __init__(self, client: redis.Redis, settings: Settings, keys: Keys | None = None) -> None:
+        self.redis = client
+        self.settings = settings
+        self.keys = keys or Keys.for_settings(settings)
+
+    def top_k(self, user_id: str | int, k: int | None = None) -> RecList:
+        k = self.settings.rec_k if k is None else k
+        if k <= 0:
+            raise ValueError(f"k must be positive, got {k}")
+        raw = self.redis.get(self.keys.user_rec(str(user_id)))
+        if raw is not None:
+            recs = _decoder.decode(raw)
+            return msgspec.structs.replace(recs, items=recs.items[:k])
+        return self.popular(str(user_id), k)
+
+    def many(self, user_ids: list[str], k: int | None = None) -> dict[str, RecList]:
+        """``top_k`` for many users in one round trip (plus one for the fallback if needed)."""
+        k = self.settings.rec_k if k is None else k
+        raws = self.redis.mget([self.keys.user_rec(u) for u in user_ids]) if user_ids else []
+        out: dict[str, RecList] = {}
+        fallback: RecList | None = None
+        for uid, raw in zip(user_ids, raws, strict=True):
+            if raw is not None:
+                recs = _decoder.decode(raw)
+                out[uid] = msgspec.structs.replace(recs, items=recs.items[:k])
+            else:
+                fallback = fallback or self.popular("", k)
+                out[uid] = msgspec.structs.replace(fallback, user_id=uid)
+        return out
+
+    def popular(self, user_id: str, k: int) -> RecList:
+        """Most popular items right now, skipping deleted ones."""
+        ranked = self.redis.zrange(self.keys.popularity(), 0, 2 * k - 1, desc=True, withscores=True)
+        items = [(m.decode() if isinstance(m, bytes) else m, float(s)) for m, s in ranked]
+        if items:
+            flags = self.redis.smismember(self.keys.deleted_items(), [m for m, _ in items])
+            items = [pair for pair, gone in zip(items, flags, strict=True) if not gone]
+        items = items[:k]
+        top = items[0][1] if items else 1.0
+        return RecList(user_id=user_id, model="popular", generated_at=int(time.time() * 1000), event_ts=0,
+                       fallback=True, items=[Recommendation(item_id=m, score=round(s / top, 6),
+                                                            sources={"popular": round(s / top, 6)})
+                                             for m, s in items])
+
+    def titles(self, item_ids: list[str]) -> dict[str, str]:
+        """Catalog titles for display (ids without a catalog entry are left out)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for iid in item_ids:
+            pipe.hget(self.keys.item_meta(iid), "title")
+        return {i: (t.decode() if isinstance(t, bytes) else t)
+                for i, t in zip(item_ids, pipe.execute(), strict=True) if t is not None}

@@ -1,0 +1,114 @@
+"""Re-ranks the users a batch touched and writes their ``rec`` keys.
+
+Two round trips per batch (three when items were deleted), at most one script call per hash-tag
+bucket each: read candidates (the users' item weights, co-visitation of their recent items, popular
+items), check candidates against deleted items, write the lists.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+
+import msgspec
+import redis
+
+from fusionrec.keys import Keys
+from fusionrec.metrics import Metrics
+from fusionrec.settings import Settings
+from online.ranker import Ranker, RecList, SimpleRanker, UserContext
+from streams.scripts import MULTI_SETEX, MULTI_ZTOP
+from streams.state import BatchResult, UserTouch
+
+log = logging.getLogger(__name__)
+
+_encoder = msgspec.json.Encoder()
+
+
+def _pairs(raw: list[tuple[bytes | str, float]]) -> list[tuple[str, float]]:
+    return [(m.decode() if isinstance(m, bytes) else m, float(s)) for m, s in raw]
+
+
+def _flatten(groups: list[list[str]], replies: list[list[list[bytes]]]) -> dict[str, list[tuple[str, float]]]:
+    """Map ids to the (member, score) lists a MULTI_ZTOP call returned for them."""
+    out: dict[str, list[tuple[str, float]]] = {}
+    for ids, reply in zip(groups, replies, strict=True):
+        for ident, flat in zip(ids, reply, strict=True):
+            out[ident] = [(flat[j].decode(), float(flat[j + 1])) for j in range(0, len(flat), 2)]
+    return out
+
+
+class RecommendationWriter:
+    """Hook for :class:`streams.user_state.UserStateHandler`: ``writer(result)`` refreshes recs."""
+
+    def __init__(self, client: redis.Redis, settings: Settings, ranker: Ranker | None = None,
+                 metrics: Metrics | None = None, keys: Keys | None = None) -> None:
+        self.redis = client
+        self.settings = settings
+        self.ranker = ranker or SimpleRanker()
+        self.metrics = metrics
+        self.keys = keys or Keys.for_settings(settings)
+        self._ztop = client.register_script(MULTI_ZTOP)
+        self._setex = client.register_script(MULTI_SETEX)
+
+    def __call__(self, result: BatchResult) -> None:
+        if result.users:
+            self.refresh(result.users)
+
+    def contexts(self, users: dict[str, UserTouch]) -> list[UserContext]:
+        """Read everything the ranker needs for these users: one pipeline, one script per bucket."""
+        s = self.settings
+        anchors = sorted({i for t in users.values() for i in t.recent[: s.rec_recent_items]})
+        user_groups = self._by_bucket(list(users))
+        item_groups = self._by_bucket(anchors)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zrange(self.keys.popularity(), 0, s.rec_popular_candidates - 1, desc=True, withscores=True)
+        pipe.scard(self.keys.deleted_items())
+        for group in user_groups:
+            self._ztop(keys=[self.keys.user_items(u) for u in group], args=[s.rec_k * 2], client=pipe)
+        for group in item_groups:
+            self._ztop(keys=[self.keys.item_covis(i) for i in group], args=[s.rec_candidates_per_item],
+                       client=pipe)
+        replies = pipe.execute()
+        popular, n_deleted = _pairs(replies[0]), int(replies[1])
+        tops = _flatten(user_groups + item_groups, replies[2:])
+        contexts = [UserContext(user_id=uid, recent=t.recent[: s.rec_recent_items], items=tops[uid],
+                                covis={a: tops[a] for a in t.recent[: s.rec_recent_items]}, popular=popular)
+                    for uid, t in users.items()]
+        if n_deleted:
+            self._exclude_deleted(contexts)
+        return contexts
+
+    def _by_bucket(self, ids: list[str]) -> list[list[str]]:
+        groups: dict[int, list[str]] = defaultdict(list)
+        for i in ids:
+            groups[self.keys.bucket(i)].append(i)
+        return list(groups.values())
+
+    def _exclude_deleted(self, contexts: list[UserContext]) -> None:
+        candidates = sorted({i for c in contexts for i, _ in (*c.items, *c.popular)}
+                            | {i for c in contexts for ns in c.covis.values() for i, _ in ns})
+        flags = self.redis.smismember(self.keys.deleted_items(), candidates) if candidates else []
+        deleted = frozenset(i for i, f in zip(candidates, flags, strict=True) if f)
+        for c in contexts:
+            c.excluded = deleted
+
+    def refresh(self, users: dict[str, UserTouch]) -> int:
+        t0 = time.perf_counter()
+        now = int(time.time() * 1000)
+        per_bucket: dict[int, tuple[list[str], list[bytes]]] = defaultdict(lambda: ([], []))
+        for ctx in self.contexts(users):
+            recs = RecList(user_id=ctx.user_id, items=self.ranker.rank(ctx, self.settings.rec_k),
+                           model=self.ranker.name, generated_at=now, event_ts=users[ctx.user_id].last_ts)
+            keys, values = per_bucket[self.keys.bucket(ctx.user_id)]
+            keys.append(self.keys.user_rec(ctx.user_id))
+            values.append(_encoder.encode(recs))
+        pipe = self.redis.pipeline(transaction=False)
+        for keys, values in per_bucket.values():
+            self._setex(keys=keys, args=[self.settings.rec_ttl_s, *values], client=pipe)
+        pipe.execute()
+        if self.metrics is not None:
+            self.metrics.recs_written.inc(len(users))
+            self.metrics.rank_seconds.observe(time.perf_counter() - t0)
+        return len(users)
