@@ -27,6 +27,7 @@ key                                type  content
 
 from __future__ import annotations
 
+import functools
 import re
 import zlib
 from typing import TYPE_CHECKING
@@ -36,6 +37,11 @@ if TYPE_CHECKING:
 
 # Ids may not contain hash-tag braces or whitespace; the contract rejects such ids before they get here.
 ID_PATTERN = re.compile(r"^[^{}\s]{1,128}$")
+
+
+@functools.lru_cache(maxsize=1 << 18)
+def _bucket(ident: str, buckets: int) -> int:
+    return zlib.crc32(ident.encode()) % buckets
 
 
 class Keys:
@@ -50,7 +56,7 @@ class Keys:
         return cls(settings.redis_prefix, settings.redis_buckets)
 
     def bucket(self, ident: str) -> int:
-        return zlib.crc32(ident.encode()) % self.buckets
+        return _bucket(ident, self.buckets)
 
     # --- per user
     def user_tag(self, bucket: int) -> str:

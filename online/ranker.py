@@ -7,6 +7,7 @@ returns :class:`Recommendation` s whose ``sources`` say how much each candidate 
 
 from __future__ import annotations
 
+import heapq
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -72,6 +73,7 @@ class SimpleRanker:
 
     def __init__(self, repeat: float = 1.0, covis: float = 0.6, popular: float = 0.1) -> None:
         self.weights = {"repeat": repeat, "covis": covis, "popular": popular}
+        self._popular_cache: tuple[list[tuple[str, float]], dict[str, float]] | None = None
 
     def covis_scores(self, ctx: UserContext) -> dict[str, float]:
         raw: dict[str, float] = defaultdict(float)
@@ -85,16 +87,23 @@ class SimpleRanker:
         per_source = {
             "repeat": _normalised(ctx.items),
             "covis": self.covis_scores(ctx),
-            "popular": _normalised(ctx.popular),
+            "popular": self._popular(ctx.popular),
         }
-        contributions: dict[str, dict[str, float]] = defaultdict(dict)
+        totals: dict[str, float] = defaultdict(float)
         for source, scores in per_source.items():
             weight = self.weights[source]
             for item, s in scores.items():
-                if item not in ctx.excluded:
-                    contributions[item][source] = weight * s
-        scored = sorted(((sum(c.values()), item) for item, c in contributions.items()),
-                        key=lambda x: (-x[0], x[1]))
+                totals[item] += weight * s
+        for item in ctx.excluded:
+            totals.pop(item, None)
+        top = heapq.nlargest(k, totals.items(), key=lambda kv: kv[1])
         return [Recommendation(item_id=item, score=round(score, 6),
-                               sources={s: round(v, 6) for s, v in contributions[item].items()})
-                for score, item in scored[:k]]
+                               sources={src: round(self.weights[src] * scores[item], 6)
+                                        for src, scores in per_source.items() if item in scores})
+                for item, score in top]
+
+    def _popular(self, popular: list[tuple[str, float]]) -> dict[str, float]:
+        # The popular list is shared by every user of a batch: normalise it once.
+        if self._popular_cache is None or self._popular_cache[0] is not popular:
+            self._popular_cache = (popular, _normalised(popular))
+        return self._popular_cache[1]

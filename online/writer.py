@@ -35,7 +35,7 @@ def _flatten(groups: list[list[str]], replies: list[list[list[bytes]]]) -> dict[
     out: dict[str, list[tuple[str, float]]] = {}
     for ids, reply in zip(groups, replies, strict=True):
         for ident, flat in zip(ids, reply, strict=True):
-            out[ident] = [(flat[j].decode(), float(flat[j + 1])) for j in range(0, len(flat), 2)]
+            out[ident] = list(zip([m.decode() for m in flat[0::2]], map(float, flat[1::2]), strict=True))
     return out
 
 

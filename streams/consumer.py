@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -26,7 +27,7 @@ from typing import Any, Protocol
 import redis
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
-from fusionrec.errors import DeliveryError, InvalidEventError
+from fusionrec.errors import DeliveryError, InvalidEventError, StateStoreError
 from fusionrec.metrics import Metrics
 from fusionrec.settings import Settings
 from streams.contract import CatalogEvent, Validator
@@ -37,7 +38,7 @@ from streams.state import Positioned
 log = logging.getLogger(__name__)
 
 TRANSIENT = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, redis.ResponseError,
-             DeliveryError)
+             DeliveryError, StateStoreError)
 
 
 @dataclass
@@ -138,6 +139,7 @@ class BatchConsumer:
 
     def _validate(self, msgs: list[Message]) -> Batch:
         batch = Batch()
+        types: Counter[str] = Counter()
         for msg in msgs:
             err = msg.error()
             if err is not None:
@@ -153,10 +155,12 @@ class BatchConsumer:
                 else:
                     ev = self.validator.user_event(msg.value())
                     batch.events.append(Positioned(msg.partition(), msg.offset(), ev))
-                    self.metrics.events.labels(topic, ev.type).inc()
+                    types[ev.type] += 1
                 batch.timestamps.append(msg.timestamp()[1])
             except InvalidEventError as exc:
                 batch.dead.append(DeadLetter.of(msg, exc.reason, exc.detail))
+        for event_type, n in types.items():
+            self.metrics.events.labels(self.settings.topic_events, event_type).inc(n)
         if batch.catalog:
             self.metrics.events.labels(self.settings.topic_catalog, "catalog").inc(len(batch.catalog))
         return batch

@@ -1,101 +1,77 @@
 """Lua scripts that read and apply one batch, one call per hash-tag bucket.
 
 Every script touches only keys of one bucket (declared in KEYS), so the layout works on Redis
-Cluster. Write scripts check the bucket's offset guard for the source partition, apply only records
-above it and advance it: a replayed message has no effect. Weights travel as strings produced by
-Python's ``repr`` and go to Redis verbatim, so Lua's number formatting never rounds them.
+Cluster. Large payloads travel as one msgpack argument (unpacked by Redis' built-in ``cmsgpack``):
+doubles survive exactly, and Redis formats Lua numbers for commands in shortest round-trip form.
 """
+
+# Write scripts are compare-and-apply: ARGV carries the lowest offset in the payload; if the bucket's
+# guard for the partition is already at or past it, nothing is applied and the guard is returned so
+# the caller can drop what is in and send the rest. Otherwise everything is applied, the guard moves
+# to the payload's highest offset, and -1 is returned.
 
 # KEYS: bucket guard, then per user: state, recent, items, aff
-# ARGV: partition, ttl_s, recent_cap, n_users, then per user: n_events, then per event:
-#       offset, type, item ('' for none), ts, item_weight ('' for none), n_aff, (member, weight) * n_aff
+# ARGV: partition, ttl_s, min_offset, max_offset, msgpack([per user:
+#       [last_seen, [type, count, ...], [recent items, newest first], [item, weight, ...], [member, weight, ...]]])
 USER_APPLY = """
-local gf = ARGV[1]
-local guard = tonumber(redis.call('HGET', KEYS[1], gf) or '-1')
-local ttl = tonumber(ARGV[2])
-local cap = tonumber(ARGV[3])
-local i = 5
-local applied = 0
-local max_off = guard
-local max_off_s = nil
-for u = 0, tonumber(ARGV[4]) - 1 do
-  local ks, kr, ki, ka = KEYS[2 + 4 * u], KEYS[3 + 4 * u], KEYS[4 + 4 * u], KEYS[5 + 4 * u]
-  local n = tonumber(ARGV[i])
-  i = i + 1
-  local touched = false
-  local last_seen, last_seen_s = -1, nil
-  for _ = 1, n do
-    local off = tonumber(ARGV[i])
-    local naff = tonumber(ARGV[i + 5])
-    local j = i + 6
-    if off > guard then
-      touched = true
-      redis.call('HINCRBY', ks, 'n:' .. ARGV[i + 1], 1)
-      local item = ARGV[i + 2]
-      if item ~= '' then
-        redis.call('LREM', kr, 0, item)
-        redis.call('LPUSH', kr, item)
-        if ARGV[i + 4] ~= '' then redis.call('ZINCRBY', ki, ARGV[i + 4], item) end
-      end
-      for a = 0, naff - 1 do
-        redis.call('ZINCRBY', ka, ARGV[j + 2 * a + 1], ARGV[j + 2 * a])
-      end
-      local ts = tonumber(ARGV[i + 3])
-      if ts > last_seen then last_seen, last_seen_s = ts, ARGV[i + 3] end
-      if off > max_off then max_off, max_off_s = off, ARGV[i] end
-      applied = applied + 1
-    end
-    i = j + 2 * naff
+local g = redis.call('HGET', KEYS[1], ARGV[1])
+if g and tonumber(g) >= tonumber(ARGV[3]) then return tonumber(g) end
+local ttl = ARGV[2]
+local users = cmsgpack.unpack(ARGV[5])
+for u = 1, #users do
+  local ks, kr, ki, ka = KEYS[4 * u - 2], KEYS[4 * u - 1], KEYS[4 * u], KEYS[4 * u + 1]
+  local rec = users[u]
+  local counts, recent, items, aff = rec[2], rec[3], rec[4], rec[5]
+  for a = 1, #counts, 2 do redis.call('HINCRBY', ks, 'n:' .. counts[a], counts[a + 1]) end
+  local prev = tonumber(redis.call('HGET', ks, 'last_seen') or '-1')
+  if rec[1] > prev then redis.call('HSET', ks, 'last_seen', rec[1]) end
+  if #recent > 0 then
+    redis.call('DEL', kr)
+    redis.call('RPUSH', kr, unpack(recent))
   end
-  if touched then
-    redis.call('LTRIM', kr, 0, cap - 1)
-    local prev = tonumber(redis.call('HGET', ks, 'last_seen') or '-1')
-    if last_seen > prev then redis.call('HSET', ks, 'last_seen', last_seen_s) end
-    redis.call('EXPIRE', ks, ttl)
-    redis.call('EXPIRE', kr, ttl)
-    redis.call('EXPIRE', ki, ttl)
-    redis.call('EXPIRE', ka, ttl)
-  end
+  for a = 1, #items, 2 do redis.call('ZINCRBY', ki, items[a + 1], items[a]) end
+  for a = 1, #aff, 2 do redis.call('ZINCRBY', ka, aff[a + 1], aff[a]) end
+  redis.call('EXPIRE', ks, ttl)
+  redis.call('EXPIRE', kr, ttl)
+  redis.call('EXPIRE', ki, ttl)
+  redis.call('EXPIRE', ka, ttl)
 end
-if max_off_s then redis.call('HSET', KEYS[1], gf, max_off_s) end
-return applied
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[4])
+return -1
 """
 
-# Guarded sorted-set increments for one bucket (co-visitation) or the global popularity set.
+# Sorted-set increments for one item bucket (co-visitation) or the global popularity set. Records are
+# applied in offset order and, with a cap, the set is trimmed to its strongest ``cap`` members after
+# every record, so the result does not depend on how events were cut into batches. Membership count is
+# tracked from ZINCRBY replies (a reply equal to the increment means a new member; weights are > 0).
 # KEYS: bucket guard, then the zsets
-# ARGV: partition, cap (0 = uncapped), then per zset: n_records, then per record (ascending offsets):
-#       offset, n, (member, weight) * n
+# ARGV: partition, cap (0 = uncapped), min_offset, max_offset,
+#       msgpack([per zset: [per record: [member, weight, member, weight, ...]]])
 ZSET_APPLY = """
-local gf = ARGV[1]
-local guard = tonumber(redis.call('HGET', KEYS[1], gf) or '-1')
+local g = redis.call('HGET', KEYS[1], ARGV[1])
+if g and tonumber(g) >= tonumber(ARGV[3]) then return tonumber(g) end
 local cap = tonumber(ARGV[2])
-local i = 3
-local applied = 0
-local max_off = guard
-local max_off_s = nil
+local data = cmsgpack.unpack(ARGV[5])
 for k = 2, #KEYS do
   local key = KEYS[k]
-  local nrec = tonumber(ARGV[i])
-  i = i + 1
-  for _ = 1, nrec do
-    local off = tonumber(ARGV[i])
-    local n = tonumber(ARGV[i + 1])
-    local j = i + 2
-    if off > guard then
-      for a = 0, n - 1 do
-        redis.call('ZINCRBY', key, ARGV[j + 2 * a + 1], ARGV[j + 2 * a])
-      end
-      if cap > 0 and redis.call('ZCARD', key) > cap then
-        redis.call('ZREMRANGEBYRANK', key, 0, -(cap + 1))
-      end
-      if off > max_off then max_off, max_off_s = off, ARGV[i] end
-      applied = applied + 1
+  local records = data[k - 1]
+  local card = nil
+  if cap > 0 then card = redis.call('ZCARD', key) end
+  for r = 1, #records do
+    local rec = records[r]
+    for a = 1, #rec, 2 do
+      local w = rec[a + 1]
+      local s = tonumber(redis.call('ZINCRBY', key, w, rec[a]))
+      if card and s == w then card = card + 1 end
     end
-    i = j + 2 * n
+    if card and card > cap then
+      redis.call('ZREMRANGEBYRANK', key, 0, -(cap + 1))
+      card = cap
+    end
   end
 end
-if max_off_s then redis.call('HSET', KEYS[1], gf, max_off_s) end
-return applied
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[4])
+return -1
 """
 
 # Catalog upserts/deletes for one item bucket, each guarded by event time: an older event never

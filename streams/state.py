@@ -26,12 +26,20 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+import msgspec
 import redis
 
+from fusionrec.errors import StateStoreError
 from fusionrec.keys import Keys
 from fusionrec.settings import Settings
 from streams.contract import CatalogEvent, UserEvent
 from streams.scripts import CATALOG_APPLY, MULTI_HMGET, USER_APPLY, USER_READ, ZSET_APPLY
+
+_msgpack = msgspec.msgpack.Encoder()
+
+
+class StaleStateError(StateStoreError):
+    """A guard moved between reading state and writing it (a concurrent writer); retry the batch."""
 
 # How much one event of each type says about interest in its item.
 EVENT_WEIGHTS: dict[str, float] = {"view": 1.0, "click": 2.0, "add_to_cart": 4.0, "purchase": 8.0,
@@ -78,26 +86,52 @@ class Decay:
         return stored * math.exp(-self.rate * (now_ms - self.epoch_ms))
 
 
-class ZsetUpdates:
-    """Sorted-set contributions by (bucket, partition) → key → offset → [member, weight, ...]."""
+@dataclass
+class ZsetCall:
+    """Sorted-set contributions for one guard (an item bucket, or popularity) and one partition.
 
-    def __init__(self) -> None:
-        self.groups: dict[tuple[int, int], dict[str, dict[int, list[str]]]] = defaultdict(
-            lambda: defaultdict(dict))
+    ``entries[key]`` holds (offset, member, weight) in the order they were produced. With
+    ``aggregate`` the weights per member are summed into one record (uncapped sets: order does not
+    change the result); otherwise there is one record per offset, applied in offset order.
+    """
 
-    def add(self, bucket: int, partition: int, key: str, offset: int, member: str, weight: float) -> None:
-        self.groups[(bucket, partition)][key].setdefault(offset, []).extend((member, repr(weight)))
+    guard: str
+    partition: int
+    cap: int
+    aggregate: bool
+    entries: dict[str, list[tuple[int, str, float]]] = field(default_factory=lambda: defaultdict(list))
 
-    @staticmethod
-    def argv(partition: int, cap: int, per_key: dict[str, dict[int, list[str]]]) -> tuple[list[str], Args]:
-        """(keys after the guard, args) with each key's records in ascending offset order."""
-        args: Args = [partition, cap]
-        for by_offset in per_key.values():
-            args.append(len(by_offset))
-            for offset in sorted(by_offset):
-                pairs = by_offset[offset]
-                args.extend((offset, len(pairs) // 2, *pairs))
-        return list(per_key), args
+    def args(self, floor: int) -> tuple[list[str], Args] | None:
+        """Script keys and args for the entries above ``floor``; None when nothing is left."""
+        keys: list[str] = []
+        payload: list[list[list[Any]]] = []
+        lo, hi = None, -1
+        for key, entries in self.entries.items():
+            fresh = sorted((e for e in entries if e[0] > floor), key=lambda e: e[0])
+            if not fresh:
+                continue
+            lo = fresh[0][0] if lo is None else min(lo, fresh[0][0])
+            hi = max(hi, fresh[-1][0])
+            keys.append(key)
+            payload.append(self._records(fresh))
+        if lo is None:
+            return None
+        return [self.guard, *keys], [self.partition, self.cap, lo, hi, _msgpack.encode(payload)]
+
+    def _records(self, fresh: list[tuple[int, str, float]]) -> list[list[Any]]:
+        if self.aggregate:
+            sums: dict[str, float] = {}
+            for _off, member, w in fresh:
+                sums[member] = sums.get(member, 0.0) + w
+            return [[x for pair in sums.items() for x in pair]]
+        records: list[list[Any]] = []
+        last = None
+        for off, member, w in fresh:
+            if off != last:
+                records.append([])
+                last = off
+            records[-1].extend((member, w))
+        return records
 
 
 class StateStore:
@@ -124,23 +158,24 @@ class StateStore:
             by_bucket[self.keys.bucket(pe.event.user_id)][pe.event.user_id].append(pe)
         guards, recents, meta = self._read(by_bucket, batch)
         result = BatchResult()
-        covis, pop = ZsetUpdates(), ZsetUpdates()
-        user_calls: dict[tuple[int, int], tuple[list[str], list[Args]]] = {}
-        for bucket, users in by_bucket.items():
-            for uid, events in users.items():
+        items: dict[tuple[str, int], ZsetCall] = {}
+        users: dict[tuple[int, int], tuple[list[str], list[Any], list[int]]] = {}
+        for bucket, group in by_bucket.items():
+            for uid, events in group.items():
                 fresh = [pe for pe in events if pe.offset > guards.get((bucket, pe.partition), -1)]
                 result.skipped += len(events) - len(fresh)
                 if not fresh:
                     continue
                 recent = recents[uid]
                 for partition, evs in _by_partition(fresh).items():
-                    keys, args = user_calls.setdefault((bucket, partition), ([], []))
+                    keys, payload, offsets = users.setdefault((bucket, partition), ([], [], []))
                     keys.extend(self.keys.user_keys(uid))
-                    args.append(self._user_events(partition, evs, recent, meta, covis, pop))
+                    payload.append(self._user_record(partition, evs, recent, meta, items))
+                    offsets.extend(pe.offset for pe in evs)
                 result.applied += len(fresh)
                 result.users[uid] = UserTouch(recent=recent, last_ts=max(pe.event.ts for pe in fresh))
-        self._write_items(covis, pop)
-        self._write_users(user_calls)
+        self._apply_zsets(list(items.values()))
+        self._apply_users(users)
         return result
 
     def _read(self, by_bucket: dict[int, dict[str, list[Positioned]]], batch: Sequence[Positioned]) -> tuple[
@@ -170,57 +205,66 @@ class StateStore:
                 meta[iid] = (_opt(category), _opt(brand))
         return guards, recents, meta
 
-    def _user_events(self, partition: int, events: list[Positioned], recent: list[str],
-                     meta: dict[str, tuple[str | None, str | None]], covis: ZsetUpdates,
-                     pop: ZsetUpdates) -> Args:
-        """One user's script records; adds its item contributions and advances ``recent``."""
-        s = self.settings
-        args: Args = [len(events)]
+    def _user_record(self, partition: int, events: list[Positioned], recent: list[str],
+                     meta: dict[str, tuple[str | None, str | None]],
+                     items: dict[tuple[str, int], ZsetCall]) -> list[Any]:
+        """One user's USER_APPLY record; adds the item contributions and advances ``recent``."""
+        s, k = self.settings, self.keys
+        counts: dict[str, int] = defaultdict(int)
+        weights: dict[str, float] = defaultdict(float)
+        affinity: dict[str, float] = defaultdict(float)
+        pop = _call(items, k.popularity_guard(), partition, 0, True)
+        last_seen = -1
         for pe in sorted(events, key=lambda x: x.offset):
             ev = pe.event
-            item = ev.item_id if ev.type != "impression" else None
+            counts[ev.type] += 1
+            last_seen = max(last_seen, ev.ts)
             w = EVENT_WEIGHTS[ev.type]
-            aff: list[str] = []
-            item_w = ""
-            if item is not None and w > 0:
-                item_w = repr(self.affinity_decay.weight(w, ev.ts))
-                category, brand = meta.get(item, (None, None))
-                if category:
-                    aff.extend((f"c:{category}", item_w))
-                if brand:
-                    aff.extend((f"b:{brand}", item_w))
-                pop.add(0, partition, self.keys.popularity(), pe.offset, item,
-                        self.popularity_decay.weight(w, ev.ts))
-                for other in _window(recent, item, s.covis_window):
-                    covis.add(self.keys.bucket(item), partition, self.keys.item_covis(item), pe.offset, other, w)
-                    covis.add(self.keys.bucket(other), partition, self.keys.item_covis(other), pe.offset, item, w)
-            args.extend((pe.offset, ev.type, item or "", ev.ts, item_w, len(aff) // 2, *aff))
-            if item is not None:
-                _push_recent(recent, item, s.recent_items_cap)
-        return args
+            item = ev.item_id if ev.type != "impression" else None
+            if item is None or w <= 0:
+                continue
+            aw = self.affinity_decay.weight(w, ev.ts)
+            weights[item] += aw
+            category, brand = meta.get(item, (None, None))
+            if category:
+                affinity[f"c:{category}"] += aw
+            if brand:
+                affinity[f"b:{brand}"] += aw
+            pop.entries[k.popularity()].append((pe.offset, item, self.popularity_decay.weight(w, ev.ts)))
+            # Directional co-visitation: what users went on to interact with after each recent item.
+            for other in _window(recent, item, s.covis_window):
+                call = _call(items, k.item_guard(k.bucket(other)), partition, s.covis_cap, False)
+                call.entries[k.item_covis(other)].append((pe.offset, item, w))
+            _push_recent(recent, item, s.recent_items_cap)
+        return [last_seen, [x for kv in counts.items() for x in kv], list(recent),
+                [x for kv in weights.items() for x in kv], [x for kv in affinity.items() for x in kv]]
 
-    def _write_items(self, covis: ZsetUpdates, pop: ZsetUpdates) -> None:
-        pipe = self.redis.pipeline(transaction=False)
-        for (bucket, partition), per_key in covis.groups.items():
-            keys, args = ZsetUpdates.argv(partition, self.settings.covis_cap, per_key)
-            self._zset_apply(keys=[self.keys.item_guard(bucket), *keys], args=args, client=pipe)
-        for (_, partition), per_key in pop.groups.items():
-            keys, args = ZsetUpdates.argv(partition, 0, per_key)
-            self._zset_apply(keys=[self.keys.popularity_guard(), *keys], args=args, client=pipe)
-        if len(pipe):
-            pipe.execute()
+    def _apply_zsets(self, calls: list[ZsetCall]) -> None:
+        """Send every call; where a guard is already past some offsets, resend the rest."""
+        pending = [(call, -1) for call in calls]
+        while pending:
+            pipe = self.redis.pipeline(transaction=False)
+            sent = []
+            for call, floor in pending:
+                built = call.args(floor)
+                if built is not None:
+                    self._zset_apply(keys=built[0], args=built[1], client=pipe)
+                    sent.append(call)
+            replies = pipe.execute() if sent else []
+            pending = [(call, int(g)) for call, g in zip(sent, replies, strict=True) if int(g) != -1]
 
-    def _write_users(self, calls: dict[tuple[int, int], tuple[list[str], list[Args]]]) -> None:
+    def _apply_users(self, calls: dict[tuple[int, int], tuple[list[str], list[Any], list[int]]]) -> None:
         if not calls:
             return
-        s = self.settings
         pipe = self.redis.pipeline(transaction=False)
-        for (bucket, partition), (keys, per_user) in calls.items():
-            args: Args = [partition, s.user_ttl_s, s.recent_items_cap, len(per_user)]
-            for user_args in per_user:
-                args.extend(user_args)
-            self._user_apply(keys=[self.keys.user_guard(bucket), *keys], args=args, client=pipe)
-        pipe.execute()
+        for (bucket, partition), (keys, payload, offsets) in calls.items():
+            self._user_apply(keys=[self.keys.user_guard(bucket), *keys],
+                             args=[partition, self.settings.user_ttl_s, min(offsets), max(offsets),
+                                   _msgpack.encode(payload)], client=pipe)
+        conflicts = [g for g in pipe.execute() if int(g) != -1]
+        if conflicts:
+            # Another writer applied part of this batch meanwhile: recompute from fresh state.
+            raise StaleStateError(f"{len(conflicts)} user buckets moved on during the batch; retrying")
 
     # ------------------------------------------------------------------ catalog
     def apply_catalog(self, events: Iterable[CatalogEvent]) -> int:
@@ -263,6 +307,14 @@ def _catalog_fields(ev: CatalogEvent) -> list[str]:
         if value is not None and value != "":
             out.extend((name, repr(value) if isinstance(value, float) else str(value)))
     return out
+
+
+def _call(calls: dict[tuple[str, int], ZsetCall], guard: str, partition: int, cap: int,
+          aggregate: bool) -> ZsetCall:
+    call = calls.get((guard, partition))
+    if call is None:
+        call = calls[(guard, partition)] = ZsetCall(guard, partition, cap, aggregate)
+    return call
 
 
 def _by_partition(events: list[Positioned]) -> dict[int, list[Positioned]]:
