@@ -60,7 +60,7 @@ class RecommendationReader:
             flags = self.redis.smismember(self.keys.deleted_items(), [m for m, _ in items])
             items = [pair for pair, gone in zip(items, flags, strict=True) if not gone]
         items = items[:k]
-        top = items[0][1] if items else 1.0
+        top = items[0][1] if items and items[0][1] > 0 else 1.0
         return RecList(user_id=user_id, model="popular", generated_at=int(time.time() * 1000), event_ts=0,
                        fallback=True, items=[Recommendation(item_id=m, score=round(s / top, 6),
                                                             sources={"popular": round(s / top, 6)})

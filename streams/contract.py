@@ -74,11 +74,11 @@ def _reason_for(exc: msgspec.ValidationError | msgspec.DecodeError) -> str:
     if isinstance(exc, msgspec.ValidationError):
         if "missing required field" in msg:
             return "missing_field"
-        if "Invalid enum value" in msg and "`$.type`" in msg:
-            return "unknown_type"
         if "Invalid enum value" in msg:
-            return "invalid_value"
-        if "Expected" in msg:
+            return "unknown_type" if "`$.type`" in msg else "invalid_value"
+        if "Number out of range" in msg:
+            return "non_finite"
+        if ", got `" in msg:
             return "wrong_type"
         return "invalid_value"
     return "not_json"

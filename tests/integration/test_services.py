@@ -1,0 +1,55 @@
+import os
+import subprocess
+import sys
+
+import redis
+from confluent_kafka.admin import AdminClient
+
+from fusionrec.services import EmbeddedServices
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except OSError:
+        return False
+
+
+def test_up_status_down_starts_real_servers_and_leaves_nothing(tmp_path):
+    svc = EmbeddedServices(tmp_path)
+    running = svc.up(persistence="aof")
+    try:
+        assert running.broker and running.redis
+        assert redis.Redis.from_url(running.redis_url).info("server")["redis_version"].startswith("8.")
+        assert redis.Redis.from_url(running.redis_url).config_get("appendonly")["appendonly"] == "yes"
+        md = AdminClient({"bootstrap.servers": running.kafka_bootstrap}).list_topics(timeout=10)
+        assert md.brokers
+        again = svc.up()
+        assert (again.broker.pid, again.redis.pid) == (running.broker.pid, running.redis.pid)
+    finally:
+        stopped = svc.down()
+    assert sorted(stopped) == ["broker", "redis"]
+    assert not _alive(running.broker.pid) and not _alive(running.redis.pid)
+    assert svc.status() is None
+
+
+def test_cli_up_status_down(tmp_path):
+    env = {**os.environ, "FUSIONREC_RUN_DIR": str(tmp_path)}
+    env.pop("FUSIONREC_KAFKA_BOOTSTRAP", None)
+    env.pop("FUSIONREC_REDIS_URL", None)
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "fusionrec.cli", *args], env=env, capture_output=True,
+                              text=True, timeout=120)
+
+    up = cli("up", "--persistence", "none")
+    assert up.returncode == 0, up.stderr
+    status = cli("status")
+    assert status.returncode == 0 and "broker" in status.stdout and "redis" in status.stdout
+    pids = [int(tok.split("=")[1]) for tok in status.stdout.split() if tok.startswith("pid=")]
+    assert len(pids) == 2 and all(_alive(p) for p in pids)
+    down = cli("down")
+    assert down.returncode == 0 and "broker" in down.stdout
+    assert not any(_alive(p) for p in pids)
+    assert cli("status").returncode == 1

@@ -1,0 +1,80 @@
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fusionrec.errors import InvalidEventError
+from streams.contract import Validator
+
+NOW = 1_700_000_000_000
+V = Validator(max_bytes=4096, max_future_skew_ms=86_400_000, max_items_shown=5)
+
+
+def ev(**kw):
+    base = {"event_id": "e1", "type": "click", "user_id": "u1", "item_id": "i1", "ts": NOW}
+    base.update(kw)
+    return json.dumps(base).encode()
+
+
+def test_valid_event_normalises_numeric_ids():
+    e = V.user_event(ev(user_id=42, item_id=7, quantity=2, price=1.5), now_ms=NOW)
+    assert (e.user_id, e.item_id, e.quantity, e.price) == ("42", "7", 2.0, 1.5)
+
+
+def test_impression_carries_items_shown():
+    e = V.user_event(ev(type="impression", item_id=None, items_shown=["a", 2]), now_ms=NOW)
+    assert e.items_shown == ["a", "2"]
+
+
+@pytest.mark.parametrize("raw, reason", [
+    (b"not json", "not_json"),
+    (None, "empty"),
+    (ev(type="hover"), "unknown_type"),
+    (json.dumps({"event_id": "e", "type": "view", "user_id": "u", "ts": NOW}).encode(), "missing_field"),
+    (ev(ts="yesterday"), "wrong_type"),
+    (ev(price=-1), "invalid_value"),
+    (ev(price=1.0).replace(b"1.0", b"1e999"), "non_finite"),
+    (ev(ts=NOW + 2 * 86_400_000), "future_ts"),
+    (ev(user_id="has space"), "invalid_id"),
+    (ev(item_id="{tag}"), "invalid_id"),
+    (ev(v=2), "unsupported_version"),
+    (ev(type="impression", item_id=None), "missing_field"),
+    (ev(type="impression", items_shown=list("abcdef")), "oversize"),
+    (ev(title="x" * 5000), "oversize"),
+])
+def test_invalid_events_have_a_reason(raw, reason):
+    with pytest.raises(InvalidEventError) as info:
+        V.user_event(raw, now_ms=NOW)
+    assert info.value.reason == reason
+
+
+def test_catalog_upsert_needs_title_and_delete_does_not():
+    assert V.catalog_event(b'{"item_id": 5, "op": "delete", "ts": 1}', now_ms=NOW).item_id == "5"
+    with pytest.raises(InvalidEventError, match="missing_field"):
+        V.catalog_event(b'{"item_id": "5", "op": "upsert", "ts": 1, "title": "  "}', now_ms=NOW)
+
+
+@given(st.binary(max_size=300))
+def test_arbitrary_bytes_never_escape_as_other_errors(raw):
+    for decode in (V.user_event, V.catalog_event):
+        try:
+            decode(raw, now_ms=NOW)
+        except InvalidEventError as exc:
+            assert exc.reason
+
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner, max_size=3),
+                           max_leaves=8)
+
+
+@given(st.dictionaries(st.sampled_from(["event_id", "type", "user_id", "item_id", "ts", "price", "quantity",
+                                        "items_shown", "v", "session_id"]), json_values))
+def test_arbitrary_json_objects_are_accepted_or_rejected_with_a_reason(obj):
+    try:
+        e = V.user_event(json.dumps(obj).encode(), now_ms=NOW)
+    except InvalidEventError as exc:
+        assert exc.reason
+    else:
+        assert e.user_id and (e.item_id or e.items_shown)

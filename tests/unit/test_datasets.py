@@ -1,0 +1,44 @@
+from pathlib import Path
+
+import pytest
+
+from fusionrec.errors import ConfigError
+from streams import datasets
+from streams.contract import Validator
+
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
+V = Validator(max_bytes=65536, max_future_skew_ms=86_400_000, max_items_shown=200)
+
+
+@pytest.mark.parametrize("preset, name", [("rees46", "rees46-2019-oct-first-17k.csv"),
+                                          ("taobao", "taobao-userbehavior-110k.csv")])
+def test_clickstream_presets_load_time_ordered_valid_events(preset, name):
+    ds = datasets.load("files", events=str(SHARED / name), preset=preset)
+    assert len(ds.events) > 10_000
+    assert ds.events.ts.is_monotonic_increasing
+    assert set(ds.events.type) <= {"view", "click", "add_to_cart", "purchase"}
+    assert "purchase" in set(ds.events.type)
+    import json
+
+    for ev in list(ds.user_events())[:500]:
+        V.user_event(json.dumps(ev).encode())
+    for item in list(ds.catalog_events(ts=1))[:500]:
+        V.catalog_event(json.dumps(item).encode())
+
+
+def test_completejourney_products_become_catalog_text():
+    ds = datasets.completejourney(households=5)
+    assert (ds.events.type == "purchase").all()
+    assert ds.events.ts.is_monotonic_increasing
+    assert set(ds.events.item_id) <= set(ds.items.item_id)
+    assert ds.items.title.str.contains(" / ").mean() > 0.9
+
+
+def test_unmapped_event_types_and_missing_columns_are_clear_errors(tmp_path):
+    f = tmp_path / "e.csv"
+    f.write_text("u,i,t,kind\n1,2,3,teleport\n")
+    with pytest.raises(ConfigError, match="teleport"):
+        datasets.load_files(f, columns=datasets.ColumnMap(events={"user_id": "u", "item_id": "i", "ts": "t",
+                                                                  "type": "kind"}, types={"view": "view"}))
+    with pytest.raises(ConfigError, match="not in file"):
+        datasets.load_files(f, columns=datasets.ColumnMap(events={"user_id": "nope"}))

@@ -1,0 +1,53 @@
+import msgspec
+
+from streams.replay import Pacer
+from streams.state import ZsetCall
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+        self.slept = []
+
+    def clock(self):
+        return self.now
+
+    def sleep(self, s):
+        self.slept.append(round(s, 6))
+        self.now += s
+
+
+def test_rate_paces_events_evenly():
+    c = FakeClock()
+    p = Pacer(rate=10, clock=c.clock, sleep=c.sleep)
+    for _ in range(5):
+        p.wait(0)
+    assert c.now == 0.4
+
+
+def test_speedup_follows_event_time_and_slower_limit_wins():
+    c = FakeClock()
+    p = Pacer(rate=1000, speedup=60, clock=c.clock, sleep=c.sleep)
+    p.wait(0)
+    p.wait(60_000)  # one minute of event time at 60x is one second
+    assert abs(c.now - 1.0) < 1e-9
+
+
+def test_zset_call_filters_by_guard_and_orders_records():
+    call = ZsetCall("g", partition=3, cap=10, aggregate=False)
+    call.entries["k1"] += [(7, "b", 1.0), (5, "a", 2.0), (7, "c", 1.0)]
+    call.entries["k2"] += [(4, "z", 1.0)]
+    keys, args = call.args(floor=-1)
+    assert keys == ["g", "k1", "k2"]
+    assert args[:4] == [3, 10, 4, 7]
+    assert msgspec.msgpack.decode(args[4]) == [[["a", 2.0], ["b", 1.0, "c", 1.0]], [["z", 1.0]]]
+    keys, args = call.args(floor=5)
+    assert keys == ["g", "k1"] and args[2:4] == [7, 7]
+    assert call.args(floor=7) is None
+
+
+def test_aggregated_call_sums_per_member():
+    call = ZsetCall("g", partition=0, cap=0, aggregate=True)
+    call.entries["pop"] += [(1, "a", 1.5), (2, "b", 1.0), (3, "a", 0.5)]
+    _, args = call.args(-1)
+    assert msgspec.msgpack.decode(args[4]) == [[["a", 2.0, "b", 1.0]]]

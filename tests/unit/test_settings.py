@@ -1,0 +1,48 @@
+import pytest
+
+from fusionrec.errors import ConfigError
+from fusionrec.keys import Keys
+from fusionrec.settings import Settings
+
+
+def test_reads_prefixed_environment_and_types():
+    s = Settings.from_env({"FUSIONREC_BATCH_SIZE": "123", "FUSIONREC_BATCH_TIMEOUT_S": "0.5",
+                           "FUSIONREC_KAFKA_BOOTSTRAP": "k:9092",
+                           "FUSIONREC_KAFKA_OPTIONS": '{"security.protocol": "SASL_SSL", "sasl.password": "pw"}'})
+    assert (s.batch_size, s.batch_timeout_s, s.kafka_bootstrap) == (123, 0.5, "k:9092")
+    assert s.kafka_options["security.protocol"] == "SASL_SSL"
+    assert not s.embedded_kafka and s.embedded_redis
+    assert s.effective_session_timeout_ms() == 45_000
+
+
+def test_overrides_win_and_settings_are_frozen():
+    s = Settings.from_env({"FUSIONREC_BATCH_SIZE": "5"}, batch_size=7)
+    assert s.batch_size == 7
+    with pytest.raises(AttributeError):
+        s.batch_size = 9  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("env", [{"FUSIONREC_BATCH_SIZE": "many"}, {"FUSIONREC_BATCH_SIZE": "0"},
+                                 {"FUSIONREC_KAFKA_OPTIONS": "[1, 2]"}, {"FUSIONREC_REDIS_PREFIX": "a{b}"},
+                                 {"FUSIONREC_REDIS_PERSISTENCE": "rdb"}])
+def test_bad_values_are_clear_errors(env):
+    with pytest.raises(ConfigError, match="FUSIONREC_"):
+        Settings.from_env(env)
+
+
+def test_secrets_are_masked():
+    s = Settings.from_env({"FUSIONREC_REDIS_URL": "redis://user:hunter2@host:6379/0",
+                           "FUSIONREC_KAFKA_OPTIONS": '{"sasl.password": "hunter2", "acks": "all"}'})
+    masked = s.masked()
+    assert "hunter2" not in repr(masked)
+    assert masked["kafka_options"]["acks"] == "all"
+    assert masked["redis_url"].endswith("@host:6379/0")
+
+
+def test_user_keys_share_one_cluster_slot_and_buckets_are_stable():
+    keys = Keys("fr", buckets=64)
+    tags = {k.split("}")[0] for k in [*keys.user_keys("42"), keys.user_rec("42")]}
+    assert len(tags) == 1
+    assert keys.bucket("42") == Keys("other", buckets=64).bucket("42")
+    assert keys.item_covis("7").startswith(keys.item_tag(keys.bucket("7")))
+    assert len({keys.bucket(str(i)) for i in range(5000)}) == 64
