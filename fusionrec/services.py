@@ -123,8 +123,8 @@ def start_broker(run_dir: Path) -> ServiceInfo:
     return _spawn("broker", argv, run_dir, port)
 
 
-def start_redis(run_dir: Path, persistence: str) -> ServiceInfo:
-    port = free_port()
+def start_redis(run_dir: Path, persistence: str, port: int | None = None) -> ServiceInfo:
+    port = port or free_port()
     data = run_dir / "redis-data"
     data.mkdir(parents=True, exist_ok=True)
     argv = [redis_binary(), "--bind", "127.0.0.1", "--port", str(port), "--dir", str(data),

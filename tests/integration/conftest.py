@@ -55,11 +55,23 @@ def rclient(settings: Settings) -> Iterator[redis.Redis]:
 
 
 def consume_until(settings: Settings, total: int, *, group_id: str | None = None, timeout: float = 120.0,
-                  metrics: Metrics | None = None) -> StatePipeline:
-    """Run the real user-state pipeline in a thread until ``total`` messages were consumed."""
+                  metrics: Metrics | None = None, lag_at_end: dict[str, Any] | None = None) -> StatePipeline:
+    """Run the real user-state pipeline in a thread until ``total`` messages were consumed.
+
+    ``lag_at_end`` receives the lag samples as the last batch completes (before partitions are revoked).
+    """
     pipeline = StatePipeline(settings, metrics=metrics or Metrics(), group_id=group_id)
     stop = threading.Event()
-    worker = threading.Thread(target=pipeline.consumer.run, args=(stop, lambda: pipeline.consumer.consumed >= total))
+
+    def done() -> bool:
+        if pipeline.consumer.consumed < total:
+            return False
+        if lag_at_end is not None:
+            lag_at_end.update({s.labels["partition"] + "@" + s.labels["topic"]: s.value
+                               for m in pipeline.metrics.lag.collect() for s in m.samples})
+        return True
+
+    worker = threading.Thread(target=pipeline.consumer.run, args=(stop, done))
     worker.start()
     worker.join(timeout)
     if worker.is_alive():
@@ -98,3 +110,21 @@ def dump_state(client: redis.Redis, prefix: str) -> dict[str, Any]:
                 value = (recs["model"], len(recs["items"]))
         out[key] = value
     return out
+
+
+def env_for(settings: Settings) -> dict[str, str]:
+    """Environment that makes a `fusionrec` subprocess use exactly these settings."""
+    import dataclasses
+    import json
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FUSIONREC_")}
+    for f in dataclasses.fields(settings):
+        value = getattr(settings, f.name)
+        if value is not None:
+            env["FUSIONREC_" + f.name.upper()] = json.dumps(dict(value)) if f.name == "kafka_options" else str(value)
+    return env
+
+
+def purchases_in(client: redis.Redis, prefix: str) -> int:
+    return sum(int(v.get("n:purchase", 0)) for k, v in dump_state(client, prefix).items() if k.endswith(":s"))

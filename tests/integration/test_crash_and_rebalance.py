@@ -1,0 +1,105 @@
+"""Consumer processes killed with SIGKILL, and two processes sharing a group, on real services."""
+
+from __future__ import annotations
+
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from fusionrec.redis_client import connect
+from streams import datasets
+from streams.producer import EventProducer
+from streams.replay import replay
+from streams.topics import ensure_topics
+
+from .conftest import consume_until, dump_state, env_for, make_settings, purchases_in
+
+
+def _consumer(settings, log_path):
+    log = open(log_path, "ab")  # noqa: SIM115 - closed with the process
+    return subprocess.Popen([sys.executable, "-m", "fusionrec.cli", "consume", "--no-metrics"],
+                            env=env_for(settings), stdout=log, stderr=subprocess.STDOUT)
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_points_then_restart_equals_one_clean_pass(services, tmp_path):
+    # One partition, so per-item state has one deterministic order (see test_state_store.py).
+    crashy = make_settings(services, partitions=1, batch_size=200)
+    ensure_topics(crashy)
+    ds = datasets.completejourney(households=120).head(30_000)
+    with EventProducer(crashy) as p:
+        replay(ds, p, progress=False)
+    client = connect(crashy)
+    rng = random.Random(7)
+    kills = 0
+    for _ in range(4):
+        proc = _consumer(crashy, tmp_path / "crashy.log")
+        # let it join the group and get some way into the data, then kill it mid-flight
+        _wait_for(lambda: purchases_in(client, crashy.redis_prefix) > 0 or proc.poll() is not None, 60,
+                  "the consumer to start applying")
+        time.sleep(rng.uniform(0.05, 0.8))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait()
+    assert kills >= 3
+    assert purchases_in(client, crashy.redis_prefix) < len(ds.events), "the kills came too late to test anything"
+    proc = _consumer(crashy, tmp_path / "crashy.log")
+    try:
+        _wait_for(lambda: purchases_in(client, crashy.redis_prefix) == len(ds.events), 180, "the restart to finish")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, (tmp_path / "crashy.log").read_text()[-3000:]
+
+    clean = crashy.replace(redis_prefix=crashy.redis_prefix + "c", group_state=crashy.group_state + "-clean")
+    consume_until(clean, len(ds.events) + len(ds.items))
+    crashed_state = {k.split(":", 1)[1]: v for k, v in dump_state(client, crashy.redis_prefix).items()}
+    clean_state = {k.split(":", 1)[1]: v for k, v in dump_state(client, clean.redis_prefix).items()}
+    assert crashed_state.keys() == clean_state.keys()
+    assert crashed_state == clean_state
+
+
+@pytest.mark.slow
+def test_two_processes_split_partitions_and_totals_are_exact(services, tmp_path):
+    s = make_settings(services, partitions=4, batch_size=400)
+    ensure_topics(s)
+    ds = datasets.completejourney(households=80).head(15_000)
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    procs = [_consumer(s, logs[0]), _consumer(s, logs[1])]
+    try:
+        time.sleep(4)
+        with EventProducer(s) as p:
+            replay(ds, p, progress=False, rate=4000)
+        client = connect(s)
+        _wait_for(lambda: purchases_in(client, s.redis_prefix) >= len(ds.events), 180, "both consumers to finish")
+        time.sleep(2)
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        codes = [proc.wait(60) for proc in procs]
+    assert codes == [0, 0], [log.read_text()[-2000:] for log in logs]
+    # each process was assigned (and consumed from) some of the events partitions
+    for log in logs:
+        text = log.read_text()
+        assert f"assigned {s.topic_events}[" in text or f", {s.topic_events}[" in text, text[-2000:]
+    state = dump_state(client, s.redis_prefix)
+    assert purchases_in(client, s.redis_prefix) == len(ds.events)
+    per_user = ds.events.groupby("user_id").size()
+    for uid, n in per_user.items():
+        key = next(k for k in state if k.endswith(f":{uid}:s") and "{u:" in k)
+        assert int(state[key]["n:purchase"]) == n
+    pop_key = next(k for k in state if k.endswith("{g}:pop"))
+    assert set(state[pop_key]) == set(ds.events.item_id)

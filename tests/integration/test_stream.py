@@ -1,0 +1,144 @@
+"""The user-state stream on the real broker and Redis: contract, dead letters, idempotence, metrics."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import msgspec
+from confluent_kafka import Consumer
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry
+
+from fusionrec.metrics import Metrics
+from fusionrec.redis_client import connect
+from online.reader import RecommendationReader
+from streams import datasets
+from streams.producer import EventProducer, kafka_config
+from streams.replay import replay
+
+from .conftest import consume_until, dump_state, make_settings
+
+NOW = int(time.time() * 1000)
+
+
+def _invalid_payloads(n: int) -> list[tuple[bytes, str]]:
+    """Hypothesis-generated payloads that each break the contract in a known way."""
+    valid = {"event_id": "e", "type": "view", "user_id": "u1", "item_id": "i1", "ts": NOW}
+    breakers = st.one_of(
+        st.binary(min_size=1, max_size=40).filter(lambda b: not b.strip().startswith((b"{", b"[", b'"')))
+        .map(lambda b: (b, "garbage")),
+        st.sampled_from(sorted(valid)).map(lambda f: (json.dumps({k: v for k, v in valid.items() if k != f}).encode(),
+                                                       f"missing {f}")),
+        st.text(min_size=1, max_size=10).filter(lambda t: t not in ("view", "click", "add_to_cart", "purchase",
+                                                                    "impression"))
+        .map(lambda t: (json.dumps({**valid, "type": t}).encode(), "type")),
+        st.one_of(st.text(max_size=5), st.lists(st.integers(), max_size=2), st.booleans())
+        .map(lambda v: (json.dumps({**valid, "ts": v}).encode(), "ts type")),
+        st.sampled_from([b"NaN", b"Infinity", b"-1e999", b"1e999", b"-5"])
+        .map(lambda x: (json.dumps({**valid, "price": 0}).encode().replace(b'"price": 0', b'"price": ' + x), "price")),
+        st.integers(min_value=NOW + 3 * 86_400_000, max_value=10**15)
+        .map(lambda t: (json.dumps({**valid, "ts": t}).encode(), "future")),
+        st.text(alphabet="{} \t", min_size=1, max_size=5)
+        .map(lambda u: (json.dumps({**valid, "user_id": u}).encode(), "bad id")),
+        st.integers(min_value=70_000, max_value=90_000).map(lambda k: (json.dumps({**valid, "pad": "x" * k}).encode(),
+                                                                        "oversize")),
+    )
+    out: list[tuple[bytes, str]] = []
+
+    @hsettings(max_examples=n, suppress_health_check=list(HealthCheck), database=None)
+    @given(breakers)
+    def collect(case):
+        out.append(case)
+
+    collect()
+    return out
+
+
+def _dlq_messages(settings, topic: str, expected: int, timeout: float = 60.0):
+    c = Consumer(kafka_config(settings, **{"group.id": f"dlq-reader-{topic}", "auto.offset.reset": "earliest",
+                                            "session.timeout.ms": 6000}))
+    c.subscribe([topic])
+    got = []
+    deadline = time.monotonic() + timeout
+    while len(got) < expected and time.monotonic() < deadline:
+        got += [m for m in c.consume(500, 1.0) if m.error() is None]
+    c.close()
+    return got
+
+
+def test_invalid_payloads_go_to_the_dlq_with_reasons_and_valid_ones_apply(settings):
+    invalid = _invalid_payloads(1000)
+    assert len(invalid) >= 1000
+    valid = [{"event_id": f"v{n}", "type": "purchase", "user_id": f"u{n % 7}", "item_id": f"i{n % 11}", "ts": NOW - n}
+             for n in range(len(invalid) // 3)]
+    with EventProducer(settings) as p:
+        for n, (raw, _why) in enumerate(invalid):
+            p.produce(settings.topic_events, raw, key=str(n), headers=[("origin", b"fuzz")])
+            if n % 3 == 0 and n // 3 < len(valid):
+                p.user_event(valid[n // 3])
+    metrics = Metrics(CollectorRegistry())
+    pipeline = consume_until(settings, len(invalid) + len(valid), metrics=metrics)
+    dead = _dlq_messages(settings, settings.dlq_topic(settings.topic_events), len(invalid))
+    assert len(dead) == len(invalid)
+    assert sorted(m.value() for m in dead) == sorted(raw for raw, _ in invalid)
+    for m in dead:
+        h = dict(m.headers())
+        assert h["fusionrec.dlq.reason"] and h["origin"] == b"fuzz"
+        assert h["fusionrec.source.topic"].decode() == settings.topic_events
+        assert int(h["fusionrec.source.offset"]) >= 0
+    reasons = {dict(m.headers())["fusionrec.dlq.reason"].decode() for m in dead}
+    assert {"not_json", "missing_field", "unknown_type", "future_ts", "invalid_id", "oversize"} <= reasons
+    dlq_total = sum(s.value for s in metrics.registry.collect() if s.name == "fusionrec_stream_dead_letters"
+                    for s in s.samples if s.name.endswith("_total"))
+    assert dlq_total == len(invalid)
+    client = connect(settings)
+    purchases = sum(int(v.get("n:purchase", 0)) for k, v in dump_state(client, settings.redis_prefix).items()
+                    if k.endswith(":s"))
+    assert purchases == len(valid)
+    assert pipeline.consumer.consumed == len(invalid) + len(valid)
+
+
+def test_consuming_the_same_range_twice_leaves_identical_state(services):
+    s = make_settings(services, partitions=2)
+    from streams.topics import ensure_topics
+
+    ensure_topics(s)
+    ds = datasets.completejourney(households=30).head(4000)
+    with EventProducer(s) as p:
+        replay(ds, p, progress=False)
+    total = len(ds.events) + len(ds.items)
+    consume_until(s, total)
+    client = connect(s)
+    first = dump_state(client, s.redis_prefix)
+    # A second group starts from the beginning again: every event is a replay for the state.
+    metrics = Metrics(CollectorRegistry())
+    consume_until(s, total, group_id=s.group_state + "-again", metrics=metrics)
+    assert dump_state(client, s.redis_prefix) == first
+    skipped = metrics.registry.get_sample_value("fusionrec_state_replay_skipped_total")
+    assert skipped == len(ds.events)
+
+
+def test_recommendations_are_readable_and_metrics_are_recorded(settings):
+    ds = datasets.completejourney(households=20).head(3000)
+    with EventProducer(settings) as p:
+        replay(ds, p, progress=False)
+    metrics = Metrics(CollectorRegistry())
+    lags: dict[str, float] = {}
+    consume_until(settings, len(ds.events) + len(ds.items), metrics=metrics, lag_at_end=lags)
+    reader = RecommendationReader(connect(settings), settings)
+    user = ds.events.user_id.value_counts().index[0]
+    recs = reader.top_k(user, 10)
+    assert not recs.fallback and len(recs.items) == 10
+    assert all(r.sources and set(r.sources) <= {"repeat", "covis", "popular"} for r in recs.items)
+    stored = msgspec.json.decode(connect(settings).get(reader.keys.user_rec(user)))
+    assert stored["event_ts"] == int(ds.events[ds.events.user_id == user].ts.max())
+    reg = metrics.registry
+    assert reg.get_sample_value("fusionrec_stream_events_total",
+                                {"topic": settings.topic_events, "type": "purchase"}) == len(ds.events)
+    assert reg.get_sample_value("fusionrec_state_freshness_seconds_count") > 0
+    assert reg.get_sample_value("fusionrec_recs_written_total") > 0
+    # every partition that delivered data reports its lag, and the consumer is caught up
+    assert len(lags) >= 2 and all(v == 0 for v in lags.values())
