@@ -62,8 +62,9 @@ def run_demo(settings: Settings, *, events: int, households: int, keep: bool) ->
             print(f"metrics: http://{s.metrics_host}:{s.metrics_port}/metrics "
                   f"(point a Prometheus scrape job at it; see deploy/prometheus/)")
         stop, done = threading.Event(), threading.Event()
-        consumer = threading.Thread(target=pipeline.consumer.run, args=(stop, lambda: pipeline.consumer.consumed >= total),
-                                    name="consumer", daemon=True)
+        caught_up = lambda: pipeline.consumer.consumed >= total  # noqa: E731
+        consumer = threading.Thread(target=pipeline.consumer.run, args=(stop, caught_up), name="consumer",
+                                    daemon=True)
         consumer.start()
         published = [0]
         printer = threading.Thread(target=_progress, args=(pipeline, published, total, done), daemon=True)

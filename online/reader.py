@@ -16,7 +16,7 @@ import redis
 
 from fusionrec.keys import Keys
 from fusionrec.settings import Settings
-from online.ranker import Recommendation, RecList
+from online.ranker import RecList, Recommendation
 
 _decoder = msgspec.json.Decoder(RecList)
 

@@ -48,7 +48,7 @@ def test_sigkill_at_random_points_then_restart_equals_one_clean_pass(services, t
     for _ in range(4):
         proc = _consumer(crashy, tmp_path / "crashy.log")
         # let it join the group and get some way into the data, then kill it mid-flight
-        _wait_for(lambda: purchases_in(client, crashy.redis_prefix) > 0 or proc.poll() is not None, 60,
+        _wait_for(lambda p=proc: purchases_in(client, crashy.redis_prefix) > 0 or p.poll() is not None, 60,
                   "the consumer to start applying")
         time.sleep(rng.uniform(0.05, 0.8))
         if proc.poll() is None:

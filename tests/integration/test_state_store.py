@@ -80,13 +80,14 @@ def test_catalog_is_event_time_guarded_and_deletes_exclude_items(services):
     old = CatalogEvent(item_id="i1", op="upsert", ts=100, title="old title")
     assert store.apply_catalog([up, old]) == 1
     assert client.hget(store.keys.item_meta("i1"), "title") == b"new title"
-    evs = [Positioned(0, n, UserEvent(event_id=str(n), type="purchase", user_id=f"u{n % 3}", item_id=i, ts=T0 + n))
-           for n, i in enumerate(["i1", "i2", "i1", "i3", "i2", "i1"])]
+    evs = [Positioned(0, n, UserEvent(event_id=str(n), type="purchase", user_id=f"u{n % 3}", item_id=i,
+                                      ts=T0 + n)) for n, i in enumerate(["i1", "i2", "i1", "i3", "i2", "i1"])]
     writer(store.apply(evs))
     reader = RecommendationReader(client, s)
     assert "i1" in [r.item_id for r in reader.top_k("u0").items]
     store.apply_catalog([CatalogEvent(item_id="i1", op="delete", ts=300)])
-    writer(store.apply([Positioned(0, 10, UserEvent(event_id="x", type="view", user_id="u0", item_id="i2", ts=T0 + 2000))]))
+    view = UserEvent(event_id="x", type="view", user_id="u0", item_id="i2", ts=T0 + 2000)
+    writer(store.apply([Positioned(0, 10, view)]))
     assert "i1" not in [r.item_id for r in reader.top_k("u0").items]
     assert "i1" not in [r.item_id for r in reader.top_k("nobody").items]
     assert client.hget(store.keys.item_meta("i1"), "deleted") == b"1"
