@@ -10,6 +10,7 @@ marked ``fallback=True``.
 from __future__ import annotations
 
 import time
+from typing import cast
 
 import msgspec
 import redis
@@ -54,8 +55,9 @@ class RecommendationReader:
 
     def popular(self, user_id: str, k: int) -> RecList:
         """Most popular items right now, skipping deleted ones."""
-        ranked = self.redis.zrange(self.keys.popularity(), 0, 2 * k - 1, desc=True, withscores=True)
-        items = [(m.decode() if isinstance(m, bytes) else m, float(s)) for m, s in ranked]
+        ranked = cast(list[tuple[bytes, float]],
+                      self.redis.zrange(self.keys.popularity(), 0, 2 * k - 1, desc=True, withscores=True))
+        items = [(m.decode(), float(s)) for m, s in ranked]
         if items:
             flags = self.redis.smismember(self.keys.deleted_items(), [m for m, _ in items])
             items = [pair for pair, gone in zip(items, flags, strict=True) if not gone]

@@ -31,7 +31,7 @@ from fusionrec.errors import DeliveryError, InvalidEventError, StateStoreError
 from fusionrec.metrics import Metrics
 from fusionrec.settings import Settings
 from streams.contract import CatalogEvent, Validator
-from streams.dlq import DeadLetter, DeadLetterPublisher
+from streams.dlq import DeadLetter, DeadLetterPublisher, position
 from streams.producer import kafka_config
 from streams.state import Positioned
 
@@ -148,13 +148,13 @@ class BatchConsumer:
                 log.warning("consumer error: %s", err)
                 continue
             batch.size += 1
-            topic = msg.topic()
+            topic, partition, offset = position(msg)
             try:
                 if topic == self.settings.topic_catalog:
                     batch.catalog.append(self.validator.catalog_event(msg.value()))
                 else:
                     ev = self.validator.user_event(msg.value())
-                    batch.events.append(Positioned(msg.partition(), msg.offset(), ev))
+                    batch.events.append(Positioned(partition, offset, ev))
                     types[ev.type] += 1
                 batch.timestamps.append(msg.timestamp()[1])
             except InvalidEventError as exc:
@@ -197,23 +197,24 @@ class BatchConsumer:
             msg = self._consumer.poll(min(left, 0.5))
             if msg is not None and msg.error() is None:
                 # Fetched before the pause took effect: rewind so it is consumed again later.
-                self._consumer.seek(TopicPartition(msg.topic(), msg.partition(), msg.offset()))
+                self._consumer.seek(TopicPartition(*position(msg)))
 
     def _store_offsets(self, msgs: list[Message]) -> None:
-        last: dict[tuple[str, int], Message] = {}
+        last: dict[tuple[str, int], int] = {}
         for msg in msgs:
             if msg.error() is None:
-                last[(msg.topic(), msg.partition())] = msg
-        offsets = [TopicPartition(t, p, m.offset() + 1) for (t, p), m in last.items()]
+                topic, partition, offset = position(msg)
+                last[(topic, partition)] = offset
+        offsets = [TopicPartition(t, p, o + 1) for (t, p), o in last.items()]
         try:
             self._consumer.store_offsets(offsets=offsets)
         except KafkaException as exc:
             # Partitions revoked meanwhile: their new owner replays from the committed offset.
             log.warning("could not store offsets %s: %s", _fmt(offsets), exc)
-        for (t, p), m in last.items():
+        for (t, p), o in last.items():
             _low, high = self._consumer.get_watermark_offsets(TopicPartition(t, p), cached=True)
             if high >= 0:
-                self.metrics.lag.record(t, p, high, m.offset() + 1)
+                self.metrics.lag.record(t, p, high, o + 1)
 
 
 def _fmt(partitions: Sequence[TopicPartition]) -> str:

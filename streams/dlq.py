@@ -31,6 +31,14 @@ from streams.producer import kafka_config
 log = logging.getLogger(__name__)
 
 
+def position(msg: Message) -> tuple[str, int, int]:
+    """topic, partition, offset of a consumed message (always set on messages without error)."""
+    topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+    if topic is None or partition is None or offset is None:
+        raise ValueError("message has no position")
+    return topic, partition, offset
+
+
 @dataclass(frozen=True)
 class DeadLetter:
     topic: str
@@ -44,10 +52,14 @@ class DeadLetter:
 
     @classmethod
     def of(cls, msg: Message, reason: str, detail: str) -> DeadLetter:
-        return cls(topic=msg.topic(), partition=msg.partition(), offset=msg.offset(), key=msg.key(),
-                   value=msg.value(), headers=list(msg.headers() or []), reason=reason, detail=detail)
+        topic, partition, offset = position(msg)
+        headers = msg.headers() or []
+        items = headers.items() if isinstance(headers, dict) else headers
+        return cls(topic=topic, partition=partition, offset=offset, key=msg.key(), value=msg.value(),
+                   headers=[(k, v if isinstance(v, bytes) else str(v or "").encode()) for k, v in items],
+                   reason=reason, detail=detail)
 
-    def dlq_headers(self) -> list[tuple[str, bytes]]:
+    def dlq_headers(self) -> list[tuple[str, str | bytes | None]]:
         return [*self.headers,
                 ("fusionrec.dlq.reason", self.reason.encode()),
                 ("fusionrec.dlq.detail", self.detail.encode()[:500]),

@@ -25,7 +25,7 @@ from streams.contract import CatalogEvent, UserEvent, encoder
 
 log = logging.getLogger(__name__)
 
-Headers = list[tuple[str, bytes]]
+Headers = list[tuple[str, str | bytes | None]]
 
 
 def kafka_config(settings: Settings, **extra: Any) -> dict[str, Any]:

@@ -155,7 +155,8 @@ class StateStore:
             return BatchResult()
         by_bucket: dict[int, dict[str, list[Positioned]]] = defaultdict(lambda: defaultdict(list))
         for pe in batch:
-            by_bucket[self.keys.bucket(pe.event.user_id)][pe.event.user_id].append(pe)
+            uid = str(pe.event.user_id)  # validated ids are already str; this tells the type checker
+            by_bucket[self.keys.bucket(uid)][uid].append(pe)
         guards, recents, meta = self._read(by_bucket, batch)
         result = BatchResult()
         items: dict[tuple[str, int], ZsetCall] = {}
@@ -182,7 +183,7 @@ class StateStore:
             dict[tuple[int, int], int], dict[str, list[str]], dict[str, tuple[str | None, str | None]]]:
         partitions = sorted({pe.partition for pe in batch})
         items_by_bucket: dict[int, list[str]] = defaultdict(list)
-        for iid in {pe.event.item_id for pe in batch if pe.event.item_id is not None}:
+        for iid in {str(pe.event.item_id) for pe in batch if pe.event.item_id is not None}:
             items_by_bucket[self.keys.bucket(iid)].append(iid)
         pipe = self.redis.pipeline(transaction=False)
         for bucket, users in by_bucket.items():
@@ -220,7 +221,7 @@ class StateStore:
             counts[ev.type] += 1
             last_seen = max(last_seen, ev.ts)
             w = EVENT_WEIGHTS[ev.type]
-            item = ev.item_id if ev.type != "impression" else None
+            item = str(ev.item_id) if ev.type != "impression" and ev.item_id is not None else None
             if item is None or w <= 0:
                 continue
             aw = self.affinity_decay.weight(w, ev.ts)
@@ -283,7 +284,8 @@ class StateStore:
             self._catalog_apply(keys=[self.keys.item_meta(str(ev.item_id)) for ev in evs], args=args,
                                 client=pipe)
         flags = pipe.execute()
-        added, removed = [], []
+        added: list[str] = []
+        removed: list[str] = []
         for evs, applied in zip(by_bucket.values(), flags, strict=True):
             for ev, ok in zip(evs, applied, strict=True):
                 if ok:
