@@ -53,7 +53,7 @@ class Settings:
 
     # Consumer loop
     batch_size: int = 2000
-    batch_timeout_s: float = 0.25
+    batch_timeout_s: float = 0.1
     retry_max_backoff_s: float = 10.0
 
     # Event contract

@@ -78,6 +78,8 @@ class BatchConsumer:
             "enable.auto.commit": True, "enable.auto.offset.store": False, "auto.commit.interval.ms": 1000,
             "auto.offset.reset": "earliest", "session.timeout.ms": settings.effective_session_timeout_ms(),
             "enable.partition.eof": False, "partition.assignment.strategy": "cooperative-sticky",
+            # bounds how long a fetch may wait at the broker for more data (latency under light load)
+            "fetch.wait.max.ms": 50,
             **(consumer_options or {}),
         })
         self._consumer = Consumer(conf, logger=log)
