@@ -32,7 +32,9 @@ def kafka_config(settings: Settings, **extra: Any) -> dict[str, Any]:
     """Base librdkafka config: bootstrap + pass-through options + call-site extras (extras win)."""
     if not settings.kafka_bootstrap:
         raise DeliveryError("no Kafka bootstrap configured (FUSIONREC_KAFKA_BOOTSTRAP or `fusionrec up`)")
-    return {"bootstrap.servers": settings.kafka_bootstrap, **settings.kafka_options, **extra}
+    # Idle connections closed by brokers are routine; librdkafka would log each one.
+    return {"bootstrap.servers": settings.kafka_bootstrap, "log.connection.close": False,
+            **settings.kafka_options, **extra}
 
 
 class EventProducer:
