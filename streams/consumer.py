@@ -50,7 +50,6 @@ class Batch:
     dead: list[DeadLetter] = field(default_factory=list)
     # Kafka message timestamps (ms) of the valid messages, for freshness.
     timestamps: list[int] = field(default_factory=list)
-    size: int = 0
 
 
 class BatchHandler(Protocol):
@@ -149,7 +148,6 @@ class BatchConsumer:
                     raise KafkaException(err)
                 log.warning("consumer error: %s", err)
                 continue
-            batch.size += 1
             topic, partition, offset = position(msg)
             try:
                 if topic == self.settings.topic_catalog:

@@ -54,6 +54,7 @@ class EventProducer:
         self.delivered = 0
         self.failed = 0
         self.last_error: KafkaError | None = None
+        self._failed_at_flush = 0
         self._on_failure = on_delivery_failure
 
     # ------------------------------------------------------------------ delivery
@@ -97,6 +98,10 @@ class EventProducer:
         remaining = self._producer.flush(timeout)
         if remaining:
             raise DeliveryError(f"{remaining} messages still undelivered after {timeout}s")
+        with self._lock:
+            failed, self._failed_at_flush = self.failed - self._failed_at_flush, self.failed
+        if failed:
+            raise DeliveryError(f"{failed} messages failed since the last flush: {self.last_error}")
 
     def close(self, timeout: float = 30.0) -> None:
         self.flush(timeout)

@@ -81,10 +81,6 @@ class Decay:
     def weight(self, w: float, ts_ms: int) -> float:
         return w * math.exp(self.rate * (ts_ms - self.epoch_ms))
 
-    def value_at(self, stored: float, now_ms: int) -> float:
-        """Convert a stored forward-decayed score into its decayed value at ``now_ms``."""
-        return stored * math.exp(-self.rate * (now_ms - self.epoch_ms))
-
 
 @dataclass
 class ZsetCall:

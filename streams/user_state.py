@@ -27,7 +27,6 @@ class UserStateHandler:
         self.store = store
         self.metrics = metrics
         self.after_apply = list(after_apply or [])
-        self.applied = 0
 
     def handle(self, batch: Batch) -> None:
         t0 = time.perf_counter()
@@ -38,7 +37,6 @@ class UserStateHandler:
         self.metrics.redis_write_seconds.labels("state").observe(t1 - t0)
         for hook in self.after_apply:
             hook(result)
-        self.applied += result.applied
         if result.skipped:
             self.metrics.replay_skipped.inc(result.skipped)
             log.info("skipped %d already-applied events", result.skipped)
