@@ -111,6 +111,15 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_embed_workers(args: argparse.Namespace) -> int:
+    from models.pool import EmbedPool
+
+    s = _resolved()
+    stop = _stop_on_signals()
+    EmbedPool(s, args.workers, progress=not args.no_progress).run(stop)
+    return 0
+
+
 # --------------------------------------------------------------------------- recommendations
 def cmd_recommend(args: argparse.Namespace) -> int:
     from fusionrec.redis_client import connect
@@ -134,6 +143,24 @@ def format_recs(recs: Any) -> str:
         why = ", ".join(f"{src} {v:.2f}" for src, v in sorted(r.sources.items(), key=lambda x: -x[1]))
         lines.append(f"{n:3d}. {r.item_id:<14s} {r.score:7.3f}  [{why}]")
     return "\n".join(lines)
+
+
+def cmd_similar(args: argparse.Namespace) -> int:
+    from fusionrec.redis_client import connect
+    from online.reader import RecommendationReader
+
+    s = _resolved()
+    reader = RecommendationReader(connect(s), s)
+    similar = reader.similar_items(args.item, args.k)
+    if args.json:
+        print(json.dumps({"item_id": args.item, "version": reader.content.active(),
+                          "similar": [{"item_id": i, "score": round(sc, 6)} for i, sc in similar]}))
+        return 0
+    titles = reader.titles([args.item, *(i for i, _ in similar)])
+    print(f"items like {args.item} {titles.get(args.item, '')}".rstrip() + f" (model {reader.content.active()}):")
+    for n, (iid, score) in enumerate(similar, 1):
+        print(f"{n:3d}. {iid:<14s} {score:6.3f}  {titles.get(iid, '')[:80]}")
+    return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -187,6 +214,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--rate", type=float, default=0.0, help="events per second (0 = as fast as possible)")
     r.add_argument("--speedup", type=float, default=0.0, help="replay event time N times faster (0 = ignore)")
     r.add_argument("--no-catalog", action="store_true", help="skip the catalog upserts")
+
+    ew = add("embed-workers", cmd_embed_workers,
+             "run the catalog embedding pool (one worker per GPU, else --workers CPU processes)")
+    ew.add_argument("--workers", type=int, help="worker processes (default: GPUs, or FUSIONREC_EMBED_WORKERS/1)")
+    ew.add_argument("--no-progress", action="store_true", help="no progress bar for a backfill")
+
+    sim = add("similar", cmd_similar, "print the items most similar to ITEM by content")
+    sim.add_argument("item")
+    sim.add_argument("--k", type=int, default=10)
+    sim.add_argument("--json", action="store_true")
 
     rec = add("recommend", cmd_recommend, "print a user's recommendations with their explanation")
     rec.add_argument("user")

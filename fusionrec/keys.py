@@ -13,6 +13,7 @@ key                                type  content
 ``P:{u:B}:<uid>:items``            zset  decayed interaction weight per item (repeat candidates)
 ``P:{u:B}:<uid>:aff``              zset  decayed affinity, members ``c:<category>``/``b:<brand>``
 ``P:{u:B}:<uid>:rec``              str   JSON top-K recommendations with scores and sources
+``P:{u:B}:<uid>:pv``               str   profile vector: msgpack ``[version, float32 bytes]``
 ``P:{u:B}:o``                      hash  offset guard per source partition for the bucket's users
 ``P:{i:B}:<iid>:meta``             hash  catalog fields (title, category, brand, price, ts, deleted)
 ``P:{i:B}:<iid>:covis``            zset  co-visitation neighbours with weights (capped)
@@ -20,9 +21,18 @@ key                                type  content
 ``P:{g}:pop``                      zset  decayed item popularity
 ``P:{g}:o``                        hash  offset guard per source partition for popularity
 ``P:{g}:deleted``                  set   deleted item ids (excluded from candidates)
+``P:{m}:active``                   str   the model version readers use
+``P:{m}:versions``                 hash  version -> JSON (model id, dim, dtype, status, counts)
+``P:{m}:backfill:<ver>``           str   lock held by the process re-embedding the catalog
+``P:{v:<ver>}:e:<iid>``            hash  item vector ``v`` (bytes), text hash ``h``, event ``ts``,
+                                         written ``at`` (ms), worker ``w``, embeddings ``n``; ``del``
+``P:{v:<ver>}:set``                vset  Redis 8 vector set of the version (VADD/VSIM)
+``P:{v:<ver>}:seq``                str   change counter (in-process indexes reload when it moves)
 =================================  ====  ======================================================
 
-``P`` is ``Settings.redis_prefix``; a test or an evaluation run uses its own prefix.
+``P`` is ``Settings.redis_prefix``; a test or an evaluation run uses its own prefix. A model version
+keeps all its vectors in one hash slot (``{v:<ver>}``), like the vector set it feeds, so one script
+writes an item's blob and its vector-set entry atomically.
 """
 
 from __future__ import annotations
@@ -85,6 +95,9 @@ class Keys:
         """The four keys the user-state script writes for one user, in script order."""
         return [self.user(uid, k) for k in ("s", "recent", "items", "aff")]
 
+    def user_profile(self, uid: str) -> str:
+        return self.user(uid, "pv")
+
     def user_guard(self, bucket: int) -> str:
         return f"{self.user_tag(bucket)}:o"
 
@@ -110,6 +123,38 @@ class Keys:
 
     def deleted_items(self) -> str:
         return f"{self.prefix}:{{g}}:deleted"
+
+    def item_meta_pattern(self) -> str:
+        """A SCAN pattern matching every item's catalog hash."""
+        return f"{self.prefix}:{{i:*}}:*:meta"
+
+    def item_id_from_meta(self, key: str) -> str:
+        return key.rsplit(":", 2)[-2]
+
+    # --- model versions and vectors
+    def active_model(self) -> str:
+        return f"{self.prefix}:{{m}}:active"
+
+    def model_versions(self) -> str:
+        return f"{self.prefix}:{{m}}:versions"
+
+    def backfill_lock(self, version: str) -> str:
+        return f"{self.prefix}:{{m}}:backfill:{version}"
+
+    def vec_tag(self, version: str) -> str:
+        return f"{self.prefix}:{{v:{version}}}"
+
+    def item_vector(self, version: str, iid: str) -> str:
+        return f"{self.vec_tag(version)}:e:{iid}"
+
+    def vector_set(self, version: str) -> str:
+        return f"{self.vec_tag(version)}:set"
+
+    def vector_seq(self, version: str) -> str:
+        return f"{self.vec_tag(version)}:seq"
+
+    def vector_pattern(self, version: str) -> str:
+        return f"{self.vec_tag(version)}:*"
 
     def pattern(self) -> str:
         """A SCAN pattern matching every key under this prefix."""

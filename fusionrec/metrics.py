@@ -12,7 +12,7 @@ import logging
 import threading
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -84,6 +84,30 @@ class Metrics:
                                       buckets=_LATENCY_BUCKETS, registry=r)
         self.delivery_failures = Counter("fusionrec_producer_delivery_failures_total",
                                          "Messages Kafka did not acknowledge", ["topic"], registry=r)
+        # catalog embedding (models/)
+        self.embed_items = Counter("fusionrec_embed_items_total",
+                                   "Catalog events handled by the embedding workers, by outcome "
+                                   "(embedded, unchanged, deleted, stale)", ["model", "outcome"], registry=r)
+        self.embed_batch_size = Histogram("fusionrec_embed_batch_items", "Texts per encoder call",
+                                          buckets=_BATCH_BUCKETS, registry=r)
+        self.embed_encode_seconds = Histogram("fusionrec_embed_encode_seconds",
+                                              "Wall time of one encoder call (tokenize, forward, pool)",
+                                              ["model", "device"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.embed_queue_batches = Gauge("fusionrec_embed_queue_batches",
+                                         "Consumed catalog batches waiting for the encoder", registry=r)
+        self.embed_paused = Gauge("fusionrec_embed_paused", "1 while the worker has paused its partitions "
+                                  "because its queue is full", registry=r)
+        self.embed_visible_seconds = Histogram("fusionrec_embed_visible_seconds",
+                                               "Catalog event (Kafka timestamp) to vector visible in Redis",
+                                               buckets=_LATENCY_BUCKETS, registry=r)
+        self.embed_backfill_items = Counter("fusionrec_embed_backfill_items_total",
+                                            "Stored catalog items re-embedded for a new model version",
+                                            ["model"], registry=r)
+        self.embed_backfill_progress = Gauge("fusionrec_embed_backfill_progress_ratio",
+                                             "Share of the stored catalog a running backfill has covered",
+                                             ["model"], registry=r)
+        self.embed_worker_restarts = Counter("fusionrec_embed_worker_restarts_total",
+                                             "Embedding worker processes restarted after they died", registry=r)
         self.lag = LagCollector()
         r.register(self.lag)
 

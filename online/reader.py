@@ -17,6 +17,7 @@ import redis
 
 from fusionrec.keys import Keys
 from fusionrec.settings import Settings
+from online.content import ContentIndex
 from online.ranker import RecList, Recommendation
 
 _decoder = msgspec.json.Decoder(RecList)
@@ -27,6 +28,7 @@ class RecommendationReader:
         self.redis = client
         self.settings = settings
         self.keys = keys or Keys.for_settings(settings)
+        self.content = ContentIndex(client, settings, self.keys)
 
     def top_k(self, user_id: str | int, k: int | None = None) -> RecList:
         k = self.settings.rec_k if k is None else k
@@ -67,6 +69,19 @@ class RecommendationReader:
                        fallback=True, items=[Recommendation(item_id=m, score=round(s / top, 6),
                                                             sources={"popular": round(s / top, 6)})
                                              for m, s in items])
+
+    def similar_items(self, item_id: str | int, k: int = 10) -> list[tuple[str, float]]:
+        """Items most similar to ``item_id`` by content (deleted ones left out), similarity in [0, 1].
+
+        Empty while the item has no vector (unknown, deleted, or not embedded yet).
+        """
+        if k <= 0:
+            raise ValueError(f"k must be positive, got {k}")
+        found = self.content.similar_items(str(item_id), 2 * k)
+        if found:
+            flags = self.redis.smismember(self.keys.deleted_items(), [i for i, _ in found])
+            found = [pair for pair, gone in zip(found, flags, strict=True) if not gone]
+        return found[:k]
 
     def titles(self, item_ids: list[str]) -> dict[str, str]:
         """Catalog titles for display (ids without a catalog entry are left out)."""

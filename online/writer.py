@@ -1,8 +1,10 @@
 """Re-ranks the users a batch touched and writes their ``rec`` keys.
 
-Two round trips per batch (three when items were deleted), at most one script call per hash-tag
-bucket each: read candidates (the users' item weights, co-visitation of their recent items, popular
-items), check candidates against deleted items, write the lists.
+Per batch, at most one script call per hash-tag bucket in each round trip: read candidates (the
+users' item weights, co-visitation of their recent items, popular items, the active model version);
+when item vectors exist, read the vectors of the users' strongest items, build each user's profile
+vector and find its nearest items (content candidates, one VSIM per user, pipelined); check
+candidates against deleted items; write the lists and the profile vectors.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import redis
 from fusionrec.keys import Keys
 from fusionrec.metrics import Metrics
 from fusionrec.settings import Settings
+from online.content import ContentIndex, profile_vector
 from online.ranker import Ranker, RecList, SimpleRanker, UserContext
 from streams.scripts import MULTI_SETEX, MULTI_ZTOP
 from streams.state import BatchResult, UserTouch
@@ -24,6 +27,7 @@ from streams.state import BatchResult, UserTouch
 log = logging.getLogger(__name__)
 
 _encoder = msgspec.json.Encoder()
+_msgpack = msgspec.msgpack.Encoder()
 
 
 def _pairs(raw: list[tuple[bytes | str, float]]) -> list[tuple[str, float]]:
@@ -49,6 +53,7 @@ class RecommendationWriter:
         self.ranker = ranker or SimpleRanker()
         self.metrics = metrics
         self.keys = keys or Keys.for_settings(settings)
+        self.content = ContentIndex(client, settings, self.keys)
         self._ztop = client.register_script(MULTI_ZTOP)
         self._setex = client.register_script(MULTI_SETEX)
 
@@ -76,9 +81,30 @@ class RecommendationWriter:
         contexts = [UserContext(user_id=uid, recent=t.recent[: s.rec_recent_items], items=tops[uid],
                                 covis={a: tops[a] for a in t.recent[: s.rec_recent_items]}, popular=popular)
                     for uid, t in users.items()]
+        self._content(contexts)
         if n_deleted:
             self._exclude_deleted(contexts)
         return contexts
+
+    def _content(self, contexts: list[UserContext]) -> None:
+        """Profile vectors and their nearest items, for users whose items have vectors."""
+        s = self.settings
+        version = self.content.active()
+        if version is None or s.rec_content_candidates <= 0:
+            return
+        strongest = {c.user_id: c.items[: s.rec_profile_items] for c in contexts}
+        ids = sorted({i for items in strongest.values() for i, _ in items})
+        vectors = self.content.store.vectors(version, ids)
+        with_profile = []
+        for ctx in contexts:
+            vec = profile_vector(vectors, strongest[ctx.user_id])
+            if vec is not None:
+                ctx.profile = (version, vec)
+                with_profile.append(ctx)
+        found = self.content.nearest(version, [c.profile[1] for c in with_profile if c.profile],
+                                     s.rec_content_candidates)
+        for ctx, near in zip(with_profile, found, strict=True):
+            ctx.content = near
 
     def _by_bucket(self, ids: list[str]) -> list[list[str]]:
         groups: dict[int, list[str]] = defaultdict(list)
@@ -87,7 +113,7 @@ class RecommendationWriter:
         return list(groups.values())
 
     def _exclude_deleted(self, contexts: list[UserContext]) -> None:
-        candidates = sorted({i for c in contexts for i, _ in (*c.items, *c.popular)}
+        candidates = sorted({i for c in contexts for i, _ in (*c.items, *c.popular, *c.content)}
                             | {i for c in contexts for ns in c.covis.values() for i, _ in ns})
         flags = self.redis.smismember(self.keys.deleted_items(), candidates) if candidates else []
         deleted = frozenset(i for i, f in zip(candidates, flags, strict=True) if f)
@@ -98,7 +124,12 @@ class RecommendationWriter:
         t0 = time.perf_counter()
         now = int(time.time() * 1000)
         per_bucket: dict[int, tuple[list[str], list[bytes]]] = defaultdict(lambda: ([], []))
+        profiles: dict[int, tuple[list[str], list[bytes]]] = defaultdict(lambda: ([], []))
         for ctx in self.contexts(users):
+            if ctx.profile is not None:
+                pkeys, pvalues = profiles[self.keys.bucket(ctx.user_id)]
+                pkeys.append(self.keys.user_profile(ctx.user_id))
+                pvalues.append(_msgpack.encode([ctx.profile[0], ctx.profile[1].astype("<f4").tobytes()]))
             recs = RecList(user_id=ctx.user_id, items=self.ranker.rank(ctx, self.settings.rec_k),
                            model=self.ranker.name, generated_at=now, event_ts=users[ctx.user_id].last_ts)
             keys, values = per_bucket[self.keys.bucket(ctx.user_id)]
@@ -107,6 +138,8 @@ class RecommendationWriter:
         pipe = self.redis.pipeline(transaction=False)
         for keys, values in per_bucket.values():
             self._setex(keys=keys, args=[self.settings.rec_ttl_s, *values], client=pipe)
+        for keys, values in profiles.values():
+            self._setex(keys=keys, args=[self.settings.user_ttl_s, *values], client=pipe)
         pipe.execute()
         if self.metrics is not None:
             self.metrics.recs_written.inc(len(users))

@@ -6,3 +6,46 @@ from hypothesis import settings as hyp_settings
 hyp_settings.register_profile("ci", deadline=None, derandomize=True, print_blob=True)
 hyp_settings.register_profile("dev", deadline=None, max_examples=50)
 hyp_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+# --------------------------------------------------------------------------- tiny random encoders
+import string  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+_WORDS = ("milk", "cheese", "yogurt", "butter", "dairy", "organic", "whole", "bread", "battery", "charger",
+          "car", "phone", "cola", "soda", "brand", "category", "grocery", "frozen", "pizza", "apple")
+
+
+def build_tiny_bert(path: Path, *, hidden: int = 32, seed: int = 0, layers: int = 2) -> Path:
+    """A randomly initialised BERT with a word-piece vocabulary that covers any ASCII text."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    path.mkdir(parents=True, exist_ok=True)
+    chars = string.ascii_lowercase + string.digits
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *string.punctuation, *chars, *_WORDS,
+             *(f"##{c}" for c in chars)]
+    (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizer(str(path / "vocab.txt"), do_lower_case=True).save_pretrained(path)
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+                        intermediate_size=2 * hidden, max_position_embeddings=128)
+    BertModel(config).eval().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """``tiny_bert(hidden=32, seed=0)`` -> directory of a tiny random BERT, built once per shape."""
+    built: dict[tuple[int, int], Path] = {}
+
+    def make(hidden: int = 32, seed: int = 0) -> Path:
+        if (hidden, seed) not in built:
+            built[(hidden, seed)] = build_tiny_bert(tmp_path_factory.mktemp(f"bert-{hidden}-{seed}"),
+                                                    hidden=hidden, seed=seed)
+        return built[(hidden, seed)]
+
+    return make

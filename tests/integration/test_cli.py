@@ -55,7 +55,7 @@ def test_replay_then_recommend_explains_sources(settings):
     rec = _cli(settings, "recommend", str(user), "--k", "5")
     assert rec.returncode == 0, rec.stderr
     lines = rec.stdout.strip().splitlines()
-    assert lines[0].startswith(f"user {user}: 5 items from simple-v1")
+    assert lines[0].startswith(f"user {user}: 5 items from simple-v2")
     assert all("[" in line and "]" in line for line in lines[1:])
     as_json = json.loads(_cli(settings, "recommend", str(user), "--json").stdout)
     assert as_json["user_id"] == str(user) and len(as_json["items"]) == 10
