@@ -24,6 +24,7 @@ key                                type  content
 ``P:{m}:active``                   str   the model version readers use
 ``P:{m}:versions``                 hash  version -> JSON (model id, dim, dtype, status, counts)
 ``P:{m}:backfill:<ver>``           str   lock held by the process re-embedding the catalog
+``P:{m}:worker:<name>``            str   JSON status of a live embedding worker (partitions, counts)
 ``P:{v:<ver>}:e:<iid>``            hash  item vector ``v`` (bytes), text hash ``h``, event ``ts``,
                                          written ``at`` (ms), worker ``w``, embeddings ``n``; ``del``
 ``P:{v:<ver>}:set``                vset  Redis 8 vector set of the version (VADD/VSIM)
@@ -140,6 +141,9 @@ class Keys:
 
     def backfill_lock(self, version: str) -> str:
         return f"{self.prefix}:{{m}}:backfill:{version}"
+
+    def worker_status(self, name: str) -> str:
+        return f"{self.prefix}:{{m}}:worker:{name}"
 
     def vec_tag(self, version: str) -> str:
         return f"{self.prefix}:{{v:{version}}}"

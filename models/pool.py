@@ -14,8 +14,10 @@ One worker process per GPU when CUDA is present (worker ``i`` on ``cuda:i``), el
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import multiprocessing as mp
+import os
 import queue
 import signal
 import socket
@@ -77,10 +79,15 @@ def build_embedder(settings: Settings, encoder: TextEncoder, metrics: Metrics | 
                            cache_items=settings.embed_cache_items, delete_versions=lambda: live_versions(store))
 
 
-def worker_main(settings: Settings, slot: Slot, errors: Any, stop: Any) -> None:
-    """Entry point of a worker process; reports an exception to the supervisor before dying."""
+def worker_main(settings: Settings, slot: Slot, errors: Any) -> None:
+    """Entry point of a worker process; reports an exception to the supervisor before dying.
+
+    The supervisor stops a worker with SIGTERM (not a shared multiprocessing Event: a worker killed
+    while waiting on one would leave it unable to notify); a worker whose supervisor vanished stops too.
+    """
     logging.basicConfig(level=settings.log_level.upper(),
                         format=f"%(asctime)s %(levelname)s worker-{slot.index} %(name)s: %(message)s")
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 <pid>` prints every thread's stack
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when to stop
     local_stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: local_stop.set())
@@ -94,11 +101,15 @@ def worker_main(settings: Settings, slot: Slot, errors: Any, stop: Any) -> None:
         embedder = build_embedder(settings, encoder, metrics, worker=name)
         log.info("worker %d on %s (%s threads): model %s, version %s", slot.index, slot.device,
                  slot.threads or "-", encoder.spec.model_id, embedder.version)
-        def watch() -> None:
-            stop.wait()
-            local_stop.set()
+        parent = os.getppid()
 
-        threading.Thread(target=watch, daemon=True).start()
+        def orphaned() -> None:
+            while not local_stop.wait(1.0):
+                if os.getppid() != parent:
+                    log.warning("supervisor %d is gone: stopping", parent)
+                    local_stop.set()
+
+        threading.Thread(target=orphaned, daemon=True).start()
         EmbedWorker(settings, embedder, metrics).run(local_stop)
     except BaseException as exc:
         errors.put((slot.index, f"{type(exc).__name__}: {exc}", traceback.format_exc()))
@@ -118,7 +129,6 @@ class EmbedPool:
         self.progress = progress
         self._ctx = mp.get_context("spawn")
         self._errors = self._ctx.Queue()
-        self._stop = self._ctx.Event()
         self._procs: dict[int, BaseProcess] = {}
         self._restarts: deque[float] = deque()
         self.restarts = 0
@@ -150,7 +160,7 @@ class EmbedPool:
         return [p.pid for p in self._procs.values() if p.pid is not None and p.is_alive()]
 
     def _start(self, slot: Slot) -> None:
-        proc = self._ctx.Process(target=worker_main, args=(self.settings, slot, self._errors, self._stop),
+        proc = self._ctx.Process(target=worker_main, args=(self.settings, slot, self._errors),
                                  name=f"embed-worker-{slot.index}", daemon=False)
         proc.start()
         self._procs[slot.index] = proc
@@ -196,7 +206,9 @@ class EmbedPool:
             self.backfill_done = False
 
     def _shutdown(self) -> None:
-        self._stop.set()
+        for proc in self._procs.values():
+            if proc.is_alive():
+                proc.terminate()  # SIGTERM: drain, commit, close
         deadline = time.monotonic() + 30
         for proc in self._procs.values():
             proc.join(max(0.1, deadline - time.monotonic()))

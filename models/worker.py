@@ -19,10 +19,12 @@ again. An unexpected error in the encoder thread stops the worker and is re-rais
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import redis
@@ -39,6 +41,7 @@ from streams.producer import kafka_config
 
 log = logging.getLogger(__name__)
 
+STATUS_EVERY_S = 10.0
 TRANSIENT = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, DeliveryError, StateStoreError)
 
 
@@ -73,6 +76,9 @@ class EmbedWorker:
         self._paused: list[TopicPartition] = []
         self.consumed = 0
         self.result = EmbedResult()
+        store = embedder.store
+        self._status_key = store.keys.worker_status(store.worker or "worker")
+        self._reported = 0.0
 
     # ------------------------------------------------------------------ consumer thread
     def run(self, stop: threading.Event) -> None:
@@ -84,6 +90,8 @@ class EmbedWorker:
         try:
             while not stop.is_set() and self._failure is None:
                 self._store_done()
+                if time.monotonic() - self._reported > STATUS_EVERY_S:
+                    self._report()
                 if self._overloaded():
                     continue
                 msgs = self._consumer.consume(self.settings.embed_batch_size, self.settings.embed_max_wait_s)
@@ -111,7 +119,7 @@ class EmbedWorker:
             self._paused = self._consumer.assignment()
             self._consumer.pause(self._paused)
             self.metrics.embed_paused.set(1)
-            log.info("encoder queue full (%d batches): paused %d partitions", depth, len(self._paused))
+            log.debug("encoder queue full (%d batches): paused %d partitions", depth, len(self._paused))
         msg = self._consumer.poll(0.05)
         if msg is not None and msg.error() is None:
             # Fetched before the pause took effect: rewind so it is consumed again later.
@@ -161,10 +169,26 @@ class EmbedWorker:
 
     def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.info("assigned %s", _fmt(partitions))
+        self._report(added=partitions)
+
+    def _report(self, added: Sequence[TopicPartition] = (), removed: Sequence[TopicPartition] = ()) -> None:
+        """Publish this worker's partitions, model version and counts under ``P:{m}:worker:<name>``."""
+        held = {(tp.topic, tp.partition) for tp in self._consumer.assignment()}
+        held |= {(tp.topic, tp.partition) for tp in added}
+        held -= {(tp.topic, tp.partition) for tp in removed}
+        status = {"version": self.embedder.version, "device": str(self.embedder.encoder.device),
+                  "partitions": sorted(p for _t, p in held), "consumed": self.consumed,
+                  "embedded": self.result.embedded, "at": int(time.time() * 1000)}
+        try:
+            self.embedder.store.redis.set(self._status_key, json.dumps(status), ex=int(3 * STATUS_EVERY_S))
+        except redis.RedisError as exc:
+            log.debug("could not publish worker status: %s", exc)
+        self._reported = time.monotonic()
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.info("revoked %s", _fmt(partitions))
         self._store_done()
+        self._report(removed=partitions)
         for tp in partitions:
             self.metrics.lag.forget(tp.topic, tp.partition)
         self._paused = [tp for tp in self._paused if tp not in partitions]

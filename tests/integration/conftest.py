@@ -34,7 +34,8 @@ def make_settings(services: RunningServices, partitions: int = 4, **overrides: A
     tag = uuid.uuid4().hex[:10]
     base = dict(kafka_bootstrap=services.kafka_bootstrap, redis_url=services.redis_url,
                 redis_prefix=f"t{tag}", topic_events=f"events-{tag}", topic_catalog=f"catalog-{tag}",
-                group_state=f"group-{tag}", topic_partitions=partitions, session_timeout_ms=6000,
+                group_state=f"group-{tag}", group_embed=f"embed-{tag}", topic_partitions=partitions,
+                session_timeout_ms=6000,
                 metrics_port=0, batch_size=500)
     base.update(overrides)
     return Settings.from_env({}, **base)

@@ -1,0 +1,301 @@
+"""The embedding pool on the real broker and Redis, with tiny random BERTs built in the test."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import redis
+from confluent_kafka import Consumer
+
+from fusionrec.keys import Keys
+from fusionrec.metrics import Metrics
+from fusionrec.redis_client import connect
+from fusionrec.services import RunningServices
+from fusionrec.settings import Settings
+from models.backfill import Backfill, prepare, version_info
+from models.encoder import TextEncoder
+from models.pool import EmbedPool, build_embedder
+from models.vectors import VectorStore
+from models.worker import EmbedWorker
+from online.reader import RecommendationReader
+from streams.producer import EventProducer, kafka_config
+from streams.topics import ensure_topics
+from tests.integration.conftest import env_for, make_settings
+
+pytestmark = pytest.mark.integration
+
+WORDS = ["milk", "cheese", "yogurt", "butter", "bread", "battery", "charger", "cola", "soda", "pizza", "apple"]
+
+
+def title(n: int) -> str:
+    return f"{WORDS[n % len(WORDS)]} {WORDS[(n // len(WORDS)) % len(WORDS)]} {n}"
+
+
+@pytest.fixture
+def embed_settings(services: RunningServices, tiny_bert: Callable[..., Path]) -> Settings:
+    s = make_settings(services, embed_model_path=str(tiny_bert()), embed_batch_size=32, embed_metrics_port=0,
+                      embed_threads=1)
+    ensure_topics(s)
+    return s
+
+
+def publish(settings: Settings, items: list[tuple[int, str, int]], op: str = "upsert", pace_s: float = 0.0) -> None:
+    """(item id, title, ts) upserts (or deletes) to the catalog topic."""
+    with EventProducer(settings) as producer:
+        for n, (iid, text, ts) in enumerate(items):
+            producer.catalog_event({"item_id": str(iid), "op": op, "ts": ts, "title": text, "category": "c"})
+            if pace_s and n % 50 == 49:
+                producer.flush()
+                time.sleep(pace_s)
+
+
+def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def entries(client: redis.Redis, keys: Keys, version: str) -> dict[str, dict[str, str]]:
+    prefix = keys.item_vector(version, "")
+    out = {}
+    for raw in client.scan_iter(match=prefix + "*", count=1000):
+        out[raw.decode()[len(prefix):]] = {k.decode(): v.decode(errors="replace")
+                                            for k, v in client.hgetall(raw).items() if k != b"v"}
+    return out
+
+
+def worker_statuses(client: redis.Redis, keys: Keys) -> list[dict[str, Any]]:
+    return [json.loads(client.get(k)) for k in client.scan_iter(match=keys.worker_status("*"))]
+
+
+class InProcessWorker:
+    """One EmbedWorker in a thread of the test process (the pool's processes are tested separately)."""
+
+    def __init__(self, settings: Settings, encoder: TextEncoder) -> None:
+        self.embedder = build_embedder(settings, encoder, Metrics(), worker="test")
+        self.version = self.embedder.version
+        prepare(self.embedder.store, version_info(encoder.spec, settings))
+        self.worker = EmbedWorker(settings, self.embedder, Metrics())
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.worker.run, args=(self.stop,))
+        self.thread.start()
+
+    def until(self, consumed: int, timeout: float = 90) -> None:
+        wait_for(lambda: self.worker.consumed >= consumed and self.worker._queue.empty(), timeout, "the worker")
+        wait_for(lambda: self.worker._done.empty(), 10, "offsets")
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(30)
+
+
+@pytest.fixture
+def encoder(embed_settings: Settings) -> TextEncoder:
+    return TextEncoder.from_settings(embed_settings, device="cpu", threads=1)
+
+
+@pytest.fixture
+def worker(embed_settings: Settings, encoder: TextEncoder) -> Iterator[InProcessWorker]:
+    w = InProcessWorker(embed_settings, encoder)
+    yield w
+    w.close()
+
+
+def test_unchanged_text_is_not_reembedded_and_delete_removes(embed_settings: Settings, worker: InProcessWorker,
+                                                             rclient: redis.Redis) -> None:
+    keys, v = Keys.for_settings(embed_settings), worker.version
+    publish(embed_settings, [(1, "organic whole milk", 1000), (2, "car battery charger", 1000),
+                             (3, "greek yogurt", 1000)])
+    worker.until(3)
+    first = entries(rclient, keys, v)
+    assert {i: e["n"] for i, e in first.items()} == {"1": "1", "2": "1", "3": "1"}
+    publish(embed_settings, [(1, "organic whole milk", 2000), (2, "car battery charger XL", 2000),
+                             (3, "stale older text", 500)])
+    publish(embed_settings, [(3, "greek yogurt", 3000)], op="delete")
+    with EventProducer(embed_settings) as producer:  # bad input: dead-lettered, nothing else happens
+        producer.produce(embed_settings.topic_catalog, b'{"item_id": "9", "op": "upsert", "ts": 1}', key=b"9")
+    worker.until(8)
+    now = entries(rclient, keys, v)
+    assert now["1"]["n"] == "1" and now["1"]["ts"] == "2000"  # same text: event time moves, no forward pass
+    assert now["2"]["n"] == "2" and now["2"]["h"] != first["2"]["h"]  # changed text: embedded again
+    assert now["3"] == {"ts": "3000", "del": "1"}  # deleted; the older upsert never revived it
+    store = VectorStore(rclient, embed_settings)
+    assert store.count(v) == 2
+    reader = RecommendationReader(rclient, embed_settings)
+    assert [i for i, _ in reader.similar_items("1", 5)] == ["2"]
+    assert reader.similar_items("3", 5) == []
+    assert worker.worker.result.stale == 1 and worker.worker.result.unchanged == 1
+    dlq = Consumer(kafka_config(embed_settings, **{"group.id": "dlq-check", "auto.offset.reset": "earliest"}))
+    dlq.subscribe([embed_settings.dlq_topic(embed_settings.topic_catalog)])
+    msg = None
+    deadline = time.monotonic() + 30
+    while msg is None and time.monotonic() < deadline:
+        msg = dlq.poll(1.0)
+    dlq.close()
+    assert msg is not None and dict(msg.headers())["fusionrec.dlq.reason"] == b"missing_field"
+
+
+def test_vectors_without_vector_sets_use_the_local_index(services: RunningServices, tiny_bert: Callable[..., Path],
+                                                         ) -> None:
+    s = make_settings(services, embed_model_path=str(tiny_bert()), vector_index="local", vector_dtype="float16")
+    ensure_topics(s)
+    w = InProcessWorker(s, TextEncoder.from_settings(s, device="cpu", threads=1))
+    try:
+        publish(s, [(n, title(n), 1000) for n in range(40)])
+        w.until(40)
+    finally:
+        w.close()
+    client = connect(s)
+    keys = Keys.for_settings(s)
+    assert client.exists(keys.vector_set(w.version)) == 0  # blobs only, as on Redis 7
+    store = VectorStore(client, s)
+    vecs = dict(store.iter_vectors(w.version))
+    assert len(vecs) == 40 and next(iter(vecs.values())).shape == (32,)
+    ids = sorted(vecs)
+    matrix = np.stack([vecs[i] / np.linalg.norm(vecs[i]) for i in ids])
+    sims = matrix @ matrix[ids.index("7")]
+    expected = [ids[j] for j in np.argsort(-sims) if ids[j] != "7"][:5]
+    assert [i for i, _ in RecommendationReader(client, s).similar_items("7", 5)] == expected
+
+
+def test_pool_of_two_splits_partitions_and_embeds_each_item_once(embed_settings: Settings,
+                                                                rclient: redis.Redis) -> None:
+    keys = Keys.for_settings(embed_settings)
+    pool = EmbedPool(embed_settings, 2, progress=False)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            pool.run(stop)
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        wait_for(lambda: sum(1 for st in worker_statuses(rclient, keys) if st["partitions"]) == 2, 120,
+                 "two workers holding partitions")
+        publish(embed_settings, [(n, title(n), 1000) for n in range(300)])
+        version = VectorStore(rclient, embed_settings).active()
+        assert version is not None
+        wait_for(lambda: VectorStore(rclient, embed_settings).count(version) == 300, 120, "300 vectors")
+        got = entries(rclient, keys, version)
+        assert sorted(got, key=int) == [str(n) for n in range(300)]
+        assert {e["n"] for e in got.values()} == {"1"}  # every item embedded exactly once
+        assert len({e["w"] for e in got.values()}) == 2  # by both workers
+        held = [set(st["partitions"]) for st in worker_statuses(rclient, keys)]
+        assert len(held) == 2 and not held[0] & held[1] and held[0] | held[1] == {0, 1, 2, 3}
+    finally:
+        stop.set()
+        thread.join(60)
+    assert not errors and pool.restarts == 0
+
+
+def _children(pid: int) -> list[int]:
+    return [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def test_worker_killed_mid_stream_loses_nothing(embed_settings: Settings, rclient: redis.Redis,
+                                                tmp_path: Path) -> None:
+    s = embed_settings
+    keys = Keys.for_settings(s)
+    log_path = tmp_path / "pool.log"
+    log_file = log_path.open("wb")
+    proc = subprocess.Popen([sys.executable, "-m", "fusionrec.cli", "embed-workers", "--workers", "2",
+                             "--no-progress"], env=env_for(s), stdout=log_file, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: sum(1 for st in worker_statuses(rclient, keys) if st["partitions"]) == 2, 120,
+                 "two workers holding partitions")
+        version = VectorStore(rclient, s).active()
+        assert version is not None
+        producer = threading.Thread(target=publish, args=(s, [(n, title(n), 1000) for n in range(1500)]),
+                                    kwargs={"pace_s": 0.1})
+        producer.start()
+        store = VectorStore(rclient, s)
+        wait_for(lambda: store.count(version) >= 150, 120, "the first vectors")
+        workers = [c for c in _children(proc.pid) if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+        assert len(workers) == 2
+        os.kill(workers[0], signal.SIGKILL)
+        producer.join(120)
+        wait_for(lambda: store.count(version) == 1500, 180, "all 1500 vectors after the kill")
+        assert proc.poll() is None  # the supervisor restarted the worker and kept going
+        got = entries(rclient, keys, version)
+        assert len(got) == 1500 and all(e.get("h") for e in got.values())
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        log_file.close()
+    out = log_path.read_text()
+    assert proc.returncode == 0, out[-3000:]
+    assert "exited with -9" in out
+
+
+def test_model_switch_flips_atomically(embed_settings: Settings, tiny_bert: Callable[..., Path],
+                                       rclient: redis.Redis) -> None:
+    s_old = embed_settings
+    w = InProcessWorker(s_old, TextEncoder.from_settings(s_old, device="cpu", threads=1))
+    try:
+        publish(s_old, [(n, title(n), 1000) for n in range(200)])
+        w.until(200)
+    finally:
+        w.close()
+    store = VectorStore(rclient, s_old)
+    old = w.version
+    assert store.active() == old and store.count(old) == 200
+    s_new = s_old.replace(embed_model_path=str(tiny_bert(hidden=48, seed=1)))
+    new_encoder = TextEncoder.from_settings(s_new, device="cpu", threads=1)
+    embedder = build_embedder(s_new, new_encoder, None, worker="backfill", write_catalog=False)
+    assert prepare(store, version_info(new_encoder.spec, s_new))  # active is the old model: fill first
+    seen: list[tuple[str | None, int, int]] = []
+    stop = threading.Event()
+    reader = RecommendationReader(connect(s_old), s_old)
+    reader.content.active_ttl_s = 0.0
+
+    def watch() -> None:
+        while not stop.is_set():
+            active = store.active()
+            similar = reader.similar_items("5", 10)
+            dim = int(rclient.execute_command("VDIM", Keys.for_settings(s_old).vector_set(active)))
+            seen.append((active, len(similar), dim))
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        assert Backfill(embedder, s_new, progress=False).run(threading.Event())
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        watcher.join(10)
+    assert store.active() == embedder.version and store.count(embedder.version) == 200
+    actives = [a for a, _, _ in seen]
+    flip = actives.index(embedder.version)
+    assert set(actives[:flip]) == {old} and set(actives[flip:]) == {embedder.version}  # one flip, no mixing
+    assert all(n == 10 for _, n, _ in seen)  # readers always had a complete index
+    assert {d for a, _, d in seen if a == old} == {32} and {d for a, _, d in seen if a != old} == {48}
+    info = store.versions()
+    assert info[old].status == "retired" and info[embedder.version].status == "complete"
+    assert 0 < rclient.ttl(Keys.for_settings(s_old).vector_set(old)) <= s_old.vector_retire_s
+
+
+def test_real_minilm_puts_related_products_nearer() -> None:
+    s = Settings.from_env({})
+    enc = TextEncoder.from_settings(s, device="cpu")
+    assert enc.dim == 384 and enc.spec.model_id.endswith("all-MiniLM-L6-v2")
+    milk, cheese, charger, yogurt = enc.encode(["organic whole milk, 1 gallon", "sharp cheddar cheese block",
+                                                "usb car phone charger", "plain greek yogurt"])
+    assert milk @ yogurt > milk @ charger and cheese @ yogurt > cheese @ charger
+    assert milk @ cheese > milk @ charger
