@@ -168,7 +168,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     report = run_evaluation(_settings(), source=args.dataset or "files", events=args.events, items=args.items,
                             preset=args.preset, limit=args.limit, households=args.households,
-                            plot_path=args.plot, progress=not args.json)
+                            plot_path=args.plot, progress=not args.json, content=not args.no_content)
     if args.json:
         print(json.dumps(report))
     else:
@@ -180,6 +180,9 @@ def _table(report: dict[str, Any]) -> str:
     lines = [f"{report['dataset']}: {report['events']} events, {report['evaluated']} evaluated baskets",
              f"{'method':14s} {'HitRate@10':>10s} {'Recall@20':>10s} {'NDCG@10':>10s}"]
     for name, m in report["methods"].items():
+        lines.append(f"{name:14s} {m['hit_rate@10']:10.4f} {m['recall@20']:10.4f} {m['ndcg@10']:10.4f}")
+    lines.append(f"cold start (items with < 5 prior interactions): {report['cold_start_evaluated']} baskets")
+    for name, m in report["cold_start"].items():
         lines.append(f"{name:14s} {m['hit_rate@10']:10.4f} {m['recall@20']:10.4f} {m['ndcg@10']:10.4f}")
     return "\n".join(lines)
 
@@ -236,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=int, help="first N events in time order")
     e.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     e.add_argument("--plot", metavar="FILE", help="write HitRate@10 over time as a PNG")
+    e.add_argument("--no-content", action="store_true", help="skip embedding the catalog (no content source)")
 
     d = add("demo", cmd_demo, "start services, replay Complete Journey, stream it, show recommendations")
     d.add_argument("--events", type=int, default=150_000, help="user events to replay (default 150000)")

@@ -57,10 +57,16 @@ def _delete_prefix(client: redis.Redis, prefix: str) -> None:
 
 def run_evaluation(settings: Settings, *, source: str, events: str | None = None, items: str | None = None,
                    preset: str | None = None, limit: int | None = None, households: int | None = None,
-                   plot_path: str | None = None, progress: bool = True) -> dict[str, Any]:
+                   plot_path: str | None = None, progress: bool = True, content: bool = True,
+                   encoder: Any = None) -> dict[str, Any]:
+    """Prequential report; with ``content`` the catalog is embedded first (``encoder`` or the configured one)."""
     ds = datasets.load(source, events=events, items=items, preset=preset, households=households).head(limit)
     with scratch_redis(settings) as (client, scoped):
         evaluator = Evaluator(client, scoped)
+        if content:
+            from models.encoder import TextEncoder
+
+            evaluator.embed_catalog(ds, encoder or TextEncoder.from_settings(settings), progress=progress)
         report = evaluator.run(ds, progress=progress)
     if plot_path:
         plot(evaluator.methods, plot_path, f"Prequential HitRate@10 on {ds.name}")

@@ -8,7 +8,12 @@ reader client and scored against the purchased items; the chunk is then applied 
 the same sequence:
 
 * ``popularity``: the globally most interacted-with items so far;
-* ``most_bought``: the user's own most purchased items so far (empty for a first basket).
+* ``most_bought``: the user's own most purchased items so far (empty for a first basket);
+* ``content``: the items nearest to the user's profile vector (the content source alone), when the
+  catalog has been embedded (:meth:`Evaluator.embed_catalog`).
+
+Every method is also scored on the *cold-start* subset: purchases of items with fewer than
+``COLD_START_BELOW`` prior interactions, reported under ``cold_start``.
 
 Metrics per unit: HitRate@10 (any purchased item in the top 10), Recall@20, NDCG@10 (binary).
 """
@@ -27,6 +32,11 @@ import redis
 from tqdm import tqdm
 
 from fusionrec.settings import Settings
+from models.backfill import version_info
+from models.embedder import CatalogEmbedder
+from models.encoder import TextEncoder
+from models.vectors import VectorStore
+from online.content import ContentIndex
 from online.reader import RecommendationReader
 from online.writer import RecommendationWriter
 from streams.contract import CatalogEvent, UserEvent
@@ -34,6 +44,7 @@ from streams.datasets import Dataset
 from streams.state import Positioned, StateStore
 
 HIT_K, RECALL_K, NDCG_K = 10, 20, 10
+COLD_START_BELOW = 5
 
 
 @dataclass
@@ -124,6 +135,8 @@ class Evaluator:
         self.writer = RecommendationWriter(client, settings)
         self.reader = RecommendationReader(client, settings)
         self.methods = {name: MethodScore() for name in ("system", "popularity", "most_bought")}
+        self.cold = {name: MethodScore() for name in self.methods}
+        self.content: ContentIndex | None = None
         self.popular = TopCounter(RECALL_K)
         self.bought: dict[str, Counter[str]] = defaultdict(Counter)
 
@@ -150,6 +163,24 @@ class Evaluator:
         bar.close()
         return self.report(ds.name, len(rows))
 
+    def embed_catalog(self, ds: Dataset, encoder: TextEncoder, progress: bool = True) -> str:
+        """Embed the dataset's catalog into this run's namespace and make it the active version."""
+        self._load_catalog(ds)
+        store = VectorStore(self.store.redis, self.settings)
+        info = store.register(version_info(encoder.spec, self.settings))
+        embedder = CatalogEmbedder(encoder, store, info.version, batch_size=self.settings.embed_batch_size,
+                                   cache_items=max(self.settings.embed_cache_items, len(ds.items)))
+        first_ts = int(ds.events.ts.iloc[0]) if len(ds.events) else 0
+        events = [msgspec.convert(ev, CatalogEvent) for ev in ds.catalog_events(first_ts)]
+        chunk = self.settings.embed_batch_size * 8
+        for i in tqdm(range(0, len(events), chunk), desc="embed catalog", unit="chunk", disable=not progress):
+            embedder.process(events[i: i + chunk])
+        store.activate(info.version)
+        self.content = ContentIndex(self.store.redis, self.settings)
+        self.methods["content"] = MethodScore()
+        self.cold["content"] = MethodScore()
+        return info.version
+
     def _load_catalog(self, ds: Dataset, batch: int = 5000) -> None:
         first_ts = int(ds.events.ts.iloc[0]) if len(ds.events) else 0
         events = [msgspec.convert(ev, CatalogEvent) for ev in ds.catalog_events(first_ts)]
@@ -162,10 +193,15 @@ class Evaluator:
             recs = self.reader.many([u.user for u in scored], k=RECALL_K)
             pop = self.popular.ranked()
             for u in scored:
-                self.methods["system"].add([r.item_id for r in recs[u.user].items], u.targets, u.ts)
-                self.methods["popularity"].add(pop, u.targets, u.ts)
-                mine = self.bought[u.user]
-                self.methods["most_bought"].add([i for i, _ in mine.most_common(RECALL_K)], u.targets, u.ts)
+                ranked = {"system": [r.item_id for r in recs[u.user].items], "popularity": pop,
+                          "most_bought": [i for i, _ in self.bought[u.user].most_common(RECALL_K)]}
+                if self.content is not None:
+                    ranked["content"] = [i for i, _ in self.content.for_user(u.user, RECALL_K)]
+                cold = {t for t in u.targets if self.popular.counts[t] < COLD_START_BELOW}
+                for name, items in ranked.items():
+                    self.methods[name].add(items, u.targets, u.ts)
+                    if cold:
+                        self.cold[name].add(items, cold, u.ts)
         batch: list[Positioned] = []
         for u in chunk:
             for j in range(u.start, u.stop):
@@ -180,7 +216,9 @@ class Evaluator:
 
     def report(self, name: str, n_events: int) -> dict[str, Any]:
         return {"dataset": name, "events": n_events, "evaluated": self.methods["system"].n,
-                "methods": {m: s.summary() for m, s in self.methods.items()}}
+                "methods": {m: s.summary() for m, s in self.methods.items()},
+                "cold_start_evaluated": self.cold["system"].n,
+                "cold_start": {m: s.summary() for m, s in self.cold.items()}}
 
 
 def _event(row: dict[str, Any], n: int) -> UserEvent:

@@ -17,28 +17,31 @@ def _cli(settings, *args, timeout=300):
                           capture_output=True, text=True, timeout=timeout)
 
 
-def test_evaluate_reports_every_method_as_json_and_plots(settings, tmp_path):
+def test_evaluate_reports_every_method_as_json_and_plots(settings, tmp_path, tiny_bert):
     plot = tmp_path / "hit.png"
+    settings = settings.replace(embed_model_path=str(tiny_bert()))
     out = _cli(settings, "evaluate", "--dataset", "completejourney", "--households", "60", "--limit", "8000",
                "--json", "--plot", str(plot))
     assert out.returncode == 0, out.stderr[-2000:]
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["dataset"] == "completejourney" and report["events"] == 8000
     assert report["evaluated"] > 300
-    assert set(report["methods"]) == {"system", "popularity", "most_bought"}
-    for m in report["methods"].values():
+    assert set(report["methods"]) == set(report["cold_start"]) == {"system", "popularity", "most_bought", "content"}
+    assert 0 < report["cold_start_evaluated"] < report["evaluated"]
+    for m in [*report["methods"].values(), *report["cold_start"].values()]:
         assert set(m) == {"hit_rate@10", "recall@20", "ndcg@10"}
         assert all(0.0 <= v <= 1.0 for v in m.values())
+    assert report["methods"]["content"]["recall@20"] > 0  # profile vectors were built and searched
     assert report["methods"]["system"]["hit_rate@10"] > report["methods"]["popularity"]["hit_rate@10"]
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_evaluate_a_clickstream_file(settings):
     out = _cli(settings, "evaluate", "--events", str(SHARED / "rees46-2019-oct-first-17k.csv"), "--preset",
-               "rees46", "--json")
+               "rees46", "--json", "--no-content")
     assert out.returncode == 0, out.stderr[-2000:]
     report = json.loads(out.stdout.strip().splitlines()[-1])
-    assert report["events"] == 17434 and report["evaluated"] > 50
+    assert report["events"] == 17434 and report["evaluated"] > 50 and "content" not in report["methods"]
 
 
 def test_replay_then_recommend_explains_sources(settings):

@@ -299,3 +299,24 @@ def test_real_minilm_puts_related_products_nearer() -> None:
                                                 "usb car phone charger", "plain greek yogurt"])
     assert milk @ yogurt > milk @ charger and cheese @ yogurt > cheese @ charger
     assert milk @ cheese > milk @ charger
+
+
+def test_brand_new_item_is_recommended_through_content(embed_settings: Settings, worker: InProcessWorker,
+                                                       rclient: redis.Redis) -> None:
+    from tests.integration.conftest import consume_until
+
+    s = embed_settings
+    items = [(n, title(n), 1000) for n in range(40)] + [(999, title(1), 1000)]  # 999: same text as 1, never seen
+    publish(s, items)
+    worker.until(len(items))
+    with EventProducer(s) as producer:
+        for n, item in enumerate((1, 2, 1)):
+            producer.user_event({"event_id": f"e{n}", "type": "purchase", "user_id": "u1", "item_id": str(item),
+                                 "ts": 2000 + n})
+    consume_until(s, len(items) + 3).redis.close()
+    recs = RecommendationReader(rclient, s).top_k("u1", 20)
+    new = next((r for r in recs.items if r.item_id == "999"), None)
+    assert new is not None and set(new.sources) == {"content"}, recs
+    assert rclient.zscore(Keys.for_settings(s).popularity(), "999") is None  # no interaction at all
+    profile = RecommendationReader(rclient, s).content.profile("u1")
+    assert profile is not None and profile[0] == worker.version and profile[1].shape == (32,)
