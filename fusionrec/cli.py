@@ -242,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-content", action="store_true", help="skip embedding the catalog (no content source)")
 
     d = add("demo", cmd_demo, "start services, replay Complete Journey, stream it, show recommendations")
-    d.add_argument("--events", type=int, default=150_000, help="user events to replay (default 150000)")
+    d.add_argument("--events", type=int, default=40_000, help="user events to replay (default 40000)")
     d.add_argument("--households", type=int, default=600, help="households to include (default 600)")
     d.add_argument("--keep", action="store_true", help="leave the embedded services running afterwards")
     return p

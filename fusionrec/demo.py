@@ -1,8 +1,10 @@
-"""``fusionrec demo``: the whole path on real data in about two minutes on two cores.
+"""``fusionrec demo``: the whole path on real data in a few minutes on two cores.
 
-Starts the embedded broker and Redis (unless external ones are configured), replays a slice of
-Complete Journey into Kafka while the user-state consumer streams it into Redis, shows live progress,
-then prints sample recommendations with their explanations and a small prequential score.
+Starts the embedded broker and Redis (unless external ones are configured) and the catalog embedding
+pool; publishes a slice of Complete Journey's catalog and waits until every product has a vector;
+replays the slice's purchases while the user-state consumer streams them into Redis, with live
+progress; then prints sample recommendations with their explanations (content candidates included),
+items similar to one product, and a small prequential score.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import time
 from fusionrec.errors import FusionrecError
 from fusionrec.evaluation import run_evaluation
 from fusionrec.pipeline import StatePipeline
+from fusionrec.redis_client import connect
 from fusionrec.services import EmbeddedServices, resolve_endpoints
 from fusionrec.settings import Settings
 from online.reader import RecommendationReader
@@ -57,12 +60,13 @@ def run_demo(settings: Settings, *, events: int, households: int, keep: bool) ->
         total = len(ds.events) + len(ds.items)
         print(f"Complete Journey slice: {len(ds.events)} purchases by {ds.events.user_id.nunique()} households, "
               f"{len(ds.items)} products")
+        _embed_catalog(s, ds, stack)
         pipeline = stack.enter_context(StatePipeline(s, serve_metrics=_port_free(s)))
         if s.metrics_port:
             print(f"metrics: http://{s.metrics_host}:{s.metrics_port}/metrics "
                   f"(point a Prometheus scrape job at it; see deploy/prometheus/)")
         stop, done = threading.Event(), threading.Event()
-        caught_up = lambda: pipeline.consumer.consumed >= total  # noqa: E731
+        caught_up = lambda: pipeline.consumer.consumed >= total  # noqa: E731  (catalog + purchases)
         consumer = threading.Thread(target=pipeline.consumer.run, args=(stop, caught_up), name="consumer",
                                     daemon=True)
         consumer.start()
@@ -71,7 +75,8 @@ def run_demo(settings: Settings, *, events: int, households: int, keep: bool) ->
         printer.start()
         t0 = time.monotonic()
         with EventProducer(s) as producer:
-            replay(ds, producer, progress=False, on_event=lambda _ev: published.__setitem__(0, published[0] + 1))
+            replay(ds, producer, progress=False, catalog=False,
+                   on_event=lambda _ev: published.__setitem__(0, published[0] + 1))
         consumer.join(timeout=600)
         done.set()
         elapsed = time.monotonic() - t0
@@ -81,8 +86,10 @@ def run_demo(settings: Settings, *, events: int, households: int, keep: bool) ->
         print(f"streamed {pipeline.consumer.consumed} messages in {elapsed:.1f}s "
               f"({pipeline.consumer.consumed / elapsed:.0f} msg/s end to end)")
         _show_samples(pipeline, ds)
+        _show_similar(pipeline, ds)
         print("\nprequential check on the first 40,000 events (system vs baselines):")
-        report = run_evaluation(s, source="completejourney", households=households, limit=40_000, progress=False)
+        report = run_evaluation(s, source="completejourney", households=households, limit=40_000, progress=False,
+                                content=False)
         for name, m in report["methods"].items():
             print(f"  {name:12s} HitRate@10 {m['hit_rate@10']:.3f}  Recall@20 {m['recall@20']:.3f}  "
                   f"NDCG@10 {m['ndcg@10']:.3f}")
@@ -101,6 +108,55 @@ def _show_samples(pipeline: StatePipeline, ds: datasets.Dataset, n: int = 3) -> 
         for r in recs.items:
             why = ", ".join(f"{k} {v:.2f}" for k, v in sorted(r.sources.items(), key=lambda x: -x[1]))
             print(f"  {r.score:6.3f}  {titles.get(r.item_id, r.item_id)[:70]:70s}  [{why}]")
+
+
+def _embed_catalog(s: Settings, ds: datasets.Dataset, stack: contextlib.ExitStack) -> None:
+    """Start the embedding pool, publish the catalog, wait until every product has a vector."""
+    from models.pool import EmbedPool
+    from models.vectors import VectorStore
+
+    pool = EmbedPool(s, progress=False)
+    stop = threading.Event()
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            pool.run(stop)
+        except BaseException as exc:
+            failed.append(exc)
+
+    thread = threading.Thread(target=run, name="embed-pool", daemon=True)
+    thread.start()
+    stack.callback(thread.join, 60)
+    stack.callback(stop.set)
+    with EventProducer(s) as producer:
+        replay(ds, producer, progress=False, events=False)
+    store = VectorStore(connect(s), s)
+    texts = ds.items.title.nunique()
+    print(f"embedding {len(ds.items)} products ({texts} distinct texts) with {pool.slots[0].device} "
+          f"worker(s): {len(pool.slots)}")
+    t0 = time.monotonic()
+    while True:
+        version = store.active()
+        done = store.count(version) if version else 0
+        if done >= len(ds.items):
+            break
+        if failed or not thread.is_alive():
+            raise FusionrecError(f"the embedding pool stopped: {failed[0] if failed else 'no error'}")
+        print(f"  vectors {done:>7d}/{len(ds.items)}  {done / max(time.monotonic() - t0, 1e-9):6.0f} items/s",
+              flush=True)
+        time.sleep(5.0)
+    print(f"catalog embedded in {time.monotonic() - t0:.0f}s (model version {version})")
+
+
+def _show_similar(pipeline: StatePipeline, ds: datasets.Dataset) -> None:
+    reader = RecommendationReader(pipeline.redis, pipeline.settings)
+    item = str(ds.events.item_id.value_counts().index[0])
+    similar = reader.similar_items(item, 5)
+    titles = reader.titles([item, *(i for i, _ in similar)])
+    print(f"\nitems like {item} ({titles.get(item, '?')[:60]}):")
+    for iid, score in similar:
+        print(f"  {score:6.3f}  {titles.get(iid, iid)[:70]}")
 
 
 def _port_free(s: Settings) -> bool:

@@ -94,7 +94,10 @@ def worker_main(settings: Settings, slot: Slot, errors: Any) -> None:
     try:
         metrics = Metrics()
         if settings.embed_metrics_port:
-            metrics.serve(settings.metrics_host, settings.embed_metrics_port + slot.index)
+            try:
+                metrics.serve(settings.metrics_host, settings.embed_metrics_port + slot.index)
+            except OSError as exc:  # a busy port costs the worker its /metrics, not its work
+                log.warning("cannot serve metrics on port %d: %s", settings.embed_metrics_port + slot.index, exc)
         encoder = TextEncoder.from_settings(settings, device=slot.device, threads=slot.threads)
         encoder.warmup()
         name = f"{socket.gethostname()}:{mp.current_process().pid}:{slot.index}"

@@ -49,7 +49,7 @@ class Pacer:
 
 
 def replay(dataset: Dataset, producer: EventProducer, *, limit: int | None = None, rate: float = 0.0,
-           speedup: float = 0.0, catalog: bool = True, progress: bool = True,
+           speedup: float = 0.0, catalog: bool = True, events: bool = True, progress: bool = True,
            on_event: Callable[[dict[str, Any]], None] | None = None) -> tuple[int, int]:
     """Publish the catalog, then up to ``limit`` user events; returns (catalog, events) published."""
     data = dataset.head(limit)
@@ -62,6 +62,8 @@ def replay(dataset: Dataset, producer: EventProducer, *, limit: int | None = Non
         producer.flush()
     pacer = Pacer(rate, speedup)
     n_events = 0
+    if not events:
+        return n_catalog, 0
     for ev in _bar(itertools.islice(data.user_events(), limit), len(data.events), "events", progress):
         pacer.wait(ev["ts"])
         producer.user_event(ev)
