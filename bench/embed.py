@@ -1,0 +1,170 @@
+"""Embedding benchmark: catalog events → item vectors in Redis, on the embedded broker and Redis.
+
+1. pool throughput: N distinct real product texts (Complete Journey) are published to a fresh
+   catalog topic once the pool's workers hold its partitions; items/s from the first publish to the
+   last vector visible (VCARD of the version's vector set).
+2. baseline, same run, same model and device: a loop that encodes one item and writes it with one
+   Redis call, over the first M texts.
+3. latency: items published at a steady rate (half the measured pool throughput) and, for each,
+   publish time → vector written (the ``at`` field of its entry), p50/p99.
+
+Prints a final JSON line: items_per_s, baseline_items_per_s, ratio, latency_p50_ms, latency_p99_ms,
+device (plus the settings used).
+
+    python bench/embed.py --quick
+    python bench/embed.py --batch-sizes 64,128,256,512      # sweep (GPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import tempfile
+import threading
+import time
+import uuid
+
+import numpy as np
+import pandas as pd
+
+from fusionrec.redis_client import connect
+from fusionrec.services import EmbeddedServices
+from fusionrec.settings import Settings
+from models.backfill import version_info
+from models.encoder import TextEncoder
+from models.pool import EmbedPool
+from models.text import text_hash
+from models.vectors import VectorOp, VectorStore
+from streams import datasets
+from streams.producer import EventProducer
+from streams.topics import ensure_topics
+
+
+def product_texts(n: int) -> list[str]:
+    products = pd.read_parquet(datasets._cj_file("products.parquet"))
+    titles = datasets._cj_items(products).title.drop_duplicates()
+    return titles.sample(frac=1.0, random_state=7).head(n).tolist()
+
+
+def fresh(base: Settings) -> Settings:
+    tag = uuid.uuid4().hex[:8]
+    s = base.replace(redis_prefix=f"b{tag}", topic_catalog=f"cat-{tag}", topic_events=f"ev-{tag}",
+                     group_embed=f"emb-{tag}")
+    ensure_topics(s)
+    return s
+
+
+def wait(cond, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+class RunningPool:
+    def __init__(self, s: Settings, workers: int | None) -> None:
+        self.pool = EmbedPool(s, workers, progress=False)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.pool.run, args=(self.stop,), daemon=True)
+        self.thread.start()
+        client = connect(s)
+        keys = VectorStore(client, s).keys
+        wait(lambda: sum(1 for k in client.scan_iter(match=keys.worker_status("*"))
+                         if json.loads(client.get(k))["partitions"]) == len(self.pool.slots), 300, "workers")
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(60)
+
+
+def publish(s: Settings, texts: list[str], offset: int, rate: float = 0.0) -> dict[str, float]:
+    """Publish upserts; returns item id -> publish time (ms)."""
+    sent: dict[str, float] = {}
+    with EventProducer(s) as producer:
+        t0 = time.monotonic()
+        for n, text in enumerate(texts):
+            if rate:
+                delay = t0 + n / rate - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+            iid = str(offset + n)
+            sent[iid] = time.time() * 1000
+            producer.catalog_event({"item_id": iid, "op": "upsert", "ts": 1_700_000_000_000, "title": text})
+            producer.poll(0)
+    return sent
+
+
+def pool_run(s: Settings, texts: list[str], workers: int | None, rate: float = 0.0) -> tuple[float, list[float]]:
+    running = RunningPool(s, workers)
+    try:
+        client = connect(s)
+        store = VectorStore(client, s)
+        version = store.active()
+        t0 = time.perf_counter()
+        sent = publish(s, texts, 0, rate)
+        wait(lambda: store.count(version) >= len(texts), 3600, "vectors")
+        elapsed = time.perf_counter() - t0
+        pipe = client.pipeline(transaction=False)
+        for iid in sent:
+            pipe.hget(store.keys.item_vector(version, iid), "at")
+        latencies = [float(at) - sent[iid] for iid, at in zip(sent, pipe.execute(), strict=True)]
+        return len(texts) / elapsed, latencies
+    finally:
+        running.close()
+
+
+def baseline(s: Settings, texts: list[str]) -> float:
+    encoder = TextEncoder.from_settings(s)
+    encoder.warmup()
+    store = VectorStore(connect(s), s, worker="baseline")
+    version = version_info(encoder.spec, s).version
+    t0 = time.perf_counter()
+    for n, text in enumerate(texts):
+        vec = encoder.encode([text])[0]
+        store.apply(version, [VectorOp(str(n), 1, "upsert", text_hash(text), vec)])
+    return len(texts) / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="400 items, 60 for the baseline")
+    ap.add_argument("--items", type=int, default=3000)
+    ap.add_argument("--baseline-items", type=int, default=200)
+    ap.add_argument("--workers", type=int, help="pool size (default: one per GPU, else 1)")
+    ap.add_argument("--batch-sizes", default="", help="comma-separated embed batch sizes to sweep")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    n_items, n_base = (400, 60) if args.quick else (args.items, args.baseline_items)
+    with tempfile.TemporaryDirectory(prefix="fusionrec-bench-") as tmp:
+        services = EmbeddedServices(tmp)
+        running = services.up(persistence="none")
+        try:
+            base = Settings.from_env(kafka_bootstrap=running.kafka_bootstrap, redis_url=running.redis_url,
+                                     embed_metrics_port=0, metrics_port=0)
+            texts = product_texts(n_items + n_base + n_items // 4)
+            sweep = [int(b) for b in args.batch_sizes.split(",") if b] or [base.embed_batch_size]
+            results = {}
+            for bs in sweep:
+                rate, burst = pool_run(fresh(base.replace(embed_batch_size=bs)), texts[:n_items], args.workers)
+                results[bs] = (rate, burst)
+                print(f"batch size {bs}: {rate:.1f} items/s (burst latency p50 {np.median(burst):.0f} ms)", flush=True)
+            best = max(results, key=lambda b: results[b][0])
+            items_per_s = results[best][0]
+            steady = texts[n_items: n_items + n_items // 4]
+            _, lat = pool_run(fresh(base.replace(embed_batch_size=best)), steady, args.workers, rate=items_per_s / 2)
+            base_rate = baseline(fresh(base), texts[n_items + n_items // 4:][:n_base])
+            device = str(TextEncoder.from_settings(base).device)
+        finally:
+            services.down()
+    out = {"items_per_s": round(items_per_s, 1), "baseline_items_per_s": round(base_rate, 1),
+           "ratio": round(items_per_s / base_rate, 2), "latency_p50_ms": round(float(np.percentile(lat, 50)), 1),
+           "latency_p99_ms": round(float(np.percentile(lat, 99)), 1), "latency_rate_items_per_s":
+           round(items_per_s / 2, 1), "device": device, "batch_size": best, "items": n_items,
+           "sweep": {str(b): round(r[0], 1) for b, r in results.items()}}
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
