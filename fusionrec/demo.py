@@ -70,7 +70,7 @@ def run_demo(settings: Settings, *, events: int, households: int, keep: bool) ->
         consumer = threading.Thread(target=pipeline.consumer.run, args=(stop, caught_up), name="consumer",
                                     daemon=True)
         consumer.start()
-        published = [0]
+        published = [len(ds.items)]  # the catalog went out before the purchases
         printer = threading.Thread(target=_progress, args=(pipeline, published, total, done), daemon=True)
         printer.start()
         t0 = time.monotonic()
@@ -102,10 +102,13 @@ def _show_samples(pipeline: StatePipeline, ds: datasets.Dataset, n: int = 3) -> 
     reader = RecommendationReader(pipeline.redis, pipeline.settings)
     busiest = ds.events.user_id.value_counts().index[:n]
     for uid in busiest:
-        recs = reader.top_k(uid, 5)
+        recs = reader.top_k(uid)
         titles = reader.titles([r.item_id for r in recs.items])
-        print(f"\nhousehold {uid} ({recs.model}):")
-        for r in recs.items:
+        by_content = sum(1 for r in recs.items if "content" in r.sources)
+        print(f"\nhousehold {uid} ({recs.model}; {by_content} of its top {len(recs.items)} come with content "
+              f"similarity):")
+        shown = recs.items[:5] + [r for r in recs.items[5:] if "content" in r.sources][:2]
+        for r in shown:
             why = ", ".join(f"{k} {v:.2f}" for k, v in sorted(r.sources.items(), key=lambda x: -x[1]))
             print(f"  {r.score:6.3f}  {titles.get(r.item_id, r.item_id)[:70]:70s}  [{why}]")
 
