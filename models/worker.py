@@ -34,10 +34,9 @@ from fusionrec.errors import DeliveryError, InvalidEventError, StateStoreError
 from fusionrec.metrics import Metrics
 from fusionrec.settings import Settings
 from models.embedder import CatalogEmbedder, EmbedResult
-from streams.consumer import validator_for
+from streams.consumer import consumer_config, validator_for
 from streams.contract import CatalogEvent
 from streams.dlq import DeadLetter, DeadLetterPublisher, position
-from streams.producer import kafka_config
 
 log = logging.getLogger(__name__)
 
@@ -61,14 +60,7 @@ class EmbedWorker:
         self.embedder = embedder
         self.metrics = metrics
         self.validator = validator_for(settings)
-        conf = kafka_config(settings, **{
-            "group.id": group_id or settings.group_embed,
-            "enable.auto.commit": True, "enable.auto.offset.store": False, "auto.commit.interval.ms": 1000,
-            "auto.offset.reset": "earliest", "session.timeout.ms": settings.effective_session_timeout_ms(),
-            "enable.partition.eof": False, "partition.assignment.strategy": "cooperative-sticky",
-            "fetch.wait.max.ms": 50,
-        })
-        self._consumer = Consumer(conf, logger=log)
+        self._consumer = Consumer(consumer_config(settings, group_id or settings.group_embed), logger=log)
         self._dlq = DeadLetterPublisher(settings, metrics)
         self._queue: queue.Queue[Work | None] = queue.Queue(maxsize=settings.embed_queue_batches)
         self._done: queue.Queue[Work] = queue.Queue()

@@ -61,6 +61,19 @@ def validator_for(settings: Settings) -> Validator:
                      max_items_shown=settings.max_items_shown)
 
 
+def consumer_config(settings: Settings, group_id: str, **extra: Any) -> dict[str, Any]:
+    """librdkafka options of every fusionrec consumer: manual offset store, cooperative rebalancing."""
+    return kafka_config(settings, **{
+        "group.id": group_id,
+        "enable.auto.commit": True, "enable.auto.offset.store": False, "auto.commit.interval.ms": 1000,
+        "auto.offset.reset": "earliest", "session.timeout.ms": settings.effective_session_timeout_ms(),
+        "enable.partition.eof": False, "partition.assignment.strategy": "cooperative-sticky",
+        # bounds how long a fetch may wait at the broker for more data (latency under light load)
+        "fetch.wait.max.ms": 50,
+        **extra,
+    })
+
+
 class BatchConsumer:
     """Runs the consume → validate → apply → dead-letter → store-offsets loop for one group member."""
 
@@ -72,15 +85,7 @@ class BatchConsumer:
         self.metrics = metrics
         self.topics = list(topics or (settings.topic_events, settings.topic_catalog))
         self.validator = validator_for(settings)
-        conf = kafka_config(settings, **{
-            "group.id": group_id or settings.group_state,
-            "enable.auto.commit": True, "enable.auto.offset.store": False, "auto.commit.interval.ms": 1000,
-            "auto.offset.reset": "earliest", "session.timeout.ms": settings.effective_session_timeout_ms(),
-            "enable.partition.eof": False, "partition.assignment.strategy": "cooperative-sticky",
-            # bounds how long a fetch may wait at the broker for more data (latency under light load)
-            "fetch.wait.max.ms": 50,
-            **(consumer_options or {}),
-        })
+        conf = consumer_config(settings, group_id or settings.group_state, **(consumer_options or {}))
         self._consumer = Consumer(conf, logger=log)
         self._dlq = DeadLetterPublisher(settings, metrics)
         self._revoked = threading.Event()
