@@ -21,6 +21,14 @@ key                                type  content
 ``P:{g}:pop``                      zset  decayed item popularity
 ``P:{g}:o``                        hash  offset guard per source partition for popularity
 ``P:{g}:deleted``                  set   deleted item ids (excluded from candidates)
+``P:{g}:trend``                    zset  trending items (faust hopping window counts)
+``P:{g}:trend:c:<category>``       zset  trending items per category
+``P:{g}:trend:categories``         zset  trending categories (window interaction counts)
+``P:{m}:fusion:head``              str   number of the fusion checkpoint rankers load
+``P:{m}:fusion:seq``               str   last checkpoint number handed out
+``P:{m}:fusion:index``             zset  stored checkpoint numbers
+``P:{m}:fusion:<n>``               str   checkpoint: pickled model (river, torch state_dict, fusion)
+``P:{m}:learner:lease``            str   held by the one active learner process
 ``P:{m}:active``                   str   the model version readers use
 ``P:{m}:versions``                 hash  version -> JSON (model id, dim, dtype, status, counts)
 ``P:{m}:backfill:<ver>``           str   lock held by the process re-embedding the catalog
@@ -131,6 +139,20 @@ class Keys:
 
     def item_id_from_meta(self, key: str) -> str:
         return key.rsplit(":", 2)[-2]
+
+    def trending(self, category: str | None = None) -> str:
+        return f"{self.prefix}:{{g}}:trend" + (f":c:{category}" if category else "")
+
+    def trending_categories(self) -> str:
+        return f"{self.prefix}:{{g}}:trend:categories"
+
+    # --- fusion checkpoints
+    def fusion(self, what: str | int) -> str:
+        """``head``, ``seq`` or a checkpoint number."""
+        return f"{self.prefix}:{{m}}:fusion:{what}"
+
+    def learner_lease(self) -> str:
+        return f"{self.prefix}:{{m}}:learner:lease"
 
     # --- model versions and vectors
     def active_model(self) -> str:

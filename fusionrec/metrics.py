@@ -108,6 +108,31 @@ class Metrics:
                                              ["model"], registry=r)
         self.embed_worker_restarts = Counter("fusionrec_embed_worker_restarts_total",
                                              "Embedding worker processes restarted after they died", registry=r)
+        # online learning (online/)
+        self.learn_examples = Counter("fusionrec_learner_examples_total", "Training examples learned",
+                                      registry=r)
+        self.learn_decisions = Counter("fusionrec_learner_decisions_total",
+                                       "Logged decisions by join outcome (labelled, no_positive, "
+                                       "positive_outside_pool, expired, ...)", ["outcome"], registry=r)
+        self.learn_rejected = Counter("fusionrec_learner_rejected_total",
+                                      "Training rows rejected by the input guards", ["reason"], registry=r)
+        self.learn_hit_rate = Gauge("fusionrec_learner_prequential_hit_rate",
+                                    "Rolling prequential HitRate@10 of the fused model over its pools",
+                                    registry=r)
+        self.learn_checkpoints = Counter("fusionrec_learner_checkpoints_total", "Checkpoints written",
+                                         registry=r)
+        self.learn_rollbacks = Counter("fusionrec_learner_rollbacks_total",
+                                       "Rollbacks to the previous checkpoint after a quality drop", registry=r)
+        self.learn_step_seconds = Histogram("fusionrec_learner_step_seconds",
+                                            "Wall time of one predict-then-learn step", buckets=_LATENCY_BUCKETS,
+                                            registry=r)
+        self.model_version = Gauge("fusionrec_fusion_model_version", "Fusion checkpoint this process serves",
+                                   registry=r)
+        self.model_reload_lag = Histogram("fusionrec_fusion_update_to_serving_seconds",
+                                          "Oldest update in a checkpoint to the ranker serving it",
+                                          buckets=_LATENCY_BUCKETS, registry=r)
+        self.trending_deltas = Counter("fusionrec_trending_deltas_total",
+                                       "Item count deltas published for the trending windows", registry=r)
         self.lag = LagCollector()
         r.register(self.lag)
 

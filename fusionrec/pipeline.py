@@ -9,9 +9,11 @@ from fusionrec.keys import Keys
 from fusionrec.metrics import Metrics
 from fusionrec.redis_client import connect
 from fusionrec.settings import Settings
+from online.feedback import FeedbackPublisher
 from online.writer import RecommendationWriter
 from streams.consumer import BatchConsumer
 from streams.state import StateStore
+from streams.trending import ItemDeltaPublisher
 from streams.user_state import UserStateHandler
 
 log = logging.getLogger(__name__)
@@ -27,8 +29,12 @@ class StatePipeline:
         self.redis = connect(settings)
         keys = Keys.for_settings(settings)
         self.store = StateStore(self.redis, settings, keys)
-        self.writer = RecommendationWriter(self.redis, settings, metrics=self.metrics, keys=keys)
-        self.handler = UserStateHandler(self.store, self.metrics, after_apply=[self.writer])
+        # The learned ranker logs what it ranked for the learner (online.feedback).
+        self.feedback = FeedbackPublisher(settings) if settings.rec_ranker == "fusion" else None
+        self.writer = RecommendationWriter(self.redis, settings, metrics=self.metrics, keys=keys,
+                                           sink=self.feedback)
+        self.deltas = ItemDeltaPublisher(settings, self.metrics)
+        self.handler = UserStateHandler(self.store, self.metrics, after_apply=[self.writer, self.deltas])
         self.consumer = BatchConsumer(settings, self.handler, self.metrics, group_id=group_id,
                                       consumer_options=consumer_options)
         if serve_metrics:
@@ -41,4 +47,9 @@ class StatePipeline:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.redis.close()
+        try:
+            for producer in (self.feedback, self.deltas):
+                if producer is not None:
+                    producer.close()
+        finally:
+            self.redis.close()

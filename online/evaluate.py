@@ -2,15 +2,25 @@
 
 Events are cut into *units* (a basket: consecutive events of one user in one session; without
 sessions, one event). Units go to Redis in chunks in which no user appears twice. For each unit that
-contains purchases, *before* its chunk is applied, the user's stored top-K is read back with the
-reader client and scored against the purchased items; the chunk is then applied by the same
-:class:`StateStore` and :class:`RecommendationWriter` the stream consumer runs. Baselines see exactly
-the same sequence:
+contains purchases, *before* its chunk is applied, the user's candidate pool is built from the
+current state and ranked by every method, and the rankings are scored against the purchased items.
+The chunk is then applied by the same :class:`StateStore` and :class:`RecommendationWriter` the
+stream consumer runs; the writer's logged decisions go through the same
+:class:`online.feedback.FeedbackJoiner` and :class:`online.learner.Learner` as ``fusionrec learner``
+(predict-then-learn). Methods:
 
+* ``system``: the full fusion (river + torch head + stacker) the learner has trained so far;
+* ``river``, ``torch_head``: one learned scorer alone over the same pool;
+* ``fusion_no_llm``: a second fusion model trained on the same examples without LLM vectors;
+* ``covisitation``: the pool's co-visitation candidates by co-visitation strength;
+* ``served``: the top-K the writer stored for the user (what readers got; ranked by the model as it
+  was at the user's previous visit);
 * ``popularity``: the globally most interacted-with items so far;
 * ``most_bought``: the user's own most purchased items so far (empty for a first basket);
 * ``content``: the items nearest to the user's profile vector (the content source alone), when the
   catalog has been embedded (:meth:`Evaluator.embed_catalog`).
+
+Without an embedded catalog, ``torch_head`` and ``fusion_no_llm`` are left out (there are no vectors).
 
 Every method is also scored on the *cold-start* subset: purchases of items with fewer than
 ``COLD_START_BELOW`` prior interactions, reported under ``cold_start``.
@@ -37,11 +47,15 @@ from models.embedder import CatalogEmbedder
 from models.encoder import TextEncoder
 from models.vectors import VectorStore
 from online.content import ContentIndex
+from online.feedback import FeedbackJoiner, Snapshot
+from online.fusion import FusionRanker
+from online.learner import Learner
+from online.model import FusionModel, Rows
 from online.reader import RecommendationReader
 from online.writer import RecommendationWriter
 from streams.contract import CatalogEvent, UserEvent
 from streams.datasets import Dataset
-from streams.state import Positioned, StateStore
+from streams.state import Positioned, StateStore, UserTouch
 
 HIT_K, RECALL_K, NDCG_K = 10, 20, 10
 COLD_START_BELOW = 5
@@ -126,15 +140,35 @@ def units(ds: Dataset) -> Iterator[Unit]:
             start = i
 
 
+class LiveModel:
+    """Serves the learner's model as it is right now (evaluation needs no checkpoint round trip)."""
+
+    def __init__(self, learner: Learner) -> None:
+        self.learner = learner
+
+    def current(self) -> tuple[int, FusionModel]:
+        return 0, self.learner.model
+
+
+BASE_METHODS = ("system", "river", "covisitation", "served", "popularity", "most_bought")
+
+
 class Evaluator:
     """Runs one prequential pass of the system and the baselines over a dataset."""
 
     def __init__(self, client: redis.Redis, settings: Settings) -> None:
         self.settings = settings
         self.store = StateStore(client, settings)
-        self.writer = RecommendationWriter(client, settings)
+        self.learner = Learner(settings, None, None)
+        self.no_llm = Learner(settings, None, None, model=FusionModel(use_vectors=False, seed=settings.learn_seed))
+        self.joiner = FeedbackJoiner(settings.learn_window_s * 1000, settings.learn_sampled_negatives,
+                                     seed=settings.learn_seed)
+        self.ranker = FusionRanker(client, settings, LiveModel(self.learner))  # type: ignore[arg-type]
+        self.learner.lookup = self.ranker.lookup
+        self._logged: list[Snapshot] = []
+        self.writer = RecommendationWriter(client, settings, ranker=self.ranker, sink=self._logged.extend)
         self.reader = RecommendationReader(client, settings)
-        self.methods = {name: MethodScore() for name in ("system", "popularity", "most_bought")}
+        self.methods = {name: MethodScore() for name in BASE_METHODS}
         self.cold = {name: MethodScore() for name in self.methods}
         self.content: ContentIndex | None = None
         self.popular = TopCounter(RECALL_K)
@@ -177,8 +211,9 @@ class Evaluator:
             embedder.process(events[i: i + chunk])
         store.activate(info.version)
         self.content = ContentIndex(self.store.redis, self.settings)
-        self.methods["content"] = MethodScore()
-        self.cold["content"] = MethodScore()
+        for name in ("content", "torch_head", "fusion_no_llm"):
+            self.methods[name] = MethodScore()
+            self.cold[name] = MethodScore()
         return info.version
 
     def _load_catalog(self, ds: Dataset, batch: int = 5000) -> None:
@@ -187,18 +222,51 @@ class Evaluator:
         for i in range(0, len(events), batch):
             self.store.apply_catalog(events[i: i + batch])
 
+    def _rankings(self, scored: list[Unit]) -> dict[str, dict[str, list[str]]]:
+        """Every method's top items for each scored unit's user, from the state before the unit."""
+        recent = self.store.redis.pipeline(transaction=False)
+        for u in scored:
+            recent.lrange(self.store.keys.user_recent(u.user), 0, self.settings.rec_recent_items - 1)
+        touches = {u.user: UserTouch(recent=[r.decode() for r in lst], last_ts=u.ts)
+                   for u, lst in zip(scored, recent.execute(), strict=True)}
+        pools = self.ranker.pools(self.writer.contexts(touches))
+        pred = self.learner.model.predict(Rows.of_pools(pools, self.ranker.lookup))
+        scores = {"system": pred.fused, "river": pred.scorers["river"]}
+        if "torch_head" in self.methods:
+            scores["torch_head"] = pred.scorers.get("torch_head", np.full(len(pred.fused), 0.5))
+            scores["fusion_no_llm"] = self.no_llm.model.predict(Rows.of_pools(pools, None)).fused
+        served = self.reader.many([u.user for u in scored], k=RECALL_K)
+        out: dict[str, dict[str, list[str]]] = {}
+        start = 0
+        for u, pool in zip(scored, pools, strict=True):
+            end = start + len(pool)
+            ranked = {name: _top(pool.items, s[start:end]) for name, s in scores.items()}
+            covis = pool.column("covis")
+            ranked["covisitation"] = [pool.items[r] for r in np.argsort(-covis, kind="stable")[:RECALL_K]
+                                      if covis[r] > 0]
+            ranked["served"] = [r.item_id for r in served[u.user].items]
+            ranked["popularity"] = self.popular.ranked()
+            ranked["most_bought"] = [i for i, _ in self.bought[u.user].most_common(RECALL_K)]
+            if self.content is not None:
+                ranked["content"] = [i for i, _ in self.content.for_user(u.user, RECALL_K)]
+            out[u.user] = ranked
+            start = end
+        return out
+
+    def _learn(self) -> None:
+        groups = self.joiner.add(self._logged)
+        self._logged.clear()
+        self.learner.learn(groups)
+        if "fusion_no_llm" in self.methods:
+            self.no_llm.learn(groups)
+
     def _flush(self, chunk: list[Unit], rows: list[dict[str, Any]]) -> None:
         scored = [u for u in chunk if u.targets]
         if scored:
-            recs = self.reader.many([u.user for u in scored], k=RECALL_K)
-            pop = self.popular.ranked()
+            rankings = self._rankings(scored)
             for u in scored:
-                ranked = {"system": [r.item_id for r in recs[u.user].items], "popularity": pop,
-                          "most_bought": [i for i, _ in self.bought[u.user].most_common(RECALL_K)]}
-                if self.content is not None:
-                    ranked["content"] = [i for i, _ in self.content.for_user(u.user, RECALL_K)]
                 cold = {t for t in u.targets if self.popular.counts[t] < COLD_START_BELOW}
-                for name, items in ranked.items():
+                for name, items in rankings[u.user].items():
                     self.methods[name].add(items, u.targets, u.ts)
                     if cold:
                         self.cold[name].add(items, cold, u.ts)
@@ -213,12 +281,20 @@ class Evaluator:
                 batch.append(Positioned(0, j, _event(row, j)))
         result = self.store.apply(batch)
         self.writer(result)
+        self._learn()
 
     def report(self, name: str, n_events: int) -> dict[str, Any]:
         return {"dataset": name, "events": n_events, "evaluated": self.methods["system"].n,
                 "methods": {m: s.summary() for m, s in self.methods.items()},
                 "cold_start_evaluated": self.cold["system"].n,
-                "cold_start": {m: s.summary() for m, s in self.cold.items()}}
+                "cold_start": {m: s.summary() for m, s in self.cold.items()},
+                "learner": {"examples": self.learner.model.examples,
+                            "decisions": dict(sorted(self.joiner.outcomes.items()))}}
+
+
+def _top(items: list[str], scores: np.ndarray) -> list[str]:
+    """The pool's best ``RECALL_K`` items by score; ties keep pool order (the fixed blend)."""
+    return [items[r] for r in np.argsort(-scores, kind="stable")[:RECALL_K]]
 
 
 def _event(row: dict[str, Any], n: int) -> UserEvent:

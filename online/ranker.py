@@ -10,7 +10,8 @@ from __future__ import annotations
 import heapq
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Protocol
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import msgspec
 import numpy as np
@@ -51,12 +52,30 @@ class UserContext:
     # (model version, unit vector) when the user's items have vectors
     profile: tuple[str, np.ndarray] | None = None
     excluded: frozenset[str] = frozenset()
+    # globally trending items (faust hopping windows), strongest first
+    trending: list[tuple[str, float]] = field(default_factory=list)
+    # decayed category/brand affinity, members ``c:<category>`` / ``b:<brand>``
+    affinity: dict[str, float] = field(default_factory=dict)
+    # decision time (ms): event time of the newest event the user's state includes
+    ts: int = 0
+
+
+@dataclass
+class Ranked:
+    """One user's ranking: the stored top-K and, for learned rankers, the scored pool in ranked order."""
+
+    items: list[Recommendation]
+    pool: Any = None  # online.features.Pool
+    order: list[int] | None = None
+    model: int = 0  # fusion checkpoint number that ranked (0: none)
 
 
 class Ranker(Protocol):
     name: str
 
     def rank(self, ctx: UserContext, k: int) -> list[Recommendation]: ...
+
+    def rank_many(self, contexts: Sequence[UserContext], k: int) -> list[Ranked]: ...
 
 
 def _normalised(pairs: list[tuple[str, float]]) -> dict[str, float]:
@@ -117,6 +136,9 @@ class SimpleRanker:
                                sources={src: round(self.weights[src] * scores[item], 6)
                                         for src, scores in per_source.items() if item in scores})
                 for item, score in top]
+
+    def rank_many(self, contexts: Sequence[UserContext], k: int) -> list[Ranked]:
+        return [Ranked(items=self.rank(ctx, k)) for ctx in contexts]
 
     def _popular(self, popular: list[tuple[str, float]]) -> dict[str, float]:
         # The popular list is shared by every user of a batch: normalise it once.

@@ -62,6 +62,10 @@ class UserTouch:
 
     recent: list[str]
     last_ts: int
+    # (type, item, ts) of the batch's events for this user with an item, in offset order, and the
+    # items its impression events showed: the feedback the learner joins with what was served before
+    actions: list[tuple[str, str, int]] = field(default_factory=list)
+    shown: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -69,6 +73,10 @@ class BatchResult:
     applied: int = 0
     skipped: int = 0
     users: dict[str, UserTouch] = field(default_factory=dict)
+    # interactions (not impressions) per item in the applied events, and the items' categories
+    item_counts: dict[str, int] = field(default_factory=dict)
+    categories: dict[str, str] = field(default_factory=dict)
+    max_ts: int = 0
 
 
 class Decay:
@@ -170,7 +178,13 @@ class StateStore:
                     payload.append(self._user_record(partition, evs, recent, meta, items))
                     offsets.extend(pe.offset for pe in evs)
                 result.applied += len(fresh)
-                result.users[uid] = UserTouch(recent=recent, last_ts=max(pe.event.ts for pe in fresh))
+                result.users[uid] = touch = _touch(recent, fresh)
+                for _kind, item, _ts in touch.actions:
+                    result.item_counts[item] = result.item_counts.get(item, 0) + 1
+                    category = meta.get(item, (None, None))[0]
+                    if category:
+                        result.categories[item] = category
+                result.max_ts = max(result.max_ts, touch.last_ts)
         self._apply_zsets(list(items.values()))
         self._apply_users(users)
         return result
@@ -294,6 +308,14 @@ class StateStore:
         if len(pipe):
             pipe.execute()
         return len(added) + len(removed)
+
+
+def _touch(recent: list[str], fresh: list[Positioned]) -> UserTouch:
+    ordered = sorted(fresh, key=lambda pe: (pe.partition, pe.offset))
+    actions = [(pe.event.type, str(pe.event.item_id), pe.event.ts) for pe in ordered
+               if pe.event.item_id is not None and pe.event.type != "impression"]
+    shown = [str(i) for pe in ordered if pe.event.type == "impression" for i in (pe.event.items_shown or ())]
+    return UserTouch(recent=recent, last_ts=max(pe.event.ts for pe in fresh), actions=actions, shown=shown)
 
 
 def _catalog_fields(ev: CatalogEvent) -> list[str]:

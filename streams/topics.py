@@ -17,7 +17,8 @@ log = logging.getLogger(__name__)
 
 def all_topics(settings: Settings) -> list[str]:
     base = [settings.topic_events, settings.topic_catalog]
-    return base + [settings.dlq_topic(t) for t in base]
+    derived = [settings.topic_feedback, settings.topic_item_deltas]
+    return base + derived + [settings.dlq_topic(t) for t in (*base, settings.topic_feedback)]
 
 
 def ensure_topics(settings: Settings, topics: Sequence[str] | None = None, partitions: int | None = None,

@@ -1,0 +1,168 @@
+"""Trending items: hopping-window interaction counts in faust tables, top items to Redis.
+
+The user-state consumer publishes, per applied batch, compact *item count deltas* to
+``topic_item_deltas`` (:class:`ItemDeltaPublisher`): one message per target partition holding the
+counts of the items that hash to it, so the faust app sees ~10 messages per second rather than every
+raw event, and a table key always lives on the partition of the message that updates it.
+
+``fusionrec trending`` runs the faust worker (:func:`build_app`): two hopping-window tables keyed by
+item and by category, windows of ``trending_window_s`` advancing every ``trending_step_s`` in event
+time. Every ``trending_flush_s`` the agent writes the current window's top items to ``{g}:trend``,
+the top items of each busy category to ``{g}:trend:c:<category>``, and the categories themselves to
+``{g}:trend:categories``; the recommendation writer reads ``{g}:trend`` as a candidate source.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import time
+import zlib
+from collections import defaultdict
+from typing import Any
+
+import msgspec
+
+from fusionrec.keys import Keys
+from fusionrec.metrics import Metrics
+from fusionrec.settings import Settings
+from streams.producer import EventProducer
+from streams.state import BatchResult
+
+log = logging.getLogger(__name__)
+
+CATEGORIES_KEPT = 50  # categories whose own top list is written each flush
+
+
+class ItemDelta(msgspec.Struct, frozen=True):
+    ts: float  # seconds: event time of the newest event counted (faust windows use seconds)
+    items: dict[str, int]
+    categories: dict[str, str]
+
+
+class ItemDeltaPublisher:
+    """``after_apply`` hook of the user-state stream: the batch's item counts to the deltas topic."""
+
+    def __init__(self, settings: Settings, metrics: Metrics | None = None,
+                 producer: EventProducer | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.topic = settings.topic_item_deltas
+        self.producer = producer or EventProducer(settings, producer_options={"linger.ms": 5})
+        self._encoder = msgspec.json.Encoder()
+
+    def __call__(self, result: BatchResult) -> None:
+        if not result.item_counts:
+            return
+        parts: dict[int, dict[str, int]] = defaultdict(dict)
+        n = self.settings.topic_partitions
+        for item, count in result.item_counts.items():
+            parts[zlib.crc32(item.encode()) % n][item] = count
+        for partition, items in parts.items():
+            delta = ItemDelta(ts=result.max_ts / 1000.0, items=items,
+                              categories={i: c for i in items if (c := result.categories.get(i))})
+            self.producer.produce(self.topic, self._encoder.encode(delta), key=f"p{partition}")
+        self.producer.flush()
+        if self.metrics is not None:
+            self.metrics.trending_deltas.inc(len(result.item_counts))
+
+    def close(self) -> None:
+        self.producer.close()
+
+
+def top_by_category(counts: dict[str, float], categories: dict[str, str], per_category: int,
+                    kept: int = CATEGORIES_KEPT) -> tuple[dict[str, float], dict[str, list[tuple[str, float]]]]:
+    """Category totals and each of the ``kept`` busiest categories' top items."""
+    by_cat: dict[str, list[tuple[str, float]]] = defaultdict(list)
+    totals: dict[str, float] = defaultdict(float)
+    for item, c in counts.items():
+        cat = categories.get(item)
+        if cat and c > 0:
+            by_cat[cat].append((item, c))
+            totals[cat] += c
+    busiest = heapq.nlargest(kept, totals.items(), key=lambda kv: kv[1])
+    return dict(totals), {cat: heapq.nlargest(per_category, by_cat[cat], key=lambda kv: kv[1])
+                          for cat, _ in busiest}
+
+
+class TrendingWriter:
+    """Writes one flush of trending lists to Redis (one MULTI: readers never see half a flush)."""
+
+    def __init__(self, client: Any, settings: Settings, keys: Keys | None = None) -> None:
+        self.redis = client
+        self.settings = settings
+        self.keys = keys or Keys.for_settings(settings)
+
+    def write(self, counts: dict[str, float], categories: dict[str, str]) -> None:
+        top = heapq.nlargest(self.settings.trending_top, counts.items(), key=lambda kv: kv[1])
+        totals, per_cat = top_by_category(counts, categories, max(10, self.settings.trending_top // 5))
+        ttl = self.settings.trending_window_s * 2
+        pipe = self.redis.pipeline(transaction=True)
+        for key, pairs in ((self.keys.trending(), top),
+                           (self.keys.trending_categories(), list(totals.items())),
+                           *((self.keys.trending(cat), pairs) for cat, pairs in per_cat.items())):
+            pipe.delete(key)
+            pairs = [(i, c) for i, c in pairs if c > 0]
+            if pairs:
+                pipe.zadd(key, dict(pairs))
+                pipe.expire(key, ttl)
+        pipe.execute()
+
+
+def build_app(settings: Settings, bootstrap: str) -> Any:
+    """The faust app (worker without its web server; short timeouts for the embedded broker)."""
+    import faust
+
+    from fusionrec.redis_client import connect
+
+    app = faust.App(
+        f"{settings.redis_prefix}-trending", broker=f"kafka://{bootstrap}", store="memory://",
+        web_enabled=False, topic_partitions=settings.topic_partitions, topic_replication_factor=1,
+        broker_session_timeout=settings.effective_session_timeout_ms() / 1000,
+        broker_heartbeat_interval=1.0, broker_rebalance_timeout=10.0, consumer_auto_offset_reset="earliest",
+        table_cleanup_interval=float(settings.trending_step_s),
+    )
+    window, step = float(settings.trending_window_s), float(settings.trending_step_s)
+
+    class Delta(faust.Record, serializer="json"):
+        ts: float
+        items: dict[str, int]
+        categories: dict[str, str]
+
+    topic = app.topic(settings.topic_item_deltas, value_type=Delta)
+    item_counts = app.Table("trending-items", default=int, partitions=settings.topic_partitions) \
+        .hopping(window, step, expires=window * 2, key_index=True).relative_to_field(Delta.ts)
+    category_counts = app.Table("trending-categories", default=int, partitions=settings.topic_partitions) \
+        .hopping(window, step, expires=window * 2, key_index=True).relative_to_field(Delta.ts)
+    writer = TrendingWriter(connect(settings), settings)
+    categories: dict[str, str] = {}
+    last_flush = [0.0]
+
+    @app.agent(topic)
+    async def count(stream: Any) -> None:
+        async for delta in stream:
+            per_category: dict[str, int] = defaultdict(int)
+            for item, n in delta.items.items():
+                item_counts[item] += n
+                cat = delta.categories.get(item)
+                if cat:
+                    categories[item] = cat
+                    per_category[cat] += n
+            for cat, n in per_category.items():
+                category_counts[cat] += n
+            if time.monotonic() - last_flush[0] >= settings.trending_flush_s:
+                last_flush[0] = time.monotonic()
+                current = {k: float(v) for k, v in item_counts.items().current()}
+                writer.write(current, categories)
+                log.info("trending: %d items in the current window", sum(1 for v in current.values() if v))
+
+    return app
+
+
+def run_worker(settings: Settings, bootstrap: str) -> None:
+    """Run the trending faust worker in the foreground until interrupted."""
+    app = build_app(settings, bootstrap)
+    app.finalize()
+    from faust.worker import Worker
+
+    Worker(app, loglevel=settings.log_level.lower(), quiet=True).execute_from_commandline()
