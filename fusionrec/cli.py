@@ -94,6 +94,31 @@ def cmd_consume(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_learner(args: argparse.Namespace) -> int:
+    from fusionrec.metrics import Metrics
+    from online.loop import LearnerLoop
+    from streams.topics import ensure_topics
+
+    s = _resolved()
+    ensure_topics(s)
+    metrics = Metrics()
+    if not args.no_metrics:
+        metrics.serve(s.metrics_host, s.learn_metrics_port)
+    LearnerLoop(s, metrics).run(_stop_on_signals())
+    return 0
+
+
+def cmd_trending(args: argparse.Namespace) -> int:
+    from streams.topics import ensure_topics
+    from streams.trending import run_worker
+
+    s = _resolved()
+    ensure_topics(s)
+    assert s.kafka_bootstrap is not None
+    run_worker(s, s.kafka_bootstrap)
+    return 0
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
     from streams import datasets
     from streams.producer import EventProducer
@@ -210,6 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("status", cmd_status, "show the embedded services")
     c = add("consume", cmd_consume, "run the user-state stream consumer (Kafka -> Redis state + recs)")
     c.add_argument("--no-metrics", action="store_true", help="do not serve /metrics")
+
+    ln = add("learner", cmd_learner, "learn the fusion model from the feedback topic; checkpoint it to Redis")
+    ln.add_argument("--no-metrics", action="store_true", help="do not serve /metrics")
+    add("trending", cmd_trending, "run the faust worker keeping trending items (hopping windows) in Redis")
 
     r = add("replay", cmd_replay, "publish a dataset as events in time order")
     _dataset_args(r, positional=True)

@@ -107,7 +107,7 @@ class RiverScorer(_RiverLR):
     mini-batch learners do; :meth:`learn_pool_rows` is the zero-copy path over pool matrices.
     """
 
-    def __init__(self, features: Sequence[str] = FEATURES, lr: float = 0.05, l2: float = 1e-5,
+    def __init__(self, features: Sequence[str] = FEATURES, lr: float = 1.0, l2: float = 1e-5,
                  clip: float = 10.0, clip_gradient: float = 1.0) -> None:
         super().__init__(features, lr, l2, clip, clip_gradient)
         self._cols = np.array([INDEX[f] for f in features])
@@ -235,7 +235,7 @@ class FusionStacker(_RiverLR):
     so an untrained model ranks like the simple blend and learning moves it from there.
     """
 
-    def __init__(self, scorers: Sequence[str] = SCORERS, lr: float = 0.02, l2: float = 0.0,
+    def __init__(self, scorers: Sequence[str] = SCORERS, lr: float = 0.1, l2: float = 0.0,
                  clip: float = 10.0, clip_gradient: float = 1.0, prior_scale: float = 4.0) -> None:
         super().__init__(scorers, lr, l2, clip, clip_gradient)
         for name in scorers:

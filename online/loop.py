@@ -99,7 +99,7 @@ class LearnerLoop:
             if saved is not None:
                 tp.offset = saved
         log.info("assigned %s", ", ".join(f"{tp.topic}[{tp.partition}]@{tp.offset}" for tp in partitions))
-        consumer.assign(partitions)
+        consumer.incremental_assign(partitions)  # the group uses cooperative rebalancing
 
     def _process(self, msgs: list[Message], dlq: DeadLetterPublisher) -> None:
         snapshots: list[Snapshot] = []

@@ -71,11 +71,11 @@ class EventProducer:
 
     # ------------------------------------------------------------------ produce
     def produce(self, topic: str, value: bytes, key: bytes | str | None = None,
-                headers: Headers | None = None) -> None:
-        """Queue one message; blocks (serving delivery callbacks) while the local queue is full."""
+                headers: Headers | None = None, timestamp: int = 0) -> None:
+        """Queue one message (``timestamp`` ms, 0: now); blocks while the local queue is full."""
         while True:
             try:
-                self._producer.produce(topic, value=value, key=key, headers=headers,
+                self._producer.produce(topic, value=value, key=key, headers=headers, timestamp=timestamp,
                                        on_delivery=self._on_delivery)
                 break
             except BufferError:

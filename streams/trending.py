@@ -3,7 +3,10 @@
 The user-state consumer publishes, per applied batch, compact *item count deltas* to
 ``topic_item_deltas`` (:class:`ItemDeltaPublisher`): one message per target partition holding the
 counts of the items that hash to it, so the faust app sees ~10 messages per second rather than every
-raw event, and a table key always lives on the partition of the message that updates it.
+raw event, and a table key always lives on the partition of the message that updates it. A delta's
+Kafka timestamp is the event time of the newest event it counts; the windows follow it (faust's
+``relative_to_stream``), so a replay of old data trends as it did then. On a broker with time-based
+retention, replayed deltas with old timestamps are retained only briefly; live ones are current.
 
 ``fusionrec trending`` runs the faust worker (:func:`build_app`): two hopping-window tables keyed by
 item and by category, windows of ``trending_window_s`` advancing every ``trending_step_s`` in event
@@ -48,7 +51,9 @@ class ItemDeltaPublisher:
         self.settings = settings
         self.metrics = metrics
         self.topic = settings.topic_item_deltas
-        self.producer = producer or EventProducer(settings, producer_options={"linger.ms": 5})
+        # uncompressed: faust's client (aiokafka) has no lz4 codec without an extra library
+        self.producer = producer or EventProducer(settings, producer_options={"linger.ms": 5,
+                                                                              "compression.type": "none"})
         self._encoder = msgspec.json.Encoder()
 
     def __call__(self, result: BatchResult) -> None:
@@ -61,7 +66,8 @@ class ItemDeltaPublisher:
         for partition, items in parts.items():
             delta = ItemDelta(ts=result.max_ts / 1000.0, items=items,
                               categories={i: c for i in items if (c := result.categories.get(i))})
-            self.producer.produce(self.topic, self._encoder.encode(delta), key=f"p{partition}")
+            self.producer.produce(self.topic, self._encoder.encode(delta), key=f"p{partition}",
+                                  timestamp=result.max_ts)
         self.producer.flush()
         if self.metrics is not None:
             self.metrics.trending_deltas.inc(len(result.item_counts))
@@ -131,9 +137,9 @@ def build_app(settings: Settings, bootstrap: str) -> Any:
 
     topic = app.topic(settings.topic_item_deltas, value_type=Delta)
     item_counts = app.Table("trending-items", default=int, partitions=settings.topic_partitions) \
-        .hopping(window, step, expires=window * 2, key_index=True).relative_to_field(Delta.ts)
+        .hopping(window, step, expires=window * 2, key_index=True).relative_to_stream()
     category_counts = app.Table("trending-categories", default=int, partitions=settings.topic_partitions) \
-        .hopping(window, step, expires=window * 2, key_index=True).relative_to_field(Delta.ts)
+        .hopping(window, step, expires=window * 2, key_index=True).relative_to_stream()
     writer = TrendingWriter(connect(settings), settings)
     categories: dict[str, str] = {}
     last_flush = [0.0]

@@ -35,6 +35,7 @@ def make_settings(services: RunningServices, partitions: int = 4, **overrides: A
     base = dict(kafka_bootstrap=services.kafka_bootstrap, redis_url=services.redis_url,
                 redis_prefix=f"t{tag}", topic_events=f"events-{tag}", topic_catalog=f"catalog-{tag}",
                 group_state=f"group-{tag}", group_embed=f"embed-{tag}", topic_partitions=partitions,
+                topic_feedback=f"feedback-{tag}", topic_item_deltas=f"deltas-{tag}", group_learner=f"learner-{tag}",
                 session_timeout_ms=6000,
                 metrics_port=0, batch_size=500)
     base.update(overrides)

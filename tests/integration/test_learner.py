@@ -1,0 +1,200 @@
+"""The learner on the real broker and Redis: end to end, rollback, crash + resume, hot reload."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import redis
+
+from fusionrec.metrics import Metrics
+from fusionrec.pipeline import StatePipeline
+from fusionrec.settings import Settings
+from online.checkpoints import CheckpointStore, ServingModel
+from online.feedback import FeedbackPublisher, Group, Snapshot
+from online.features import FEATURES, INDEX, Pool
+from online.learner import Learner
+from online.loop import LearnerLoop
+from online.model import Rows
+from online.reader import RecommendationReader
+from online.writer import RecommendationWriter
+from streams.datasets import load
+from streams.producer import EventProducer
+from streams.replay import replay
+from streams.state import UserTouch
+from tests.integration.conftest import env_for, make_settings
+from tests.integration.test_embed import wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def _pool(rng: np.random.Generator, user: str, ts: int, n: int = 30) -> tuple[Pool, int]:
+    """A pool whose positive is the item with the highest repeat feature (a learnable rule)."""
+    X = (rng.random((n, len(FEATURES))) * (rng.random((n, len(FEATURES))) < 0.3)).astype(np.float32)
+    best = int(np.argmax(X[:, INDEX["repeat"]]))
+    return Pool(user_id=user, ts=ts, items=[f"{user}-{ts}-{i}" for i in range(n)], X=X), best
+
+
+def _groups(n: int, seed: int, invert: bool = False) -> list[Group]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for g in range(n):
+        pool, best = _pool(rng, f"u{g}", g)
+        y = np.zeros(len(pool))
+        y[best] = 1.0
+        if invert:  # the worst item by the rule is the "positive"
+            y[:] = 0
+            y[int(np.argmin(pool.X[:, INDEX["repeat"]] + 2 * (pool.X[:, INDEX["repeat"]] == 0)))] = 1.0
+        out.append(Group(pool=pool, y=y, shown=20))
+    return out
+
+
+def test_quality_drop_rolls_back_to_the_previous_checkpoint(settings: Settings, rclient: redis.Redis):
+    s = settings.replace(learn_vectors=False, learn_rollback_min_groups=100, learn_checkpoint_s=3600)
+    store = CheckpointStore(rclient, s)
+    metrics = Metrics()
+    learner = Learner(s, store, None, metrics)
+    for i in range(4):
+        learner.learn(_groups(300, seed=i))
+    first = learner.maybe_checkpoint(force=True)
+    assert first is not None and learner.last is not None and learner.last.hit_rate > 0.6
+    probe = Rows.of_pools([g.pool for g in _groups(20, seed=99)], None)
+    good = learner.model.predict(probe).fused
+    for i in range(6):  # a bad stream: labels contradict everything learned
+        learner.learn(_groups(300, seed=10 + i, invert=True))
+    assert not np.allclose(learner.model.predict(probe).fused, good)
+    assert learner.maybe_checkpoint(force=True) is None
+    assert learner.rollbacks == 1 and metrics.learn_rollbacks._value.get() == 1
+    assert store.head() == first
+    np.testing.assert_array_equal(learner.model.predict(probe).fused, good)
+
+
+class SnapshotLog:
+    """Decisions whose next decision purchases the previous pool's best item, published in rounds."""
+
+    def __init__(self, settings: Settings, users: int, seed: int = 0) -> None:
+        self.settings, self.users = settings, users
+        self.rng = np.random.default_rng(seed)
+        self.pending: dict[str, str] = {}
+        self.rounds = 0
+
+    def publish(self, rounds: int) -> None:
+        publisher = FeedbackPublisher(self.settings)
+        for _ in range(rounds):
+            batch = []
+            for u in range(self.users):
+                user, ts = f"u{u}", 1_000_000 + self.rounds * 1000
+                pool, best = _pool(self.rng, user, ts)
+                item = self.pending.get(user)
+                actions = [("purchase", item, ts - 1)] if item else []
+                batch.append(Snapshot.of(pool, list(range(len(pool))), 20, actions, [], 0, 0))
+                self.pending[user] = pool.items[best]
+            publisher(batch)
+            self.rounds += 1
+        publisher.close()
+
+
+def _examples(settings: Settings, rclient: redis.Redis) -> int:
+    ckpt = CheckpointStore(rclient, settings).load()
+    return ckpt.model.examples if ckpt else 0
+
+
+def _covers(s: Settings, rclient: redis.Redis, messages: int) -> bool:
+    ckpt = CheckpointStore(rclient, s).load()
+    return ckpt is not None and sum(ckpt.offsets.values()) >= messages
+
+
+def test_learner_killed_and_restarted_resumes_from_its_checkpoint(settings: Settings, rclient: redis.Redis):
+    s = settings.replace(learn_vectors=False, learn_checkpoint_s=0.2, batch_size=200, learn_sampled_negatives=5)
+    log = SnapshotLog(s, users=50)
+    log.publish(30)
+    env = env_for(s)
+    cmd = [sys.executable, "-m", "fusionrec.cli", "learner", "--no-metrics"]
+    first = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: _covers(s, rclient, 30 * 50), 90, "a checkpoint covering the first 30 rounds")
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+    rclient.delete(CheckpointStore(rclient, s).keys.learner_lease())  # a dead holder's lease would expire
+    at_kill = CheckpointStore(rclient, s).load()
+    assert at_kill is not None and at_kill.model.examples > 10_000
+    log.publish(30)
+    second = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: _covers(s, rclient, 60 * 50), 90, "a checkpoint covering all 60 rounds")
+    finally:
+        second.send_signal(signal.SIGTERM)
+        _, err = second.communicate(timeout=30)
+    assert f"resumed from checkpoint {at_kill.number}".encode() in err
+    final = CheckpointStore(rclient, s).load()
+    assert final is not None and final.number > at_kill.number
+    # One pass learns at most users * labelled decisions * (shown + positive + sampled) rows. Relearning
+    # the first 30 rounds on top of the resumed model would exceed that by the examples before the kill.
+    assert at_kill.model.examples < final.model.examples <= 50 * 59 * (20 + 1 + 5)
+    # the second half was learned: the resumed learner went on from the checkpoint's offsets
+    assert final.model.examples - at_kill.model.examples > 0.8 * at_kill.model.examples
+
+
+def test_hot_reload_reaches_the_writer_within_the_interval(settings: Settings, rclient: redis.Redis):
+    s = settings.replace(learn_vectors=False, learn_reload_s=0.5)
+    store = CheckpointStore(rclient, s)
+    serving = ServingModel(store, s)
+    from online.fusion import FusionRanker
+
+    writer = RecommendationWriter(rclient, s, ranker=FusionRanker(rclient, s, serving))
+    rclient.zadd(writer.keys.popularity(), {"p1": 3.0, "p2": 2.0})
+    touch = {"u1": UserTouch(recent=[], last_ts=1)}
+    writer.refresh(touch)
+    reader = RecommendationReader(rclient, s)
+    assert reader.top_k("u1").model == "fusion"  # no checkpoint yet: the untrained fusion
+    learner = Learner(s, store, None)
+    learner.learn(_groups(50, seed=1))
+    number = learner.maybe_checkpoint(force=True)
+    writer.refresh(touch)  # within the interval the old model may still serve
+    time.sleep(s.learn_reload_s)
+    writer.refresh(touch)
+    assert reader.top_k("u1").model == f"fusion-{number}"
+
+
+def test_stream_to_learner_to_served_recommendations(services):
+    s = make_settings(services, partitions=2, learn_checkpoint_s=0.5, learn_reload_s=0.2,
+                      rec_content_candidates=0, learn_vectors=False)
+    from streams.topics import ensure_topics
+
+    ensure_topics(s)
+    ds = load("completejourney", households=40).head(6000)
+    with EventProducer(s) as producer:
+        _, n_events = replay(ds, producer, catalog=True)
+    stop = threading.Event()
+    metrics = Metrics()
+    loop = LearnerLoop(s, metrics)
+    learner = threading.Thread(target=loop.run, args=(stop,))
+    learner.start()
+    pipeline = StatePipeline(s, metrics=Metrics())
+    consumer = threading.Thread(target=pipeline.consumer.run, args=(stop,))
+    consumer.start()
+    try:
+        client = pipeline.redis
+        wait_for(lambda: _examples(s, client) > 0 and pipeline.consumer.consumed >= n_events + len(ds.items), 180,
+                 "examples learned from the stream")
+        # one more batch through the writer picks up the checkpoint
+        number = CheckpointStore(client, s).head()
+        time.sleep(s.learn_reload_s)
+        user = str(ds.events.user_id.iloc[-1])
+        pipeline.writer.refresh({user: UserTouch(recent=[], last_ts=int(ds.events.ts.iloc[-1]))})
+        recs = RecommendationReader(client, s).top_k(user)
+        assert recs.model.startswith("fusion-") and int(recs.model.split("-")[1]) >= (number or 1)
+        assert recs.items and all(r.sources for r in recs.items)
+        assert set().union(*(r.sources for r in recs.items)) <= {"river", "repeat", "covis", "popular", "trending"}
+        assert metrics.learn_decisions.labels("labelled")._value.get() > 0
+    finally:
+        stop.set()
+        consumer.join(30)
+        learner.join(30)
+        pipeline.__exit__(None, None, None)

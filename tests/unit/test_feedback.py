@@ -1,0 +1,87 @@
+"""Candidate pools, logged decisions and the outcome join."""
+
+import numpy as np
+
+from online.feedback import FeedbackJoiner, Snapshot, decode_snapshot, encode_snapshot
+from online.features import FEATURES, INDEX, ItemInfo, build_pool, daypart, price_band
+from online.ranker import UserContext
+
+DAY = 86_400_000
+
+
+def _ctx(**kw):
+    base = dict(user_id="u1", recent=["a", "b"], items=[("a", 4.0), ("b", 2.0)],
+                covis={"a": [("c", 3.0), ("d", 1.0)], "b": [("c", 1.0)]}, popular=[("p", 10.0), ("a", 5.0)],
+                content=[("e", 0.9), ("c", 0.8)], trending=[("t", 7.0)],
+                affinity={"c:dairy": 6.0, "b:acme": 3.0}, ts=1_700_000_000_000 + 9 * 3_600_000)
+    base.update(kw)
+    return UserContext(**base)
+
+
+INFO = {"c": ItemInfo("dairy", "acme", 2.5), "e": ItemInfo("bakery", None, None), "p": ItemInfo(None, None, 99.0)}
+
+
+def test_pool_holds_the_union_of_sources_with_bounded_features():
+    pool = build_pool(_ctx(), INFO, size=50)
+    assert set(pool.items) == {"a", "b", "c", "d", "e", "p", "t"}
+    assert np.all((pool.X >= 0) & (pool.X <= 1))
+    row = {i: r for r, i in enumerate(pool.items)}
+    c = pool.X[row["c"]]
+    assert c[INDEX["covis"]] == 1.0 and c[INDEX["src_covis"]] == 1 and c[INDEX["src_content"]] == 1
+    assert c[INDEX["aff_category"]] == 1.0 and c[INDEX["aff_brand"]] == 0.5
+    assert c[INDEX["price_b1"]] == 1 and pool.X[row["e"], INDEX["price_none"]] == 1
+    assert pool.X[row["a"], INDEX["recent"]] == 1.0 and pool.X[row["b"], INDEX["recent"]] == 0.5
+    assert np.all(pool.X[:, INDEX["hour_morning"]] == 1)  # 09:00 UTC
+    assert pool.X.sum(axis=1).min() > 0
+
+
+def test_pool_is_cut_to_size_by_the_blend_and_skips_excluded_items():
+    pool = build_pool(_ctx(excluded=frozenset({"a"})), INFO, size=3)
+    # c: co-visitation 0.6; b: repeat 0.5; e: content 0.3 (a, the strongest, is excluded)
+    assert pool.items == ["c", "b", "e"]
+
+
+def test_price_bands_and_dayparts():
+    assert [price_band(p) for p in (None, float("nan"), -1, 0.5, 1, 9.99, 10, 500)] == [-1, -1, -1, 0, 1, 2, 3, 4]
+    assert [daypart(h * 3_600_000) for h in (0, 5, 6, 12, 18, 23)] == [0, 0, 1, 2, 3, 3]
+
+
+def _snap(user, ts, items, shown=2, actions=(), model=0):
+    pool = build_pool(_ctx(user_id=user, ts=ts), INFO, size=50)
+    order = [pool.items.index(i) for i in items]
+    return Snapshot.of(pool, order, shown, list(actions), [], model, 0)
+
+
+def test_snapshot_round_trips_through_msgpack():
+    snap = _snap("u1", 1000, ["a", "c", "p"])
+    back = decode_snapshot(encode_snapshot(snap))
+    assert back == snap
+    np.testing.assert_allclose(back.pool().X, snap.pool().X)
+    assert back.pool().X.shape == (3, len(FEATURES))
+
+
+def test_the_next_decision_labels_the_previous_one():
+    j = FeedbackJoiner(window_ms=DAY, sampled_negatives=1, seed=1)
+    assert j.add([_snap("u1", 1000, ["a", "c", "p", "t", "e"])]) == []
+    groups = j.add([_snap("u1", 5000, ["a"], actions=[("view", "p", 4000), ("purchase", "t", 4500)])])
+    assert len(groups) == 1
+    g = groups[0]
+    # shown a, c; positive t (unshown); one sampled negative from p/e; the view is not a positive
+    assert g.pool.items[:2] == ["a", "c"] and "t" in g.pool.items and len(g.pool.items) == 4
+    assert dict(zip(g.pool.items, g.y, strict=True))["t"] == 1 and g.y.sum() == 1 and g.shown == 2
+
+
+def test_outcomes_outside_the_window_or_pool_label_nothing():
+    j = FeedbackJoiner(window_ms=1000, sampled_negatives=5)
+    j.add([_snap("u1", 1000, ["a", "c"]), _snap("u2", 1000, ["a", "c"])])
+    outside = j.add([_snap("u2", 1500, ["a"], actions=[("click", "zzz", 1400)])])
+    late = j.add([_snap("u1", 9000, ["a"], actions=[("purchase", "a", 5000)])])
+    assert late == [] and outside == []
+    assert j.outcomes["no_positive"] == 1 and j.outcomes["positive_outside_pool"] == 1
+
+
+def test_decisions_past_the_window_are_forgotten():
+    j = FeedbackJoiner(window_ms=1000)
+    j.add([_snap("old", 1000, ["a"])])
+    j.add([_snap("new", 5000, ["a"])])
+    assert "old" not in j.pending and j.outcomes["expired"] == 1
