@@ -2,9 +2,10 @@
 
 Starts the embedded broker and Redis (unless external ones are configured) and the catalog embedding
 pool; publishes a slice of Complete Journey's catalog and waits until every product has a vector;
-replays the slice's purchases while the user-state consumer streams them into Redis, with live
-progress; then prints sample recommendations with their explanations (content candidates included),
-items similar to one product, and a small prequential score.
+replays the slice's purchases while the user-state consumer streams them into Redis and the learner
+trains the fusion model from the feedback the recommendation writer logs, with live progress; then
+prints the learner's summary, fused recommendations with the scorers that explain them, items
+similar to one product, and a prequential table of the fusion against its parts and baselines.
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ import time
 
 from fusionrec.errors import FusionrecError
 from fusionrec.evaluation import run_evaluation
+from fusionrec.metrics import Metrics
 from fusionrec.pipeline import StatePipeline
 from fusionrec.redis_client import connect
 from fusionrec.services import EmbeddedServices, resolve_endpoints
 from fusionrec.settings import Settings
+from online.loop import LearnerLoop
 from online.reader import RecommendationReader
 from streams import datasets
 from streams.producer import EventProducer
@@ -70,6 +73,7 @@ def run_demo(settings: Settings, *, events: int, households: int, keep: bool) ->
         consumer = threading.Thread(target=pipeline.consumer.run, args=(stop, caught_up), name="consumer",
                                     daemon=True)
         consumer.start()
+        learner = _start_learner(s, stack)
         published = [len(ds.items)]  # the catalog went out before the purchases
         printer = threading.Thread(target=_progress, args=(pipeline, published, total, done), daemon=True)
         printer.start()
@@ -85,9 +89,10 @@ def run_demo(settings: Settings, *, events: int, households: int, keep: bool) ->
             raise FusionrecError("the consumer did not catch up within 10 minutes")
         print(f"streamed {pipeline.consumer.consumed} messages in {elapsed:.1f}s "
               f"({pipeline.consumer.consumed / elapsed:.0f} msg/s end to end)")
+        _finish_learner(learner, pipeline)
         _show_samples(pipeline, ds)
         _show_similar(pipeline, ds)
-        print("\nprequential check on the first 40,000 events (system vs baselines):")
+        print("\nprequential check on the first 40,000 events (the fusion, its parts and baselines):")
         report = run_evaluation(s, source="completejourney", households=households, limit=40_000, progress=False,
                                 content=False)
         for name, m in report["methods"].items():
@@ -96,6 +101,38 @@ def run_demo(settings: Settings, *, events: int, households: int, keep: bool) ->
         if keep:
             print("\nservices left running: try `fusionrec recommend <household>`; stop with `fusionrec down`")
     return 0
+
+
+def _start_learner(s: Settings, stack: contextlib.ExitStack) -> tuple[LearnerLoop, threading.Thread, threading.Event]:
+    """``fusionrec learner`` in a thread: learns from the feedback the writer logs while we stream."""
+    loop = LearnerLoop(s, Metrics())
+    stop = threading.Event()
+    thread = threading.Thread(target=loop.run, args=(stop,), name="learner", daemon=True)
+    thread.start()
+    stack.callback(thread.join, 30)
+    stack.callback(stop.set)
+    return loop, thread, stop
+
+
+def _finish_learner(learner: tuple[LearnerLoop, threading.Thread, threading.Event], pipeline: StatePipeline) -> None:
+    """Let the learner read the whole feedback log, checkpoint, and the writer serve that checkpoint."""
+    loop, thread, stop = learner
+    logged = pipeline.feedback.producer.delivered if pipeline.feedback else 0
+    deadline = time.monotonic() + 60
+    while loop.decisions < logged and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    stop.set()
+    thread.join(30)
+    ckpt = loop.learner.last
+    outcomes = dict(loop.joiner.outcomes)
+    print(f"\nlearner: {loop.decisions} logged decisions, {outcomes.get('labelled', 0)} labelled by what the "
+          f"household bought next, {loop.learner.model.examples} examples learned; checkpoint "
+          f"{ckpt.number if ckpt else '-'} (prequential HitRate@10 over its pools "
+          f"{'n/a' if not ckpt or ckpt.hit_rate is None else f'{ckpt.hit_rate:.3f}'}), "
+          f"{loop.learner.rollbacks} rollbacks")
+    if ckpt is not None:
+        weights = loop.learner.model.fusion.weights()
+        print("fusion weights: " + ", ".join(f"{k} {v:+.2f}" for k, v in weights.items()))
 
 
 def _show_samples(pipeline: StatePipeline, ds: datasets.Dataset, n: int = 3) -> None:
@@ -109,7 +146,7 @@ def _show_samples(pipeline: StatePipeline, ds: datasets.Dataset, n: int = 3) -> 
               f"similarity):")
         shown = recs.items[:5] + [r for r in recs.items[5:] if "content" in r.sources][:2]
         for r in shown:
-            why = ", ".join(f"{k} {v:.2f}" for k, v in sorted(r.sources.items(), key=lambda x: -x[1]))
+            why = ", ".join(f"{k} {v:+.2f}" for k, v in sorted(r.sources.items(), key=lambda x: -x[1]))
             print(f"  {r.score:6.3f}  {titles.get(r.item_id, r.item_id)[:70]:70s}  [{why}]")
 
 

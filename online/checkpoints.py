@@ -114,6 +114,7 @@ class ServingModel:
         self.use_vectors = settings.learn_vectors
         self.number = 0
         self.model = FusionModel(use_vectors=self.use_vectors, seed=settings.learn_seed)
+        self.last_lag_s: float | None = None  # update -> serving lag of the checkpoint loaded last
         self._checked = 0.0
         self._lock = threading.Lock()
 
@@ -138,6 +139,7 @@ class ServingModel:
             return
         self.number, self.model = ckpt.number, ckpt.model
         lag_s = max(0.0, time.time() - ckpt.learned_from_ms / 1000) if ckpt.learned_from_ms else None
+        self.last_lag_s = lag_s
         if self.metrics is not None:
             self.metrics.model_version.set(ckpt.number)
             if lag_s is not None:

@@ -79,7 +79,8 @@ class Learner:
         kept = list(groups)
         if not ok.all():
             self.metrics.learn_rejected.labels("non_finite").inc(int((~ok).sum()))
-            kept, keep_rows, start = [], [], 0
+            keep_rows: list[int] = []
+            kept, start = [], 0
             for g in groups:
                 mask = ok[start: start + len(g.y)]
                 if mask.all():

@@ -133,7 +133,7 @@ class TorchScorer:
     version: a different ``vector_version`` (re-embedded catalog) starts a fresh head.
     """
 
-    def __init__(self, hidden: int = 64, lr: float = 1e-3, weight_decay: float = 1e-5, batch_size: int = 256,
+    def __init__(self, hidden: int = 64, lr: float = 1e-3, weight_decay: float = 1e-5, batch_size: int = 1024,
                  clip: float = 10.0, clip_grad_norm: float = 1.0, seed: int = 0) -> None:
         self.hidden, self.lr, self.weight_decay = hidden, lr, weight_decay
         self.batch_size, self.clip, self.clip_grad_norm, self.seed = batch_size, clip, clip_grad_norm, seed
@@ -148,7 +148,8 @@ class TorchScorer:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.seed)
                 self.head = InteractionHead(dim, n_features, self.hidden)
-            self.optimizer = torch.optim.Adam(self.head.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+            self.optimizer = torch.optim.Adam(self.head.parameters(), lr=self.lr, weight_decay=self.weight_decay,
+                                              foreach=True)
             self.vector_version = version
             self.steps = 0
         return self.head

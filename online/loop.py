@@ -132,8 +132,10 @@ class LearnerLoop:
         number = self.learner.maybe_checkpoint(self.offsets, force=force)
         if number is None:
             return
-        commits = [TopicPartition(t, int(p), o) for t, p, o in
-                   (k.rsplit(":", 1) + [v] for k, v in self.offsets.items())]
+        commits = []
+        for key, offset in self.offsets.items():
+            topic, partition = key.rsplit(":", 1)
+            commits.append(TopicPartition(topic, int(partition), offset))
         try:
             consumer.commit(offsets=commits, asynchronous=False)
         except KafkaException as exc:

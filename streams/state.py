@@ -312,7 +312,7 @@ class StateStore:
 
 def _touch(recent: list[str], fresh: list[Positioned]) -> UserTouch:
     ordered = sorted(fresh, key=lambda pe: (pe.partition, pe.offset))
-    actions = [(pe.event.type, str(pe.event.item_id), pe.event.ts) for pe in ordered
+    actions = [(str(pe.event.type), str(pe.event.item_id), pe.event.ts) for pe in ordered
                if pe.event.item_id is not None and pe.event.type != "impression"]
     shown = [str(i) for pe in ordered if pe.event.type == "impression" for i in (pe.event.items_shown or ())]
     return UserTouch(recent=recent, last_ts=max(pe.event.ts for pe in fresh), actions=actions, shown=shown)

@@ -158,7 +158,7 @@ def build_app(settings: Settings, bootstrap: str) -> Any:
                 category_counts[cat] += n
             if time.monotonic() - last_flush[0] >= settings.trending_flush_s:
                 last_flush[0] = time.monotonic()
-                current = {k: float(v) for k, v in item_counts.items().current()}
+                current = {k: float(v) for k, v in item_counts.items().current()}  # type: ignore[attr-defined]
                 writer.write(current, categories)
                 log.info("trending: %d items in the current window", sum(1 for v in current.values() if v))
 

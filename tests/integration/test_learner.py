@@ -16,8 +16,8 @@ from fusionrec.metrics import Metrics
 from fusionrec.pipeline import StatePipeline
 from fusionrec.settings import Settings
 from online.checkpoints import CheckpointStore, ServingModel
-from online.feedback import FeedbackPublisher, Group, Snapshot
 from online.features import FEATURES, INDEX, Pool
+from online.feedback import FeedbackPublisher, Group, Snapshot
 from online.learner import Learner
 from online.loop import LearnerLoop
 from online.model import Rows

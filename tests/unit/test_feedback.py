@@ -2,8 +2,8 @@
 
 import numpy as np
 
-from online.feedback import FeedbackJoiner, Snapshot, decode_snapshot, encode_snapshot
 from online.features import FEATURES, INDEX, ItemInfo, build_pool, daypart, price_band
+from online.feedback import FeedbackJoiner, Snapshot, decode_snapshot, encode_snapshot
 from online.ranker import UserContext
 
 DAY = 86_400_000
