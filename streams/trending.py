@@ -10,16 +10,16 @@ retention, replayed deltas with old timestamps are retained only briefly; live o
 
 ``fusionrec trending`` runs the faust worker (:func:`build_app`): two hopping-window tables keyed by
 item and by category, windows of ``trending_window_s`` advancing every ``trending_step_s`` in event
-time. Every ``trending_flush_s`` the agent writes the current window's top items to ``{g}:trend``,
+time. Every ``trending_flush_s`` a timer writes the current window's top items to ``{g}:trend``,
 the top items of each busy category to ``{g}:trend:c:<category>``, and the categories themselves to
-``{g}:trend:categories``; the recommendation writer reads ``{g}:trend`` as a candidate source.
+``{g}:trend:categories`` (each flush replaces the lists: window expiry drops items on its own);
+the recommendation writer reads ``{g}:trend`` as a candidate source.
 """
 
 from __future__ import annotations
 
 import heapq
 import logging
-import time
 import zlib
 from collections import defaultdict
 from typing import Any
@@ -99,9 +99,11 @@ class TrendingWriter:
         self.settings = settings
         self.keys = keys or Keys.for_settings(settings)
 
-    def write(self, counts: dict[str, float], categories: dict[str, str]) -> None:
+    def write(self, counts: dict[str, float], categories: dict[str, str],
+              category_totals: dict[str, float] | None = None) -> None:
         top = heapq.nlargest(self.settings.trending_top, counts.items(), key=lambda kv: kv[1])
         totals, per_cat = top_by_category(counts, categories, max(10, self.settings.trending_top // 5))
+        totals = category_totals if category_totals is not None else totals
         ttl = self.settings.trending_window_s * 2
         pipe = self.redis.pipeline(transaction=True)
         for key, pairs in ((self.keys.trending(), top),
@@ -142,11 +144,13 @@ def build_app(settings: Settings, bootstrap: str) -> Any:
         .hopping(window, step, expires=window * 2, key_index=True).relative_to_stream()
     writer = TrendingWriter(connect(settings), settings)
     categories: dict[str, str] = {}
-    last_flush = [0.0]
+    # the newest event: window queries are relative to its (event-time) timestamp
+    state: dict[str, Any] = {"event": None, "dirty": False}
 
     @app.agent(topic)
     async def count(stream: Any) -> None:
-        async for delta in stream:
+        async for event in stream.events():
+            delta = event.value
             per_category: dict[str, int] = defaultdict(int)
             for item, n in delta.items.items():
                 item_counts[item] += n
@@ -156,11 +160,21 @@ def build_app(settings: Settings, bootstrap: str) -> Any:
                     per_category[cat] += n
             for cat, n in per_category.items():
                 category_counts[cat] += n
-            if time.monotonic() - last_flush[0] >= settings.trending_flush_s:
-                last_flush[0] = time.monotonic()
-                current = {k: float(v) for k, v in item_counts.items().current()}  # type: ignore[attr-defined]
-                writer.write(current, categories)
-                log.info("trending: %d items in the current window", sum(1 for v in current.values() if v))
+            state["event"], state["dirty"] = event, True
+
+    @app.timer(interval=settings.trending_flush_s)
+    async def flush() -> None:
+        event = state["event"]
+        if not state["dirty"] or event is None:
+            return
+        state["dirty"] = False
+        # the oldest window still holding the newest event: the full last ``window`` of event time
+        # (``current()`` would be the newest window, which has only just started)
+        back = window - step
+        current = {k: float(v) for k, v in item_counts.items(event).delta(back, event)}  # type: ignore[attr-defined]
+        totals = {k: float(v) for k, v in category_counts.items(event).delta(back, event)}  # type: ignore[attr-defined]
+        writer.write(current, categories, totals)
+        log.info("trending: %d items in the current window", sum(1 for v in current.values() if v))
 
     return app
 

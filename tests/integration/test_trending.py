@@ -1,0 +1,56 @@
+"""Trending: item count deltas from the user-state stream → faust hopping windows → Redis → candidates."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+
+import redis
+
+from fusionrec.keys import Keys
+from fusionrec.metrics import Metrics
+from fusionrec.settings import Settings
+from online.reader import RecommendationReader
+from online.writer import RecommendationWriter
+from streams.state import BatchResult, UserTouch
+from streams.trending import ItemDeltaPublisher
+from tests.integration.conftest import env_for
+from tests.integration.test_embed import wait_for
+
+T0 = 1_700_000_045_000  # 5 s past a minute boundary (window steps are whole minutes)
+
+
+def test_faust_worker_keeps_trending_items_in_redis(settings: Settings, rclient: redis.Redis):
+    s = settings.replace(trending_window_s=600, trending_step_s=60, trending_flush_s=0.5)
+    keys = Keys.for_settings(s)
+    metrics = Metrics()
+    publisher = ItemDeltaPublisher(s, metrics)
+    # an hour ago "old" was busy; in the last ten minutes "hot" is, and "warm" a little
+    publisher(BatchResult(item_counts={"old": 500}, categories={"old": "tea"}, max_ts=T0 - 3_600_000))
+    for minute in range(10):
+        publisher(BatchResult(item_counts={"hot": 20, "warm": 5}, categories={"hot": "tea", "warm": "coffee"},
+                              max_ts=T0 + minute * 60_000))
+    publisher.close()
+    assert metrics.trending_deltas._value.get() == 21
+    worker = subprocess.Popen([sys.executable, "-m", "fusionrec.cli", "trending"], env=env_for(s),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        def settled() -> bool:
+            top = dict(rclient.zrange(keys.trending(), 0, -1, withscores=True))
+            return top.get(b"hot", 0) >= 200
+        wait_for(settled, 120, "the current window's counts in Redis")
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(30)
+    top = rclient.zrange(keys.trending(), 0, -1, desc=True, withscores=True)
+    assert [m for m, _ in top] == [b"hot", b"warm"]  # "old" fell out of the window
+    assert top[0][1] == 200 and top[1][1] == 50
+    assert rclient.zrange(keys.trending("tea"), 0, -1) == [b"hot"]
+    assert dict(rclient.zrange(keys.trending_categories(), 0, -1, withscores=True)) == {b"tea": 200, b"coffee": 50}
+
+    # the recommendation writer takes them as candidates
+    writer = RecommendationWriter(rclient, s)
+    writer.refresh({"newcomer": UserTouch(recent=[], last_ts=T0)})
+    recs = RecommendationReader(rclient, s).top_k("newcomer")
+    assert recs.items[0].item_id == "hot" and "trending" in recs.items[0].sources
