@@ -84,6 +84,7 @@ class Settings:
     # the profile vector is the weighted mean of the user's N strongest items (decayed weights)
     rec_profile_items: int = 20
     rec_trending_candidates: int = 20
+    rec_repeat_candidates: int = 40  # the user's own strongest items considered
     # fusion (learned, online/) or simple (fixed blend)
     rec_ranker: str = "fusion"
     # candidates per user the fusion scores (cut by the fixed blend) and logs for the learner

@@ -25,7 +25,7 @@ PRICE_BANDS = (1.0, 3.0, 10.0, 30.0)  # upper bounds; the last band is open
 DAYPARTS = ("night", "morning", "afternoon", "evening")
 
 FEATURES: tuple[str, ...] = (
-    "repeat", "repeat_rank", "recent", "covis", "covis_rank", "content", "content_sim", "popular",
+    "repeat", "repeat_rank", "repeat_strength", "recent", "covis", "covis_rank", "content", "content_sim", "popular",
     "pop_rank", "trending", "aff_category", "aff_brand", "has_vector",
     *(f"src_{s}" for s in SOURCES),
     "price_none", *(f"price_b{i}" for i in range(len(PRICE_BANDS) + 1)),
@@ -94,8 +94,12 @@ def daypart(ts_ms: int) -> int:
 
 
 def build_pool(ctx: UserContext, info: Mapping[str, ItemInfo], size: int,
-               has_vector: frozenset[str] | set[str] = frozenset()) -> Pool:
-    """Candidates of one user with their features, the ``size`` best by the prior blend."""
+               has_vector: frozenset[str] | set[str] = frozenset(), decay_now: float = 0.0) -> Pool:
+    """Candidates of one user with their features, the ``size`` best by the prior blend.
+
+    ``decay_now`` turns the user's forward-decayed item weights into their value at decision time
+    (``exp(-rate * (ts - epoch))``); 0 leaves ``repeat_strength`` out.
+    """
     scores = {
         "repeat": _normalised(ctx.items),
         "covis": covis_scores(ctx),
@@ -112,13 +116,17 @@ def build_pool(ctx: UserContext, info: Mapping[str, ItemInfo], size: int,
     items = sorted(prior, key=lambda i: (-prior[i], i))[:size]
     X = np.zeros((len(items), len(FEATURES)), dtype=np.float32)
     row = {item: r for r, item in enumerate(items)}
-    _fill(X, row, scores, ctx)
+    _fill(X, row, scores, ctx, decay_now)
     _fill_item(X, items, ctx, info, has_vector)
     return Pool(user_id=ctx.user_id, ts=ctx.ts, items=items, X=X, profile=ctx.profile)
 
 
-def _fill(X: np.ndarray, row: dict[str, int], scores: dict[str, dict[str, float]], ctx: UserContext) -> None:
+def _fill(X: np.ndarray, row: dict[str, int], scores: dict[str, dict[str, float]], ctx: UserContext,
+          decay_now: float) -> None:
     columns = {
+        # absolute interest: decayed weight now, on a log scale where 1.0 is ~50 purchases' worth
+        "repeat_strength": {i: min(1.0, math.log1p(w * decay_now / 8.0) / math.log1p(50.0))
+                            for i, w in ctx.items} if decay_now > 0 else {},
         "repeat": scores["repeat"], "covis": scores["covis"], "content": scores["content"],
         "popular": scores["popular"], "trending": scores["trending"],
         "repeat_rank": _ranks(ctx.items), "pop_rank": _ranks(ctx.popular),

@@ -23,6 +23,7 @@ from online.features import ItemInfo, Pool, build_pool
 from online.model import Rows, VectorLookup, explain
 from online.ranker import Ranked, Recommendation, UserContext
 from streams.scripts import MULTI_HMGET
+from streams.state import Decay
 
 
 class ItemInfoCache:
@@ -73,13 +74,16 @@ class FusionRanker:
         self.keys = keys or Keys.for_settings(settings)
         self.serving = serving
         self.info = ItemInfoCache(client, self.keys)
+        # user item weights are forward-decayed; weight(1, -ts) = exp(-rate * (ts - epoch)) brings them to ts
+        self.decay = Decay(-settings.decay_epoch_ms, settings.affinity_half_life_s)
         store = VectorStore(client, settings, self.keys)
         self.lookup = VectorLookup(store.vectors, settings.learn_vector_cache_items)
 
     def pools(self, contexts: Sequence[UserContext]) -> list[Pool]:
         candidates = {i for c in contexts for i in _candidate_ids(c)}
         info = self.info.get(sorted(candidates))
-        return [build_pool(c, info, self.settings.rec_pool) for c in contexts]
+        return [build_pool(c, info, self.settings.rec_pool, decay_now=self.decay.weight(1.0, -c.ts) if c.ts else 0.0)
+                for c in contexts]
 
     def rank_many(self, contexts: Sequence[UserContext], k: int) -> list[Ranked]:
         number, model = self.serving.current()

@@ -95,7 +95,7 @@ class RecommendationWriter:
         pipe.scard(self.keys.deleted_items())
         pipe.zrange(self.keys.trending(), 0, s.rec_trending_candidates - 1, desc=True, withscores=True)
         for group in user_groups:
-            self._ztop(keys=[self.keys.user_items(u) for u in group], args=[s.rec_k * 2], client=pipe)
+            self._ztop(keys=[self.keys.user_items(u) for u in group], args=[s.rec_repeat_candidates], client=pipe)
         for group in user_groups:
             self._ztop(keys=[self.keys.user_affinity(u) for u in group], args=[AFFINITY_TOP], client=pipe)
         for group in item_groups:
