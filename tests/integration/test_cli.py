@@ -26,7 +26,10 @@ def test_evaluate_reports_every_method_as_json_and_plots(settings, tmp_path, tin
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["dataset"] == "completejourney" and report["events"] == 8000
     assert report["evaluated"] > 300
-    assert set(report["methods"]) == set(report["cold_start"]) == {"system", "popularity", "most_bought", "content"}
+    assert set(report["methods"]) == set(report["cold_start"]) == {
+        "system", "river", "torch_head", "fusion_no_llm", "covisitation", "content", "served", "popularity",
+        "most_bought"}
+    assert report["learner"]["examples"] > 0 and report["learner"]["decisions"]["labelled"] > 0
     assert 0 < report["cold_start_evaluated"] < report["evaluated"]
     for m in [*report["methods"].values(), *report["cold_start"].values()]:
         assert set(m) == {"hit_rate@10", "recall@20", "ndcg@10"}
@@ -41,7 +44,8 @@ def test_evaluate_a_clickstream_file(settings):
                "rees46", "--json", "--no-content")
     assert out.returncode == 0, out.stderr[-2000:]
     report = json.loads(out.stdout.strip().splitlines()[-1])
-    assert report["events"] == 17434 and report["evaluated"] > 50 and "content" not in report["methods"]
+    assert report["events"] == 17434 and report["evaluated"] > 50
+    assert not {"content", "torch_head", "fusion_no_llm"} & set(report["methods"])  # no vectors without content
 
 
 def test_replay_then_recommend_explains_sources(settings):
@@ -58,7 +62,7 @@ def test_replay_then_recommend_explains_sources(settings):
     rec = _cli(settings, "recommend", str(user), "--k", "5")
     assert rec.returncode == 0, rec.stderr
     lines = rec.stdout.strip().splitlines()
-    assert lines[0].startswith(f"user {user}: 5 items from simple-v2")
+    assert lines[0].startswith(f"user {user}: 5 items from fusion")
     assert all("[" in line and "]" in line for line in lines[1:])
     as_json = json.loads(_cli(settings, "recommend", str(user), "--json").stdout)
     assert as_json["user_id"] == str(user) and len(as_json["items"]) == 10

@@ -102,4 +102,4 @@ def test_unknown_user_gets_popular_fallback(services):
     assert recs.fallback and len(recs.items) == 3
     assert all(r.sources.keys() == {"popular"} for r in recs.items)
     known = RecommendationReader(client, s).top_k("u", 3)
-    assert not known.fallback and known.model == "simple-v2"
+    assert not known.fallback and known.model == "fusion"  # no checkpoint yet: the untrained fusion
