@@ -16,7 +16,7 @@ import threading
 import time
 
 from fusionrec.errors import FusionrecError
-from fusionrec.evaluation import run_evaluation
+from fusionrec.evaluation import delete_prefix, run_evaluation
 from fusionrec.metrics import Metrics
 from fusionrec.pipeline import StatePipeline
 from fusionrec.redis_client import connect
@@ -41,7 +41,22 @@ def _ensure_services(settings: Settings, stack: contextlib.ExitStack, keep: bool
                     persistence=settings.redis_persistence)
         if started_any and not keep:
             stack.callback(services.down)
+        if settings.embedded_kafka and (before is None or before.broker is None):
+            _reset_state(resolve_endpoints(settings))
     return resolve_endpoints(settings)
+
+
+def _reset_state(settings: Settings) -> None:
+    """A fresh embedded broker holds no topics or offsets (it keeps data in memory), so state a
+    persistent Redis kept from an earlier run would carry offset guards for offsets that no longer
+    exist: start that state over."""
+    client = connect(settings)
+    try:
+        if next(iter(client.scan_iter(match=f"{settings.redis_prefix}:*", count=100)), None) is not None:
+            print(f"new embedded broker: clearing the previous run's state under {settings.redis_prefix}:*")
+            delete_prefix(client, settings.redis_prefix)
+    finally:
+        client.close()
 
 
 def _progress(pipeline: StatePipeline, published: list[int], total: int, done: threading.Event) -> None:

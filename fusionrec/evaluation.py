@@ -40,11 +40,11 @@ def scratch_redis(settings: Settings) -> Iterator[tuple[redis.Redis, Settings]]:
         scoped = settings.replace(redis_url=url, redis_prefix=prefix)
         client = connect(scoped)
         stack.callback(client.close)
-        stack.callback(_delete_prefix, client, prefix)
+        stack.callback(delete_prefix, client, prefix)
         yield client, scoped
 
 
-def _delete_prefix(client: redis.Redis, prefix: str) -> None:
+def delete_prefix(client: redis.Redis, prefix: str) -> None:
     batch: list[bytes] = []
     for key in client.scan_iter(match=f"{prefix}:*", count=1000):
         batch.append(key)
