@@ -34,7 +34,7 @@ from fusionrec.errors import DeliveryError, InvalidEventError, StateStoreError
 from fusionrec.metrics import Metrics
 from fusionrec.settings import Settings
 from models.embedder import CatalogEmbedder, EmbedResult
-from streams.consumer import consumer_config, validator_for
+from streams.consumer import consumer_config, delivered, validator_for
 from streams.contract import CatalogEvent
 from streams.dlq import DeadLetter, DeadLetterPublisher, position
 
@@ -121,13 +121,7 @@ class EmbedWorker:
     def _accept(self, msgs: list[Message], stop: threading.Event) -> None:
         work = Work()
         dead: list[DeadLetter] = []
-        for msg in msgs:
-            err = msg.error()
-            if err is not None:
-                if err.fatal():
-                    raise KafkaException(err)
-                log.warning("consumer error: %s", err)
-                continue
+        for msg in delivered(msgs):
             topic, partition, offset = position(msg)
             work.offsets[(topic, partition)] = offset
             try:

@@ -33,7 +33,7 @@ from online.checkpoints import CheckpointStore
 from online.feedback import FeedbackJoiner, Snapshot, decode_snapshot
 from online.learner import Learner
 from online.model import VectorLookup
-from streams.consumer import consumer_config
+from streams.consumer import consumer_config, delivered
 from streams.dlq import DeadLetter, DeadLetterPublisher, position
 
 log = logging.getLogger(__name__)
@@ -104,13 +104,7 @@ class LearnerLoop:
     def _process(self, msgs: list[Message], dlq: DeadLetterPublisher) -> None:
         snapshots: list[Snapshot] = []
         dead: list[DeadLetter] = []
-        for msg in msgs:
-            err = msg.error()
-            if err is not None:
-                if err.fatal():
-                    raise KafkaException(err)
-                log.warning("consumer error: %s", err)
-                continue
+        for msg in delivered(msgs):
             topic, partition, offset = position(msg)
             try:
                 snapshots.append(decode_snapshot(msg.value() or b""))

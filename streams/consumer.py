@@ -20,7 +20,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -59,6 +59,18 @@ class BatchHandler(Protocol):
 def validator_for(settings: Settings) -> Validator:
     return Validator(max_bytes=settings.max_event_bytes, max_future_skew_ms=settings.max_future_skew_s * 1000,
                      max_items_shown=settings.max_items_shown)
+
+
+def delivered(msgs: Sequence[Message]) -> Iterator[Message]:
+    """The messages that carry data: transport errors are logged and skipped, fatal ones raised."""
+    for msg in msgs:
+        err = msg.error()
+        if err is None:
+            yield msg
+        elif err.fatal():
+            raise KafkaException(err)
+        else:
+            log.warning("consumer error: %s", err)
 
 
 def consumer_config(settings: Settings, group_id: str, **extra: Any) -> dict[str, Any]:
@@ -146,13 +158,7 @@ class BatchConsumer:
     def _validate(self, msgs: list[Message]) -> Batch:
         batch = Batch()
         types: Counter[str] = Counter()
-        for msg in msgs:
-            err = msg.error()
-            if err is not None:
-                if err.fatal():
-                    raise KafkaException(err)
-                log.warning("consumer error: %s", err)
-                continue
+        for msg in delivered(msgs):
             topic, partition, offset = position(msg)
             try:
                 if topic == self.settings.topic_catalog:

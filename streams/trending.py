@@ -171,8 +171,8 @@ def build_app(settings: Settings, bootstrap: str) -> Any:
         # the oldest window still holding the newest event: the full last ``window`` of event time
         # (``current()`` would be the newest window, which has only just started)
         back = window - step
-        current = {k: float(v) for k, v in item_counts.items(event).delta(back, event)}  # type: ignore[attr-defined]
-        totals = {k: float(v) for k, v in category_counts.items(event).delta(back, event)}  # type: ignore[attr-defined]
+        current = {k: float(v) for k, v in item_counts.items(event).delta(back, event)}  # type: ignore[attr-defined,call-arg]
+        totals = {k: float(v) for k, v in category_counts.items(event).delta(back, event)}  # type: ignore[attr-defined,call-arg]
         writer.write(current, categories, totals)
         log.info("trending: %d items in the current window", sum(1 for v in current.values() if v))
 
