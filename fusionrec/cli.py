@@ -109,13 +109,17 @@ def cmd_learner(args: argparse.Namespace) -> int:
 
 
 def cmd_trending(args: argparse.Namespace) -> int:
+    from fusionrec.metrics import Metrics
     from streams.topics import ensure_topics
     from streams.trending import run_worker
 
     s = _resolved()
     ensure_topics(s)
     assert s.kafka_bootstrap is not None
-    run_worker(s, s.kafka_bootstrap)
+    metrics = Metrics()
+    if not args.no_metrics:
+        metrics.serve(s.metrics_host, s.trending_metrics_port)
+    run_worker(s, s.kafka_bootstrap, metrics)
     return 0
 
 
@@ -146,6 +150,15 @@ def cmd_embed_workers(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- recommendations
+def cmd_serve(args: argparse.Namespace) -> int:
+    from online.api import serve
+
+    s = _resolved()
+    overrides = {k: v for k, v in (("serve_host", args.host), ("serve_port", args.port)) if v is not None}
+    serve(s.replace(**overrides) if overrides else s, log_searches=False if args.no_search_log else None)
+    return 0
+
+
 def cmd_recommend(args: argparse.Namespace) -> int:
     from fusionrec.redis_client import connect
     from online.reader import RecommendationReader
@@ -238,7 +251,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     ln = add("learner", cmd_learner, "learn the fusion model from the feedback topic; checkpoint it to Redis")
     ln.add_argument("--no-metrics", action="store_true", help="do not serve /metrics")
-    add("trending", cmd_trending, "run the faust worker keeping trending items (hopping windows) in Redis")
+    tr = add("trending", cmd_trending, "run the faust worker keeping trending items (hopping windows) in Redis")
+    tr.add_argument("--no-metrics", action="store_true", help="do not serve /metrics")
+
+    sv = add("serve", cmd_serve, "run the reader HTTP API (recommendations, similar items, search, /metrics)")
+    sv.add_argument("--host", help="bind address (default FUSIONREC_SERVE_HOST, 127.0.0.1)")
+    sv.add_argument("--port", type=int, help="port (default FUSIONREC_SERVE_PORT, 8080)")
+    sv.add_argument("--no-search-log", action="store_true",
+                    help="do not log search results to the feedback topic (the search mix then stays as it is)")
 
     r = add("replay", cmd_replay, "publish a dataset as events in time order")
     _dataset_args(r, positional=True)

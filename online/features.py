@@ -94,11 +94,13 @@ def daypart(ts_ms: int) -> int:
 
 
 def build_pool(ctx: UserContext, info: Mapping[str, ItemInfo], size: int,
-               has_vector: frozenset[str] | set[str] = frozenset(), decay_now: float = 0.0) -> Pool:
+               has_vector: frozenset[str] | set[str] = frozenset(), decay_now: float = 0.0,
+               only: list[str] | None = None) -> Pool:
     """Candidates of one user with their features, the ``size`` best by the prior blend.
 
     ``decay_now`` turns the user's forward-decayed item weights into their value at decision time
-    (``exp(-rate * (ts - epoch))``); 0 leaves ``repeat_strength`` out.
+    (``exp(-rate * (ts - epoch))``); 0 leaves ``repeat_strength`` out. ``only`` gives the rows
+    instead (search results, say): the user's features for exactly those items, in that order.
     """
     scores = {
         "repeat": _normalised(ctx.items),
@@ -113,7 +115,7 @@ def build_pool(ctx: UserContext, info: Mapping[str, ItemInfo], size: int,
             prior[item] += PRIOR[source] * s
     for item in ctx.excluded:
         prior.pop(item, None)
-    items = sorted(prior, key=lambda i: (-prior[i], i))[:size]
+    items = list(dict.fromkeys(only)) if only is not None else sorted(prior, key=lambda i: (-prior[i], i))[:size]
     X = np.zeros((len(items), len(FEATURES)), dtype=np.float32)
     row = {item: r for r, item in enumerate(items)}
     _fill(X, row, scores, ctx, decay_now)

@@ -79,11 +79,20 @@ class FusionRanker:
         store = VectorStore(client, settings, self.keys)
         self.lookup = VectorLookup(store.vectors, settings.learn_vector_cache_items)
 
-    def pools(self, contexts: Sequence[UserContext]) -> list[Pool]:
-        candidates = {i for c in contexts for i in _candidate_ids(c)}
+    def pools(self, contexts: Sequence[UserContext], only: list[str] | None = None) -> list[Pool]:
+        """Each user's candidate pool (``only``: the user's features for exactly these items)."""
+        candidates = set(only) if only is not None else {i for c in contexts for i in _candidate_ids(c)}
         info = self.info.get(sorted(candidates))
-        return [build_pool(c, info, self.settings.rec_pool, decay_now=self.decay.weight(1.0, -c.ts) if c.ts else 0.0)
+        return [build_pool(c, info, self.settings.rec_pool, decay_now=self.decay.weight(1.0, -c.ts) if c.ts else 0.0,
+                           only=only)
                 for c in contexts]
+
+    def personal_scores(self, ctx: UserContext, items: list[str]) -> tuple[int, np.ndarray]:
+        """The served model's fused probability of each item for this user (checkpoint number, scores)."""
+        number, model = self.serving.current()
+        pool = self.pools([ctx], only=items)[0]
+        rows = Rows.of_pools([pool], self.lookup if model.use_vectors else None)
+        return number, model.predict(rows).fused
 
     def rank_many(self, contexts: Sequence[UserContext], k: int) -> list[Ranked]:
         number, model = self.serving.current()

@@ -96,6 +96,15 @@ class Learner:
         self.metrics.learn_step_seconds.observe(time.perf_counter() - t0)
         return hits
 
+    def learn_search(self, M: np.ndarray, y: np.ndarray) -> None:
+        """Update the search mix on labelled search results (columns f_item, f_query)."""
+        self.model.search.learn_matrix(M, y)
+        self._since_examples += len(y)
+        self.metrics.learn_search_examples.inc(len(y))
+        if not self._first_update_ms:
+            self._first_update_ms = int(time.time() * 1000)
+        self._last_update_ms = int(time.time() * 1000)
+
     def _record(self, hits: list[int], examples: int) -> None:
         now_ms = int(time.time() * 1000)
         self._first_update_ms = self._first_update_ms or now_ms

@@ -4,6 +4,7 @@
 * :class:`TorchScorer`: :class:`models.heads.InteractionHead` over the profile vector, the item vector,
   their product and the pool features, trained by one Adam step per mini-batch.
 * :class:`FusionStacker`: the final score, a logistic-regression stacker over the scorers' outputs.
+* :class:`SearchMix`: the search score ``α·f_item + β·f_query``, its weights learned from search feedback.
 
 ``learn_one(x, y)`` / ``learn_many(X, y)`` return nothing; ``predict_proba_one`` returns
 ``{False: p0, True: p1}``, ``predict_proba_many`` one row per example. Every learner sanitises its
@@ -269,3 +270,43 @@ def scorer_inputs(names: Sequence[str], river_p: np.ndarray, torch_p: np.ndarray
         else:
             cols.append(X[:, INDEX[name]].astype(np.float64))
     return np.stack(cols, axis=1) if cols else np.zeros((len(X), 0))
+
+
+class SearchMix(_RiverLR):
+    """The search score ``α·f_item + β·f_query + b``: a river logistic regression over two inputs.
+
+    ``f_query`` is the query's cosine similarity to the item, ``f_item`` the fused model's
+    probability that the user acts on the item. Weights start at α = β = 1 (an even mix) and learn
+    from search feedback: which of the shown results the user then clicked, carted or bought.
+    """
+
+    def __init__(self, lr: float = 0.05, alpha: float = 1.0, beta: float = 1.0, clip: float = 1.0,
+                 clip_gradient: float = 1.0) -> None:
+        super().__init__(("item", "query"), lr, 0.0, clip, clip_gradient)
+        self.model._weights["item"] = alpha
+        self.model._weights["query"] = beta
+        self.examples = 0
+
+    @property
+    def alpha(self) -> float:
+        return self.weights()["item"]
+
+    @property
+    def beta(self) -> float:
+        return self.weights()["query"]
+
+    def score(self, f_item: np.ndarray, f_query: np.ndarray) -> np.ndarray:
+        """``α·f_item + β·f_query + b`` per row (the logit; ranking by it ranks by probability)."""
+        M = np.clip(np.nan_to_num(np.stack([f_item, f_query], axis=1).astype(np.float64)), -self.clip, self.clip)
+        return self.raw_matrix(M)
+
+    def learn_matrix(self, M: np.ndarray, y: np.ndarray) -> None:
+        super().learn_matrix(M, y)
+        self.examples += int(finite_rows(M).sum())
+
+    def learn_many(self, X: pd.DataFrame, y: pd.Series) -> None:
+        self.learn_matrix(X[self.names].to_numpy(dtype=np.float64), y.to_numpy())
+
+    def predict_proba_many(self, X: pd.DataFrame) -> pd.DataFrame:
+        p = self.proba_matrix(X[self.names].to_numpy(dtype=np.float64))
+        return pd.DataFrame({False: 1.0 - p, True: p}, index=X.index)

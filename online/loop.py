@@ -33,6 +33,7 @@ from online.checkpoints import CheckpointStore
 from online.feedback import FeedbackJoiner, Snapshot, decode_snapshot
 from online.learner import Learner
 from online.model import VectorLookup
+from online.search import KIND_HEADER, KIND_SEARCH, SearchJoiner, decode_search_log
 from streams.consumer import consumer_config, delivered
 from streams.dlq import DeadLetter, DeadLetterPublisher, position
 
@@ -53,6 +54,7 @@ class LearnerLoop:
         self.learner = Learner(settings, store, lookup, self.metrics)
         self.joiner = FeedbackJoiner(settings.learn_window_s * 1000, settings.learn_sampled_negatives,
                                      seed=settings.learn_seed)
+        self.searches = SearchJoiner(settings.learn_window_s * 1000)
         self.offsets: dict[str, int] = {}
         self.decisions = 0
 
@@ -107,7 +109,10 @@ class LearnerLoop:
         for msg in delivered(msgs):
             topic, partition, offset = position(msg)
             try:
-                snapshots.append(decode_snapshot(msg.value() or b""))
+                if (KIND_HEADER, KIND_SEARCH) in (msg.headers() or []):
+                    self.searches.add(decode_search_log(msg.value() or b""))
+                else:
+                    snapshots.append(decode_snapshot(msg.value() or b""))
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                 log.warning("%s[%d]@%d: undecodable snapshot: %s", topic, partition, offset, exc)
                 dead.append(DeadLetter.of(msg, "undecodable", str(exc)))
@@ -118,6 +123,9 @@ class LearnerLoop:
             if n > before.get(outcome, 0):
                 self.metrics.learn_decisions.labels(outcome).inc(n - before.get(outcome, 0))
         self.learner.learn(groups)
+        examples = self.searches.observe(snapshots)
+        if examples is not None:
+            self.learner.learn_search(examples.M, examples.y)
         self.decisions += len(snapshots)
         if dead:
             dlq.publish(dead)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from online.features import FEATURES, VECTOR_FEATURES, Pool
-from online.learners import SCORERS, FusionStacker, RiverScorer, TorchScorer, scorer_inputs
+from online.learners import SCORERS, FusionStacker, RiverScorer, SearchMix, TorchScorer, scorer_inputs
 
 VectorFetch = Callable[[str, Sequence[str]], dict[str, np.ndarray]]
 
@@ -106,7 +106,11 @@ class Prediction:
 
 
 class FusionModel:
-    """River scorer + torch head + fusion stacker; ``use_vectors=False`` is the model without LLM vectors."""
+    """River scorer + torch head + fusion stacker; ``use_vectors=False`` is the model without LLM vectors.
+
+    It also carries the search mix (:class:`online.learners.SearchMix`), so one checkpoint holds
+    everything a reader serves.
+    """
 
     def __init__(self, use_vectors: bool = True, seed: int = 0, hidden: int = 64) -> None:
         self.use_vectors = use_vectors
@@ -115,7 +119,12 @@ class FusionModel:
         self.river = RiverScorer(features)
         self.torch = TorchScorer(hidden=hidden, seed=seed) if use_vectors else None
         self.fusion = FusionStacker(scorers)
+        self.search = SearchMix()
         self.examples = 0
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)
+        self.__dict__.setdefault("search", SearchMix())  # checkpoints written before search existed
 
     def predict(self, rows: Rows) -> Prediction:
         river_p = self.river.predict_pool_rows(rows.X)

@@ -14,6 +14,7 @@ from typing import cast
 
 import msgspec
 import redis
+import redis.asyncio
 
 from fusionrec.keys import Keys
 from fusionrec.settings import Settings
@@ -21,6 +22,21 @@ from online.content import ContentIndex
 from online.ranker import RecList, Recommendation
 
 _decoder = msgspec.json.Decoder(RecList)
+
+
+def stored_list(raw: bytes, k: int) -> RecList:
+    recs = _decoder.decode(raw)
+    return msgspec.structs.replace(recs, items=recs.items[:k])
+
+
+def popular_list(user_id: str, ranked: list[tuple[bytes, float]], deleted: list[int], k: int) -> RecList:
+    """The popular fallback from the popularity zset's head and each member's deleted flag."""
+    items = [(m.decode(), float(s)) for (m, s), gone in zip(ranked, deleted, strict=True) if not gone][:k]
+    top = items[0][1] if items and items[0][1] > 0 else 1.0
+    return RecList(user_id=user_id, model="popular", generated_at=int(time.time() * 1000), event_ts=0,
+                   fallback=True, items=[Recommendation(item_id=m, score=round(s / top, 6),
+                                                        sources={"popular": round(s / top, 6)})
+                                         for m, s in items])
 
 
 class RecommendationReader:
@@ -36,8 +52,7 @@ class RecommendationReader:
             raise ValueError(f"k must be positive, got {k}")
         raw = self.redis.get(self.keys.user_rec(str(user_id)))
         if raw is not None:
-            recs = _decoder.decode(raw)
-            return msgspec.structs.replace(recs, items=recs.items[:k])
+            return stored_list(cast(bytes, raw), k)
         return self.popular(str(user_id), k)
 
     def many(self, user_ids: list[str], k: int | None = None) -> dict[str, RecList]:
@@ -48,8 +63,7 @@ class RecommendationReader:
         fallback: RecList | None = None
         for uid, raw in zip(user_ids, raws, strict=True):
             if raw is not None:
-                recs = _decoder.decode(raw)
-                out[uid] = msgspec.structs.replace(recs, items=recs.items[:k])
+                out[uid] = stored_list(cast(bytes, raw), k)
             else:
                 fallback = fallback or self.popular("", k)
                 out[uid] = msgspec.structs.replace(fallback, user_id=uid)
@@ -59,16 +73,8 @@ class RecommendationReader:
         """Most popular items right now, skipping deleted ones."""
         ranked = cast(list[tuple[bytes, float]],
                       self.redis.zrange(self.keys.popularity(), 0, 2 * k - 1, desc=True, withscores=True))
-        items = [(m.decode(), float(s)) for m, s in ranked]
-        if items:
-            flags = self.redis.smismember(self.keys.deleted_items(), [m for m, _ in items])
-            items = [pair for pair, gone in zip(items, flags, strict=True) if not gone]
-        items = items[:k]
-        top = items[0][1] if items and items[0][1] > 0 else 1.0
-        return RecList(user_id=user_id, model="popular", generated_at=int(time.time() * 1000), event_ts=0,
-                       fallback=True, items=[Recommendation(item_id=m, score=round(s / top, 6),
-                                                            sources={"popular": round(s / top, 6)})
-                                             for m, s in items])
+        flags = self.redis.smismember(self.keys.deleted_items(), [m for m, _ in ranked]) if ranked else []
+        return popular_list(user_id, ranked, cast(list[int], flags), k)
 
     def similar_items(self, item_id: str | int, k: int = 10) -> list[tuple[str, float]]:
         """Items most similar to ``item_id`` by content (deleted ones left out), similarity in [0, 1].
@@ -90,3 +96,20 @@ class RecommendationReader:
             pipe.hget(self.keys.item_meta(iid), "title")
         return {i: (t.decode() if isinstance(t, bytes) else t)
                 for i, t in zip(item_ids, pipe.execute(), strict=True) if t is not None}
+
+
+class AsyncRecommendationReader:
+    """``top_k`` on an asyncio Redis client, for the HTTP API (same keys, same fallback)."""
+
+    def __init__(self, client: redis.asyncio.Redis, keys: Keys) -> None:
+        self.redis = client
+        self.keys = keys
+
+    async def top_k(self, user_id: str, k: int) -> RecList:
+        raw = await self.redis.get(self.keys.user_rec(user_id))
+        if raw is not None:
+            return stored_list(cast(bytes, raw), k)
+        ranked = cast(list[tuple[bytes, float]],
+                      await self.redis.zrange(self.keys.popularity(), 0, 2 * k - 1, desc=True, withscores=True))
+        flags = await self.redis.smismember(self.keys.deleted_items(), [m for m, _ in ranked]) if ranked else []
+        return popular_list(user_id, ranked, cast(list[int], flags), k)

@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import heapq
 import logging
+import time
 import zlib
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -117,7 +119,7 @@ class TrendingWriter:
         pipe.execute()
 
 
-def build_app(settings: Settings, bootstrap: str) -> Any:
+def build_app(settings: Settings, bootstrap: str, metrics: Metrics | None = None) -> Any:
     """The faust app (worker without its web server; short timeouts for the embedded broker)."""
     import faust
 
@@ -129,7 +131,9 @@ def build_app(settings: Settings, bootstrap: str) -> Any:
         broker_session_timeout=settings.effective_session_timeout_ms() / 1000,
         broker_heartbeat_interval=1.0, broker_rebalance_timeout=10.0, consumer_auto_offset_reset="earliest",
         table_cleanup_interval=float(settings.trending_step_s),
+        datadir=str(Path(settings.run_dir) / "trending" / settings.redis_prefix),
     )
+    metrics = metrics or Metrics()
     window, step = float(settings.trending_window_s), float(settings.trending_step_s)
 
     class Delta(faust.Record, serializer="json"):
@@ -161,6 +165,7 @@ def build_app(settings: Settings, bootstrap: str) -> Any:
             for cat, n in per_category.items():
                 category_counts[cat] += n
             state["event"], state["dirty"] = event, True
+            metrics.trending_consumed.inc()
 
     @app.timer(interval=settings.trending_flush_s)
     async def flush() -> None:
@@ -168,20 +173,24 @@ def build_app(settings: Settings, bootstrap: str) -> Any:
         if not state["dirty"] or event is None:
             return
         state["dirty"] = False
+        t0 = time.perf_counter()
         # the oldest window still holding the newest event: the full last ``window`` of event time
         # (``current()`` would be the newest window, which has only just started)
         back = window - step
         current = {k: float(v) for k, v in item_counts.items(event).delta(back, event)}  # type: ignore[attr-defined,call-arg]
         totals = {k: float(v) for k, v in category_counts.items(event).delta(back, event)}  # type: ignore[attr-defined,call-arg]
         writer.write(current, categories, totals)
+        metrics.trending_flush_seconds.observe(time.perf_counter() - t0)
+        metrics.trending_items.set(sum(1 for v in current.values() if v))
+        metrics.trending_event_age.set(max(0.0, time.time() - event.message.timestamp))
         log.info("trending: %d items in the current window", sum(1 for v in current.values() if v))
 
     return app
 
 
-def run_worker(settings: Settings, bootstrap: str) -> None:
+def run_worker(settings: Settings, bootstrap: str, metrics: Metrics | None = None) -> None:
     """Run the trending faust worker in the foreground until interrupted."""
-    app = build_app(settings, bootstrap)
+    app = build_app(settings, bootstrap, metrics)
     app.finalize()
     from faust.worker import Worker
 

@@ -1,0 +1,262 @@
+"""The reader HTTP API: a real `fusionrec serve` process over real Redis and broker, driven over HTTP."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import msgspec
+import pytest
+from confluent_kafka import Consumer
+
+from fusionrec.redis_client import connect
+from fusionrec.services import RunningServices, free_port
+from fusionrec.settings import Settings
+from models.backfill import prepare, version_info
+from models.encoder import TextEncoder
+from models.pool import build_embedder
+from online.checkpoints import Checkpoint, CheckpointStore
+from online.model import FusionModel
+from online.reader import RecommendationReader
+from online.search import KIND_HEADER, KIND_SEARCH, decode_search_log
+from streams.contract import CatalogEvent
+from streams.producer import EventProducer, kafka_config
+from streams.topics import ensure_topics
+from tests.integration.conftest import consume_until, env_for, make_settings
+from tests.integration.test_embed import title, wait_for
+
+pytestmark = pytest.mark.integration
+
+TOKEN = "s3cret-token-0123456789"
+ITEMS = 60
+USERS = 12
+
+
+class Server:
+    """`fusionrec serve` in a subprocess on a free loopback port."""
+
+    def __init__(self, settings: Settings, *extra: str) -> None:
+        self.settings = settings.replace(serve_port=free_port())
+        self.url = f"http://127.0.0.1:{self.settings.serve_port}"
+        self.proc = subprocess.Popen([sys.executable, "-m", "fusionrec.cli", "serve", *extra],
+                                     env=env_for(self.settings), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 90
+        while True:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"serve exited: {self.proc.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
+            try:
+                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError("serve did not come up")
+            time.sleep(0.3)
+        self.http = httpx.Client(base_url=self.url, timeout=30)
+
+    def close(self) -> str:
+        self.http.close()
+        self.proc.send_signal(signal.SIGTERM)
+        _, err = self.proc.communicate(timeout=30)
+        return err.decode()
+
+
+def _catalog(settings: Settings) -> None:
+    """Items with real vectors from the tiny encoder, written as the embedding workers would."""
+    encoder = TextEncoder.from_settings(settings, device="cpu", threads=1)
+    embedder = build_embedder(settings, encoder, None, worker="test")
+    prepare(embedder.store, version_info(encoder.spec, settings))
+    embedder.process([CatalogEvent(item_id=str(i), op="upsert", ts=1_000 + i, title=title(i),
+                                   category=f"c{i % 4}", brand=f"b{i % 3}", price=1.0 + i % 7)
+                      for i in range(ITEMS)])
+
+
+def _events(settings: Settings) -> int:
+    """Purchases: user u buys items u, u+1, ... (so each user has a history and recommendations)."""
+    now = int(time.time() * 1000) - 3_600_000
+    n = 0
+    with EventProducer(settings) as producer:
+        for u in range(USERS):
+            for j in range(6):
+                producer.user_event({"event_id": f"e{u}-{j}", "type": "purchase", "user_id": f"u{u}",
+                                     "item_id": str((u + j) % ITEMS), "ts": now + 1000 * (u * 10 + j)})
+                n += 1
+    return n
+
+
+@pytest.fixture(scope="module")
+def stack(services: RunningServices, tiny_bert: Callable[..., Path]) -> Iterator[Settings]:
+    s = make_settings(services, embed_model_path=str(tiny_bert()), embed_threads=1, learn_reload_s=0.3,
+                      search_candidates=40)
+    ensure_topics(s)
+    _catalog(s)
+    with consume_until(s, _events(s)):
+        pass
+    yield s
+
+
+@pytest.fixture(scope="module")
+def server(stack: Settings) -> Iterator[Server]:
+    srv = Server(stack)
+    yield srv
+    err = srv.close()
+    assert "Traceback" not in err, err[-4000:]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(stack: Settings, server: Server) -> int:
+    """A fusion checkpoint (the server saw none at start)."""
+    client = connect(stack)
+    try:
+        first = server.http.get("/readyz")
+        assert first.status_code == 503 and "no fusion checkpoint" in first.json()["problems"][0]
+        number = CheckpointStore(client, stack).save(Checkpoint(model=FusionModel(), learned_from_ms=0,
+                                                                 learned_to_ms=0, examples=0, hit_rate=None))
+    finally:
+        client.close()
+    wait_for(lambda: server.http.get("/readyz").status_code == 200, 30, "readiness after the checkpoint")
+    return number
+
+
+def test_readyz_reports_the_loaded_checkpoint(server: Server, checkpoint: int):
+    body = server.http.get("/readyz").json()
+    assert body == {"status": "ready", "model": checkpoint, "problems": []}
+    assert server.http.get("/healthz").json() == {"status": "ok"}
+
+
+def test_recommendations_match_the_reader_and_unknown_users_get_popular_items(stack: Settings, server: Server):
+    reader = RecommendationReader(connect(stack), stack)
+    for user in ("u0", "u7"):
+        got = server.http.get(f"/v1/users/{user}/recommendations", params={"k": 5})
+        assert got.status_code == 200 and got.headers["content-type"] == "application/json"
+        assert got.json() == msgspec.to_builtins(reader.top_k(user, 5))
+        assert not got.json()["fallback"] and len(got.json()["items"]) == 5
+        assert all(item["sources"] for item in got.json()["items"])  # each item is explained
+    unknown = server.http.get("/v1/users/nobody-like-this/recommendations", params={"k": 3}).json()
+    popular = reader.popular("nobody-like-this", 3)
+    assert unknown["fallback"] and unknown["model"] == "popular"
+    assert [i["item_id"] for i in unknown["items"]] == [r.item_id for r in popular.items]
+
+
+@pytest.mark.parametrize(("path", "params", "needle"), [
+    ("/v1/users/u0/recommendations", {"k": 0}, "greater than or equal to 1"),
+    ("/v1/users/u0/recommendations", {"k": 10_000}, "less than or equal to 100"),
+    ("/v1/users/u0/recommendations", {"k": "ten"}, "valid integer"),
+    ("/v1/users/a%7Bb%7D/recommendations", {}, "should match pattern"),
+    ("/v1/items/3/similar", {"k": -1}, "greater than or equal to 1"),
+    ("/v1/search", {}, "Field required"),
+    ("/v1/search", {"q": "   "}, "non-space"),
+    ("/v1/search", {"q": "x" * 600}, "at most 512"),
+])
+def test_bad_parameters_get_a_4xx_with_a_clear_message(server: Server, path: str, params: dict[str, Any],
+                                                       needle: str):
+    got = server.http.get(path, params=params)
+    assert got.status_code == 422
+    assert needle in got.text
+
+
+def test_similar_items_and_unknown_items(stack: Settings, server: Server):
+    reader = RecommendationReader(connect(stack), stack)
+    got = server.http.get("/v1/items/3/similar", params={"k": 5})
+    assert got.status_code == 200
+    body = got.json()
+    assert [(s["item_id"], s["score"]) for s in body["similar"]] == \
+        [(i, round(sc, 6)) for i, sc in reader.similar_items("3", 5)]
+    assert len(body["similar"]) == 5 and "3" not in {s["item_id"] for s in body["similar"]}
+    missing = server.http.get("/v1/items/no-such-item/similar")
+    assert missing.status_code == 404 and "has no vector" in missing.json()["detail"]
+
+
+def test_search_mixes_query_similarity_with_the_personal_score_and_logs_feedback(stack: Settings, server: Server,
+                                                                                 checkpoint: int):
+    q = title(5)
+    anon = server.http.get("/v1/search", params={"q": q, "k": 10})
+    assert anon.status_code == 200, anon.text
+    body = anon.json()
+    assert body["model"] == checkpoint and body["alpha"] == 1.0 and body["beta"] == 1.0
+    assert body["items"][0]["item_id"] == "5"  # the item whose title is the query
+    for hit in body["items"]:
+        assert hit["score"] == pytest.approx(body["alpha"] * hit["f_item"] + body["beta"] * hit["f_query"], abs=1e-5)
+    personal = server.http.get("/v1/search", params={"q": q, "k": 10, "user_id": "u5"}).json()
+    # u5 bought items 5..10: the personal score lifts them above what an anonymous user sees
+    owned = {str(i) for i in range(5, 11)}
+    f_item = {h["item_id"]: h["f_item"] for h in personal["items"]}
+    f_anon = {h["item_id"]: h["f_item"] for h in body["items"]}
+    shared_owned = owned & f_item.keys() & f_anon.keys()
+    assert shared_owned and all(f_item[i] > f_anon[i] for i in shared_owned)
+    logged = _search_logs(stack, "u5")
+    assert logged
+    assert logged[-1].items == [h["item_id"] for h in personal["items"]]
+    assert logged[-1].f_query == [h["f_query"] for h in personal["items"]]
+
+
+def _search_logs(settings: Settings, user: str, timeout: float = 45.0) -> list[Any]:
+    consumer = Consumer(kafka_config(settings, **{"group.id": f"probe-{time.time_ns()}",
+                                                  "auto.offset.reset": "earliest", "session.timeout.ms": 6000}))
+    consumer.subscribe([settings.topic_feedback])
+    found: list[Any] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline and not found:
+            for msg in consumer.consume(500, 1.0):
+                if msg.error() is None and (KIND_HEADER, KIND_SEARCH) in (msg.headers() or []):
+                    entry = decode_search_log(msg.value())
+                    if entry.user_id == user:
+                        found.append(entry)
+    finally:
+        consumer.close()
+    return found
+
+
+def test_metrics_and_openapi(server: Server):
+    server.http.get("/v1/users/u1/recommendations")
+    text = server.http.get("/metrics").text
+    assert 'fusionrec_api_requests_total{route="/v1/users/{user_id}/recommendations",status="200"}' in text
+    assert 'fusionrec_api_request_seconds_bucket{le="0.005",route="/v1/users/{user_id}/recommendations"}' in text
+    assert "u1" not in text.replace("fusionrec", "")  # no user ids in labels
+    spec = server.http.get("/openapi.json").json()
+    assert {"/v1/users/{user_id}/recommendations", "/v1/items/{item_id}/similar", "/v1/search", "/healthz",
+            "/readyz"} <= spec["paths"].keys()
+
+
+def test_schemathesis_finds_no_server_error(server: Server, checkpoint: int, tmp_path: Path):
+    run = subprocess.run(
+        [str(Path(sys.executable).parent / "st"), "run", server.url + "/openapi.json", "--checks",
+         "not_a_server_error", "--max-examples", "40", "--workers", "1", "--phases", "examples,coverage,fuzzing",
+         "--suppress-health-check", "all", "--no-color", "--seed", "1"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path, env={**os.environ, "NO_COLOR": "1"})
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert "No issues found" in run.stdout
+
+
+def test_bearer_token_guards_the_v1_routes(stack: Settings, checkpoint: int):
+    srv = Server(stack.replace(serve_token=TOKEN), "--no-search-log")
+    try:
+        assert srv.http.get("/v1/users/u0/recommendations").status_code == 401
+        wrong = srv.http.get("/v1/users/u0/recommendations", headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401 and wrong.headers["www-authenticate"] == "Bearer"
+        ok = srv.http.get("/v1/users/u0/recommendations", headers={"Authorization": f"Bearer {TOKEN}"})
+        assert ok.status_code == 200 and ok.json()["user_id"] == "u0"
+        assert srv.http.get("/healthz").status_code == 200  # probes stay open
+        assert srv.http.get("/readyz").status_code == 200
+    finally:
+        err = srv.close()
+    assert TOKEN not in err
+
+
+def test_redis_down_gives_503_not_500(stack: Settings, checkpoint: int):
+    srv = Server(stack.replace(redis_url="redis://127.0.0.1:1/0"), "--no-search-log")
+    try:
+        got = srv.http.get("/v1/users/u0/recommendations")
+        assert got.status_code == 503 and "Redis unavailable" in got.json()["detail"]
+        ready = srv.http.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["problems"][0].startswith("redis")
+    finally:
+        srv.close()
