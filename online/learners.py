@@ -280,7 +280,7 @@ class SearchMix(_RiverLR):
     from search feedback: which of the shown results the user then clicked, carted or bought.
     """
 
-    def __init__(self, lr: float = 0.05, alpha: float = 1.0, beta: float = 1.0, clip: float = 1.0,
+    def __init__(self, lr: float = 0.5, alpha: float = 1.0, beta: float = 1.0, clip: float = 1.0,
                  clip_gradient: float = 1.0) -> None:
         super().__init__(("item", "query"), lr, 0.0, clip, clip_gradient)
         self.model._weights["item"] = alpha

@@ -33,7 +33,7 @@ from online.checkpoints import CheckpointStore
 from online.feedback import FeedbackJoiner, Snapshot, decode_snapshot
 from online.learner import Learner
 from online.model import VectorLookup
-from online.search import KIND_HEADER, KIND_SEARCH, SearchJoiner, decode_search_log
+from online.search import KIND_HEADER, KIND_SEARCH, SearchExamples, SearchJoiner, decode_search_log
 from streams.consumer import consumer_config, delivered
 from streams.dlq import DeadLetter, DeadLetterPublisher, position
 
@@ -105,6 +105,7 @@ class LearnerLoop:
 
     def _process(self, msgs: list[Message], dlq: DeadLetterPublisher) -> None:
         snapshots: list[Snapshot] = []
+        search_examples: list[SearchExamples] = []
         dead: list[DeadLetter] = []
         for msg in delivered(msgs):
             topic, partition, offset = position(msg)
@@ -112,7 +113,11 @@ class LearnerLoop:
                 if (KIND_HEADER, KIND_SEARCH) in (msg.headers() or []):
                     self.searches.add(decode_search_log(msg.value() or b""))
                 else:
-                    snapshots.append(decode_snapshot(msg.value() or b""))
+                    snap = decode_snapshot(msg.value() or b"")
+                    snapshots.append(snap)
+                    labelled = self.searches.observe([snap])  # in log order: a later search replaces it
+                    if labelled is not None:
+                        search_examples.append(labelled)
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                 log.warning("%s[%d]@%d: undecodable snapshot: %s", topic, partition, offset, exc)
                 dead.append(DeadLetter.of(msg, "undecodable", str(exc)))
@@ -123,9 +128,8 @@ class LearnerLoop:
             if n > before.get(outcome, 0):
                 self.metrics.learn_decisions.labels(outcome).inc(n - before.get(outcome, 0))
         self.learner.learn(groups)
-        examples = self.searches.observe(snapshots)
-        if examples is not None:
-            self.learner.learn_search(examples.M, examples.y)
+        for labelled in search_examples:  # one step per result list: searches are few, each one counts
+            self.learner.learn_search(labelled.M, labelled.y)
         self.decisions += len(snapshots)
         if dead:
             dlq.publish(dead)

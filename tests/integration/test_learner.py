@@ -17,11 +17,12 @@ from fusionrec.pipeline import StatePipeline
 from fusionrec.settings import Settings
 from online.checkpoints import CheckpointStore, ServingModel
 from online.features import FEATURES, INDEX, Pool
-from online.feedback import FeedbackPublisher, Group, Snapshot
+from online.feedback import FeedbackPublisher, Group, Snapshot, encode_snapshot
 from online.learner import Learner
 from online.loop import LearnerLoop
 from online.model import Rows
 from online.reader import RecommendationReader
+from online.search import KIND_HEADER, KIND_SEARCH, SearchLog, encode_search_log
 from online.writer import RecommendationWriter
 from streams.datasets import load
 from streams.producer import EventProducer
@@ -198,3 +199,39 @@ def test_stream_to_learner_to_served_recommendations(services):
         consumer.join(30)
         learner.join(30)
         pipeline.__exit__(None, None, None)
+
+
+def test_learner_learns_the_search_mix_from_logged_searches(settings: Settings, rclient: redis.Redis):
+    """Users click the result most similar to their query: the learned mix leans on f_query."""
+    s = settings.replace(learn_vectors=False, learn_checkpoint_s=0.3)
+    rng = np.random.default_rng(7)
+    rounds, users = 8, 40
+    with EventProducer(s) as producer:
+        for r in range(rounds):
+            for u in range(users):
+                user, ts = f"u{u}", 10_000_000 + r * 10_000
+                items = [f"{user}-{r}-{j}" for j in range(10)]
+                f_item, f_query = rng.random(10).round(6), rng.random(10).round(6)
+                entry = SearchLog(user_id=user, ts=ts, items=items, f_item=f_item.tolist(), f_query=f_query.tolist(),
+                                  model=0)
+                producer.produce(s.topic_feedback, encode_search_log(entry), key=user,
+                                 headers=[(KIND_HEADER, KIND_SEARCH)])
+                pool, _ = _pool(rng, user, ts + 5_000)
+                clicked = items[int(np.argmax(f_query))]
+                snap = Snapshot.of(pool, list(range(len(pool))), 20, [("click", clicked, ts + 4_000)], [], 0, 0)
+                producer.produce(s.topic_feedback, encode_snapshot(snap), key=user)
+    metrics = Metrics()
+    loop = LearnerLoop(s, metrics)
+    stop = threading.Event()
+    done = lambda lp: lp.searches.outcomes["labelled"] >= rounds * users  # noqa: E731
+    worker = threading.Thread(target=loop.run, args=(stop, done))
+    worker.start()
+    worker.join(120)
+    stop.set()
+    worker.join(30)
+    ckpt = CheckpointStore(rclient, s).load()
+    assert ckpt is not None
+    mix = ckpt.model.search
+    assert mix.examples == rounds * users * 10
+    assert metrics.learn_search_examples._value.get() == rounds * users * 10
+    assert mix.beta > mix.alpha + 0.5, mix.weights()

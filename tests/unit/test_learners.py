@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from online.features import FEATURES, Pool
-from online.learners import FusionStacker, RiverScorer, TorchScorer
+from online.learners import FusionStacker, RiverScorer, SearchMix, TorchScorer
 from online.model import FusionModel, Rows
 
 DIM = 8
@@ -48,6 +48,12 @@ def _trained(name: str):
         m.learn_many(X, X["repeat"] > 0.5)
         probe = pd.DataFrame(np.random.default_rng(9).random((50, len(m.names))), columns=m.names)
         return m, lambda model: model.predict_proba_many(probe)[True].to_numpy()
+    if name == "search":
+        m = SearchMix()
+        M = rng.random((400, 2))
+        m.learn_matrix(M, M[:, 1] > 0.6)
+        probe = np.random.default_rng(9).random((50, 2))
+        return m, lambda model: model.score(probe[:, 0], probe[:, 1])
     m = FusionModel(seed=4)
     rows = _rows(300)
     m.learn(rows, _labels(rows.dense()))
@@ -59,7 +65,7 @@ def _rows(n: int, seed: int = 1) -> Rows:
     return Rows(X=d["features"], items=[str(i) for i in range(n)], profile=d["profile"], item=d["item"], version="v1")
 
 
-@pytest.mark.parametrize("name", ["river", "torch", "fusion", "fusion_model"])
+@pytest.mark.parametrize("name", ["river", "torch", "fusion", "search", "fusion_model"])
 def test_every_learner_survives_pickle_with_identical_predictions(name):
     model, predict = _trained(name)
     clone = pickle.loads(pickle.dumps(model))
