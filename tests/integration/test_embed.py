@@ -21,7 +21,7 @@ from confluent_kafka import Consumer
 from fusionrec.keys import Keys
 from fusionrec.metrics import Metrics
 from fusionrec.redis_client import connect
-from fusionrec.services import RunningServices
+from fusionrec.services import RunningServices, free_port
 from fusionrec.settings import Settings
 from models.backfill import Backfill, prepare, version_info
 from models.encoder import TextEncoder
@@ -209,9 +209,20 @@ def _children(pid: int) -> list[int]:
     return [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
+def _scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    from urllib.request import urlopen
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urlopen(url, timeout=10) as resp:  # noqa: S310 (a loopback URL built by the test)
+        text = resp.read().decode()
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
 def test_worker_killed_mid_stream_loses_nothing(embed_settings: Settings, rclient: redis.Redis,
                                                 tmp_path: Path) -> None:
-    s = embed_settings
+    s = embed_settings.replace(embed_metrics_port=free_port())
     keys = Keys.for_settings(s)
     log_path = tmp_path / "pool.log"
     log_file = log_path.open("wb")
@@ -235,6 +246,14 @@ def test_worker_killed_mid_stream_loses_nothing(embed_settings: Settings, rclien
         assert proc.poll() is None  # the supervisor restarted the worker and kept going
         got = entries(rclient, keys, version)
         assert len(got) == 1500 and all(e.get("h") for e in got.values())
+        # one /metrics for the pool: the supervisor's restart plus every worker's (the dead one's too) counts
+        metrics = _scrape(f"http://127.0.0.1:{s.embed_metrics_port}/metrics")
+        assert metrics[("fusionrec_embed_worker_restarts_total", ())] == 1.0
+        embedded = sum(v for (name, labels), v in metrics.items()
+                       if name == "fusionrec_embed_items_total" and ("outcome", "embedded") in labels)
+        assert embedded >= 1500
+        lag = [v for (name, labels), v in metrics.items() if name == "fusionrec_stream_consumer_lag_messages"]
+        assert len(lag) == s.topic_partitions and sum(lag) == 0  # each partition once, caught up
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
