@@ -151,9 +151,11 @@ def cmd_embed_workers(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- recommendations
 def cmd_serve(args: argparse.Namespace) -> int:
+    from fusionrec.services import resolve_endpoints
     from online.api import serve
 
-    s = _resolved()
+    s = _settings()
+    s = resolve_endpoints(s, kafka=s.search_log and not args.no_search_log)
     overrides = {k: v for k, v in (("serve_host", args.host), ("serve_port", args.port)) if v is not None}
     serve(s.replace(**overrides) if overrides else s, log_searches=False if args.no_search_log else None)
     return 0

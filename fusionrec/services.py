@@ -230,13 +230,16 @@ class EmbeddedServices:
         tmp.replace(self.state_file)
 
 
-def resolve_endpoints(settings: Settings) -> Settings:
-    """Fill in bootstrap / Redis URL from the running embedded services where they are not configured."""
-    if not settings.embedded_kafka and not settings.embedded_redis:
+def resolve_endpoints(settings: Settings, *, kafka: bool = True) -> Settings:
+    """Fill in bootstrap / Redis URL from the running embedded services where they are not configured.
+
+    ``kafka=False``: the caller does not use Kafka, so none needs to be configured or running.
+    """
+    if not (kafka and settings.embedded_kafka) and not settings.embedded_redis:
         return settings
     running = EmbeddedServices(settings.run_dir).status()
     changes: dict[str, str] = {}
-    if settings.embedded_kafka:
+    if settings.embedded_kafka and (kafka or (running is not None and running.kafka_bootstrap is not None)):
         if running is None or running.kafka_bootstrap is None:
             raise ServiceError("no Kafka configured: set FUSIONREC_KAFKA_BOOTSTRAP or run `fusionrec up`")
         changes["kafka_bootstrap"] = running.kafka_bootstrap

@@ -9,6 +9,7 @@ marked ``fallback=True``.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import cast
 
@@ -99,17 +100,69 @@ class RecommendationReader:
 
 
 class AsyncRecommendationReader:
-    """``top_k`` on an asyncio Redis client, for the HTTP API (same keys, same fallback)."""
+    """``top_k`` on an asyncio Redis client, for the HTTP API (same keys, same fallback).
 
-    def __init__(self, client: redis.asyncio.Redis, keys: Keys) -> None:
+    Concurrent reads coalesce: the GETs that arrive within one event-loop turn go to Redis as one
+    MGET (one round trip and one client-side command for all of them, which is where an asyncio
+    client spends its time). The popular fallback is shared for ``popular_ttl_s``.
+    """
+
+    def __init__(self, client: redis.asyncio.Redis, keys: Keys, popular_ttl_s: float = 1.0,
+                 max_batch: int = 256) -> None:
         self.redis = client
         self.keys = keys
+        self.popular_ttl_s = popular_ttl_s
+        self.max_batch = max_batch
+        self._pending: dict[str, list[asyncio.Future[bytes | None]]] = {}
+        self._popular: dict[int, tuple[float, RecList]] = {}
+        self.batches = 0
 
     async def top_k(self, user_id: str, k: int) -> RecList:
-        raw = await self.redis.get(self.keys.user_rec(user_id))
+        raw = await self._get(self.keys.user_rec(user_id))
         if raw is not None:
-            return stored_list(cast(bytes, raw), k)
+            return stored_list(raw, k)
+        return msgspec.structs.replace(await self.popular(k), user_id=user_id)
+
+    async def popular(self, k: int) -> RecList:
+        hit = self._popular.get(k)
+        now = time.monotonic()
+        if hit is not None and now - hit[0] < self.popular_ttl_s:
+            return hit[1]
         ranked = cast(list[tuple[bytes, float]],
                       await self.redis.zrange(self.keys.popularity(), 0, 2 * k - 1, desc=True, withscores=True))
         flags = await self.redis.smismember(self.keys.deleted_items(), [m for m, _ in ranked]) if ranked else []
-        return popular_list(user_id, ranked, cast(list[int], flags), k)
+        recs = popular_list("", ranked, cast(list[int], flags), k)
+        self._popular[k] = (now, recs)
+        return recs
+
+    def _get(self, key: str) -> asyncio.Future[bytes | None]:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[bytes | None] = loop.create_future()
+        if not self._pending:
+            loop.call_soon(self._flush)
+        self._pending.setdefault(key, []).append(fut)
+        if len(self._pending) >= self.max_batch:
+            self._flush()
+        return fut
+
+    def _flush(self) -> None:
+        if self._pending:
+            batch, self._pending = self._pending, {}
+            asyncio.ensure_future(self._mget(batch))
+
+    async def _mget(self, batch: dict[str, list[asyncio.Future[bytes | None]]]) -> None:
+        self.batches += 1
+        try:
+            keys = list(batch)
+            values = await (self.redis.mget_nonatomic(keys) if hasattr(self.redis, "mget_nonatomic")
+                            else self.redis.mget(keys))
+        except Exception as exc:  # every waiter sees the error (RedisError → 503 in the API)
+            for futures in batch.values():
+                for fut in futures:
+                    if not fut.done():
+                        fut.set_exception(exc)
+            return
+        for key, value in zip(keys, values, strict=True):
+            for fut in batch[key]:
+                if not fut.done():
+                    fut.set_result(cast(bytes | None, value))
