@@ -187,7 +187,8 @@ def main() -> None:
            "direct_p99_ms": round(float(np.percentile(direct_lat, 99)) * 1000, 3),
            "direct_rps": round(direct_rps), "http_p50_ms": round(http["p50"] * 1000, 3),
            "http_p99_ms": round(http["p99"] * 1000, 3), "http_max_ms": round(http["max"] * 1000, 3),
-           "generator_behind_max_ms": round(http["late_ms"], 3), "http_rps": round(http["rps"]), "target_rps": args.rate,
+           "generator_behind_max_ms": round(http["late_ms"], 3), "http_rps": round(http["rps"]),
+           "target_rps": args.rate,
            "errors": int(http["errors"]), "connections": args.connections, "users": args.users,
            "http_p99_over_direct_p99": round(http["p99"] / float(np.percentile(direct_lat, 99)), 2)}
     print(f"direct: p50 {out['direct_p50_ms']} ms, p99 {out['direct_p99_ms']} ms, {out['direct_rps']} reads/s")

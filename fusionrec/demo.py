@@ -81,8 +81,12 @@ def run_demo(settings: Settings, *, events: int, households: int, keep: bool) ->
         _embed_catalog(s, ds, stack)
         pipeline = stack.enter_context(StatePipeline(s, serve_metrics=_port_free(s)))
         if s.metrics_port:
-            print(f"metrics: http://{s.metrics_host}:{s.metrics_port}/metrics "
-                  f"(point a Prometheus scrape job at it; see deploy/prometheus/)")
+            print(f"metrics: http://{s.metrics_host}:{s.metrics_port}/metrics (the user-state consumer). To watch:\n"
+                  f"  prometheus --config.file=deploy/prometheus/prometheus.yml   # scrapes {s.metrics_host}:"
+                  f"{s.metrics_port} and the other components' default ports, with the alert rules\n"
+                  f"  then Grafana: add that Prometheus (localhost:9090) as a datasource and import "
+                  f"deploy/grafana/dashboards/fusionrec.json\n"
+                  f"  with --keep, `fusionrec serve` answers http://127.0.0.1:{s.serve_port}/v1/users/<id>/recommendations")
         stop, done = threading.Event(), threading.Event()
         caught_up = lambda: pipeline.consumer.consumed >= total  # noqa: E731  (catalog + purchases)
         consumer = threading.Thread(target=pipeline.consumer.run, args=(stop, caught_up), name="consumer",

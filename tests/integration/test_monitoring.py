@@ -33,7 +33,8 @@ def _tool(name: str) -> str:
     return path
 
 
-@pytest.mark.parametrize("args", [["check", "config", "prometheus.yml"], ["check", "rules", "rules.yml"],
+@pytest.mark.parametrize("args", [["check", "config", "prometheus.yml"], ["check", "config", "prometheus.compose.yml"],
+                                  ["check", "rules", "rules.yml"],
                                   ["test", "rules", "rules_test.yml"]])
 def test_promtool(args: list[str]):
     run = subprocess.run([_tool("promtool"), *args], cwd=DEPLOY, capture_output=True, text=True, timeout=60)
