@@ -183,5 +183,9 @@ class Metrics:
     def serve(self, host: str, port: int) -> None:
         """Expose ``/metrics`` over HTTP in a daemon thread (port 0 disables)."""
         if port:
-            start_http_server(port, addr=host, registry=self.registry)
+            try:
+                start_http_server(port, addr=host, registry=self.registry)
+            except OSError as exc:  # a busy port costs the process its /metrics, not its work
+                log.error("cannot serve metrics on %s:%d: %s", host, port, exc)
+                return
             log.info("metrics on http://%s:%d/metrics", host, port)

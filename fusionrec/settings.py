@@ -63,6 +63,8 @@ class Settings:
     max_items_shown: int = 200
 
     # User and item state
+    # HMAC key for pseudonymous user ids (fusionrec/pseudonyms.py); None keeps ids as they are
+    user_id_key: str | None = None
     user_ttl_s: int = 90 * DAY_S
     rec_ttl_s: int = 30 * DAY_S
     recent_items_cap: int = 50
@@ -205,6 +207,8 @@ class Settings:
             raise ConfigError("trending window must be >= its step > 0")
         if not 0 < self.serve_port < 65536 or self.serve_max_k <= 0 or self.search_candidates <= 0:
             raise ConfigError("serve port must be a TCP port; serve_max_k and search_candidates must be > 0")
+        if self.user_id_key is not None and len(self.user_id_key) < 16:
+            raise ConfigError(f"{PREFIX}USER_ID_KEY must be at least 16 characters")
         if self.serve_token is not None and len(self.serve_token) < 16:
             raise ConfigError(f"{PREFIX}SERVE_TOKEN must be at least 16 characters")
         if any(c in self.redis_prefix for c in "{} "):
@@ -230,8 +234,9 @@ class Settings:
     def masked(self) -> dict[str, Any]:
         """Settings as a dict with secrets (passwords, tokens, keys, URL credentials) masked, for logs."""
         out = dataclasses.asdict(self)
-        if self.serve_token:
-            out["serve_token"] = "***"  # noqa: S105 (the mask, not a password)
+        for secret in ("serve_token", "user_id_key"):
+            if out[secret]:
+                out[secret] = "***"
         out["kafka_options"] = {
             k: ("***" if any(w in k.lower() for w in _SECRET_WORDS) else v) for k, v in self.kafka_options.items()
         }

@@ -201,7 +201,7 @@ class Services:
         self.redis, self.aredis = client, aclient
         self.metrics = ApiMetrics(registry or CollectorRegistry())
         self.reader = RecommendationReader(client, settings, self.keys)
-        self.areader = AsyncRecommendationReader(aclient, self.keys)
+        self.areader = AsyncRecommendationReader(aclient, self.keys, pseudonyms=self.reader.pseudonyms)
         self.serving = ServingModel(CheckpointStore(client, settings, self.keys), settings)
         ranker = FusionRanker(client, settings, self.serving, self.keys)
         self.searcher = Searcher(client, settings, ranker, encoder or (lambda: TextEncoder.from_settings(settings)),

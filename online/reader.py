@@ -18,6 +18,7 @@ import redis
 import redis.asyncio
 
 from fusionrec.keys import Keys
+from fusionrec.pseudonyms import Pseudonyms
 from fusionrec.settings import Settings
 from online.content import ContentIndex
 from online.ranker import RecList, Recommendation
@@ -25,9 +26,10 @@ from online.ranker import RecList, Recommendation
 _decoder = msgspec.json.Decoder(RecList)
 
 
-def stored_list(raw: bytes, k: int) -> RecList:
+def stored_list(raw: bytes, k: int, user_id: str) -> RecList:
+    """A stored list cut to ``k``, answered under the id it was asked for (the stored one may be a pseudonym)."""
     recs = _decoder.decode(raw)
-    return msgspec.structs.replace(recs, items=recs.items[:k])
+    return msgspec.structs.replace(recs, items=recs.items[:k], user_id=user_id)
 
 
 def popular_list(user_id: str, ranked: list[tuple[bytes, float]], deleted: list[int], k: int) -> RecList:
@@ -45,26 +47,27 @@ class RecommendationReader:
         self.redis = client
         self.settings = settings
         self.keys = keys or Keys.for_settings(settings)
+        self.pseudonyms = Pseudonyms.for_settings(settings)
         self.content = ContentIndex(client, settings, self.keys)
 
     def top_k(self, user_id: str | int, k: int | None = None) -> RecList:
         k = self.settings.rec_k if k is None else k
         if k <= 0:
             raise ValueError(f"k must be positive, got {k}")
-        raw = self.redis.get(self.keys.user_rec(str(user_id)))
+        raw = self.redis.get(self.keys.user_rec(self.pseudonyms(str(user_id))))
         if raw is not None:
-            return stored_list(cast(bytes, raw), k)
+            return stored_list(cast(bytes, raw), k, str(user_id))
         return self.popular(str(user_id), k)
 
     def many(self, user_ids: list[str], k: int | None = None) -> dict[str, RecList]:
         """``top_k`` for many users in one round trip (plus one for the fallback if needed)."""
         k = self.settings.rec_k if k is None else k
-        raws = self.redis.mget([self.keys.user_rec(u) for u in user_ids]) if user_ids else []
+        raws = self.redis.mget([self.keys.user_rec(self.pseudonyms(u)) for u in user_ids]) if user_ids else []
         out: dict[str, RecList] = {}
         fallback: RecList | None = None
         for uid, raw in zip(user_ids, raws, strict=True):
             if raw is not None:
-                out[uid] = stored_list(cast(bytes, raw), k)
+                out[uid] = stored_list(cast(bytes, raw), k, uid)
             else:
                 fallback = fallback or self.popular("", k)
                 out[uid] = msgspec.structs.replace(fallback, user_id=uid)
@@ -108,9 +111,10 @@ class AsyncRecommendationReader:
     """
 
     def __init__(self, client: redis.asyncio.Redis, keys: Keys, popular_ttl_s: float = 1.0,
-                 max_batch: int = 256) -> None:
+                 max_batch: int = 256, pseudonyms: Pseudonyms | None = None) -> None:
         self.redis = client
         self.keys = keys
+        self.pseudonyms = pseudonyms or Pseudonyms(None)
         self.popular_ttl_s = popular_ttl_s
         self.max_batch = max_batch
         self._pending: dict[str, list[asyncio.Future[bytes | None]]] = {}
@@ -118,9 +122,9 @@ class AsyncRecommendationReader:
         self.batches = 0
 
     async def top_k(self, user_id: str, k: int) -> RecList:
-        raw = await self._get(self.keys.user_rec(user_id))
+        raw = await self._get(self.keys.user_rec(self.pseudonyms(user_id)))
         if raw is not None:
-            return stored_list(raw, k)
+            return stored_list(raw, k, user_id)
         return msgspec.structs.replace(await self.popular(k), user_id=user_id)
 
     async def popular(self, k: int) -> RecList:

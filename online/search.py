@@ -34,6 +34,7 @@ import redis
 
 from fusionrec.errors import FusionrecError
 from fusionrec.keys import Keys
+from fusionrec.pseudonyms import Pseudonyms
 from fusionrec.settings import Settings
 from models.encoder import TextEncoder
 from online.content import ContentIndex
@@ -157,6 +158,7 @@ class Searcher:
         self._encoder = encoder
         self._encoder_lock = threading.Lock()
         self.producer = log_producer
+        self.pseudonyms = Pseudonyms.for_settings(settings)
 
     def encoder(self) -> TextEncoder:
         """The query encoder (loaded on first use: a server without search traffic never loads it)."""
@@ -177,6 +179,7 @@ class Searcher:
             raise SearchUnavailableError(f"the query encoder makes vectors of version {mine}, "
                                          f"but readers use {version}")
         qvec = encoder.encode([query])[0]
+        stored_id = self.pseudonyms(user_id) if user_id else None  # how state and feedback know the user
         found = self.content.nearest(version, [qvec], self.settings.search_candidates)[0]
         found = self._not_deleted(found)
         number, model = self.ranker.serving.current()
@@ -184,14 +187,14 @@ class Searcher:
             return SearchResult(query, user_id, number, model.search.alpha, model.search.beta, [])
         items = [i for i, _ in found]
         f_query = np.clip(np.array([s for _, s in found], dtype=np.float64), 0.0, 1.0)
-        ctx = self.writer.contexts({user_id or "": self._touch(user_id)})[0]
+        ctx = self.writer.contexts({stored_id or "": self._touch(stored_id)})[0]
         _, f_item = self.ranker.personal_scores(ctx, items)
         scores = model.search.score(f_item, f_query)
         order = sorted(range(len(items)), key=lambda r: (-scores[r], items[r]))[:k]
         hits = [SearchHit(items[r], round(float(scores[r]), 6), round(float(f_item[r]), 6),
                           round(float(f_query[r]), 6)) for r in order]
-        if user_id and self.producer is not None:
-            self._log(user_id, hits, number)
+        if stored_id and self.producer is not None:
+            self._log(stored_id, hits, number)
         return SearchResult(query, user_id, number, model.search.alpha, model.search.beta, hits)
 
     def _touch(self, user_id: str | None) -> UserTouch:

@@ -29,6 +29,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 
 from fusionrec.errors import DeliveryError, InvalidEventError, StateStoreError
 from fusionrec.metrics import Metrics
+from fusionrec.pseudonyms import Pseudonyms
 from fusionrec.settings import Settings
 from streams.contract import CatalogEvent, Validator
 from streams.dlq import DeadLetter, DeadLetterPublisher, position
@@ -57,8 +58,9 @@ class BatchHandler(Protocol):
 
 
 def validator_for(settings: Settings) -> Validator:
+    pseudonyms = Pseudonyms.for_settings(settings)
     return Validator(max_bytes=settings.max_event_bytes, max_future_skew_ms=settings.max_future_skew_s * 1000,
-                     max_items_shown=settings.max_items_shown)
+                     max_items_shown=settings.max_items_shown, pseudonyms=pseudonyms if pseudonyms.enabled else None)
 
 
 def delivered(msgs: Sequence[Message]) -> Iterator[Message]:

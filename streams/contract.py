@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from typing import Annotated, Literal
 
 import msgspec
@@ -94,7 +95,9 @@ def _as_id(value: str | int, field: str) -> str:
 class Validator:
     """Decodes and validates raw message values; stateless apart from its limits."""
 
-    def __init__(self, *, max_bytes: int, max_future_skew_ms: int, max_items_shown: int) -> None:
+    def __init__(self, *, max_bytes: int, max_future_skew_ms: int, max_items_shown: int,
+                 pseudonyms: Callable[[str], str] | None = None) -> None:
+        self.pseudonyms = pseudonyms  # user id -> pseudonym (fusionrec.pseudonyms), applied once validated
         self.max_bytes = max_bytes
         self.max_future_skew_ms = max_future_skew_ms
         self.max_items_shown = max_items_shown
@@ -124,7 +127,8 @@ class Validator:
             value = getattr(event, name)
             if value is not None and not math.isfinite(value):
                 raise InvalidEventError("non_finite", f"{name} is {value}")
-        changes: dict[str, object] = {"user_id": _as_id(event.user_id, "user_id")}
+        user_id = _as_id(event.user_id, "user_id")
+        changes: dict[str, object] = {"user_id": self.pseudonyms(user_id) if self.pseudonyms else user_id}
         if event.type == "impression":
             shown = event.items_shown
             if not shown:

@@ -125,13 +125,16 @@ def build_app(settings: Settings, bootstrap: str, metrics: Metrics | None = None
 
     from fusionrec.redis_client import connect
 
+    datadir = Path(settings.run_dir) / "trending" / settings.redis_prefix
+    datadir.mkdir(parents=True, exist_ok=True)  # faust writes its table state there
+
     app = faust.App(
         f"{settings.redis_prefix}-trending", broker=f"kafka://{bootstrap}", store="memory://",
         web_enabled=False, topic_partitions=settings.topic_partitions, topic_replication_factor=1,
         broker_session_timeout=settings.effective_session_timeout_ms() / 1000,
         broker_heartbeat_interval=1.0, broker_rebalance_timeout=10.0, consumer_auto_offset_reset="earliest",
         table_cleanup_interval=float(settings.trending_step_s),
-        datadir=str(Path(settings.run_dir) / "trending" / settings.redis_prefix),
+        datadir=str(datadir),
     )
     metrics = metrics or Metrics()
     window, step = float(settings.trending_window_s), float(settings.trending_step_s)

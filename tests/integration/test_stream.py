@@ -13,11 +13,13 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from fusionrec.metrics import Metrics
+from fusionrec.pseudonyms import Pseudonyms
 from fusionrec.redis_client import connect
 from online.reader import RecommendationReader
 from streams import datasets
 from streams.producer import EventProducer, kafka_config
 from streams.replay import replay
+from streams.topics import ensure_topics
 
 from .conftest import consume_until, dump_state, make_settings
 
@@ -142,3 +144,24 @@ def test_recommendations_are_readable_and_metrics_are_recorded(settings):
     assert reg.get_sample_value("fusionrec_recs_written_total") > 0
     # every partition that delivered data reports its lag, and the consumer is caught up
     assert len(lags) >= 2 and all(v == 0 for v in lags.values())
+
+
+def test_pseudonymous_user_ids_never_reach_redis(services):
+    key = "pseudonym-key-for-the-stream-test"
+    s = make_settings(services, user_id_key=key, rec_ranker="simple")
+    ensure_topics(s)
+    raw_ids = [f"customer-{n}@example" for n in range(5)]
+    with EventProducer(s) as producer:
+        for n in range(40):
+            producer.user_event({"event_id": f"e{n}", "type": "purchase", "user_id": raw_ids[n % 5],
+                                 "item_id": str(n % 7), "ts": 1_700_000_000_000 + n})
+    with consume_until(s, 40) as pipeline:
+        client = pipeline.redis
+        state = dump_state(client, s.redis_prefix)
+        dumped = repr(state) + repr([client.get(k) for k in client.scan_iter(match=f"{s.redis_prefix}:*:rec")])
+        assert not any(raw in dumped for raw in raw_ids)
+        pseudo = Pseudonyms(key)
+        assert any(pseudo(raw_ids[0]) in k for k in state)
+        recs = RecommendationReader(client, s).top_k(raw_ids[0])
+        assert not recs.fallback and recs.user_id == raw_ids[0]  # asked and answered by the real id
+        assert RecommendationReader(client, s.replace(user_id_key=None)).top_k(raw_ids[0]).fallback
