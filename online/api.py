@@ -20,6 +20,7 @@ an encoder forward pass). With ``FUSIONREC_SERVE_TOKEN`` set, every ``/v1`` rout
 
 # no `from __future__ import annotations`: FastAPI reads the route signatures at runtime
 
+import gc
 import hmac
 import logging
 import re
@@ -220,6 +221,10 @@ def create_app(services: Services) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await run_in_threadpool(services.model_number)  # load the head checkpoint before traffic
+        # Everything imported so far (torch, transformers, …) lives as long as the process: move it out
+        # of the collector's reach, or a full collection pauses a request for a few hundred ms.
+        gc.collect()
+        gc.freeze()
         yield
         await services.aredis.aclose()
         if services.searcher.producer is not None:
