@@ -36,6 +36,7 @@ from fusionrec.errors import FusionrecError
 from fusionrec.keys import Keys
 from fusionrec.pseudonyms import Pseudonyms
 from fusionrec.settings import Settings
+from models.backfill import version_info
 from models.encoder import TextEncoder
 from online.content import ContentIndex
 from online.feedback import POSITIVE_TYPES, Snapshot
@@ -171,8 +172,6 @@ class Searcher:
         version = self.content.active()
         if version is None:
             raise SearchUnavailableError("no item vectors are active yet (start the embedding workers)")
-        from models.backfill import version_info
-
         encoder = self.encoder()
         mine = version_info(encoder.spec, self.settings).version
         if mine != version:
