@@ -48,7 +48,8 @@ class ConsumerLag:
             known = self._lag.pop((topic, partition), None) is not None
         if known:
             self.gauge.labels(topic, str(partition)).set(0)
-            self.gauge.remove(topic, str(partition))
+            if values.ValueClass is values.MutexValue:  # multi-process mode keeps the 0 (removal unsupported)
+                self.gauge.remove(topic, str(partition))
 
     def total(self) -> int:
         with self._lock:
