@@ -28,17 +28,17 @@ import uuid
 import numpy as np
 import pandas as pd
 
-from fusionrec.redis_client import connect
-from fusionrec.services import EmbeddedServices
-from fusionrec.settings import Settings
-from models.backfill import version_info
-from models.encoder import TextEncoder
-from models.pool import EmbedPool
-from models.text import text_hash
-from models.vectors import VectorOp, VectorStore
-from streams import datasets
-from streams.producer import EventProducer
-from streams.topics import ensure_topics
+from fusionrec.apps.services import EmbeddedServices
+from fusionrec.core.redis_client import connect
+from fusionrec.core.settings import Settings
+from fusionrec.models.backfill import version_info
+from fusionrec.models.encoder import TextEncoder
+from fusionrec.models.pool import EmbedPool
+from fusionrec.models.text import text_hash
+from fusionrec.models.vectors import VectorOp, VectorStore
+from fusionrec.streams import datasets
+from fusionrec.streams.producer import EventProducer
+from fusionrec.streams.topics import ensure_topics
 
 
 def product_texts(n: int) -> list[str]:

@@ -26,17 +26,17 @@ import uuid
 import numpy as np
 from confluent_kafka import Consumer
 
-from fusionrec.metrics import Metrics
-from fusionrec.pipeline import StatePipeline
-from fusionrec.redis_client import connect
-from fusionrec.services import EmbeddedServices
-from fusionrec.settings import Settings
-from streams import datasets
-from streams.consumer import Batch
-from streams.producer import EventProducer, kafka_config
-from streams.replay import replay
-from streams.state import EVENT_WEIGHTS, Decay
-from streams.topics import ensure_topics
+from fusionrec.apps.pipeline import StatePipeline
+from fusionrec.apps.services import EmbeddedServices
+from fusionrec.core.metrics import Metrics
+from fusionrec.core.redis_client import connect
+from fusionrec.core.settings import Settings
+from fusionrec.streams import datasets
+from fusionrec.streams.consumer import Batch
+from fusionrec.streams.producer import EventProducer, kafka_config
+from fusionrec.streams.replay import replay
+from fusionrec.streams.state import EVENT_WEIGHTS, Decay
+from fusionrec.streams.topics import ensure_topics
 
 
 def fresh_settings(base: Settings, partitions: int = 4) -> Settings:
@@ -83,7 +83,7 @@ def naive(base: Settings, ds: datasets.Dataset) -> float:
     with EventProducer(s) as p:
         replay(ds, p, progress=False, catalog=False)
     client = connect(s)
-    from fusionrec.keys import Keys
+    from fusionrec.core.keys import Keys
 
     keys = Keys.for_settings(s)
     pop_decay = Decay(s.decay_epoch_ms, s.popularity_half_life_s)

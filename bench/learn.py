@@ -26,13 +26,13 @@ import time
 import numpy as np
 import torch
 
-from fusionrec.evaluation import scratch_redis
-from fusionrec.settings import Settings
-from online.checkpoints import CheckpointStore, ServingModel
-from online.features import FEATURES, INDEX, Pool
-from online.feedback import Group
-from online.learner import Learner
-from online.model import FusionModel, VectorLookup
+from fusionrec.apps.evaluation.runner import scratch_redis
+from fusionrec.core.settings import Settings
+from fusionrec.online.candidates.features import FEATURES, INDEX, Pool
+from fusionrec.online.learning.checkpoints import CheckpointStore, ServingModel
+from fusionrec.online.learning.feedback import Group
+from fusionrec.online.learning.learner import Learner
+from fusionrec.online.learning.model import FusionModel, VectorLookup
 
 DIM = 384
 

@@ -34,12 +34,12 @@ import urllib.request
 import msgspec
 import numpy as np
 
-from fusionrec.evaluation import scratch_redis
-from fusionrec.keys import Keys
-from fusionrec.services import free_port
-from fusionrec.settings import Settings
-from online.ranker import RecList, Recommendation
-from online.reader import RecommendationReader
+from fusionrec.apps.evaluation.runner import scratch_redis
+from fusionrec.apps.services import free_port
+from fusionrec.core.keys import Keys
+from fusionrec.core.settings import Settings
+from fusionrec.online.ranking.ranker import RecList, Recommendation
+from fusionrec.online.serving.reader import RecommendationReader
 
 
 def populate(client, settings: Settings, users: int, items: int = 5000, seed: int = 0) -> None:
@@ -160,7 +160,8 @@ def start_server(settings: Settings, port: int) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FUSIONREC_")}
     env.update(FUSIONREC_REDIS_URL=settings.redis_url or "", FUSIONREC_REDIS_PREFIX=settings.redis_prefix,
                FUSIONREC_LOG_LEVEL="WARNING")
-    proc = subprocess.Popen([sys.executable, "-m", "fusionrec.cli", "serve", "--port", str(port), "--no-search-log"],
+    proc = subprocess.Popen([sys.executable, "-m", "fusionrec", "serve", "--port", str(port),
+                             "--no-search-log"],
                             env=env)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

@@ -1,9 +1,19 @@
-"""fusionrec hub: settings, Redis key schema, metrics, embedded services and the CLI."""
+"""fusionrec: a streaming recommender that learns online.
 
-from fusionrec.errors import FusionrecError
-from fusionrec.keys import Keys
-from fusionrec.metrics import Metrics
-from fusionrec.settings import Settings
+One installed module, layered from the floor up (each layer imports only those below it):
 
-__all__ = ["FusionrecError", "Keys", "Metrics", "Settings"]
+* ``fusionrec.core``     settings, Redis key schema, errors, metrics, Redis client, Lua scripts
+* ``fusionrec.streams``  Kafka side: event contract, producer, consume loop, state store, trending
+* ``fusionrec.models``   the catalog text encoder and the embedding worker pool
+* ``fusionrec.online``   candidates → learning → ranking → serving
+* ``fusionrec.apps``     CLI, demo, pipeline wiring, embedded services, evaluation
+
+>>> from fusionrec import Settings
+>>> Settings.from_env({}).topic_events
+'events'
+"""
+
+from fusionrec.core.settings import Settings
+
+__all__ = ["Settings"]
 __version__ = "0.1.0"

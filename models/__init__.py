@@ -14,11 +14,11 @@ __all__ = ["EmbedPool", "TextEncoder"]
 
 def __getattr__(name: str) -> Any:
     if name == "TextEncoder":
-        from models.encoder import TextEncoder
+        from fusionrec.models.encoder import TextEncoder
 
         return TextEncoder
     if name == "EmbedPool":
-        from models.pool import EmbedPool
+        from fusionrec.models.pool import EmbedPool
 
         return EmbedPool
     raise AttributeError(name)

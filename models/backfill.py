@@ -19,14 +19,14 @@ from typing import cast
 import redis
 from tqdm import tqdm
 
-from fusionrec.keys import Keys
-from fusionrec.metrics import Metrics
-from fusionrec.settings import Settings
-from models.embedder import CatalogEmbedder
-from models.encoder import ModelSpec
-from models.text import TEMPLATE_VERSION
-from models.vectors import ModelVersion, VectorStore
-from streams.contract import CatalogEvent
+from fusionrec.core.keys import Keys
+from fusionrec.core.metrics import Metrics
+from fusionrec.core.settings import Settings
+from fusionrec.models.embedder import CatalogEmbedder
+from fusionrec.models.encoder import ModelSpec
+from fusionrec.models.text import TEMPLATE_VERSION
+from fusionrec.models.vectors import ModelVersion, VectorStore
+from fusionrec.streams.contract import CatalogEvent
 
 log = logging.getLogger(__name__)
 

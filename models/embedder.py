@@ -17,12 +17,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fusionrec.metrics import Metrics
-from models.encoder import TextEncoder
-from models.text import item_text, text_hash
-from models.vectors import CHANGED, STALE, WRITTEN, VectorOp, VectorStore
-from streams.contract import CatalogEvent
-from streams.state import StateStore
+from fusionrec.core.metrics import Metrics
+from fusionrec.models.encoder import TextEncoder
+from fusionrec.models.text import item_text, text_hash
+from fusionrec.models.vectors import CHANGED, STALE, WRITTEN, VectorOp, VectorStore
+from fusionrec.streams.contract import CatalogEvent
+from fusionrec.streams.state import StateStore
 
 log = logging.getLogger(__name__)
 

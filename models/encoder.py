@@ -31,8 +31,8 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoTokenizer, BatchEncoding
 from transformers.utils import logging as hf_logging
 
-from fusionrec.errors import ConfigError
-from fusionrec.settings import Settings
+from fusionrec.core.errors import ConfigError
+from fusionrec.core.settings import Settings
 
 log = logging.getLogger(__name__)
 

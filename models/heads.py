@@ -1,4 +1,4 @@
-"""Small torch heads scored on item/profile embeddings (trained online by :mod:`online.learners`)."""
+"""Small torch heads scored on item/profile embeddings (trained online by :mod:`fusionrec.online.learning.scorers`)."""
 
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ One worker process per GPU when CUDA is present (worker ``i`` on ``cuda:i``), el
 ``catalog``, so Kafka spreads the partitions over them. The supervisor
 
 * registers the configured model version and, when it is not the active one, re-embeds the stored
-  catalog into it in a background thread and flips readers once it is complete (:mod:`models.backfill`);
+  catalog into it in a background thread and flips readers once it is complete (:mod:`fusionrec.models.backfill`);
 * restarts a worker that dies (its partitions meanwhile move to the others) — up to ``max_restarts``
   within ``restart_window_s``, after which it stops the pool and raises :class:`WorkerCrashedError`
   carrying the worker's own exception and traceback;
@@ -36,16 +36,16 @@ from typing import Any
 
 import torch
 
-from fusionrec.errors import FusionrecError
-from fusionrec.metrics import Metrics, enable_multiprocess, process_exited, serve_multiprocess
-from fusionrec.redis_client import connect
-from fusionrec.settings import Settings
-from models.backfill import Backfill, live_versions, prepare, version_info
-from models.embedder import CatalogEmbedder
-from models.encoder import ModelSpec, TextEncoder, cpu_threads
-from models.vectors import VectorStore
-from models.worker import EmbedWorker
-from streams.state import StateStore
+from fusionrec.core.errors import FusionrecError
+from fusionrec.core.metrics import Metrics, enable_multiprocess, process_exited, serve_multiprocess
+from fusionrec.core.redis_client import connect
+from fusionrec.core.settings import Settings
+from fusionrec.models.backfill import Backfill, live_versions, prepare, version_info
+from fusionrec.models.embedder import CatalogEmbedder
+from fusionrec.models.encoder import ModelSpec, TextEncoder, cpu_threads
+from fusionrec.models.vectors import VectorStore
+from fusionrec.models.worker import EmbedWorker
+from fusionrec.streams.state import StateStore
 
 log = logging.getLogger(__name__)
 

@@ -27,9 +27,9 @@ from typing import Any, cast
 import numpy as np
 import redis
 
-from fusionrec.keys import Keys
-from fusionrec.settings import Settings
-from streams.scripts import MULTI_HMGET
+from fusionrec.core.keys import Keys
+from fusionrec.core.scripts import MULTI_HMGET
+from fusionrec.core.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -30,13 +30,13 @@ from dataclasses import dataclass, field
 import redis
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
-from fusionrec.errors import DeliveryError, InvalidEventError, StateStoreError
-from fusionrec.metrics import Metrics
-from fusionrec.settings import Settings
-from models.embedder import CatalogEmbedder, EmbedResult
-from streams.consumer import consumer_config, delivered, validator_for
-from streams.contract import CatalogEvent
-from streams.dlq import DeadLetter, DeadLetterPublisher, position
+from fusionrec.core.errors import DeliveryError, InvalidEventError, StateStoreError
+from fusionrec.core.metrics import Metrics
+from fusionrec.core.settings import Settings
+from fusionrec.models.embedder import CatalogEmbedder, EmbedResult
+from fusionrec.streams.consumer import consumer_config, delivered, validator_for
+from fusionrec.streams.contract import CatalogEvent
+from fusionrec.streams.dlq import DeadLetter, DeadLetterPublisher, position
 
 log = logging.getLogger(__name__)
 

@@ -27,14 +27,14 @@ from typing import Any, Protocol
 import redis
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
-from fusionrec.errors import DeliveryError, InvalidEventError, StateStoreError
-from fusionrec.metrics import Metrics
-from fusionrec.pseudonyms import Pseudonyms
-from fusionrec.settings import Settings
-from streams.contract import CatalogEvent, Validator
-from streams.dlq import DeadLetter, DeadLetterPublisher, position
-from streams.producer import kafka_config
-from streams.state import Positioned
+from fusionrec.core.errors import DeliveryError, InvalidEventError, StateStoreError
+from fusionrec.core.metrics import Metrics
+from fusionrec.core.pseudonyms import Pseudonyms
+from fusionrec.core.settings import Settings
+from fusionrec.streams.contract import CatalogEvent, Validator
+from fusionrec.streams.dlq import DeadLetter, DeadLetterPublisher, position
+from fusionrec.streams.producer import kafka_config
+from fusionrec.streams.state import Positioned
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from fusionrec.errors import InvalidEventError
-from fusionrec.keys import ID_PATTERN
+from fusionrec.core.errors import InvalidEventError
+from fusionrec.core.keys import ID_PATTERN
 
 SCHEMA_VERSION = 1
 
@@ -97,7 +97,7 @@ class Validator:
 
     def __init__(self, *, max_bytes: int, max_future_skew_ms: int, max_items_shown: int,
                  pseudonyms: Callable[[str], str] | None = None) -> None:
-        self.pseudonyms = pseudonyms  # user id -> pseudonym (fusionrec.pseudonyms), applied once validated
+        self.pseudonyms = pseudonyms  # user id -> pseudonym (fusionrec.core.pseudonyms), applied once validated
         self.max_bytes = max_bytes
         self.max_future_skew_ms = max_future_skew_ms
         self.max_items_shown = max_items_shown

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from fusionrec.errors import ConfigError
+from fusionrec.core.errors import ConfigError
 
 EVENT_COLUMNS = ("user_id", "item_id", "ts", "type", "quantity", "price", "session_id")
 ITEM_COLUMNS = ("item_id", "title", "description", "category", "brand", "price")

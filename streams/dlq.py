@@ -23,10 +23,10 @@ from dataclasses import dataclass
 
 from confluent_kafka import KafkaError, Message, Producer
 
-from fusionrec.errors import DeliveryError
-from fusionrec.metrics import Metrics
-from fusionrec.settings import Settings
-from streams.producer import kafka_config
+from fusionrec.core.errors import DeliveryError
+from fusionrec.core.metrics import Metrics
+from fusionrec.core.settings import Settings
+from fusionrec.streams.producer import kafka_config
 
 log = logging.getLogger(__name__)
 

@@ -19,9 +19,9 @@ from typing import Any
 import msgspec
 from confluent_kafka import KafkaError, Message, Producer
 
-from fusionrec.errors import DeliveryError
-from fusionrec.settings import Settings
-from streams.contract import CatalogEvent, UserEvent, encoder
+from fusionrec.core.errors import DeliveryError
+from fusionrec.core.settings import Settings
+from fusionrec.streams.contract import CatalogEvent, UserEvent, encoder
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from streams.datasets import Dataset
-from streams.producer import EventProducer
+from fusionrec.streams.datasets import Dataset
+from fusionrec.streams.producer import EventProducer
 
 log = logging.getLogger(__name__)
 

@@ -29,11 +29,11 @@ from typing import Any, NamedTuple
 import msgspec
 import redis
 
-from fusionrec.errors import StateStoreError
-from fusionrec.keys import Keys
-from fusionrec.settings import Settings
-from streams.contract import CatalogEvent, UserEvent
-from streams.scripts import CATALOG_APPLY, MULTI_HMGET, USER_APPLY, USER_READ, ZSET_APPLY
+from fusionrec.core.errors import StateStoreError
+from fusionrec.core.keys import Keys
+from fusionrec.core.scripts import CATALOG_APPLY, MULTI_HMGET, USER_APPLY, USER_READ, ZSET_APPLY
+from fusionrec.core.settings import Settings
+from fusionrec.streams.contract import CatalogEvent, UserEvent
 
 _msgpack = msgspec.msgpack.Encoder()
 
@@ -139,7 +139,7 @@ class ZsetCall:
 
 
 class StateStore:
-    """Applies validated events to the Redis key schema (see :mod:`fusionrec.keys`)."""
+    """Applies validated events to the Redis key schema (see :mod:`fusionrec.core.keys`)."""
 
     def __init__(self, client: redis.Redis, settings: Settings, keys: Keys | None = None) -> None:
         self.redis = client

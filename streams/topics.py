@@ -8,9 +8,9 @@ from collections.abc import Sequence
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from fusionrec.errors import FusionrecError
-from fusionrec.settings import Settings
-from streams.producer import kafka_config
+from fusionrec.core.errors import FusionrecError
+from fusionrec.core.settings import Settings
+from fusionrec.streams.producer import kafka_config
 
 log = logging.getLogger(__name__)
 

@@ -28,11 +28,11 @@ from typing import Any
 
 import msgspec
 
-from fusionrec.keys import Keys
-from fusionrec.metrics import Metrics
-from fusionrec.settings import Settings
-from streams.producer import EventProducer
-from streams.state import BatchResult
+from fusionrec.core.keys import Keys
+from fusionrec.core.metrics import Metrics
+from fusionrec.core.settings import Settings
+from fusionrec.streams.producer import EventProducer
+from fusionrec.streams.state import BatchResult
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def build_app(settings: Settings, bootstrap: str, metrics: Metrics | None = None
     """The faust app (worker without its web server; short timeouts for the embedded broker)."""
     import faust
 
-    from fusionrec.redis_client import connect
+    from fusionrec.core.redis_client import connect
 
     datadir = Path(settings.run_dir) / "trending" / settings.redis_prefix
     datadir.mkdir(parents=True, exist_ok=True)  # faust writes its table state there

@@ -1,7 +1,7 @@
 """The user-state stream: consumed batches → :class:`StateStore` → downstream hooks.
 
 Hooks (``after_apply``) receive the users a batch touched; the recommendation writer of
-:mod:`online` is one. They run before the batch's offsets are stored, so a crash replays them too.
+:mod:`fusionrec.online` is one. They run before the batch's offsets are stored, so a crash replays them too.
 """
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import logging
 import time
 from collections.abc import Callable
 
-from fusionrec.metrics import Metrics
-from streams.consumer import Batch
-from streams.state import BatchResult, StateStore
+from fusionrec.core.metrics import Metrics
+from fusionrec.streams.consumer import Batch
+from fusionrec.streams.state import BatchResult, StateStore
 
 log = logging.getLogger(__name__)
 

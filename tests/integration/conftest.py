@@ -10,12 +10,12 @@ from typing import Any
 import pytest
 import redis
 
-from fusionrec.metrics import Metrics
-from fusionrec.pipeline import StatePipeline
-from fusionrec.redis_client import connect
-from fusionrec.services import EmbeddedServices, RunningServices
-from fusionrec.settings import Settings
-from streams.topics import ensure_topics
+from fusionrec.apps.pipeline import StatePipeline
+from fusionrec.apps.services import EmbeddedServices, RunningServices
+from fusionrec.core.metrics import Metrics
+from fusionrec.core.redis_client import connect
+from fusionrec.core.settings import Settings
+from fusionrec.streams.topics import ensure_topics
 
 pytestmark = pytest.mark.integration
 

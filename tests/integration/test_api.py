@@ -16,19 +16,19 @@ import msgspec
 import pytest
 from confluent_kafka import Consumer
 
-from fusionrec.redis_client import connect
-from fusionrec.services import RunningServices, free_port
-from fusionrec.settings import Settings
-from models.backfill import prepare, version_info
-from models.encoder import TextEncoder
-from models.pool import build_embedder
-from online.checkpoints import Checkpoint, CheckpointStore
-from online.model import FusionModel
-from online.reader import RecommendationReader
-from online.search import KIND_HEADER, KIND_SEARCH, decode_search_log
-from streams.contract import CatalogEvent
-from streams.producer import EventProducer, kafka_config
-from streams.topics import ensure_topics
+from fusionrec.apps.services import RunningServices, free_port
+from fusionrec.core.redis_client import connect
+from fusionrec.core.settings import Settings
+from fusionrec.models.backfill import prepare, version_info
+from fusionrec.models.encoder import TextEncoder
+from fusionrec.models.pool import build_embedder
+from fusionrec.online.learning.checkpoints import Checkpoint, CheckpointStore
+from fusionrec.online.learning.model import FusionModel
+from fusionrec.online.learning.search_feedback import KIND_HEADER, KIND_SEARCH, decode_search_log
+from fusionrec.online.serving.reader import RecommendationReader
+from fusionrec.streams.contract import CatalogEvent
+from fusionrec.streams.producer import EventProducer, kafka_config
+from fusionrec.streams.topics import ensure_topics
 from tests.integration.conftest import consume_until, env_for, make_settings
 from tests.integration.test_embed import title, wait_for
 
@@ -45,7 +45,7 @@ class Server:
     def __init__(self, settings: Settings, *extra: str) -> None:
         self.settings = settings.replace(serve_port=free_port())
         self.url = f"http://127.0.0.1:{self.settings.serve_port}"
-        self.proc = subprocess.Popen([sys.executable, "-m", "fusionrec.cli", "serve", *extra],
+        self.proc = subprocess.Popen([sys.executable, "-m", "fusionrec", "serve", *extra],
                                      env=env_for(self.settings), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 90
         while True:

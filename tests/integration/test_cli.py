@@ -13,7 +13,7 @@ SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
 def _cli(settings, *args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "fusionrec.cli", *args], env=env_for(settings),
+    return subprocess.run([sys.executable, "-m", "fusionrec", *args], env=env_for(settings),
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -56,7 +56,7 @@ def test_replay_then_recommend_explains_sources(settings):
     consume_until(settings, 2000 + n_catalog)
     import pandas as pd
 
-    from streams import datasets
+    from fusionrec.streams import datasets
 
     user = datasets.completejourney(households=10).head(2000).events.user_id.iloc[0]
     rec = _cli(settings, "recommend", str(user), "--k", "5")

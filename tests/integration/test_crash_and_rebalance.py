@@ -10,18 +10,18 @@ import time
 
 import pytest
 
-from fusionrec.redis_client import connect
-from streams import datasets
-from streams.producer import EventProducer
-from streams.replay import replay
-from streams.topics import ensure_topics
+from fusionrec.core.redis_client import connect
+from fusionrec.streams import datasets
+from fusionrec.streams.producer import EventProducer
+from fusionrec.streams.replay import replay
+from fusionrec.streams.topics import ensure_topics
 
 from .conftest import consume_until, dump_state, env_for, make_settings, purchases_in
 
 
 def _consumer(settings, log_path):
     log = open(log_path, "ab")  # noqa: SIM115 - closed with the process
-    return subprocess.Popen([sys.executable, "-m", "fusionrec.cli", "consume", "--no-metrics"],
+    return subprocess.Popen([sys.executable, "-m", "fusionrec", "consume", "--no-metrics"],
                             env=env_for(settings), stdout=log, stderr=subprocess.STDOUT)
 
 

@@ -18,19 +18,19 @@ import pytest
 import redis
 from confluent_kafka import Consumer
 
-from fusionrec.keys import Keys
-from fusionrec.metrics import Metrics
-from fusionrec.redis_client import connect
-from fusionrec.services import RunningServices, free_port
-from fusionrec.settings import Settings
-from models.backfill import Backfill, prepare, version_info
-from models.encoder import TextEncoder
-from models.pool import EmbedPool, build_embedder
-from models.vectors import VectorStore
-from models.worker import EmbedWorker
-from online.reader import RecommendationReader
-from streams.producer import EventProducer, kafka_config
-from streams.topics import ensure_topics
+from fusionrec.apps.services import RunningServices, free_port
+from fusionrec.core.keys import Keys
+from fusionrec.core.metrics import Metrics
+from fusionrec.core.redis_client import connect
+from fusionrec.core.settings import Settings
+from fusionrec.models.backfill import Backfill, prepare, version_info
+from fusionrec.models.encoder import TextEncoder
+from fusionrec.models.pool import EmbedPool, build_embedder
+from fusionrec.models.vectors import VectorStore
+from fusionrec.models.worker import EmbedWorker
+from fusionrec.online.serving.reader import RecommendationReader
+from fusionrec.streams.producer import EventProducer, kafka_config
+from fusionrec.streams.topics import ensure_topics
 from tests.integration.conftest import env_for, make_settings
 
 pytestmark = pytest.mark.integration
@@ -226,7 +226,7 @@ def test_worker_killed_mid_stream_loses_nothing(embed_settings: Settings, rclien
     keys = Keys.for_settings(s)
     log_path = tmp_path / "pool.log"
     log_file = log_path.open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "fusionrec.cli", "embed-workers", "--workers", "2",
+    proc = subprocess.Popen([sys.executable, "-m", "fusionrec", "embed-workers", "--workers", "2",
                              "--no-progress"], env=env_for(s), stdout=log_file, stderr=subprocess.STDOUT)
     try:
         wait_for(lambda: sum(1 for st in worker_statuses(rclient, keys) if st["partitions"]) == 2, 120,

@@ -12,22 +12,22 @@ import numpy as np
 import pytest
 import redis
 
-from fusionrec.metrics import Metrics
-from fusionrec.pipeline import StatePipeline
-from fusionrec.settings import Settings
-from online.checkpoints import CheckpointStore, ServingModel
-from online.features import FEATURES, INDEX, Pool
-from online.feedback import FeedbackPublisher, Group, Snapshot, encode_snapshot
-from online.learner import Learner
-from online.loop import LearnerLoop
-from online.model import Rows
-from online.reader import RecommendationReader
-from online.search import KIND_HEADER, KIND_SEARCH, SearchLog, encode_search_log
-from online.writer import RecommendationWriter
-from streams.datasets import load
-from streams.producer import EventProducer
-from streams.replay import replay
-from streams.state import UserTouch
+from fusionrec.apps.pipeline import StatePipeline
+from fusionrec.core.metrics import Metrics
+from fusionrec.core.settings import Settings
+from fusionrec.online.candidates.features import FEATURES, INDEX, Pool
+from fusionrec.online.learning.checkpoints import CheckpointStore, ServingModel
+from fusionrec.online.learning.feedback import FeedbackPublisher, Group, Snapshot, encode_snapshot
+from fusionrec.online.learning.learner import Learner
+from fusionrec.online.learning.loop import LearnerLoop
+from fusionrec.online.learning.model import Rows
+from fusionrec.online.learning.search_feedback import KIND_HEADER, KIND_SEARCH, SearchLog, encode_search_log
+from fusionrec.online.ranking.writer import RecommendationWriter
+from fusionrec.online.serving.reader import RecommendationReader
+from fusionrec.streams.datasets import load
+from fusionrec.streams.producer import EventProducer
+from fusionrec.streams.replay import replay
+from fusionrec.streams.state import UserTouch
 from tests.integration.conftest import env_for, make_settings
 from tests.integration.test_embed import wait_for
 
@@ -115,7 +115,7 @@ def test_learner_killed_and_restarted_resumes_from_its_checkpoint(settings: Sett
     log = SnapshotLog(s, users=50)
     log.publish(30)
     env = env_for(s)
-    cmd = [sys.executable, "-m", "fusionrec.cli", "learner", "--no-metrics"]
+    cmd = [sys.executable, "-m", "fusionrec", "learner", "--no-metrics"]
     first = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for(lambda: _covers(s, rclient, 30 * 50), 90, "a checkpoint covering the first 30 rounds")
@@ -146,7 +146,7 @@ def test_hot_reload_reaches_the_writer_within_the_interval(settings: Settings, r
     s = settings.replace(learn_vectors=False, learn_reload_s=0.5)
     store = CheckpointStore(rclient, s)
     serving = ServingModel(store, s)
-    from online.fusion import FusionRanker
+    from fusionrec.online.ranking.fusion import FusionRanker
 
     writer = RecommendationWriter(rclient, s, ranker=FusionRanker(rclient, s, serving))
     rclient.zadd(writer.keys.popularity(), {"p1": 3.0, "p2": 2.0})
@@ -166,7 +166,7 @@ def test_hot_reload_reaches_the_writer_within_the_interval(settings: Settings, r
 def test_stream_to_learner_to_served_recommendations(services):
     s = make_settings(services, partitions=2, learn_checkpoint_s=0.5, learn_reload_s=0.2,
                       rec_content_candidates=0, learn_vectors=False)
-    from streams.topics import ensure_topics
+    from fusionrec.streams.topics import ensure_topics
 
     ensure_topics(s)
     ds = load("completejourney", households=40).head(6000)

@@ -13,10 +13,10 @@ from urllib.request import urlopen
 
 import pytest
 
-from fusionrec.metrics import Metrics
-from fusionrec.services import free_port
-from fusionrec.settings import Settings
-from streams.producer import EventProducer
+from fusionrec.apps.services import free_port
+from fusionrec.core.metrics import Metrics
+from fusionrec.core.settings import Settings
+from fusionrec.streams.producer import EventProducer
 from tests.integration.conftest import consume_until
 
 pytestmark = pytest.mark.integration

@@ -7,14 +7,14 @@ import time
 
 from prometheus_client import CollectorRegistry
 
-from fusionrec.metrics import Metrics
-from fusionrec.pipeline import StatePipeline
-from fusionrec.redis_client import connect
-from fusionrec.services import _stop, start_redis
-from streams import datasets
-from streams.producer import EventProducer
-from streams.replay import replay
-from streams.topics import ensure_topics
+from fusionrec.apps.pipeline import StatePipeline
+from fusionrec.apps.services import _stop, start_redis
+from fusionrec.core.metrics import Metrics
+from fusionrec.core.redis_client import connect
+from fusionrec.streams import datasets
+from fusionrec.streams.producer import EventProducer
+from fusionrec.streams.replay import replay
+from fusionrec.streams.topics import ensure_topics
 
 from .conftest import make_settings, purchases_in
 

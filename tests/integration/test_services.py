@@ -5,7 +5,7 @@ import sys
 import redis
 from confluent_kafka.admin import AdminClient
 
-from fusionrec.services import EmbeddedServices
+from fusionrec.apps.services import EmbeddedServices
 
 
 def _alive(pid: int) -> bool:
@@ -40,7 +40,7 @@ def test_cli_up_status_down(tmp_path):
     env.pop("FUSIONREC_REDIS_URL", None)
 
     def cli(*args):
-        return subprocess.run([sys.executable, "-m", "fusionrec.cli", *args], env=env, capture_output=True,
+        return subprocess.run([sys.executable, "-m", "fusionrec", *args], env=env, capture_output=True,
                               text=True, timeout=120)
 
     up = cli("up", "--persistence", "none")

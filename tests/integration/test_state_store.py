@@ -5,12 +5,12 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from fusionrec.redis_client import connect
-from online.reader import RecommendationReader
-from online.writer import RecommendationWriter
-from streams import datasets
-from streams.contract import CatalogEvent, UserEvent
-from streams.state import Positioned, StateStore
+from fusionrec.core.redis_client import connect
+from fusionrec.online.ranking.writer import RecommendationWriter
+from fusionrec.online.serving.reader import RecommendationReader
+from fusionrec.streams import datasets
+from fusionrec.streams.contract import CatalogEvent, UserEvent
+from fusionrec.streams.state import Positioned, StateStore
 
 from .conftest import dump_state, make_settings
 

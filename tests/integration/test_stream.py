@@ -12,14 +12,14 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
-from fusionrec.metrics import Metrics
-from fusionrec.pseudonyms import Pseudonyms
-from fusionrec.redis_client import connect
-from online.reader import RecommendationReader
-from streams import datasets
-from streams.producer import EventProducer, kafka_config
-from streams.replay import replay
-from streams.topics import ensure_topics
+from fusionrec.core.metrics import Metrics
+from fusionrec.core.pseudonyms import Pseudonyms
+from fusionrec.core.redis_client import connect
+from fusionrec.online.serving.reader import RecommendationReader
+from fusionrec.streams import datasets
+from fusionrec.streams.producer import EventProducer, kafka_config
+from fusionrec.streams.replay import replay
+from fusionrec.streams.topics import ensure_topics
 
 from .conftest import consume_until, dump_state, make_settings
 
@@ -105,7 +105,7 @@ def test_invalid_payloads_go_to_the_dlq_with_reasons_and_valid_ones_apply(settin
 
 def test_consuming_the_same_range_twice_leaves_identical_state(services):
     s = make_settings(services, partitions=2)
-    from streams.topics import ensure_topics
+    from fusionrec.streams.topics import ensure_topics
 
     ensure_topics(s)
     ds = datasets.completejourney(households=30).head(4000)

@@ -8,13 +8,13 @@ import sys
 
 import redis
 
-from fusionrec.keys import Keys
-from fusionrec.metrics import Metrics
-from fusionrec.settings import Settings
-from online.reader import RecommendationReader
-from online.writer import RecommendationWriter
-from streams.state import BatchResult, UserTouch
-from streams.trending import ItemDeltaPublisher
+from fusionrec.core.keys import Keys
+from fusionrec.core.metrics import Metrics
+from fusionrec.core.settings import Settings
+from fusionrec.online.ranking.writer import RecommendationWriter
+from fusionrec.online.serving.reader import RecommendationReader
+from fusionrec.streams.state import BatchResult, UserTouch
+from fusionrec.streams.trending import ItemDeltaPublisher
 from tests.integration.conftest import env_for
 from tests.integration.test_embed import wait_for
 
@@ -33,7 +33,7 @@ def test_faust_worker_keeps_trending_items_in_redis(settings: Settings, rclient:
                               max_ts=T0 + minute * 60_000))
     publisher.close()
     assert metrics.trending_deltas._value.get() == 21
-    worker = subprocess.Popen([sys.executable, "-m", "fusionrec.cli", "trending"], env=env_for(s),
+    worker = subprocess.Popen([sys.executable, "-m", "fusionrec", "trending"], env=env_for(s),
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         def settled() -> bool:

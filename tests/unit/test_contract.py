@@ -4,8 +4,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fusionrec.errors import InvalidEventError
-from streams.contract import Validator
+from fusionrec.core.errors import InvalidEventError
+from fusionrec.streams.contract import Validator
 
 NOW = 1_700_000_000_000
 V = Validator(max_bytes=4096, max_future_skew_ms=86_400_000, max_items_shown=5)

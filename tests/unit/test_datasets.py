@@ -2,9 +2,9 @@ from pathlib import Path
 
 import pytest
 
-from fusionrec.errors import ConfigError
-from streams import datasets
-from streams.contract import Validator
+from fusionrec.core.errors import ConfigError
+from fusionrec.streams import datasets
+from fusionrec.streams.contract import Validator
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
 V = Validator(max_bytes=65536, max_future_skew_ms=86_400_000, max_items_shown=200)

@@ -8,8 +8,8 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
-from fusionrec.metrics import Metrics
-from online.api import ApiMetrics
+from fusionrec.core.metrics import Metrics
+from fusionrec.online.serving.api import ApiMetrics
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 METRIC = re.compile(r"\bfusionrec_[a-z0-9_]+")

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from fusionrec.errors import ConfigError
-from models.embedder import VectorCache, latest_per_item
-from models.encoder import ModelSpec, TextEncoder
-from models.text import item_text, text_hash
-from online.content import profile_vector
-from online.ranker import spread
-from streams.contract import CatalogEvent
+from fusionrec.core.errors import ConfigError
+from fusionrec.models.embedder import VectorCache, latest_per_item
+from fusionrec.models.encoder import ModelSpec, TextEncoder
+from fusionrec.models.text import item_text, text_hash
+from fusionrec.online.candidates.content import profile_vector
+from fusionrec.online.ranking.ranker import spread
+from fusionrec.streams.contract import CatalogEvent
 
 TEXTS = ["organic whole milk", "car battery charger for the garage", "cola", "frozen pizza 12 oz",
          "apple", "greek yogurt plain 32 oz organic"]

@@ -4,7 +4,7 @@ from collections import Counter
 from hypothesis import given
 from hypothesis import strategies as st
 
-from online.evaluate import MethodScore, TopCounter
+from fusionrec.apps.evaluation.evaluator import MethodScore, TopCounter
 
 
 def test_metrics_of_one_basket():

@@ -2,9 +2,9 @@
 
 import numpy as np
 
-from online.features import FEATURES, INDEX, ItemInfo, build_pool, daypart, price_band
-from online.feedback import FeedbackJoiner, Snapshot, decode_snapshot, encode_snapshot
-from online.ranker import UserContext
+from fusionrec.online.candidates.features import FEATURES, INDEX, ItemInfo, build_pool, daypart, price_band
+from fusionrec.online.learning.feedback import FeedbackJoiner, Snapshot, decode_snapshot, encode_snapshot
+from fusionrec.online.ranking.ranker import UserContext
 
 DAY = 86_400_000
 

@@ -6,9 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from online.features import FEATURES, Pool
-from online.learners import FusionStacker, RiverScorer, SearchMix, TorchScorer
-from online.model import FusionModel, Rows
+from fusionrec.online.candidates.features import FEATURES, Pool
+from fusionrec.online.learning.model import FusionModel, Rows
+from fusionrec.online.learning.scorers import FusionStacker, RiverScorer, SearchMix, TorchScorer
 
 DIM = 8
 rng = np.random.default_rng(0)

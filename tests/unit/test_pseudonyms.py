@@ -2,11 +2,11 @@
 
 import pytest
 
-from fusionrec.errors import ConfigError
-from fusionrec.keys import ID_PATTERN
-from fusionrec.pseudonyms import Pseudonyms
-from fusionrec.settings import Settings
-from streams.contract import Validator
+from fusionrec.core.errors import ConfigError
+from fusionrec.core.keys import ID_PATTERN
+from fusionrec.core.pseudonyms import Pseudonyms
+from fusionrec.core.settings import Settings
+from fusionrec.streams.contract import Validator
 
 KEY = "a-key-of-32-characters-for-tests"
 

@@ -1,4 +1,4 @@
-from online.ranker import SimpleRanker, UserContext
+from fusionrec.online.ranking.ranker import SimpleRanker, UserContext
 
 
 def ctx(**kw):

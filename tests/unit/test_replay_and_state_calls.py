@@ -1,7 +1,7 @@
 import msgspec
 
-from streams.replay import Pacer
-from streams.state import ZsetCall
+from fusionrec.streams.replay import Pacer
+from fusionrec.streams.state import ZsetCall
 
 
 class FakeClock:

@@ -5,10 +5,10 @@ import pickle
 import numpy as np
 import pandas as pd
 
-from online.feedback import Snapshot
-from online.learners import SearchMix
-from online.model import FusionModel
-from online.search import SearchJoiner, SearchLog, decode_search_log, encode_search_log
+from fusionrec.online.learning.feedback import Snapshot
+from fusionrec.online.learning.model import FusionModel
+from fusionrec.online.learning.scorers import SearchMix
+from fusionrec.online.learning.search_feedback import SearchJoiner, SearchLog, decode_search_log, encode_search_log
 
 HOUR = 3_600_000
 

@@ -1,8 +1,8 @@
 import pytest
 
-from fusionrec.errors import ConfigError
-from fusionrec.keys import Keys
-from fusionrec.settings import Settings
+from fusionrec.core.errors import ConfigError
+from fusionrec.core.keys import Keys
+from fusionrec.core.settings import Settings
 
 
 def test_reads_prefixed_environment_and_types():

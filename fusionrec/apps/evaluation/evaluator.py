@@ -1,0 +1,328 @@
+"""Prequential evaluation over time-ordered events, through the production code path.
+
+Events are cut into *units* (a basket: consecutive events of one user in one session; without
+sessions, one event). Units go to Redis in chunks in which no user appears twice. For each unit that
+contains purchases, *before* its chunk is applied, the user's candidate pool is built from the
+current state and ranked by every method, and the rankings are scored against the purchased items.
+The chunk is then applied by the same :class:`StateStore` and :class:`RecommendationWriter` the
+stream consumer runs; the writer's logged decisions go through the same
+:class:`~fusionrec.online.learning.feedback.FeedbackJoiner` and
+:class:`~fusionrec.online.learning.learner.Learner` as ``fusionrec learner``
+(predict-then-learn). Methods:
+
+* ``system``: the full fusion (river + torch head + stacker) the learner has trained so far;
+* ``river``, ``torch_head``: one learned scorer alone over the same pool;
+* ``fusion_no_llm``: a second fusion model trained on the same examples without LLM vectors;
+* ``covisitation``: the pool's co-visitation candidates by co-visitation strength;
+* ``served``: the top-K the writer stored for the user (what readers got; ranked by the model as it
+  was at the user's previous visit);
+* ``popularity``: the globally most interacted-with items so far;
+* ``most_bought``: the user's own most purchased items so far (empty for a first basket);
+* ``content``: the items nearest to the user's profile vector (the content source alone), when the
+  catalog has been embedded (:meth:`Evaluator.embed_catalog`).
+
+Without an embedded catalog, ``torch_head`` and ``fusion_no_llm`` are left out (there are no vectors).
+
+Every method is also scored on the *cold-start* subset: purchases of items with fewer than
+``COLD_START_BELOW`` prior interactions, reported under ``cold_start``.
+
+Metrics per unit: HitRate@10 (any purchased item in the top 10), Recall@20, NDCG@10 (binary).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+import numpy as np
+import redis
+from tqdm import tqdm
+
+from fusionrec.core.settings import Settings
+from fusionrec.models.backfill import version_info
+from fusionrec.models.embedder import CatalogEmbedder
+from fusionrec.models.encoder import TextEncoder
+from fusionrec.models.vectors import VectorStore
+from fusionrec.online.candidates.content import ContentIndex
+from fusionrec.online.learning.feedback import FeedbackJoiner, Snapshot
+from fusionrec.online.learning.learner import Learner
+from fusionrec.online.learning.model import FusionModel, Rows
+from fusionrec.online.ranking.fusion import FusionRanker
+from fusionrec.online.ranking.writer import RecommendationWriter
+from fusionrec.online.serving.reader import RecommendationReader
+from fusionrec.streams.contract import CatalogEvent, UserEvent
+from fusionrec.streams.datasets import Dataset
+from fusionrec.streams.state import Positioned, StateStore
+
+HIT_K, RECALL_K, NDCG_K = 10, 20, 10
+COLD_START_BELOW = 5
+
+
+@dataclass
+class MethodScore:
+    hits: float = 0.0
+    recall: float = 0.0
+    ndcg: float = 0.0
+    n: int = 0
+    timeline: list[tuple[int, int]] = field(default_factory=list)  # (ts, hit)
+
+    def add(self, ranked: list[str], targets: set[str], ts: int) -> None:
+        top_hit = ranked[:HIT_K]
+        hit = int(any(i in targets for i in top_hit))
+        self.hits += hit
+        self.recall += len(targets.intersection(ranked[:RECALL_K])) / len(targets)
+        dcg = sum(1.0 / math.log2(r + 2) for r, i in enumerate(ranked[:NDCG_K]) if i in targets)
+        ideal = sum(1.0 / math.log2(r + 2) for r in range(min(len(targets), NDCG_K)))
+        self.ndcg += dcg / ideal
+        self.n += 1
+        self.timeline.append((ts, hit))
+
+    def summary(self) -> dict[str, float]:
+        n = max(self.n, 1)
+        return {"hit_rate@10": round(self.hits / n, 4), "recall@20": round(self.recall / n, 4),
+                "ndcg@10": round(self.ndcg / n, 4)}
+
+
+class TopCounter:
+    """Item counts that only grow, with the current top-k kept incrementally."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self.counts: Counter[str] = Counter()
+        self.top: dict[str, int] = {}
+        self._min: tuple[int, str] | None = None
+
+    def add(self, item: str, n: int = 1) -> None:
+        c = self.counts[item] = self.counts[item] + n
+        if item in self.top:
+            self.top[item] = c
+            if self._min is not None and self._min[1] == item:
+                self._min = None
+        elif len(self.top) < self.k:
+            self.top[item] = c
+            self._min = None
+        else:
+            if self._min is None:
+                self._min = min((v, i) for i, v in self.top.items())
+            if c > self._min[0]:
+                del self.top[self._min[1]]
+                self.top[item] = c
+                self._min = None
+
+    def ranked(self) -> list[str]:
+        return [i for i, _ in sorted(self.top.items(), key=lambda x: (-x[1], x[0]))]
+
+
+@dataclass
+class Unit:
+    user: str
+    start: int
+    stop: int
+    targets: set[str]
+    ts: int
+
+
+def units(ds: Dataset) -> Iterator[Unit]:
+    ev = ds.events
+    users = ev.user_id.to_numpy()
+    sessions = ev.session_id.to_numpy() if "session_id" in ev.columns else np.arange(len(ev)).astype(str)
+    types = ev.type.to_numpy()
+    items = ev.item_id.to_numpy()
+    ts = ev.ts.to_numpy()
+    start = 0
+    for i in range(1, len(ev) + 1):
+        if i == len(ev) or users[i] != users[start] or sessions[i] != sessions[start]:
+            targets = {items[j] for j in range(start, i) if types[j] == "purchase"}
+            yield Unit(str(users[start]), start, i, targets, int(ts[start]))
+            start = i
+
+
+class LiveModel:
+    """Serves the learner's model as it is right now (evaluation needs no checkpoint round trip)."""
+
+    def __init__(self, learner: Learner) -> None:
+        self.learner = learner
+
+    def current(self) -> tuple[int, FusionModel]:
+        return 0, self.learner.model
+
+
+BASE_METHODS = ("system", "river", "covisitation", "served", "popularity", "most_bought")
+
+
+class Evaluator:
+    """Runs one prequential pass of the system and the baselines over a dataset."""
+
+    def __init__(self, client: redis.Redis, settings: Settings) -> None:
+        self.settings = settings
+        self.store = StateStore(client, settings)
+        self.learner = Learner(settings, None, None)
+        self.no_llm = Learner(settings, None, None, model=FusionModel(use_vectors=False, seed=settings.learn_seed))
+        self.joiner = FeedbackJoiner(settings.learn_window_s * 1000, settings.learn_sampled_negatives,
+                                     seed=settings.learn_seed)
+        self.ranker = FusionRanker(client, settings, LiveModel(self.learner))  # type: ignore[arg-type]
+        self.learner.lookup = self.ranker.lookup
+        self._logged: list[Snapshot] = []
+        self.writer = RecommendationWriter(client, settings, ranker=self.ranker, sink=self._logged.extend)
+        self.reader = RecommendationReader(client, settings)
+        self.methods = {name: MethodScore() for name in BASE_METHODS}
+        self.cold = {name: MethodScore() for name in self.methods}
+        self.content: ContentIndex | None = None
+        self.popular = TopCounter(RECALL_K)
+        self.bought: dict[str, Counter[str]] = defaultdict(Counter)
+
+    def run(self, ds: Dataset, *, chunk_events: int = 2000, progress: bool = True,
+            on_chunk: Callable[[int], None] | None = None) -> dict[str, Any]:
+        self._load_catalog(ds)
+        rows = ds.events.to_dict("records")
+        chunk: list[Unit] = []
+        users: set[str] = set()
+        size = 0
+        bar = tqdm(total=len(rows), desc="evaluate", unit="ev", disable=not progress, mininterval=0.5)
+        for unit in units(ds):
+            if unit.user in users or size >= chunk_events:
+                self._flush(chunk, rows)
+                bar.update(size)
+                if on_chunk:
+                    on_chunk(size)
+                chunk, users, size = [], set(), 0
+            chunk.append(unit)
+            users.add(unit.user)
+            size += unit.stop - unit.start
+        self._flush(chunk, rows)
+        bar.update(size)
+        bar.close()
+        return self.report(ds.name, len(rows))
+
+    def embed_catalog(self, ds: Dataset, encoder: TextEncoder, progress: bool = True) -> str:
+        """Embed the dataset's catalog into this run's namespace and make it the active version."""
+        self._load_catalog(ds)
+        store = VectorStore(self.store.redis, self.settings)
+        info = store.register(version_info(encoder.spec, self.settings))
+        embedder = CatalogEmbedder(encoder, store, info.version, batch_size=self.settings.embed_batch_size,
+                                   cache_items=max(self.settings.embed_cache_items, len(ds.items)))
+        first_ts = int(ds.events.ts.iloc[0]) if len(ds.events) else 0
+        events = [msgspec.convert(ev, CatalogEvent) for ev in ds.catalog_events(first_ts)]
+        chunk = self.settings.embed_batch_size * 8
+        for i in tqdm(range(0, len(events), chunk), desc="embed catalog", unit="chunk", disable=not progress):
+            embedder.process(events[i: i + chunk])
+        store.activate(info.version)
+        self.content = ContentIndex(self.store.redis, self.settings)
+        for name in ("content", "torch_head", "fusion_no_llm"):
+            self.methods[name] = MethodScore()
+            self.cold[name] = MethodScore()
+        return info.version
+
+    def _load_catalog(self, ds: Dataset, batch: int = 5000) -> None:
+        first_ts = int(ds.events.ts.iloc[0]) if len(ds.events) else 0
+        events = [msgspec.convert(ev, CatalogEvent) for ev in ds.catalog_events(first_ts)]
+        for i in range(0, len(events), batch):
+            self.store.apply_catalog(events[i: i + batch])
+
+    def _rankings(self, scored: list[Unit]) -> dict[str, dict[str, list[str]]]:
+        """Every method's top items for each scored unit's user, from the state before the unit."""
+        contexts = self.writer.candidates.for_stored_users({u.user: u.ts for u in scored})
+        pools = self.ranker.pools(contexts)
+        pred = self.learner.model.predict(Rows.of_pools(pools, self.ranker.lookup))
+        scores = {"system": pred.fused, "river": pred.scorers["river"]}
+        if "torch_head" in self.methods:
+            scores["torch_head"] = pred.scorers.get("torch_head", np.full(len(pred.fused), 0.5))
+            scores["fusion_no_llm"] = self.no_llm.model.predict(Rows.of_pools(pools, None)).fused
+        served = self.reader.many([u.user for u in scored], k=RECALL_K)
+        out: dict[str, dict[str, list[str]]] = {}
+        start = 0
+        for u, pool in zip(scored, pools, strict=True):
+            end = start + len(pool)
+            ranked = {name: _top(pool.items, s[start:end]) for name, s in scores.items()}
+            covis = pool.column("covis")
+            ranked["covisitation"] = [pool.items[r] for r in np.argsort(-covis, kind="stable")[:RECALL_K]
+                                      if covis[r] > 0]
+            ranked["served"] = [r.item_id for r in served[u.user].items]
+            ranked["popularity"] = self.popular.ranked()
+            ranked["most_bought"] = [i for i, _ in self.bought[u.user].most_common(RECALL_K)]
+            if self.content is not None:
+                ranked["content"] = [i for i, _ in self.content.for_user(u.user, RECALL_K)]
+            out[u.user] = ranked
+            start = end
+        return out
+
+    def _learn(self) -> None:
+        groups = self.joiner.add(self._logged)
+        self._logged.clear()
+        self.learner.learn(groups)
+        if "fusion_no_llm" in self.methods:
+            self.no_llm.learn(groups)
+
+    def _flush(self, chunk: list[Unit], rows: list[dict[str, Any]]) -> None:
+        scored = [u for u in chunk if u.targets]
+        if scored:
+            rankings = self._rankings(scored)
+            for u in scored:
+                cold = {t for t in u.targets if self.popular.counts[t] < COLD_START_BELOW}
+                for name, items in rankings[u.user].items():
+                    self.methods[name].add(items, u.targets, u.ts)
+                    if cold:
+                        self.cold[name].add(items, cold, u.ts)
+        batch: list[Positioned] = []
+        for u in chunk:
+            for j in range(u.start, u.stop):
+                row = rows[j]
+                if row["type"] != "impression":
+                    self.popular.add(row["item_id"])
+                if row["type"] == "purchase":
+                    self.bought[u.user][row["item_id"]] += 1
+                batch.append(Positioned(0, j, _event(row, j)))
+        result = self.store.apply(batch)
+        self.writer(result)
+        self._learn()
+
+    def report(self, name: str, n_events: int) -> dict[str, Any]:
+        return {"dataset": name, "events": n_events, "evaluated": self.methods["system"].n,
+                "methods": {m: s.summary() for m, s in self.methods.items()},
+                "cold_start_evaluated": self.cold["system"].n,
+                "cold_start": {m: s.summary() for m, s in self.cold.items()},
+                "learner": {"examples": self.learner.model.examples,
+                            "decisions": dict(sorted(self.joiner.outcomes.items()))}}
+
+
+def _top(items: list[str], scores: np.ndarray) -> list[str]:
+    """The pool's best ``RECALL_K`` items by score; ties keep pool order (the fixed blend)."""
+    return [items[r] for r in np.argsort(-scores, kind="stable")[:RECALL_K]]
+
+
+def _event(row: dict[str, Any], n: int) -> UserEvent:
+    return UserEvent(event_id=str(n), type=row["type"], user_id=row["user_id"], item_id=row["item_id"],
+                     ts=int(row["ts"]))
+
+
+def plot(methods: dict[str, MethodScore], path: str, title: str) -> None:
+    """HitRate@10 over event time (weekly buckets when the data spans weeks, else hourly)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for name, score in methods.items():
+        if not score.timeline:
+            continue
+        ts = np.array([t for t, _ in score.timeline], dtype=np.int64)
+        hits = np.array([h for _, h in score.timeline], dtype=float)
+        span = ts.max() - ts.min()
+        bucket = 7 * 86_400_000 if span > 21 * 86_400_000 else 3_600_000 if span > 6 * 3_600_000 else 600_000
+        b = (ts - ts.min()) // bucket
+        means = np.bincount(b, weights=hits) / np.maximum(np.bincount(b), 1)
+        x = (ts.min() + np.arange(len(means)) * bucket).astype("datetime64[ms]")
+        ax.plot(x, means, label=f"{name} ({score.summary()['hit_rate@10']:.3f})")
+    ax.set_ylabel("HitRate@10")
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.autofmt_xdate()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,55 @@
+"""Wiring of the user-state process: consumer → state store → recommendation writer, with metrics."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fusionrec.core.keys import Keys
+from fusionrec.core.metrics import Metrics
+from fusionrec.core.redis_client import connect
+from fusionrec.core.settings import Settings
+from fusionrec.online.learning.feedback import FeedbackPublisher
+from fusionrec.online.ranking.writer import RecommendationWriter
+from fusionrec.streams.consumer import BatchConsumer
+from fusionrec.streams.state import StateStore
+from fusionrec.streams.trending import ItemDeltaPublisher
+from fusionrec.streams.user_state import UserStateHandler
+
+log = logging.getLogger(__name__)
+
+
+class StatePipeline:
+    """Builds every part of ``fusionrec consume``; a context manager that closes the Redis pool."""
+
+    def __init__(self, settings: Settings, *, metrics: Metrics | None = None, serve_metrics: bool = False,
+                 group_id: str | None = None, consumer_options: dict[str, Any] | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        self.redis = connect(settings)
+        keys = Keys.for_settings(settings)
+        self.store = StateStore(self.redis, settings, keys)
+        # The learned ranker logs what it ranked for the learner (fusionrec.online.learning.feedback).
+        self.feedback = FeedbackPublisher(settings) if settings.rec_ranker == "fusion" else None
+        self.writer = RecommendationWriter(self.redis, settings, metrics=self.metrics, keys=keys,
+                                           sink=self.feedback)
+        self.deltas = ItemDeltaPublisher(settings, self.metrics)
+        self.handler = UserStateHandler(self.store, self.metrics, after_apply=[self.writer, self.deltas])
+        self.consumer = BatchConsumer(settings, self.handler, self.metrics, group_id=group_id,
+                                      consumer_options=consumer_options)
+        if serve_metrics:
+            self.metrics.serve(settings.metrics_host, settings.metrics_port)
+        log.info("user-state pipeline: %s", {k: v for k, v in settings.masked().items()
+                                             if k in ("kafka_bootstrap", "redis_url", "group_state",
+                                                      "topic_events", "batch_size")})
+
+    def __enter__(self) -> StatePipeline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            for producer in (self.feedback, self.deltas):
+                if producer is not None:
+                    producer.close()
+        finally:
+            self.redis.close()

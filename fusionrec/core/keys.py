@@ -1,0 +1,187 @@
+"""The Redis key schema: the only module that spells a key.
+
+Keys carry a hash tag naming a *bucket* (``crc32(id) % buckets``), so one Lua script can update every
+user (or item) of a bucket that a batch touched, atomically, in one Redis Cluster slot. A batch thus
+costs at most ``buckets`` script calls per stage, whatever its size. ``buckets`` is fixed for the
+lifetime of a deployment (``FUSIONREC_REDIS_BUCKETS``; changing it means a new prefix).
+
+=================================  ====  ======================================================
+key                                type  content
+=================================  ====  ======================================================
+``P:{u:B}:<uid>:s``                hash  counters ``n:<type>``, ``last_seen`` (ms)
+``P:{u:B}:<uid>:recent``           list  most recent distinct item ids, newest first (capped)
+``P:{u:B}:<uid>:items``            zset  decayed interaction weight per item (repeat candidates)
+``P:{u:B}:<uid>:aff``              zset  decayed affinity, members ``c:<category>``/``b:<brand>``
+``P:{u:B}:<uid>:rec``              str   JSON top-K recommendations with scores and sources
+``P:{u:B}:<uid>:pv``               str   profile vector: msgpack ``[version, float32 bytes]``
+``P:{u:B}:o``                      hash  offset guard per source partition for the bucket's users
+``P:{i:B}:<iid>:meta``             hash  catalog fields (title, category, brand, price, ts, deleted)
+``P:{i:B}:<iid>:covis``            zset  co-visitation neighbours with weights (capped)
+``P:{i:B}:o``                      hash  offset guard per source partition for co-visitation
+``P:{g}:pop``                      zset  decayed item popularity
+``P:{g}:o``                        hash  offset guard per source partition for popularity
+``P:{g}:deleted``                  set   deleted item ids (excluded from candidates)
+``P:{g}:trend``                    zset  trending items (faust hopping window counts)
+``P:{g}:trend:c:<category>``       zset  trending items per category
+``P:{g}:trend:categories``         zset  trending categories (window interaction counts)
+``P:{m}:fusion:head``              str   number of the fusion checkpoint rankers load
+``P:{m}:fusion:seq``               str   last checkpoint number handed out
+``P:{m}:fusion:index``             zset  stored checkpoint numbers
+``P:{m}:fusion:<n>``               str   checkpoint: pickled model (river, torch state_dict, fusion)
+``P:{m}:learner:lease``            str   held by the one active learner process
+``P:{m}:active``                   str   the model version readers use
+``P:{m}:versions``                 hash  version -> JSON (model id, dim, dtype, status, counts)
+``P:{m}:backfill:<ver>``           str   lock held by the process re-embedding the catalog
+``P:{m}:worker:<name>``            str   JSON status of a live embedding worker (partitions, counts)
+``P:{v:<ver>}:e:<iid>``            hash  item vector ``v`` (bytes), text hash ``h``, event ``ts``,
+                                         written ``at`` (ms), worker ``w``, embeddings ``n``; ``del``
+``P:{v:<ver>}:set``                vset  Redis 8 vector set of the version (VADD/VSIM)
+``P:{v:<ver>}:seq``                str   change counter (in-process indexes reload when it moves)
+=================================  ====  ======================================================
+
+``P`` is ``Settings.redis_prefix``; a test or an evaluation run uses its own prefix. A model version
+keeps all its vectors in one hash slot (``{v:<ver>}``), like the vector set it feeds, so one script
+writes an item's blob and its vector-set entry atomically.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import zlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fusionrec.core.settings import Settings
+
+# Ids may not contain hash-tag braces or whitespace; the contract rejects such ids before they get here.
+ID_PATTERN = re.compile(r"^[^{}\s]{1,128}$")
+
+
+@functools.lru_cache(maxsize=1 << 18)
+def _bucket(ident: str, buckets: int) -> int:
+    return zlib.crc32(ident.encode()) % buckets
+
+
+class Keys:
+    """Builds fusionrec's Redis keys under one prefix."""
+
+    def __init__(self, prefix: str = "fr", buckets: int = 64) -> None:
+        self.prefix = prefix
+        self.buckets = buckets
+
+    @classmethod
+    def for_settings(cls, settings: Settings) -> Keys:
+        return cls(settings.redis_prefix, settings.redis_buckets)
+
+    def bucket(self, ident: str) -> int:
+        return _bucket(ident, self.buckets)
+
+    # --- per user
+    def user_tag(self, bucket: int) -> str:
+        return f"{self.prefix}:{{u:{bucket}}}"
+
+    def user(self, uid: str, kind: str) -> str:
+        """``kind`` is one of ``s``, ``recent``, ``items``, ``aff``, ``rec``."""
+        return f"{self.user_tag(self.bucket(uid))}:{uid}:{kind}"
+
+    def user_state(self, uid: str) -> str:
+        return self.user(uid, "s")
+
+    def user_recent(self, uid: str) -> str:
+        return self.user(uid, "recent")
+
+    def user_items(self, uid: str) -> str:
+        return self.user(uid, "items")
+
+    def user_affinity(self, uid: str) -> str:
+        return self.user(uid, "aff")
+
+    def user_rec(self, uid: str) -> str:
+        return self.user(uid, "rec")
+
+    def user_keys(self, uid: str) -> list[str]:
+        """The four keys the user-state script writes for one user, in script order."""
+        return [self.user(uid, k) for k in ("s", "recent", "items", "aff")]
+
+    def user_profile(self, uid: str) -> str:
+        return self.user(uid, "pv")
+
+    def user_guard(self, bucket: int) -> str:
+        return f"{self.user_tag(bucket)}:o"
+
+    # --- per item
+    def item_tag(self, bucket: int) -> str:
+        return f"{self.prefix}:{{i:{bucket}}}"
+
+    def item_meta(self, iid: str) -> str:
+        return f"{self.item_tag(self.bucket(iid))}:{iid}:meta"
+
+    def item_covis(self, iid: str) -> str:
+        return f"{self.item_tag(self.bucket(iid))}:{iid}:covis"
+
+    def item_guard(self, bucket: int) -> str:
+        return f"{self.item_tag(bucket)}:o"
+
+    # --- global
+    def popularity(self) -> str:
+        return f"{self.prefix}:{{g}}:pop"
+
+    def popularity_guard(self) -> str:
+        return f"{self.prefix}:{{g}}:o"
+
+    def deleted_items(self) -> str:
+        return f"{self.prefix}:{{g}}:deleted"
+
+    def item_meta_pattern(self) -> str:
+        """A SCAN pattern matching every item's catalog hash."""
+        return f"{self.prefix}:{{i:*}}:*:meta"
+
+    def item_id_from_meta(self, key: str) -> str:
+        return key.rsplit(":", 2)[-2]
+
+    def trending(self, category: str | None = None) -> str:
+        return f"{self.prefix}:{{g}}:trend" + (f":c:{category}" if category else "")
+
+    def trending_categories(self) -> str:
+        return f"{self.prefix}:{{g}}:trend:categories"
+
+    # --- fusion checkpoints
+    def fusion(self, what: str | int) -> str:
+        """``head``, ``seq`` or a checkpoint number."""
+        return f"{self.prefix}:{{m}}:fusion:{what}"
+
+    def learner_lease(self) -> str:
+        return f"{self.prefix}:{{m}}:learner:lease"
+
+    # --- model versions and vectors
+    def active_model(self) -> str:
+        return f"{self.prefix}:{{m}}:active"
+
+    def model_versions(self) -> str:
+        return f"{self.prefix}:{{m}}:versions"
+
+    def backfill_lock(self, version: str) -> str:
+        return f"{self.prefix}:{{m}}:backfill:{version}"
+
+    def worker_status(self, name: str) -> str:
+        return f"{self.prefix}:{{m}}:worker:{name}"
+
+    def vec_tag(self, version: str) -> str:
+        return f"{self.prefix}:{{v:{version}}}"
+
+    def item_vector(self, version: str, iid: str) -> str:
+        return f"{self.vec_tag(version)}:e:{iid}"
+
+    def vector_set(self, version: str) -> str:
+        return f"{self.vec_tag(version)}:set"
+
+    def vector_seq(self, version: str) -> str:
+        return f"{self.vec_tag(version)}:seq"
+
+    def vector_pattern(self, version: str) -> str:
+        return f"{self.vec_tag(version)}:*"
+
+    def pattern(self) -> str:
+        """A SCAN pattern matching every key under this prefix."""
+        return f"{self.prefix}:*"

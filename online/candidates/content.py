@@ -1,0 +1,113 @@
+"""Content-based retrieval over the active model version's item vectors.
+
+``VSIM`` on the version's Redis vector set where the server has vector sets; an exact in-process
+index (:class:`fusionrec.models.vectors.LocalIndex`) otherwise (Redis 7, or ``FUSIONREC_VECTOR_INDEX=local``).
+Scores follow the vector-set convention, ``(1 + cosine) / 2`` in [0, 1].
+
+A user's *profile vector* is the weighted mean of the vectors of their strongest items, weighted by
+their decayed interaction weights (which already weigh purchases over carts over clicks over views);
+its nearest items are the user's content candidates. A brand-new item with no interactions at all
+can be recommended this way.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any, cast
+
+import msgspec
+import numpy as np
+import redis
+
+from fusionrec.core.keys import Keys
+from fusionrec.core.settings import Settings
+from fusionrec.models.vectors import LocalIndex, VectorStore
+
+Scored = list[tuple[str, float]]
+
+
+def _pairs(flat: Sequence[Any]) -> Scored:
+    return [(m.decode() if isinstance(m, bytes) else m, float(s)) for m, s in zip(flat[0::2], flat[1::2], strict=True)]
+
+
+def profile_vector(vectors: dict[str, np.ndarray], weights: Sequence[tuple[str, float]]) -> np.ndarray | None:
+    """Weighted mean of the items' vectors, unit length; None when none of the items has a vector."""
+    rows = [(vectors[i], w) for i, w in weights if i in vectors and w > 0]
+    if not rows:
+        return None
+    top = max(w for _, w in rows)
+    mean = sum((v * (w / top) for v, w in rows), np.zeros_like(rows[0][0]))
+    norm = float(np.linalg.norm(mean))
+    return (mean / norm).astype(np.float32) if norm > 0 else None
+
+
+class ContentIndex:
+    """Nearest items by content in the active version; thread-safe, cheap to share."""
+
+    def __init__(self, client: redis.Redis, settings: Settings, keys: Keys | None = None,
+                 active_ttl_s: float = 1.0) -> None:
+        self.redis = client
+        self.settings = settings
+        self.keys = keys or Keys.for_settings(settings)
+        self.store = VectorStore(client, settings, self.keys)
+        self.local = LocalIndex(self.store)
+        self.active_ttl_s = active_ttl_s
+        self._active: tuple[str | None, float] = (None, 0.0)
+        self._lock = threading.Lock()
+
+    def active(self) -> str | None:
+        """The version readers use, re-read at most every ``active_ttl_s``."""
+        with self._lock:
+            version, at = self._active
+            if time.monotonic() - at >= self.active_ttl_s:
+                version = self.store.active()
+                self._active = (version, time.monotonic())
+            return version
+
+    def similar_items(self, item_id: str, k: int) -> Scored:
+        """The ``k`` items nearest to ``item_id`` (itself left out); [] when it has no vector."""
+        version = self.active()
+        if version is None or k <= 0:
+            return []
+        if self.store.use_vector_sets:
+            try:
+                flat = self.redis.execute_command("VSIM", self.keys.vector_set(version), "ELE", item_id,
+                                                  "COUNT", k + 1, "WITHSCORES")
+            except redis.ResponseError:  # element not in the set
+                return []
+            return [p for p in _pairs(flat) if p[0] != item_id][:k]
+        vec = self.local.vector(version, item_id)
+        if vec is None:
+            return []
+        return [p for p in self.local.search(version, vec, k + 1) if p[0] != item_id][:k]
+
+    def nearest(self, version: str, queries: Sequence[np.ndarray], k: int) -> list[Scored]:
+        """The ``k`` nearest items to each query vector (one pipelined round trip with vector sets)."""
+        if not queries or k <= 0:
+            return [[] for _ in queries]
+        if not self.store.use_vector_sets:
+            return [self.local.search(version, q, k) for q in queries]
+        pipe = self.redis.pipeline(transaction=False)
+        for q in queries:
+            pipe.execute_command("VSIM", self.keys.vector_set(version), "FP32",
+                                 np.ascontiguousarray(q, dtype="<f4").tobytes(), "COUNT", k, "WITHSCORES")
+        return [_pairs(flat) for flat in pipe.execute()]
+
+    def profile(self, user_id: str) -> tuple[str, np.ndarray] | None:
+        """The stored profile vector of a user with its version, if it is of the active version."""
+        raw = cast(bytes | None, self.redis.get(self.keys.user_profile(user_id)))
+        if raw is None:
+            return None
+        version, blob = msgspec.msgpack.decode(raw)
+        if version != self.active():
+            return None
+        return version, np.frombuffer(blob, dtype="<f4")
+
+    def for_user(self, user_id: str, k: int) -> Scored:
+        """Content candidates of a user from the stored profile vector; [] without one."""
+        found = self.profile(user_id)
+        if found is None:
+            return []
+        return self.nearest(found[0], [found[1]], k)[0]

@@ -1,0 +1,219 @@
+"""The one read side: what Redis holds about users, as named candidate contexts.
+
+The recommendation writer, search and the evaluator all rank from a :class:`UserContext`; this
+module is the only place that reads one. Per call, one pipeline with one script call per hash-tag
+bucket and source (see :data:`fusionrec.core.scripts.MULTI_ZTOP`):
+
+1. the popular and trending lists and the number of deleted items (global);
+2. per user: their strongest items (repeat candidates) and category/brand affinities;
+3. per recent item: its co-visitation neighbours;
+4. when item vectors exist: the user's profile vector from their strongest items' vectors, and its
+   nearest items (content candidates);
+5. when items were ever deleted: which candidates are deleted (excluded from every list).
+
+Every reply is filed under the name of what it answers, never by its position in the pipeline.
+
+>>> reader = CandidateReader(client, settings)                              # doctest: +SKIP
+>>> [ctx] = reader.for_stored_users({"42": now_ms})                        # doctest: +SKIP
+>>> ctx.items[:3], ctx.popular[:3]                                         # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import redis
+
+from fusionrec.core.keys import Keys
+from fusionrec.core.scripts import MULTI_ZTOP
+from fusionrec.core.settings import Settings
+from fusionrec.online.candidates.content import ContentIndex, profile_vector
+
+AFFINITY_TOP = 20  # strongest category/brand affinities read per user
+
+Scored = list[tuple[str, float]]
+
+
+@dataclass
+class UserContext:
+    """Everything a ranker sees about one user at decision time."""
+
+    user_id: str
+    recent: list[str]
+    # the user's own decayed item weights, strongest first (repeat candidates)
+    items: Scored = field(default_factory=list)
+    # recent item -> its co-visitation neighbours with weights, strongest first
+    covis: dict[str, Scored] = field(default_factory=dict)
+    popular: Scored = field(default_factory=list)
+    # nearest items to the user's profile vector, with similarity in [0, 1], nearest first
+    content: Scored = field(default_factory=list)
+    # (model version, unit vector) when the user's items have vectors
+    profile: tuple[str, np.ndarray] | None = None
+    excluded: frozenset[str] = frozenset()
+    # globally trending items (faust hopping windows), strongest first
+    trending: Scored = field(default_factory=list)
+    # decayed category/brand affinity, members ``c:<category>`` / ``b:<brand>``
+    affinity: dict[str, float] = field(default_factory=dict)
+    # decision time (ms): event time of the newest event the user's state includes
+    ts: int = 0
+
+
+class Anchor(Protocol):
+    """Where a user's reading starts: their most recent items (newest first) and the decision time."""
+
+    recent: list[str]
+    last_ts: int
+
+
+@dataclass
+class StoredAnchor:
+    recent: list[str]
+    last_ts: int
+
+
+def normalised(pairs: Scored) -> dict[str, float]:
+    """Scores divided by the largest one (empty when nothing is positive)."""
+    if not pairs:
+        return {}
+    top = max(score for _, score in pairs)
+    if top <= 0:
+        return {}
+    return {item: score / top for item, score in pairs}
+
+
+def spread(pairs: Scored) -> dict[str, float]:
+    """Min-max scaled to [0, 1]; similarity scores bunch near the top, this keeps their order visible."""
+    if not pairs:
+        return {}
+    lo, hi = min(s for _, s in pairs), max(s for _, s in pairs)
+    if hi - lo <= 1e-12:
+        return {item: 1.0 for item, _ in pairs}
+    return {item: (s - lo) / (hi - lo) for item, s in pairs}
+
+
+def _text(raw: bytes | str) -> str:
+    return raw.decode() if isinstance(raw, bytes) else raw
+
+
+def _pairs(raw: Iterable[tuple[bytes | str, float]]) -> Scored:
+    return [(_text(m), float(s)) for m, s in raw]
+
+
+class _Replies:
+    """A pipeline whose replies are filed by name: ``(name, id) -> reply``."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.pipe = client.pipeline(transaction=False)
+        self._tags: list[tuple[str, list[str] | None]] = []
+
+    def add(self, name: str, ids: list[str] | None = None) -> Any:
+        """Tag the next queued command; ``ids`` when its reply has one entry per id (a MULTI_ZTOP call)."""
+        self._tags.append((name, ids))
+        return self.pipe
+
+    def execute(self) -> tuple[dict[str, Any], dict[str, dict[str, Scored]]]:
+        """Global replies by name, and per-id scored lists by name."""
+        single: dict[str, Any] = {}
+        per_id: dict[str, dict[str, Scored]] = defaultdict(dict)
+        for (name, ids), reply in zip(self._tags, self.pipe.execute(), strict=True):
+            if ids is None:
+                single[name] = reply
+                continue
+            for ident, flat in zip(ids, reply, strict=True):
+                per_id[name][ident] = list(zip(map(_text, flat[0::2]), map(float, flat[1::2]), strict=True))
+        return single, per_id
+
+
+class CandidateReader:
+    """Reads users' candidate contexts from Redis (thread-safe; share one per process)."""
+
+    def __init__(self, client: redis.Redis, settings: Settings, keys: Keys | None = None,
+                 content: ContentIndex | None = None) -> None:
+        self.redis = client
+        self.settings = settings
+        self.keys = keys or Keys.for_settings(settings)
+        self.content = content or ContentIndex(client, settings, self.keys)
+        self._ztop = client.register_script(MULTI_ZTOP)
+
+    def for_users(self, users: Mapping[str, Anchor]) -> list[UserContext]:
+        """Contexts for users whose recent items the caller knows (the writer: from the batch just applied)."""
+        s = self.settings
+        recent = {uid: a.recent[: s.rec_recent_items] for uid, a in users.items()}
+        anchors = sorted({i for items in recent.values() for i in items})
+        q = _Replies(self.redis)
+        q.add("popular").zrange(self.keys.popularity(), 0, s.rec_popular_candidates - 1, desc=True,
+                                withscores=True)
+        q.add("deleted").scard(self.keys.deleted_items())
+        q.add("trending").zrange(self.keys.trending(), 0, s.rec_trending_candidates - 1, desc=True,
+                                 withscores=True)
+        for group in self._by_bucket(list(users)):
+            self._ztop(keys=[self.keys.user_items(u) for u in group], args=[s.rec_repeat_candidates],
+                       client=q.add("items", group))
+            self._ztop(keys=[self.keys.user_affinity(u) for u in group], args=[AFFINITY_TOP],
+                       client=q.add("affinity", group))
+        for group in self._by_bucket(anchors):
+            self._ztop(keys=[self.keys.item_covis(i) for i in group], args=[s.rec_candidates_per_item],
+                       client=q.add("covis", group))
+        single, per_id = q.execute()
+        popular = _pairs(single["popular"])
+        trending = _pairs(single["trending"]) if s.rec_trending_candidates > 0 else []
+        contexts = [UserContext(user_id=uid, recent=recent[uid], items=per_id["items"][uid],
+                                covis={a: per_id["covis"][a] for a in recent[uid]}, popular=popular,
+                                trending=trending, affinity=dict(per_id["affinity"][uid]), ts=a.last_ts)
+                    for uid, a in users.items()]
+        self._add_content(contexts)
+        if int(single["deleted"]):
+            self._exclude_deleted(contexts)
+        return contexts
+
+    def for_stored_users(self, at: Mapping[str, int]) -> list[UserContext]:
+        """Contexts for users as stored, decided at ``at[user]`` ms (or their newest event, if later).
+
+        Search and the evaluator use this; an unknown user gets the context of a user with no history.
+        """
+        pipe = self.redis.pipeline(transaction=False)
+        for uid in at:
+            pipe.lrange(self.keys.user_recent(uid), 0, self.settings.rec_recent_items - 1)
+            pipe.hget(self.keys.user_state(uid), "last_seen")
+        replies = pipe.execute()
+        anchors = {uid: StoredAnchor(recent=[_text(r) for r in recent], last_ts=max(ts, int(last_seen or 0)))
+                   for (uid, ts), recent, last_seen in zip(at.items(), replies[0::2], replies[1::2], strict=True)}
+        return self.for_users(anchors)
+
+    def _add_content(self, contexts: list[UserContext]) -> None:
+        """Profile vectors and their nearest items, for users whose items have vectors."""
+        s = self.settings
+        version = self.content.active()
+        if version is None or s.rec_content_candidates <= 0:
+            return
+        strongest = {c.user_id: c.items[: s.rec_profile_items] for c in contexts}
+        ids = sorted({i for items in strongest.values() for i, _ in items})
+        vectors = self.content.store.vectors(version, ids)
+        with_profile = []
+        for ctx in contexts:
+            vec = profile_vector(vectors, strongest[ctx.user_id])
+            if vec is not None:
+                ctx.profile = (version, vec)
+                with_profile.append(ctx)
+        found = self.content.nearest(version, [c.profile[1] for c in with_profile if c.profile],
+                                     s.rec_content_candidates)
+        for ctx, near in zip(with_profile, found, strict=True):
+            ctx.content = near
+
+    def _exclude_deleted(self, contexts: list[UserContext]) -> None:
+        candidates = sorted({i for c in contexts for i, _ in (*c.items, *c.popular, *c.content, *c.trending)}
+                            | {i for c in contexts for ns in c.covis.values() for i, _ in ns})
+        flags = self.redis.smismember(self.keys.deleted_items(), candidates) if candidates else []
+        deleted = frozenset(i for i, f in zip(candidates, flags, strict=True) if f)
+        for c in contexts:
+            c.excluded = deleted
+
+    def _by_bucket(self, ids: list[str]) -> list[list[str]]:
+        groups: dict[int, list[str]] = defaultdict(list)
+        for i in ids:
+            groups[self.keys.bucket(i)].append(i)
+        return list(groups.values())

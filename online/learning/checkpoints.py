@@ -1,0 +1,151 @@
+"""Fusion model checkpoints in Redis, and the hot-reloading view rankers serve from.
+
+A checkpoint is one pickled :class:`Checkpoint` (the model: river pickles, the torch head's
+``state_dict`` and optimiser state, the fusion weights; plus metadata) under ``{m}:fusion:<n>``.
+``{m}:fusion:head`` names the one rankers serve; a save writes the blob and moves the head in one
+MULTI, and keeps the newest ``keep`` blobs. Rolling back moves the head to an older number.
+
+Checkpoints are pickles: only a process that can write fusionrec's Redis can plant one, the same
+trust boundary as every other key the rankers read.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, cast
+
+import redis
+
+from fusionrec.core.keys import Keys
+from fusionrec.core.metrics import Metrics
+from fusionrec.core.settings import Settings
+
+if TYPE_CHECKING:  # the model imports torch; readers of checkpoint numbers do not need it
+    from fusionrec.online.learning.model import FusionModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Checkpoint:
+    model: FusionModel
+    number: int = 0
+    created_ms: int = 0
+    # wall time of the oldest and newest update included since the previous checkpoint
+    learned_from_ms: int = 0
+    learned_to_ms: int = 0
+    examples: int = 0
+    hit_rate: float | None = None  # prequential HitRate@10 over the interval it covers
+    offsets: dict[str, int] = field(default_factory=dict)  # "topic:partition" -> next offset
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class CheckpointStore:
+    def __init__(self, client: redis.Redis, settings: Settings, keys: Keys | None = None) -> None:
+        self.redis = client
+        self.keys = keys or Keys.for_settings(settings)
+        self.keep = settings.learn_keep_checkpoints
+
+    def head(self) -> int | None:
+        raw = self.redis.get(self.keys.fusion("head"))
+        return int(cast(bytes, raw)) if raw is not None else None
+
+    def numbers(self) -> list[int]:
+        """Stored checkpoint numbers, oldest first."""
+        found = cast(list[bytes], self.redis.zrange(self.keys.fusion("index"), 0, -1))
+        return [int(n) for n in found]
+
+    def save(self, ckpt: Checkpoint) -> int:
+        number = int(cast(int, self.redis.incr(self.keys.fusion("seq"))))
+        ckpt.number = number
+        ckpt.created_ms = int(time.time() * 1000)
+        blob = pickle.dumps(ckpt, protocol=pickle.HIGHEST_PROTOCOL)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.set(self.keys.fusion(number), blob)
+        pipe.zadd(self.keys.fusion("index"), {str(number): number})
+        pipe.set(self.keys.fusion("head"), number)
+        pipe.execute()
+        self._trim()
+        return number
+
+    def load(self, number: int | None = None) -> Checkpoint | None:
+        number = self.head() if number is None else number
+        if number is None:
+            return None
+        raw = self.redis.get(self.keys.fusion(number))
+        if raw is None:
+            return None
+        ckpt = pickle.loads(cast(bytes, raw))  # noqa: S301 - written by fusionrec's learner (module docstring)
+        if not isinstance(ckpt, Checkpoint):
+            raise TypeError(f"{self.keys.fusion(number)} does not hold a fusion checkpoint")
+        return ckpt
+
+    def previous(self, number: int) -> int | None:
+        older = [n for n in self.numbers() if n < number]
+        return older[-1] if older else None
+
+    def set_head(self, number: int) -> None:
+        self.redis.set(self.keys.fusion("head"), number)
+
+    def _trim(self) -> None:
+        numbers = self.numbers()
+        head = self.head()
+        drop = [n for n in numbers[: max(0, len(numbers) - self.keep)] if n != head]
+        if drop:
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.delete(*(self.keys.fusion(n) for n in drop))
+            pipe.zrem(self.keys.fusion("index"), *(str(n) for n in drop))
+            pipe.execute()
+
+
+class ServingModel:
+    """What a ranker serves: the head checkpoint, re-checked at most every ``reload_s`` (thread-safe).
+
+    Before any checkpoint exists it serves an untrained model (the fusion's prior weights).
+    """
+
+    def __init__(self, store: CheckpointStore, settings: Settings, metrics: Metrics | None = None,
+                 reload_s: float | None = None) -> None:
+        self.store = store
+        self.metrics = metrics
+        self.reload_s = settings.learn_reload_s if reload_s is None else reload_s
+        self.use_vectors = settings.learn_vectors
+        from fusionrec.online.learning.model import FusionModel
+
+        self.number = 0
+        self.model = FusionModel(use_vectors=self.use_vectors, seed=settings.learn_seed)
+        self.last_lag_s: float | None = None  # update -> serving lag of the checkpoint loaded last
+        self._checked = 0.0
+        self._lock = threading.Lock()
+
+    def current(self) -> tuple[int, FusionModel]:
+        with self._lock:
+            now = time.monotonic()
+            if now - self._checked >= self.reload_s:
+                self._checked = now
+                self._reload()
+            return self.number, self.model
+
+    def _reload(self) -> None:
+        try:
+            head = self.store.head()
+        except redis.RedisError as exc:
+            log.warning("could not check the fusion checkpoint head: %s", exc)
+            return
+        if head is None or head == self.number:
+            return
+        ckpt = self.store.load(head)
+        if ckpt is None:
+            return
+        self.number, self.model = ckpt.number, ckpt.model
+        lag_s = max(0.0, time.time() - ckpt.learned_from_ms / 1000) if ckpt.learned_from_ms else None
+        self.last_lag_s = lag_s
+        if self.metrics is not None:
+            self.metrics.model_version.set(ckpt.number)
+            if lag_s is not None:
+                self.metrics.model_reload_lag.observe(lag_s)
+        log.info("serving fusion checkpoint %d (%d examples learned)", ckpt.number, ckpt.model.examples)

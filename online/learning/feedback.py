@@ -1,0 +1,168 @@
+"""The feedback log: what was served, joined with what the user did next, becomes training examples.
+
+Each time the recommendation writer ranks a user it logs a :class:`Snapshot`: the candidate pool it
+ranked (features as they were at decision time, shown items first), the user's profile vector, and
+the user's events of the batch that caused this ranking. The learner keeps each user's latest
+snapshot; when the next one arrives, its events are the *outcome* of the previous one:
+
+* positives: pool items the user then clicked, added to cart or purchased within ``window_ms`` of
+  the previous decision;
+* negatives: the shown items not acted on (explicit impressions included), plus up to
+  ``sampled_negatives`` other pool candidates drawn at random.
+
+Features come from the state *before* the outcome, so no label leaks into its own features, and the
+same join runs in ``fusionrec learner`` (snapshots from Kafka) and in ``fusionrec evaluate``
+(snapshots handed over in process). A decision followed by no positive within the window yields no
+example (counted), since an absent user says nothing about which items were better.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections import Counter
+from dataclasses import dataclass
+
+import msgspec
+import numpy as np
+
+from fusionrec.core.settings import Settings
+from fusionrec.online.candidates.features import FEATURES, Pool
+from fusionrec.streams.producer import EventProducer
+
+POSITIVE_TYPES = frozenset({"click", "add_to_cart", "purchase"})
+
+
+class Snapshot(msgspec.Struct, frozen=True, array_like=True):
+    """One logged decision (msgpack on the feedback topic)."""
+
+    user_id: str
+    ts: int  # decision time: event time of the newest event in the state that was ranked
+    items: list[str]  # the pool, ranked: the first ``shown`` were stored as the user's recommendations
+    shown: int
+    X: bytes  # float16 (len(items), n_features), row-major
+    n_features: int
+    version: str | None  # vector model version of ``profile``
+    profile: bytes | None  # float32 unit vector
+    actions: list[tuple[str, str, int]]  # (type, item, ts) that led to this decision
+    impressions: list[str]
+    model: int  # fusion model version that ranked (0: none loaded)
+    logged_at: int  # wall ms
+
+    @classmethod
+    def of(cls, pool: Pool, order: list[int], shown: int, actions: list[tuple[str, str, int]],
+           impressions: list[str], model: int, logged_at: int) -> Snapshot:
+        version, profile = (pool.profile[0], pool.profile[1].astype("<f4").tobytes()) if pool.profile else (None, None)
+        return cls(user_id=pool.user_id, ts=pool.ts, items=[pool.items[r] for r in order], shown=shown,
+                   X=np.ascontiguousarray(pool.X[order], dtype="<f2").tobytes(), n_features=pool.X.shape[1],
+                   version=version, profile=profile, actions=actions, impressions=impressions, model=model,
+                   logged_at=logged_at)
+
+    def pool(self) -> Pool:
+        X = np.frombuffer(self.X, dtype="<f2").reshape(len(self.items), self.n_features).astype(np.float32)
+        profile = (self.version, np.frombuffer(self.profile, dtype="<f4")) \
+            if self.version is not None and self.profile is not None else None
+        return Pool(user_id=self.user_id, ts=self.ts, items=list(self.items), X=X, profile=profile)
+
+
+encode_snapshot = msgspec.msgpack.Encoder().encode
+_decoder = msgspec.msgpack.Decoder(Snapshot)
+
+
+def decode_snapshot(raw: bytes) -> Snapshot:
+    return _decoder.decode(raw)
+
+
+@dataclass
+class Group:
+    """The labelled rows of one decision (a pool subset) and which of them are positive."""
+
+    pool: Pool
+    y: np.ndarray  # (len(pool),) 0/1
+    shown: int  # rows [0, shown) were shown
+
+
+class FeedbackJoiner:
+    """Pairs each user's previous snapshot with the events of the next one (see module docstring)."""
+
+    def __init__(self, window_ms: int, sampled_negatives: int = 30, max_users: int = 200_000, seed: int = 0) -> None:
+        self.window_ms = window_ms
+        self.sampled_negatives = sampled_negatives
+        self.max_users = max_users
+        self.seed = seed
+        self.pending: dict[str, Snapshot] = {}
+        self.outcomes: Counter[str] = Counter()
+        self._watermark = 0
+
+    def add(self, snapshots: list[Snapshot]) -> list[Group]:
+        groups: list[Group] = []
+        for snap in snapshots:
+            if snap.n_features != len(FEATURES):
+                self.outcomes["schema_mismatch"] += 1
+                continue
+            prev = self.pending.pop(snap.user_id, None)
+            if prev is not None:
+                group = self._label(prev, snap)
+                if group is not None:
+                    groups.append(group)
+            self.pending[snap.user_id] = snap
+            self._watermark = max(self._watermark, snap.ts)
+        self._expire()
+        return groups
+
+    def _label(self, prev: Snapshot, nxt: Snapshot) -> Group | None:
+        acted = {item for kind, item, ts in nxt.actions
+                 if kind in POSITIVE_TYPES and prev.ts < ts <= prev.ts + self.window_ms}
+        if not acted:
+            self.outcomes["no_positive"] += 1
+            return None
+        index = {item: r for r, item in enumerate(prev.items)}
+        hits = [index[i] for i in acted if i in index]
+        if not hits:
+            self.outcomes["positive_outside_pool"] += 1
+            return None
+        self.outcomes["labelled"] += 1
+        hit_rows = set(hits)
+        rest = [r for r in range(prev.shown, len(prev.items)) if r not in hit_rows]
+        rng = np.random.default_rng(zlib.crc32(f"{self.seed}:{prev.user_id}:{prev.ts}".encode()))
+        sampled = sorted(rng.choice(rest, size=min(self.sampled_negatives, len(rest)), replace=False).tolist()) \
+            if rest else []
+        rows = sorted(set(range(min(prev.shown, len(prev.items)))) | hit_rows | set(sampled))
+        pool = prev.pool()
+        y = np.array([1.0 if r in hit_rows else 0.0 for r in rows])
+        sub = Pool(user_id=pool.user_id, ts=pool.ts, items=[pool.items[r] for r in rows], X=pool.X[rows],
+                   profile=pool.profile)
+        return Group(pool=sub, y=y, shown=sum(1 for r in rows if r < prev.shown))
+
+    def _expire(self) -> None:
+        """Forget decisions whose window closed without an outcome (and the oldest past ``max_users``)."""
+        cutoff = self._watermark - self.window_ms
+        if len(self.pending) > self.max_users or (self.pending and next(iter(self.pending.values())).ts < cutoff):
+            stale = [u for u, s in self.pending.items() if s.ts < cutoff]
+            for u in stale:
+                del self.pending[u]
+            self.outcomes["expired"] += len(stale)
+            while len(self.pending) > self.max_users:
+                self.pending.pop(next(iter(self.pending)))
+                self.outcomes["evicted"] += 1
+
+
+class FeedbackPublisher:
+    """The writer's feedback sink in production: snapshots to the feedback topic, keyed by user.
+
+    ``__call__`` returns once every snapshot is acknowledged, so the consumer stores its offsets only
+    after the feedback of the batch is durable (a replayed batch logs its decisions again; the joiner
+    treats a repeated decision like any other).
+    """
+
+    def __init__(self, settings: Settings, producer: EventProducer | None = None) -> None:
+        self.topic = settings.topic_feedback
+        self.producer = producer or EventProducer(settings, producer_options={"linger.ms": 5})
+
+    def __call__(self, snapshots: list[Snapshot]) -> None:
+        for snap in snapshots:
+            self.producer.produce(self.topic, encode_snapshot(snap), key=snap.user_id)
+        if snapshots:
+            self.producer.flush()
+
+    def close(self) -> None:
+        self.producer.close()

@@ -1,0 +1,162 @@
+"""The fused model: river scorer + torch head + fusion stacker, scored and learned together.
+
+:class:`FusionModel` is what the learner trains, checkpoints and the rankers load. ``predict`` gives
+every scorer's output for a batch of candidate rows; ``learn`` is predict-then-learn: it returns the
+fused probabilities *before* the update (the prequential prediction), then updates the stacker on
+the scorers' pre-update outputs, then the scorers themselves.
+
+>>> model = FusionModel(seed=1)
+>>> pred = model.predict(Rows.of_pools([pool], vectors))   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from fusionrec.online.candidates.features import FEATURES, VECTOR_FEATURES, Pool
+from fusionrec.online.learning.scorers import SCORERS, FusionStacker, RiverScorer, SearchMix, TorchScorer, scorer_inputs
+
+VectorFetch = Callable[[str, Sequence[str]], dict[str, np.ndarray]]
+
+
+class VectorLookup:
+    """Item vectors by (version, id) with an LRU of ``capacity`` items in front of Redis."""
+
+    def __init__(self, fetch: VectorFetch, capacity: int = 50_000) -> None:
+        self.fetch = fetch
+        self.capacity = capacity
+        self._cache: OrderedDict[tuple[str, str], np.ndarray | None] = OrderedDict()
+
+    def get(self, version: str, ids: Sequence[str]) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        missing = []
+        for i in dict.fromkeys(ids):
+            key = (version, i)
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                vec = self._cache[key]
+                if vec is not None:
+                    out[i] = vec
+            else:
+                missing.append(i)
+        if missing:
+            found = self.fetch(version, missing)
+            for i in missing:
+                vec = found.get(i)
+                self._cache[(version, i)] = vec
+                if vec is not None:
+                    out[i] = vec
+            while len(self._cache) > self.capacity:
+                self._cache.popitem(last=False)
+        return out
+
+
+@dataclass
+class Rows:
+    """Candidate rows of one or more pools, with the dense inputs of the torch head."""
+
+    X: np.ndarray  # (n, F) pool features
+    items: list[str]
+    profile: np.ndarray  # (n, d); zeros where the user has no profile vector
+    item: np.ndarray  # (n, d); zeros where the item has no vector
+    version: str | None  # vector model version of the dense inputs (None: no vectors at all)
+
+    @classmethod
+    def of_pools(cls, pools: Sequence[Pool], lookup: VectorLookup | None, dim: int = 0) -> Rows:
+        """Stack pools; fetch item vectors of the profile's version; mark ``has_vector``."""
+        X = np.concatenate([p.X for p in pools]) if pools else np.zeros((0, len(FEATURES)), np.float32)
+        items = [i for p in pools for i in p.items]
+        version = next((p.profile[0] for p in pools if p.profile is not None), None)
+        vectors = lookup.get(version, items) if (lookup is not None and version is not None) else {}
+        if vectors:
+            dim = len(next(iter(vectors.values())))
+        profile = np.zeros((len(items), dim), dtype=np.float32)
+        item = np.zeros((len(items), dim), dtype=np.float32)
+        start = 0
+        col = FEATURES.index("has_vector")
+        for p in pools:
+            if p.profile is not None and p.profile[0] == version and dim:
+                profile[start: start + len(p)] = p.profile[1]
+            start += len(p)
+        for r, i in enumerate(items):
+            vec = vectors.get(i)
+            if vec is not None:
+                item[r] = vec
+                X[r, col] = 1.0
+        return cls(X=X, items=items, profile=profile, item=item, version=version)
+
+    def dense(self) -> dict[str, np.ndarray]:
+        return {"profile": self.profile, "item": self.item, "features": self.X}
+
+    def take(self, rows: np.ndarray) -> Rows:
+        return Rows(X=self.X[rows], items=[self.items[r] for r in rows], profile=self.profile[rows],
+                    item=self.item[rows], version=self.version)
+
+
+@dataclass
+class Prediction:
+    fused: np.ndarray  # (n,) fused probability
+    scorers: dict[str, np.ndarray]  # name -> (n,) score the scorer alone ranks by
+    contributions: np.ndarray  # (n, len(fusion scorers)) w_i * x_i
+    names: list[str]  # fusion scorer names, columns of ``contributions``
+
+
+class FusionModel:
+    """River scorer + torch head + fusion stacker; ``use_vectors=False`` is the model without LLM vectors.
+
+    It also carries the search mix (:class:`fusionrec.online.learning.scorers.SearchMix`), so one checkpoint holds
+    everything a reader serves.
+    """
+
+    def __init__(self, use_vectors: bool = True, seed: int = 0, hidden: int = 64) -> None:
+        self.use_vectors = use_vectors
+        features = FEATURES if use_vectors else tuple(f for f in FEATURES if f not in VECTOR_FEATURES)
+        scorers = SCORERS if use_vectors else tuple(s for s in SCORERS if s not in ("torch_head", "content"))
+        self.river = RiverScorer(features)
+        self.torch = TorchScorer(hidden=hidden, seed=seed) if use_vectors else None
+        self.fusion = FusionStacker(scorers)
+        self.search = SearchMix()
+        self.examples = 0
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)
+        self.__dict__.setdefault("search", SearchMix())  # checkpoints written before search existed
+
+    def predict(self, rows: Rows) -> Prediction:
+        river_p = self.river.predict_pool_rows(rows.X)
+        torch_p = self._torch_predict(rows)
+        inputs = scorer_inputs(self.fusion.names, river_p, torch_p, rows.X)
+        scorers = {"river": river_p}
+        if torch_p is not None:
+            scorers["torch_head"] = torch_p
+        return Prediction(fused=self.fusion.proba_matrix(inputs), scorers=scorers,
+                          contributions=self.fusion.contributions(inputs), names=list(self.fusion.names))
+
+    def learn(self, rows: Rows, y: np.ndarray) -> np.ndarray:
+        """Predict-then-learn on labelled rows; returns the fused probabilities before the update."""
+        river_p = self.river.predict_pool_rows(rows.X)
+        torch_p = self._torch_predict(rows)
+        inputs = scorer_inputs(self.fusion.names, river_p, torch_p, rows.X)
+        before = self.fusion.proba_matrix(inputs)
+        self.fusion.learn_matrix(inputs, y)
+        self.river.learn_pool_rows(rows.X, y)
+        if self.torch is not None and rows.version is not None and rows.profile.shape[1]:
+            self.torch.learn_many(rows.dense(), y, version=rows.version)
+        self.examples += len(y)
+        return before
+
+    def _torch_predict(self, rows: Rows) -> np.ndarray | None:
+        if self.torch is None or rows.version is None or not rows.profile.shape[1]:
+            return None
+        return self.torch.predict_proba_many(rows.dense(), version=rows.version)
+
+
+def explain(pred: Prediction, row: int, top: int = 3) -> dict[str, float]:
+    """The scorers that pushed one row's score up most, with their contributions."""
+    contrib = pred.contributions[row]
+    order = np.argsort(-contrib)[:top]
+    return {pred.names[j]: round(float(contrib[j]), 6) for j in order if contrib[j] > 0}

@@ -1,0 +1,106 @@
+"""Re-ranks the users a batch touched and writes their ``rec`` keys.
+
+Per batch: read the touched users' candidate contexts (:class:`~fusionrec.online.candidates.context.CandidateReader`,
+the one read side); rank (the learned fusion by default); write the lists and the
+profile vectors; hand the ranked pools with the batch's events to the feedback ``sink`` (the
+learner's training data, see :mod:`fusionrec.online.learning.feedback`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable
+
+import msgspec
+import redis
+
+from fusionrec.core.keys import Keys
+from fusionrec.core.metrics import Metrics
+from fusionrec.core.scripts import MULTI_SETEX
+from fusionrec.core.settings import Settings
+from fusionrec.online.candidates.context import CandidateReader
+from fusionrec.online.learning.checkpoints import CheckpointStore, ServingModel
+from fusionrec.online.learning.feedback import Snapshot
+from fusionrec.online.ranking.ranker import Ranked, Ranker, RecList, SimpleRanker
+from fusionrec.streams.state import BatchResult, UserTouch
+
+log = logging.getLogger(__name__)
+
+_encoder = msgspec.json.Encoder()
+_msgpack = msgspec.msgpack.Encoder()
+
+
+FeedbackSink = Callable[[list[Snapshot]], None]
+
+
+def default_ranker(client: redis.Redis, settings: Settings, metrics: Metrics | None = None,
+                   keys: Keys | None = None) -> Ranker:
+    """The ranker ``FUSIONREC_REC_RANKER`` names: the learned fusion (hot-reloaded) or the fixed blend."""
+    if settings.rec_ranker == "simple":
+        return SimpleRanker()
+    from fusionrec.online.ranking.fusion import FusionRanker
+
+    serving = ServingModel(CheckpointStore(client, settings, keys), settings, metrics)
+    return FusionRanker(client, settings, serving, keys)
+
+
+class RecommendationWriter:
+    """Hook for :class:`fusionrec.streams.user_state.UserStateHandler`: ``writer(result)`` refreshes recs."""
+
+    def __init__(self, client: redis.Redis, settings: Settings, ranker: Ranker | None = None,
+                 metrics: Metrics | None = None, keys: Keys | None = None,
+                 sink: FeedbackSink | None = None) -> None:
+        self.redis = client
+        self.settings = settings
+        self.metrics = metrics
+        self.keys = keys or Keys.for_settings(settings)
+        self.ranker = ranker or default_ranker(client, settings, metrics, self.keys)
+        self.sink = sink
+        self.candidates = CandidateReader(client, settings, self.keys)
+        self._setex = client.register_script(MULTI_SETEX)
+
+    def __call__(self, result: BatchResult) -> None:
+        if result.users:
+            self.refresh(result.users)
+
+    def _snapshots(self, users: dict[str, UserTouch], ranked: list[Ranked], now: int) -> list[Snapshot]:
+        out = []
+        for r in ranked:
+            if r.pool is None or r.order is None:
+                continue
+            touch = users[r.pool.user_id]
+            out.append(Snapshot.of(r.pool, r.order, len(r.items), touch.actions, touch.shown, r.model, now))
+        return out
+
+    def refresh(self, users: dict[str, UserTouch]) -> int:
+        t0 = time.perf_counter()
+        now = int(time.time() * 1000)
+        per_bucket: dict[int, tuple[list[str], list[bytes]]] = defaultdict(lambda: ([], []))
+        profiles: dict[int, tuple[list[str], list[bytes]]] = defaultdict(lambda: ([], []))
+        contexts = self.candidates.for_users(users)
+        ranked = self.ranker.rank_many(contexts, self.settings.rec_k)
+        for ctx, r in zip(contexts, ranked, strict=True):
+            if ctx.profile is not None:
+                pkeys, pvalues = profiles[self.keys.bucket(ctx.user_id)]
+                pkeys.append(self.keys.user_profile(ctx.user_id))
+                pvalues.append(_msgpack.encode([ctx.profile[0], ctx.profile[1].astype("<f4").tobytes()]))
+            model = self.ranker.name if not r.model else f"{self.ranker.name}-{r.model}"
+            recs = RecList(user_id=ctx.user_id, items=r.items, model=model, generated_at=now,
+                           event_ts=users[ctx.user_id].last_ts)
+            keys, values = per_bucket[self.keys.bucket(ctx.user_id)]
+            keys.append(self.keys.user_rec(ctx.user_id))
+            values.append(_encoder.encode(recs))
+        pipe = self.redis.pipeline(transaction=False)
+        for keys, values in per_bucket.values():
+            self._setex(keys=keys, args=[self.settings.rec_ttl_s, *values], client=pipe)
+        for keys, values in profiles.values():
+            self._setex(keys=keys, args=[self.settings.user_ttl_s, *values], client=pipe)
+        pipe.execute()
+        if self.sink is not None:
+            self.sink(self._snapshots(users, ranked, now))
+        if self.metrics is not None:
+            self.metrics.recs_written.inc(len(users))
+            self.metrics.rank_seconds.observe(time.perf_counter() - t0)
+        return len(users)

@@ -1,0 +1,360 @@
+"""``fusionrec serve``: the reader HTTP API (FastAPI on uvicorn) over Redis.
+
+=========================================  ===========================================================
+route                                      answer
+=========================================  ===========================================================
+``GET /v1/users/{user_id}/recommendations``  the stored top-K (``?k=``), or the popular fallback
+``GET /v1/items/{item_id}/similar``          nearest items by content (404 while the item has no vector)
+``GET /v1/search?q=&user_id=&k=``            query ranked by the learned mix (:mod:`fusionrec.online.serving.search`)
+``GET /healthz``                             the process is up
+``GET /readyz``                              Redis answers and a fusion checkpoint exists (else 503)
+``GET /metrics``                             Prometheus metrics of this process
+``GET /openapi.json``, ``/docs``             the OpenAPI spec and its browser
+=========================================  ===========================================================
+
+Recommendations are the hot path: one ``GET`` on an asyncio Redis client, the stored JSON passed
+through msgspec. Similar items and search run on the thread pool (a vector query, and for search
+an encoder forward pass). With ``FUSIONREC_SERVE_TOKEN`` set, every ``/v1`` route wants
+``Authorization: Bearer <token>``; health, readiness and metrics stay open for probes and scrapers.
+"""
+
+# no `from __future__ import annotations`: FastAPI reads the route signatures at runtime
+
+import gc
+import hmac
+import logging
+import re
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Annotated, Any
+
+import msgspec
+import redis
+import redis.asyncio
+from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pydantic import BaseModel
+
+from fusionrec.core.keys import Keys
+from fusionrec.core.settings import Settings
+from fusionrec.online.learning.checkpoints import CheckpointStore
+from fusionrec.online.serving.reader import AsyncRecommendationReader, RecommendationReader
+from fusionrec.online.serving.search import Searcher, SearchUnavailableError
+from fusionrec.streams.producer import EventProducer
+
+if TYPE_CHECKING:
+    from fusionrec.models.encoder import TextEncoder
+
+log = logging.getLogger(__name__)
+
+ID = r"^[^{}\s]{1,128}$"
+_json = msgspec.json.Encoder()
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+# ---------------------------------------------------------------------------- response schemas (OpenAPI)
+class RecommendationOut(BaseModel):
+    item_id: str
+    score: float
+    sources: dict[str, float]
+
+
+class RecListOut(BaseModel):
+    user_id: str
+    model: str
+    generated_at: int
+    event_ts: int
+    fallback: bool
+    items: list[RecommendationOut]
+
+
+class SimilarOut(BaseModel):
+    item_id: str
+    version: str | None
+    similar: list[dict[str, Any]]
+
+
+class SearchHitOut(BaseModel):
+    item_id: str
+    score: float
+    f_item: float
+    f_query: float
+
+
+class SearchOut(BaseModel):
+    query: str
+    user_id: str | None
+    model: int
+    alpha: float
+    beta: float
+    items: list[SearchHitOut]
+
+
+class ApiMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.requests = Counter("fusionrec_api_requests_total", "HTTP requests by route and status",
+                                ["route", "status"], registry=registry)
+        self.latency = Histogram("fusionrec_api_request_seconds", "HTTP request latency by route", ["route"],
+                                 buckets=_LATENCY_BUCKETS, registry=registry)
+        self.model_version = Gauge("fusionrec_fusion_model_version", "Fusion checkpoint this process serves",
+                                   registry=registry)
+
+
+class Timing:
+    """ASGI middleware: latency and status per route template (never per user or item id)."""
+
+    def __init__(self, app: Callable[..., Awaitable[None]], metrics: ApiMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        status = [500]
+
+        async def record_status(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, record_status)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.latency.labels(route).observe(time.perf_counter() - t0)
+            self.metrics.requests.labels(route, str(status[0])).inc()
+
+
+RECS_ROUTE = "/v1/users/{user_id}/recommendations"
+_RECS_PATH = re.compile(r"/v1/users/([^/{}\s]{1,128})/recommendations")
+
+
+class FastRecommendations:
+    """ASGI front for the hot route: a plain, valid, authorised recommendations GET skips FastAPI.
+
+    Anything else (another route, a bad ``k``, a missing token, a Redis error) goes on to the
+    FastAPI app, which validates and answers it; so both paths give the same answers and the
+    OpenAPI spec still describes the route. It saves FastAPI's per-request dependency and
+    validation machinery on the one route that carries the traffic.
+    """
+
+    def __init__(self, app: Callable[..., Awaitable[None]], services: "Services") -> None:
+        self.app = app
+        self.services = services
+        self.default_k = services.settings.rec_k
+        self.max_k = services.settings.serve_max_k
+        token = services.settings.serve_token
+        self.auth = f"Bearer {token}".encode() if token else None
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] == "GET":
+            match = _RECS_PATH.fullmatch(scope["path"])
+            k = self._k(scope["query_string"]) if match else None
+            if match and k is not None and self._authorised(scope):
+                t0 = time.perf_counter()
+                try:
+                    recs = await self.services.areader.top_k(match.group(1), k)
+                except redis.RedisError:
+                    pass  # the FastAPI route answers 503 with the reason
+                else:
+                    body = _json.encode(recs)
+                    await send({"type": "http.response.start", "status": 200,
+                                "headers": [(b"content-type", b"application/json"),
+                                            (b"content-length", str(len(body)).encode())]})
+                    await send({"type": "http.response.body", "body": body})
+                    metrics = self.services.metrics
+                    metrics.latency.labels(RECS_ROUTE).observe(time.perf_counter() - t0)
+                    metrics.requests.labels(RECS_ROUTE, "200").inc()
+                    return
+        await self.app(scope, receive, send)
+
+    def _k(self, query: bytes) -> int | None:
+        if not query:
+            return self.default_k
+        name, _, value = query.partition(b"=")
+        if name != b"k" or not value.isdigit() or len(value) > 6:
+            return None
+        k = int(value)
+        return k if 1 <= k <= self.max_k else None
+
+    def _authorised(self, scope: dict[str, Any]) -> bool:
+        if self.auth is None:
+            return True
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                return hmac.compare_digest(value.strip(), self.auth)
+        return False
+
+
+class Services:
+    """What the routes use; built once per server (tests pass their own clients and encoder).
+
+    Search is built on its first request: only then does the process load the served fusion model
+    and the query encoder (and import torch). Recommendations and similar items never need them.
+    """
+
+    def __init__(self, settings: Settings, client: redis.Redis, aclient: redis.asyncio.Redis,
+                 encoder: "TextEncoder | Callable[[], TextEncoder] | None" = None,
+                 log_producer: EventProducer | None = None, registry: CollectorRegistry | None = None) -> None:
+        self.settings = settings
+        self.keys = Keys.for_settings(settings)
+        self.redis, self.aredis = client, aclient
+        self.metrics = ApiMetrics(registry or CollectorRegistry())
+        self.reader = RecommendationReader(client, settings, self.keys)
+        self.areader = AsyncRecommendationReader(aclient, self.keys, pseudonyms=self.reader.pseudonyms)
+        self.checkpoints = CheckpointStore(client, settings, self.keys)
+        self.log_producer = log_producer
+        self._encoder = encoder
+        self._searcher: Searcher | None = None
+        self._search_lock = threading.Lock()
+
+    def searcher(self) -> Searcher:
+        with self._search_lock:
+            if self._searcher is None:
+                from fusionrec.models.encoder import TextEncoder
+                from fusionrec.online.learning.checkpoints import ServingModel
+                from fusionrec.online.ranking.fusion import FusionRanker
+
+                settings = self.settings
+                ranker = FusionRanker(self.redis, settings, ServingModel(self.checkpoints, settings), self.keys)
+                encoder = self._encoder or (lambda: TextEncoder.from_settings(settings))
+                self._searcher = Searcher(self.redis, settings, ranker, encoder, self.keys, self.log_producer)
+            return self._searcher
+
+    def search(self, q: str, user_id: str | None, k: int) -> Any:
+        return self.searcher().search(q, user_id, k)
+
+    def model_number(self) -> int:
+        """The fusion checkpoint search serves once loaded; before that, the newest one stored."""
+        if self._searcher is not None:
+            number, _ = self._searcher.ranker.serving.current()
+        else:
+            number = self.checkpoints.head() or 0
+        self.metrics.model_version.set(number)
+        return number
+
+
+def create_app(services: Services) -> FastAPI:
+    settings = services.settings
+    max_k = settings.serve_max_k
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        await run_in_threadpool(services.model_number)
+        # Everything imported so far (torch, transformers, …) lives as long as the process: move it out
+        # of the collector's reach, or a full collection pauses a request for a few hundred ms.
+        gc.collect()
+        gc.freeze()
+        yield
+        await services.aredis.aclose()
+        if services.log_producer is not None:
+            services.log_producer.flush(5.0)
+
+    app = FastAPI(title="fusionrec reader API", version="1", lifespan=lifespan,
+                  description="Recommendations, similar items and personalised search, read from Redis.")
+
+    async def authorised(request: Request) -> None:
+        token = settings.serve_token
+        if token is None:
+            return
+        given = request.headers.get("authorization", "")
+        scheme, _, value = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
+            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+    Auth = [Depends(authorised)]
+    K = Annotated[int, Query(ge=1, le=max_k, description=f"how many items (1..{max_k})")]
+
+    @app.get("/v1/users/{user_id}/recommendations", response_model=RecListOut, dependencies=Auth,
+             summary="A user's current recommendations (popular items for an unknown user)")
+    async def recommendations(user_id: Annotated[str, Path(pattern=ID, max_length=128)],
+                              k: K = settings.rec_k) -> Response:
+        try:
+            recs = await services.areader.top_k(user_id, k)
+        except redis.RedisError as exc:
+            raise HTTPException(503, f"Redis unavailable: {exc}") from exc
+        return Response(_json.encode(recs), media_type="application/json")
+
+    @app.get("/v1/items/{item_id}/similar", response_model=SimilarOut, dependencies=Auth,
+             responses={404: {"description": "the item has no vector (unknown, deleted, or not embedded yet)"}},
+             summary="Items most similar to an item by content")
+    async def similar(item_id: Annotated[str, Path(pattern=ID, max_length=128)], k: K = 10) -> Response:
+        try:
+            found = await run_in_threadpool(services.reader.similar_items, item_id, k)
+        except redis.RedisError as exc:
+            raise HTTPException(503, f"Redis unavailable: {exc}") from exc
+        if not found:
+            raise HTTPException(404, f"item {item_id!r} has no vector (unknown, deleted, or not embedded yet)")
+        body = {"item_id": item_id, "version": services.reader.content.active(),
+                "similar": [{"item_id": i, "score": round(s, 6)} for i, s in found]}
+        return Response(_json.encode(body), media_type="application/json")
+
+    @app.get("/v1/search", response_model=SearchOut, dependencies=Auth,
+             responses={503: {"description": "no active item vectors, or the query encoder does not match them"}},
+             summary="Items for a text query, personalised for user_id when given")
+    async def search(q: Annotated[str, Query(min_length=1, max_length=512, description="the query text")],
+                     user_id: Annotated[str | None, Query(pattern=ID, max_length=128)] = None,
+                     k: K = 10) -> Response:
+        if not q.strip():
+            raise HTTPException(422, "q must contain a non-space character")
+        try:
+            result = await run_in_threadpool(services.search, q, user_id, k)
+        except SearchUnavailableError as exc:
+            raise HTTPException(503, str(exc)) from exc
+        except redis.RedisError as exc:
+            raise HTTPException(503, f"Redis unavailable: {exc}") from exc
+        return Response(_json.encode(result), media_type="application/json")
+
+    @app.get("/healthz", summary="Liveness: the process answers")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", summary="Readiness: Redis answers and a fusion checkpoint exists",
+             responses={503: {"description": "not ready, with the reasons"}})
+    async def readyz() -> JSONResponse:
+        problems = []
+        try:
+            await services.aredis.ping()
+        except redis.RedisError as exc:
+            problems.append(f"redis: {exc}")
+        number = 0
+        if not problems:
+            number = await run_in_threadpool(services.model_number)
+            if number == 0:
+                problems.append("model: no fusion checkpoint yet (is `fusionrec learner` running?)")
+        body = {"status": "ready" if not problems else "not ready", "model": number, "problems": problems}
+        return JSONResponse(body, status_code=200 if not problems else 503)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        await run_in_threadpool(services.model_number)
+        return Response(generate_latest(services.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.add_middleware(Timing, metrics=services.metrics)
+    app.add_middleware(FastRecommendations, services=services)
+    return app
+
+
+def serve(settings: Settings, *, log_searches: bool | None = None) -> None:
+    """Run the API with uvicorn in the foreground (``serve_host``:``serve_port``) until SIGINT/SIGTERM."""
+    import uvicorn
+
+    from fusionrec.core.redis_client import connect, connect_async
+
+    producer = None
+    if settings.search_log if log_searches is None else log_searches:
+        producer = EventProducer(settings, producer_options={"linger.ms": 50})
+    services = Services(settings, connect(settings), connect_async(settings), log_producer=producer)
+    config = uvicorn.Config(create_app(services), host=settings.serve_host, port=settings.serve_port,
+                            loop="uvloop", http="httptools", access_log=False, log_level=settings.log_level.lower(),
+                            timeout_graceful_shutdown=10)
+    log.info("reader API on http://%s:%d (token %s)", settings.serve_host, settings.serve_port,
+             "required" if settings.serve_token else "not required")
+    uvicorn.Server(config).run()

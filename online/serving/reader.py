@@ -1,0 +1,172 @@
+"""``RecommendationReader``: how applications read recommendations straight from Redis.
+
+One GET per user; users without a stored list (unknown, or expired) get the currently popular items,
+marked ``fallback=True``.
+
+>>> reader = RecommendationReader(redis.Redis.from_url(url), settings)   # doctest: +SKIP
+>>> [r.item_id for r in reader.top_k("42", k=5).items]                    # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import cast
+
+import msgspec
+import redis
+import redis.asyncio
+
+from fusionrec.core.keys import Keys
+from fusionrec.core.pseudonyms import Pseudonyms
+from fusionrec.core.settings import Settings
+from fusionrec.online.candidates.content import ContentIndex
+from fusionrec.online.ranking.ranker import RecList, Recommendation
+
+_decoder = msgspec.json.Decoder(RecList)
+
+
+def stored_list(raw: bytes, k: int, user_id: str) -> RecList:
+    """A stored list cut to ``k``, answered under the id it was asked for (the stored one may be a pseudonym)."""
+    recs = _decoder.decode(raw)
+    return msgspec.structs.replace(recs, items=recs.items[:k], user_id=user_id)
+
+
+def popular_list(user_id: str, ranked: list[tuple[bytes, float]], deleted: list[int], k: int) -> RecList:
+    """The popular fallback from the popularity zset's head and each member's deleted flag."""
+    items = [(m.decode(), float(s)) for (m, s), gone in zip(ranked, deleted, strict=True) if not gone][:k]
+    top = items[0][1] if items and items[0][1] > 0 else 1.0
+    return RecList(user_id=user_id, model="popular", generated_at=int(time.time() * 1000), event_ts=0,
+                   fallback=True, items=[Recommendation(item_id=m, score=round(s / top, 6),
+                                                        sources={"popular": round(s / top, 6)})
+                                         for m, s in items])
+
+
+class RecommendationReader:
+    def __init__(self, client: redis.Redis, settings: Settings, keys: Keys | None = None) -> None:
+        self.redis = client
+        self.settings = settings
+        self.keys = keys or Keys.for_settings(settings)
+        self.pseudonyms = Pseudonyms.for_settings(settings)
+        self.content = ContentIndex(client, settings, self.keys)
+
+    def top_k(self, user_id: str | int, k: int | None = None) -> RecList:
+        k = self.settings.rec_k if k is None else k
+        if k <= 0:
+            raise ValueError(f"k must be positive, got {k}")
+        raw = self.redis.get(self.keys.user_rec(self.pseudonyms(str(user_id))))
+        if raw is not None:
+            return stored_list(cast(bytes, raw), k, str(user_id))
+        return self.popular(str(user_id), k)
+
+    def many(self, user_ids: list[str], k: int | None = None) -> dict[str, RecList]:
+        """``top_k`` for many users in one round trip (plus one for the fallback if needed)."""
+        k = self.settings.rec_k if k is None else k
+        raws = self.redis.mget([self.keys.user_rec(self.pseudonyms(u)) for u in user_ids]) if user_ids else []
+        out: dict[str, RecList] = {}
+        fallback: RecList | None = None
+        for uid, raw in zip(user_ids, raws, strict=True):
+            if raw is not None:
+                out[uid] = stored_list(cast(bytes, raw), k, uid)
+            else:
+                fallback = fallback or self.popular("", k)
+                out[uid] = msgspec.structs.replace(fallback, user_id=uid)
+        return out
+
+    def popular(self, user_id: str, k: int) -> RecList:
+        """Most popular items right now, skipping deleted ones."""
+        ranked = cast(list[tuple[bytes, float]],
+                      self.redis.zrange(self.keys.popularity(), 0, 2 * k - 1, desc=True, withscores=True))
+        flags = self.redis.smismember(self.keys.deleted_items(), [m for m, _ in ranked]) if ranked else []
+        return popular_list(user_id, ranked, cast(list[int], flags), k)
+
+    def similar_items(self, item_id: str | int, k: int = 10) -> list[tuple[str, float]]:
+        """Items most similar to ``item_id`` by content (deleted ones left out), similarity in [0, 1].
+
+        Empty while the item has no vector (unknown, deleted, or not embedded yet).
+        """
+        if k <= 0:
+            raise ValueError(f"k must be positive, got {k}")
+        found = self.content.similar_items(str(item_id), 2 * k)
+        if found:
+            flags = self.redis.smismember(self.keys.deleted_items(), [i for i, _ in found])
+            found = [pair for pair, gone in zip(found, flags, strict=True) if not gone]
+        return found[:k]
+
+    def titles(self, item_ids: list[str]) -> dict[str, str]:
+        """Catalog titles for display (ids without a catalog entry are left out)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for iid in item_ids:
+            pipe.hget(self.keys.item_meta(iid), "title")
+        return {i: (t.decode() if isinstance(t, bytes) else t)
+                for i, t in zip(item_ids, pipe.execute(), strict=True) if t is not None}
+
+
+class AsyncRecommendationReader:
+    """``top_k`` on an asyncio Redis client, for the HTTP API (same keys, same fallback).
+
+    Concurrent reads coalesce: the GETs that arrive within one event-loop turn go to Redis as one
+    MGET (one round trip and one client-side command for all of them, which is where an asyncio
+    client spends its time). The popular fallback is shared for ``popular_ttl_s``.
+    """
+
+    def __init__(self, client: redis.asyncio.Redis, keys: Keys, popular_ttl_s: float = 1.0,
+                 max_batch: int = 256, pseudonyms: Pseudonyms | None = None) -> None:
+        self.redis = client
+        self.keys = keys
+        self.pseudonyms = pseudonyms or Pseudonyms(None)
+        self.popular_ttl_s = popular_ttl_s
+        self.max_batch = max_batch
+        self._pending: dict[str, list[asyncio.Future[bytes | None]]] = {}
+        self._popular: dict[int, tuple[float, RecList]] = {}
+        self.batches = 0
+
+    async def top_k(self, user_id: str, k: int) -> RecList:
+        raw = await self._get(self.keys.user_rec(self.pseudonyms(user_id)))
+        if raw is not None:
+            return stored_list(raw, k, user_id)
+        return msgspec.structs.replace(await self.popular(k), user_id=user_id)
+
+    async def popular(self, k: int) -> RecList:
+        hit = self._popular.get(k)
+        now = time.monotonic()
+        if hit is not None and now - hit[0] < self.popular_ttl_s:
+            return hit[1]
+        ranked = cast(list[tuple[bytes, float]],
+                      await self.redis.zrange(self.keys.popularity(), 0, 2 * k - 1, desc=True, withscores=True))
+        flags = await self.redis.smismember(self.keys.deleted_items(), [m for m, _ in ranked]) if ranked else []
+        recs = popular_list("", ranked, cast(list[int], flags), k)
+        self._popular[k] = (now, recs)
+        return recs
+
+    def _get(self, key: str) -> asyncio.Future[bytes | None]:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[bytes | None] = loop.create_future()
+        if not self._pending:
+            loop.call_soon(self._flush)
+        self._pending.setdefault(key, []).append(fut)
+        if len(self._pending) >= self.max_batch:
+            self._flush()
+        return fut
+
+    def _flush(self) -> None:
+        if self._pending:
+            batch, self._pending = self._pending, {}
+            asyncio.ensure_future(self._mget(batch))
+
+    async def _mget(self, batch: dict[str, list[asyncio.Future[bytes | None]]]) -> None:
+        self.batches += 1
+        try:
+            keys = list(batch)
+            values = await (self.redis.mget_nonatomic(keys) if hasattr(self.redis, "mget_nonatomic")
+                            else self.redis.mget(keys))
+        except Exception as exc:  # every waiter sees the error (RedisError → 503 in the API)
+            for futures in batch.values():
+                for fut in futures:
+                    if not fut.done():
+                        fut.set_exception(exc)
+            return
+        for key, value in zip(keys, values, strict=True):
+            for fut in batch[key]:
+                if not fut.done():
+                    fut.set_result(cast(bytes | None, value))
