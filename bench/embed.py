@@ -144,7 +144,7 @@ def main() -> None:
             base = Settings.from_env(kafka_bootstrap=running.kafka_bootstrap, redis_url=running.redis_url,
                                      embed_metrics_port=0, metrics_port=0)
             texts = product_texts(n_items + n_base + n_items // 4)
-            sweep = [int(b) for b in args.batch_sizes.split(",") if b] or [base.embed_batch_size]
+            sweep = [int(b) for b in args.batch_sizes.split(",") if b] or [base.embed.batch_size]
             results = {}
             for bs in sweep:
                 rate, burst = pool_run(fresh(base.replace(embed_batch_size=bs)), texts[:n_items], args.workers)

@@ -72,7 +72,7 @@ def throughput(base: Settings, ds: datasets.Dataset) -> float:
     pipeline.handler.handle = timed  # type: ignore[method-assign]
     pipeline.consumer.run(threading.Event(), lambda: pipeline.consumer.consumed >= total)
     elapsed = time.perf_counter() - marks[0]
-    got = purchases(pipeline.redis, s.redis_prefix)
+    got = purchases(pipeline.redis, s.redis.prefix)
     assert got == len(ds.events), f"state check failed: {got} purchases applied, {len(ds.events)} sent"
     return total / elapsed
 
@@ -86,12 +86,12 @@ def naive(base: Settings, ds: datasets.Dataset) -> float:
     from fusionrec.core.keys import Keys
 
     keys = Keys.for_settings(s)
-    pop_decay = Decay(s.decay_epoch_ms, s.popularity_half_life_s)
-    aff_decay = Decay(s.decay_epoch_ms, s.affinity_half_life_s)
-    consumer = Consumer(kafka_config(s, **{"group.id": s.group_state, "auto.offset.reset": "earliest",
+    pop_decay = Decay(s.state.decay_epoch_ms, s.state.popularity_half_life_s)
+    aff_decay = Decay(s.state.decay_epoch_ms, s.state.affinity_half_life_s)
+    consumer = Consumer(kafka_config(s, **{"group.id": s.stream.group, "auto.offset.reset": "earliest",
                                             "enable.auto.offset.store": False,
                                             "session.timeout.ms": s.effective_session_timeout_ms()}))
-    consumer.subscribe([s.topic_events])
+    consumer.subscribe([s.kafka.topic_events])
     recent: dict[str, list[str]] = {}
     done, t0 = 0, None
     while done < len(ds.events):
@@ -106,22 +106,22 @@ def naive(base: Settings, ds: datasets.Dataset) -> float:
         pipe.hincrby(keys.user_state(uid), f"n:{ev['type']}", 1)
         pipe.lrem(keys.user_recent(uid), 0, item)
         pipe.lpush(keys.user_recent(uid), item)
-        pipe.ltrim(keys.user_recent(uid), 0, s.recent_items_cap - 1)
+        pipe.ltrim(keys.user_recent(uid), 0, s.state.recent_items_cap - 1)
         pipe.zincrby(keys.user_items(uid), aff_decay.weight(w, ts), item)
         pipe.zincrby(keys.popularity(), pop_decay.weight(w, ts), item)
-        for other in [o for o in mine if o != item][: s.covis_window]:
+        for other in [o for o in mine if o != item][: s.state.covis_window]:
             pipe.zincrby(keys.item_covis(other), w, item)
-            pipe.zremrangebyrank(keys.item_covis(other), 0, -(s.covis_cap + 1))
+            pipe.zremrangebyrank(keys.item_covis(other), 0, -(s.state.covis_cap + 1))
         pipe.execute()
         if item in mine:
             mine.remove(item)
         mine.insert(0, item)
-        del mine[s.recent_items_cap:]
+        del mine[s.state.recent_items_cap:]
         consumer.store_offsets(msg)
         done += 1
     elapsed = time.perf_counter() - (t0 or time.perf_counter())
     consumer.close()
-    got = purchases(client, s.redis_prefix)
+    got = purchases(client, s.redis.prefix)
     assert got == len(ds.events), f"naive state check failed: {got} != {len(ds.events)}"
     return done / elapsed
 

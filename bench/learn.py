@@ -80,7 +80,7 @@ def minibatch_run(settings: Settings, groups: list[Group], vectors: dict[str, np
                 if number != seen and serving.last_lag_s is not None:
                     lags.append(serving.last_lag_s)
                     seen = number
-                stop.wait(scoped.learn_reload_s)
+                stop.wait(scoped.learn.reload_s)
 
         poller = threading.Thread(target=ranker, daemon=True)
         poller.start()
@@ -90,7 +90,7 @@ def minibatch_run(settings: Settings, groups: list[Group], vectors: dict[str, np
             learner.maybe_checkpoint()
         learner.maybe_checkpoint(force=True)
         elapsed = time.perf_counter() - t0
-        time.sleep(scoped.learn_reload_s * 2)
+        time.sleep(scoped.learn.reload_s * 2)
         stop.set()
         poller.join()
         return learner.model.examples / elapsed, learner.model.examples, lags
@@ -142,7 +142,7 @@ def main() -> None:
         "lag_p50_ms": round(float(np.percentile(lag_ms, 50)), 1),
         "lag_p99_ms": round(float(np.percentile(lag_ms, 99)), 1),
         "examples": examples, "checkpoints_served": len(lags), "decisions_per_step": args.per_step,
-        "checkpoint_s": settings.learn_checkpoint_s, "reload_s": settings.learn_reload_s,
+        "checkpoint_s": settings.learn.checkpoint_s, "reload_s": settings.learn.reload_s,
         "torch_threads": torch.get_num_threads(), "device": "cpu",
     }))
 

@@ -158,7 +158,7 @@ async def load(port: int, users: int, rate: float, seconds: float, connections: 
 
 def start_server(settings: Settings, port: int) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FUSIONREC_")}
-    env.update(FUSIONREC_REDIS_URL=settings.redis_url or "", FUSIONREC_REDIS_PREFIX=settings.redis_prefix,
+    env.update(FUSIONREC_REDIS_URL=settings.redis.url or "", FUSIONREC_REDIS_PREFIX=settings.redis.prefix,
                FUSIONREC_LOG_LEVEL="WARNING")
     proc = subprocess.Popen([sys.executable, "-m", "fusionrec", "serve", "--port", str(port),
                              "--no-search-log"],

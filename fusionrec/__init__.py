@@ -9,7 +9,7 @@ One installed module, layered from the floor up (each layer imports only those b
 * ``fusionrec.apps``     CLI, demo, pipeline wiring, embedded services, evaluation
 
 >>> from fusionrec import Settings
->>> Settings.from_env({}).topic_events
+>>> Settings.from_env({}).kafka.topic_events
 'events'
 """
 

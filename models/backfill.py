@@ -39,10 +39,10 @@ LOCK_MS = 30_000
 
 
 def version_info(spec: ModelSpec, settings: Settings) -> ModelVersion:
-    version = spec.version(settings.vector_dtype, settings.vector_quant, TEMPLATE_VERSION)
+    version = spec.version(settings.vectors.dtype, settings.vectors.quant, TEMPLATE_VERSION)
     return ModelVersion(version=version, model_id=spec.model_id, revision=spec.revision, dim=spec.dim,
                         pooling=spec.pooling, normalize=spec.normalize, max_length=spec.max_length,
-                        vector_dtype=settings.vector_dtype)
+                        vector_dtype=settings.vectors.dtype)
 
 
 def live_versions(store: VectorStore) -> list[str]:
@@ -133,7 +133,7 @@ class Backfill:
         bar = tqdm(total=total, desc=f"backfill {self.version}", unit="item", disable=not self.progress,
                    mininterval=1.0)
         done = 0
-        for events in catalog_events(self.redis, self.keys, chunk=self.settings.embed_batch_size * 4):
+        for events in catalog_events(self.redis, self.keys, chunk=self.settings.embed.batch_size * 4):
             if stop.is_set():
                 bar.close()
                 return False

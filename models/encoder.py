@@ -101,9 +101,9 @@ class ModelSpec:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ModelSpec:
-        return cls.load(settings.embed_model_path or default_model_path(), model_id=settings.embed_model_id,
-                        pooling=settings.embed_pooling, max_length=settings.embed_max_length,
-                        normalize=settings.embed_normalize)
+        return cls.load(settings.embed.model_path or default_model_path(), model_id=settings.embed.model_id,
+                        pooling=settings.embed.pooling, max_length=settings.embed.max_length,
+                        normalize=settings.embed.normalize)
 
     def version(self, *extra: object) -> str:
         """A key-safe id that changes with anything that changes the vectors (model, pooling, length…)."""
@@ -136,8 +136,8 @@ class TextEncoder:
     @classmethod
     def from_settings(cls, settings: Settings, *, device: str | None = None, threads: int | None = None
                       ) -> TextEncoder:
-        return cls(ModelSpec.from_settings(settings), device=device or settings.embed_device,
-                   dtype=settings.embed_dtype, threads=settings.embed_threads if threads is None else threads)
+        return cls(ModelSpec.from_settings(settings), device=device or settings.embed.device,
+                   dtype=settings.embed.dtype, threads=settings.embed.threads if threads is None else threads)
 
     def describe(self) -> dict[str, Any]:
         return {"model_id": self.spec.model_id, "revision": self.spec.revision, "dim": self.dim,

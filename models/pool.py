@@ -63,14 +63,14 @@ class Slot:
 
 def plan(settings: Settings, workers: int | None = None) -> list[Slot]:
     """Which worker runs where: one per GPU (or ``workers`` of them), else CPU workers sharing the cores."""
-    gpus = torch.cuda.device_count() if settings.embed_device in ("auto", "cuda") else 0
-    if settings.embed_device.startswith("cuda:"):
-        return [Slot(i, settings.embed_device, 0) for i in range(workers or settings.embed_workers or 1)]
+    gpus = torch.cuda.device_count() if settings.embed.device in ("auto", "cuda") else 0
+    if settings.embed.device.startswith("cuda:"):
+        return [Slot(i, settings.embed.device, 0) for i in range(workers or settings.embed.workers or 1)]
     if gpus:
-        n = workers or settings.embed_workers or gpus
+        n = workers or settings.embed.workers or gpus
         return [Slot(i, f"cuda:{i % gpus}", 0) for i in range(n)]
-    n = workers or settings.embed_workers or 1
-    threads = settings.embed_threads or cpu_threads(n)
+    n = workers or settings.embed.workers or 1
+    threads = settings.embed.threads or cpu_threads(n)
     return [Slot(i, "cpu", threads) for i in range(n)]
 
 
@@ -79,9 +79,9 @@ def build_embedder(settings: Settings, encoder: TextEncoder, metrics: Metrics | 
     client = connect(settings)
     store = VectorStore(client, settings, worker=worker)
     info = version_info(encoder.spec, settings)
-    return CatalogEmbedder(encoder, store, info.version, batch_size=settings.embed_batch_size,
+    return CatalogEmbedder(encoder, store, info.version, batch_size=settings.embed.batch_size,
                            catalog=StateStore(client, settings) if write_catalog else None, metrics=metrics,
-                           cache_items=settings.embed_cache_items, delete_versions=lambda: live_versions(store))
+                           cache_items=settings.embed.cache_items, delete_versions=lambda: live_versions(store))
 
 
 def worker_main(settings: Settings, slot: Slot, errors: Any) -> None:
@@ -90,7 +90,7 @@ def worker_main(settings: Settings, slot: Slot, errors: Any) -> None:
     The supervisor stops a worker with SIGTERM (not a shared multiprocessing Event: a worker killed
     while waiting on one would leave it unable to notify); a worker whose supervisor vanished stops too.
     """
-    logging.basicConfig(level=settings.log_level.upper(),
+    logging.basicConfig(level=settings.ops.log_level.upper(),
                         format=f"%(asctime)s %(levelname)s worker-{slot.index} %(name)s: %(message)s")
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 <pid>` prints every thread's stack
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when to stop
@@ -142,7 +142,7 @@ class EmbedPool:
         self.max_restarts = max_restarts
         self.restart_window_s = restart_window_s
         self.progress = progress
-        self.metrics_dir = _metrics_dir() if settings.embed_metrics_port else None
+        self.metrics_dir = _metrics_dir() if settings.embed.metrics_port else None
         self.metrics = metrics or Metrics()
         self._ctx = mp.get_context("spawn")
         self._errors = self._ctx.Queue()
@@ -165,9 +165,9 @@ class EmbedPool:
         client.close()
         if self.metrics_dir is not None:
             try:
-                serve_multiprocess(self.settings.metrics_host, self.settings.embed_metrics_port, self.metrics_dir)
+                serve_multiprocess(self.settings.ops.metrics_host, self.settings.embed.metrics_port, self.metrics_dir)
             except OSError as exc:  # a busy port costs the pool its /metrics, not its work
-                log.warning("cannot serve metrics on port %d: %s", self.settings.embed_metrics_port, exc)
+                log.warning("cannot serve metrics on port %d: %s", self.settings.embed.metrics_port, exc)
         for slot in self.slots:
             self._start(slot)
         if backfill_thread is not None:

@@ -130,7 +130,7 @@ class VectorStore:
         self.settings = settings
         self.keys = keys or Keys.for_settings(settings)
         self.worker = worker
-        self.dtype = np.float16 if settings.vector_dtype == "float16" else np.float32
+        self.dtype = np.float16 if settings.vectors.dtype == "float16" else np.float32
         self._apply = client.register_script(VECTOR_APPLY)
         self._hmget = client.register_script(MULTI_HMGET)
         self._vsets: bool | None = None
@@ -138,10 +138,10 @@ class VectorStore:
     @property
     def use_vector_sets(self) -> bool:
         if self._vsets is None:
-            self._vsets = self.settings.vector_index != "local" and supports_vector_sets(self.redis)
+            self._vsets = self.settings.vectors.index != "local" and supports_vector_sets(self.redis)
             if not self._vsets:
                 log.info("vector sets %s: writing vector blobs only",
-                         "disabled" if self.settings.vector_index == "local" else "not supported by this server")
+                         "disabled" if self.settings.vectors.index == "local" else "not supported by this server")
         return self._vsets
 
     # ------------------------------------------------------------------ entries
@@ -159,7 +159,7 @@ class VectorStore:
         """Apply ops in one script call; one status per op (``STALE``, ``WRITTEN``, ``CHANGED``, ``TOUCHED``)."""
         if not ops:
             return []
-        args: list[Any] = ["1" if self.use_vector_sets else "0", self.settings.vector_quant.upper(),
+        args: list[Any] = ["1" if self.use_vector_sets else "0", self.settings.vectors.quant.upper(),
                            self.worker, int(time.time() * 1000)]
         for op in ops:
             f32 = b"" if op.vector is None else np.ascontiguousarray(op.vector, dtype="<f4").tobytes()
@@ -238,7 +238,7 @@ class VectorStore:
         return old
 
     def retire(self, version: str) -> None:
-        ttl = self.settings.vector_retire_s
+        ttl = self.settings.vectors.retire_s
         pipe = self.redis.pipeline(transaction=False)
         for raw in self.redis.scan_iter(match=self.keys.vector_pattern(version), count=1000):
             pipe.expire(raw, ttl)

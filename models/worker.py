@@ -60,9 +60,9 @@ class EmbedWorker:
         self.embedder = embedder
         self.metrics = metrics
         self.validator = validator_for(settings)
-        self._consumer = Consumer(consumer_config(settings, group_id or settings.group_embed), logger=log)
+        self._consumer = Consumer(consumer_config(settings, group_id or settings.embed.group), logger=log)
         self._dlq = DeadLetterPublisher(settings, metrics)
-        self._queue: queue.Queue[Work | None] = queue.Queue(maxsize=settings.embed_queue_batches)
+        self._queue: queue.Queue[Work | None] = queue.Queue(maxsize=settings.embed.queue_batches)
         self._done: queue.Queue[Work] = queue.Queue()
         self._failure: BaseException | None = None
         self._paused: list[TopicPartition] = []
@@ -77,7 +77,7 @@ class EmbedWorker:
         """Consume until ``stop`` is set; drains the queue, commits and closes; re-raises encoder errors."""
         encoder = threading.Thread(target=self._encode_loop, args=(stop,), name="encoder", daemon=True)
         encoder.start()
-        self._consumer.subscribe([self.settings.topic_catalog], on_assign=self._on_assign,
+        self._consumer.subscribe([self.settings.kafka.topic_catalog], on_assign=self._on_assign,
                                  on_revoke=self._on_revoke, on_lost=self._on_revoke)
         try:
             while not stop.is_set() and self._failure is None:
@@ -86,7 +86,7 @@ class EmbedWorker:
                     self._report()
                 if self._overloaded():
                     continue
-                msgs = self._consumer.consume(self.settings.embed_batch_size, self.settings.embed_max_wait_s)
+                msgs = self._consumer.consume(self.settings.embed.batch_size, self.settings.embed.max_wait_s)
                 if msgs:
                     self._accept(msgs, stop)
         finally:
@@ -101,7 +101,7 @@ class EmbedWorker:
         """Pause while the queue is full; serve the group meanwhile."""
         depth = self._queue.qsize()
         self.metrics.embed_queue_batches.set(depth)
-        if depth < self.settings.embed_queue_batches:
+        if depth < self.settings.embed.queue_batches:
             if self._paused:
                 self._consumer.resume([tp for tp in self._paused if tp in self._consumer.assignment()])
                 self._paused = []
@@ -130,7 +130,7 @@ class EmbedWorker:
             except InvalidEventError as exc:
                 dead.append(DeadLetter.of(msg, exc.reason, exc.detail))
         if work.events:
-            self.metrics.events.labels(self.settings.topic_catalog, "catalog").inc(len(work.events))
+            self.metrics.events.labels(self.settings.kafka.topic_catalog, "catalog").inc(len(work.events))
         if not self._retrying("dead_letters", stop, lambda: self._dlq.publish(dead)):
             return  # stopping: nothing of this batch is committed, it is consumed again
         self.consumed += len(msgs)
@@ -222,7 +222,7 @@ class EmbedWorker:
                 log.warning("%s failed (%s: %s); retrying in %.1fs", stage, type(exc).__name__, exc, backoff)
             if stop.wait(backoff):
                 return False
-            backoff = min(backoff * 2, self.settings.retry_max_backoff_s)
+            backoff = min(backoff * 2, self.settings.stream.retry_max_backoff_s)
 
 
 def _fmt(partitions: list[TopicPartition]) -> str:

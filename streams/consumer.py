@@ -59,8 +59,8 @@ class BatchHandler(Protocol):
 
 def validator_for(settings: Settings) -> Validator:
     pseudonyms = Pseudonyms.for_settings(settings)
-    return Validator(max_bytes=settings.max_event_bytes, max_future_skew_ms=settings.max_future_skew_s * 1000,
-                     max_items_shown=settings.max_items_shown, pseudonyms=pseudonyms if pseudonyms.enabled else None)
+    return Validator(max_bytes=settings.contract.max_event_bytes, max_future_skew_ms=settings.contract.max_future_skew_s * 1000,
+                     max_items_shown=settings.contract.max_items_shown, pseudonyms=pseudonyms if pseudonyms.enabled else None)
 
 
 def delivered(msgs: Sequence[Message]) -> Iterator[Message]:
@@ -97,9 +97,9 @@ class BatchConsumer:
         self.settings = settings
         self.handler = handler
         self.metrics = metrics
-        self.topics = list(topics or (settings.topic_events, settings.topic_catalog))
+        self.topics = list(topics or (settings.kafka.topic_events, settings.kafka.topic_catalog))
         self.validator = validator_for(settings)
-        conf = consumer_config(settings, group_id or settings.group_state, **(consumer_options or {}))
+        conf = consumer_config(settings, group_id or settings.stream.group, **(consumer_options or {}))
         self._consumer = Consumer(conf, logger=log)
         self._dlq = DeadLetterPublisher(settings, metrics)
         self._revoked = threading.Event()
@@ -113,7 +113,7 @@ class BatchConsumer:
                                  on_lost=self._on_revoke)
         try:
             while not stop.is_set() and not (until and until()):
-                msgs = self._consumer.consume(self.settings.batch_size, self.settings.batch_timeout_s)
+                msgs = self._consumer.consume(self.settings.stream.batch_size, self.settings.stream.batch_timeout_s)
                 if msgs:
                     self._process(msgs, stop)
         finally:
@@ -163,7 +163,7 @@ class BatchConsumer:
         for msg in delivered(msgs):
             topic, partition, offset = position(msg)
             try:
-                if topic == self.settings.topic_catalog:
+                if topic == self.settings.kafka.topic_catalog:
                     batch.catalog.append(self.validator.catalog_event(msg.value()))
                 else:
                     ev = self.validator.user_event(msg.value())
@@ -173,9 +173,9 @@ class BatchConsumer:
             except InvalidEventError as exc:
                 batch.dead.append(DeadLetter.of(msg, exc.reason, exc.detail))
         for event_type, n in types.items():
-            self.metrics.events.labels(self.settings.topic_events, event_type).inc(n)
+            self.metrics.events.labels(self.settings.kafka.topic_events, event_type).inc(n)
         if batch.catalog:
-            self.metrics.events.labels(self.settings.topic_catalog, "catalog").inc(len(batch.catalog))
+            self.metrics.events.labels(self.settings.kafka.topic_catalog, "catalog").inc(len(batch.catalog))
         return batch
 
     def _retrying(self, stage: str, stop: threading.Event, step: Callable[[], None]) -> bool:
@@ -198,7 +198,7 @@ class BatchConsumer:
                     log.warning("%s abandoned (%s); the batch will be replayed", stage,
                                 "stopping" if stop.is_set() else "partitions revoked")
                     return False
-                backoff = min(backoff * 2, self.settings.retry_max_backoff_s)
+                backoff = min(backoff * 2, self.settings.stream.retry_max_backoff_s)
         finally:
             if paused:
                 self._consumer.resume([tp for tp in paused if tp in self._consumer.assignment()])

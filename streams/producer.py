@@ -30,11 +30,11 @@ Headers = list[tuple[str, str | bytes | None]]
 
 def kafka_config(settings: Settings, **extra: Any) -> dict[str, Any]:
     """Base librdkafka config: bootstrap + pass-through options + call-site extras (extras win)."""
-    if not settings.kafka_bootstrap:
+    if not settings.kafka.bootstrap:
         raise DeliveryError("no Kafka bootstrap configured (FUSIONREC_KAFKA_BOOTSTRAP or `fusionrec up`)")
     # Idle connections closed by brokers are routine; librdkafka would log each one.
-    return {"bootstrap.servers": settings.kafka_bootstrap, "log.connection.close": False,
-            **settings.kafka_options, **extra}
+    return {"bootstrap.servers": settings.kafka.bootstrap, "log.connection.close": False,
+            **settings.kafka.options, **extra}
 
 
 class EventProducer:
@@ -84,11 +84,11 @@ class EventProducer:
 
     def user_event(self, event: UserEvent | Mapping[str, Any]) -> None:
         value, uid = _encode(event, "user_id")
-        self.produce(self.settings.topic_events, value, key=uid)
+        self.produce(self.settings.kafka.topic_events, value, key=uid)
 
     def catalog_event(self, event: CatalogEvent | Mapping[str, Any]) -> None:
         value, iid = _encode(event, "item_id")
-        self.produce(self.settings.topic_catalog, value, key=iid)
+        self.produce(self.settings.kafka.topic_catalog, value, key=iid)
 
     def poll(self, timeout: float = 0) -> int:
         return int(self._producer.poll(timeout))

@@ -145,8 +145,8 @@ class StateStore:
         self.redis = client
         self.settings = settings
         self.keys = keys or Keys.for_settings(settings)
-        self.popularity_decay = Decay(settings.decay_epoch_ms, settings.popularity_half_life_s)
-        self.affinity_decay = Decay(settings.decay_epoch_ms, settings.affinity_half_life_s)
+        self.popularity_decay = Decay(settings.state.decay_epoch_ms, settings.state.popularity_half_life_s)
+        self.affinity_decay = Decay(settings.state.decay_epoch_ms, settings.state.affinity_half_life_s)
         self._user_apply = client.register_script(USER_APPLY)
         self._user_read = client.register_script(USER_READ)
         self._zset_apply = client.register_script(ZSET_APPLY)
@@ -198,7 +198,7 @@ class StateStore:
         pipe = self.redis.pipeline(transaction=False)
         for bucket, users in by_bucket.items():
             self._user_read(keys=[self.keys.user_guard(bucket), *(self.keys.user_recent(u) for u in users)],
-                            args=[self.settings.recent_items_cap, *partitions], client=pipe)
+                            args=[self.settings.state.recent_items_cap, *partitions], client=pipe)
         for iids in items_by_bucket.values():
             self._hmget(keys=[self.keys.item_meta(i) for i in iids], args=["category", "brand"], client=pipe)
         replies = pipe.execute()
@@ -243,10 +243,10 @@ class StateStore:
                 affinity[f"b:{brand}"] += aw
             pop.entries[k.popularity()].append((pe.offset, item, self.popularity_decay.weight(w, ev.ts)))
             # Directional co-visitation: what users went on to interact with after each recent item.
-            for other in _window(recent, item, s.covis_window):
-                call = _call(items, k.item_guard(k.bucket(other)), partition, s.covis_cap, False)
+            for other in _window(recent, item, s.state.covis_window):
+                call = _call(items, k.item_guard(k.bucket(other)), partition, s.state.covis_cap, False)
                 call.entries[k.item_covis(other)].append((pe.offset, item, w))
-            _push_recent(recent, item, s.recent_items_cap)
+            _push_recent(recent, item, s.state.recent_items_cap)
         return [last_seen, [x for kv in counts.items() for x in kv], list(recent),
                 [x for kv in weights.items() for x in kv], [x for kv in affinity.items() for x in kv]]
 
@@ -270,7 +270,7 @@ class StateStore:
         pipe = self.redis.pipeline(transaction=False)
         for (bucket, partition), (keys, payload, offsets) in calls.items():
             self._user_apply(keys=[self.keys.user_guard(bucket), *keys],
-                             args=[partition, self.settings.user_ttl_s, min(offsets), max(offsets),
+                             args=[partition, self.settings.state.user_ttl_s, min(offsets), max(offsets),
                                    _msgpack.encode(payload)], client=pipe)
         conflicts = [g for g in pipe.execute() if int(g) != -1]
         if conflicts:

@@ -16,9 +16,9 @@ log = logging.getLogger(__name__)
 
 
 def all_topics(settings: Settings) -> list[str]:
-    base = [settings.topic_events, settings.topic_catalog]
-    derived = [settings.topic_feedback, settings.topic_item_deltas]
-    return base + derived + [settings.dlq_topic(t) for t in (*base, settings.topic_feedback)]
+    base = [settings.kafka.topic_events, settings.kafka.topic_catalog]
+    derived = [settings.kafka.topic_feedback, settings.kafka.topic_item_deltas]
+    return base + derived + [settings.dlq_topic(t) for t in (*base, settings.kafka.topic_feedback)]
 
 
 def ensure_topics(settings: Settings, topics: Sequence[str] | None = None, partitions: int | None = None,
@@ -30,8 +30,8 @@ def ensure_topics(settings: Settings, topics: Sequence[str] | None = None, parti
     missing = [t for t in wanted if t not in existing]
     if not missing:
         return []
-    n = partitions or settings.topic_partitions
-    futures = admin.create_topics([NewTopic(t, n, settings.topic_replication) for t in missing],
+    n = partitions or settings.kafka.partitions
+    futures = admin.create_topics([NewTopic(t, n, settings.kafka.replication) for t in missing],
                                   request_timeout=timeout)
     created = []
     for topic, fut in futures.items():

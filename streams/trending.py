@@ -52,7 +52,7 @@ class ItemDeltaPublisher:
                  producer: EventProducer | None = None) -> None:
         self.settings = settings
         self.metrics = metrics
-        self.topic = settings.topic_item_deltas
+        self.topic = settings.kafka.topic_item_deltas
         # uncompressed: faust's client (aiokafka) has no lz4 codec without an extra library
         self.producer = producer or EventProducer(settings, producer_options={"linger.ms": 5,
                                                                               "compression.type": "none"})
@@ -62,7 +62,7 @@ class ItemDeltaPublisher:
         if not result.item_counts:
             return
         parts: dict[int, dict[str, int]] = defaultdict(dict)
-        n = self.settings.topic_partitions
+        n = self.settings.kafka.partitions
         for item, count in result.item_counts.items():
             parts[zlib.crc32(item.encode()) % n][item] = count
         for partition, items in parts.items():
@@ -103,10 +103,10 @@ class TrendingWriter:
 
     def write(self, counts: dict[str, float], categories: dict[str, str],
               category_totals: dict[str, float] | None = None) -> None:
-        top = heapq.nlargest(self.settings.trending_top, counts.items(), key=lambda kv: kv[1])
-        totals, per_cat = top_by_category(counts, categories, max(10, self.settings.trending_top // 5))
+        top = heapq.nlargest(self.settings.trending.top, counts.items(), key=lambda kv: kv[1])
+        totals, per_cat = top_by_category(counts, categories, max(10, self.settings.trending.top // 5))
         totals = category_totals if category_totals is not None else totals
-        ttl = self.settings.trending_window_s * 2
+        ttl = self.settings.trending.window_s * 2
         pipe = self.redis.pipeline(transaction=True)
         for key, pairs in ((self.keys.trending(), top),
                            (self.keys.trending_categories(), list(totals.items())),
@@ -125,29 +125,29 @@ def build_app(settings: Settings, bootstrap: str, metrics: Metrics | None = None
 
     from fusionrec.core.redis_client import connect
 
-    datadir = Path(settings.run_dir) / "trending" / settings.redis_prefix
+    datadir = Path(settings.ops.run_dir) / "trending" / settings.redis.prefix
     datadir.mkdir(parents=True, exist_ok=True)  # faust writes its table state there
 
     app = faust.App(
-        f"{settings.redis_prefix}-trending", broker=f"kafka://{bootstrap}", store="memory://",
-        web_enabled=False, topic_partitions=settings.topic_partitions, topic_replication_factor=1,
+        f"{settings.redis.prefix}-trending", broker=f"kafka://{bootstrap}", store="memory://",
+        web_enabled=False, topic_partitions=settings.kafka.partitions, topic_replication_factor=1,
         broker_session_timeout=settings.effective_session_timeout_ms() / 1000,
         broker_heartbeat_interval=1.0, broker_rebalance_timeout=10.0, consumer_auto_offset_reset="earliest",
-        table_cleanup_interval=float(settings.trending_step_s),
+        table_cleanup_interval=float(settings.trending.step_s),
         datadir=str(datadir),
     )
     metrics = metrics or Metrics()
-    window, step = float(settings.trending_window_s), float(settings.trending_step_s)
+    window, step = float(settings.trending.window_s), float(settings.trending.step_s)
 
     class Delta(faust.Record, serializer="json"):
         ts: float
         items: dict[str, int]
         categories: dict[str, str]
 
-    topic = app.topic(settings.topic_item_deltas, value_type=Delta)
-    item_counts = app.Table("trending-items", default=int, partitions=settings.topic_partitions) \
+    topic = app.topic(settings.kafka.topic_item_deltas, value_type=Delta)
+    item_counts = app.Table("trending-items", default=int, partitions=settings.kafka.partitions) \
         .hopping(window, step, expires=window * 2, key_index=True).relative_to_stream()
-    category_counts = app.Table("trending-categories", default=int, partitions=settings.topic_partitions) \
+    category_counts = app.Table("trending-categories", default=int, partitions=settings.kafka.partitions) \
         .hopping(window, step, expires=window * 2, key_index=True).relative_to_stream()
     writer = TrendingWriter(connect(settings), settings)
     categories: dict[str, str] = {}
@@ -170,7 +170,7 @@ def build_app(settings: Settings, bootstrap: str, metrics: Metrics | None = None
             state["event"], state["dirty"] = event, True
             metrics.trending_consumed.inc()
 
-    @app.timer(interval=settings.trending_flush_s)
+    @app.timer(interval=settings.trending.flush_s)
     async def flush() -> None:
         event = state["event"]
         if not state["dirty"] or event is None:
@@ -197,4 +197,4 @@ def run_worker(settings: Settings, bootstrap: str, metrics: Metrics | None = Non
     app.finalize()
     from faust.worker import Worker
 
-    Worker(app, loglevel=settings.log_level.lower(), quiet=True).execute_from_commandline()
+    Worker(app, loglevel=settings.ops.log_level.lower(), quiet=True).execute_from_commandline()

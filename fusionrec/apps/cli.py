@@ -47,8 +47,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     if not s.embedded_kafka and not s.embedded_redis:
         print("FUSIONREC_KAFKA_BOOTSTRAP and FUSIONREC_REDIS_URL are set: nothing to start")
         return 0
-    running = EmbeddedServices(s.run_dir).up(kafka=s.embedded_kafka, redis=s.embedded_redis,
-                                            persistence=args.persistence or s.redis_persistence)
+    running = EmbeddedServices(s.ops.run_dir).up(kafka=s.embedded_kafka, redis=s.embedded_redis,
+                                            persistence=args.persistence or s.redis.persistence)
     _print_status(running)
     if running.kafka_bootstrap:
         from fusionrec.streams.topics import ensure_topics
@@ -60,7 +60,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 def cmd_down(_args: argparse.Namespace) -> int:
     from fusionrec.apps.services import EmbeddedServices
 
-    stopped = EmbeddedServices(_settings().run_dir).down()
+    stopped = EmbeddedServices(_settings().ops.run_dir).down()
     print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
     return 0
 
@@ -68,7 +68,7 @@ def cmd_down(_args: argparse.Namespace) -> int:
 def cmd_status(_args: argparse.Namespace) -> int:
     from fusionrec.apps.services import EmbeddedServices
 
-    running = EmbeddedServices(_settings().run_dir).status()
+    running = EmbeddedServices(_settings().ops.run_dir).status()
     if running is None or (running.broker is None and running.redis is None):
         print("no embedded services running")
         return 1
@@ -103,7 +103,7 @@ def cmd_learner(args: argparse.Namespace) -> int:
     ensure_topics(s)
     metrics = Metrics()
     if not args.no_metrics:
-        metrics.serve(s.metrics_host, s.learn_metrics_port)
+        metrics.serve(s.ops.metrics_host, s.learn.metrics_port)
     LearnerLoop(s, metrics).run(_stop_on_signals())
     return 0
 
@@ -115,11 +115,11 @@ def cmd_trending(args: argparse.Namespace) -> int:
 
     s = _resolved()
     ensure_topics(s)
-    assert s.kafka_bootstrap is not None
+    assert s.kafka.bootstrap is not None
     metrics = Metrics()
     if not args.no_metrics:
-        metrics.serve(s.metrics_host, s.trending_metrics_port)
-    run_worker(s, s.kafka_bootstrap, metrics)
+        metrics.serve(s.ops.metrics_host, s.trending.metrics_port)
+    run_worker(s, s.kafka.bootstrap, metrics)
     return 0
 
 
@@ -155,7 +155,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from fusionrec.online.serving.api import serve
 
     s = _settings()
-    s = resolve_endpoints(s, kafka=s.search_log and not args.no_search_log)
+    s = resolve_endpoints(s, kafka=s.serve.search_log and not args.no_search_log)
     overrides = {k: v for k, v in (("serve_host", args.host), ("serve_port", args.port)) if v is not None}
     serve(s.replace(**overrides) if overrides else s, log_searches=False if args.no_search_log else None)
     return 0
@@ -322,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _settings_level() -> str:
     try:
-        return _settings().log_level.upper()
+        return _settings().ops.log_level.upper()
     except FusionrecError:
         return "INFO"
 

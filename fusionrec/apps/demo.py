@@ -34,11 +34,11 @@ log = logging.getLogger(__name__)
 
 def _ensure_services(settings: Settings, stack: contextlib.ExitStack, keep: bool) -> Settings:
     if settings.embedded_kafka or settings.embedded_redis:
-        services = EmbeddedServices(settings.run_dir)
+        services = EmbeddedServices(settings.ops.run_dir)
         before = services.status()
         started_any = before is None or before.broker is None or before.redis is None
         services.up(kafka=settings.embedded_kafka, redis=settings.embedded_redis,
-                    persistence=settings.redis_persistence)
+                    persistence=settings.redis.persistence)
         if started_any and not keep:
             stack.callback(services.down)
         if settings.embedded_kafka and (before is None or before.broker is None):
@@ -52,9 +52,9 @@ def _reset_state(settings: Settings) -> None:
     exist: start that state over."""
     client = connect(settings)
     try:
-        if next(iter(client.scan_iter(match=f"{settings.redis_prefix}:*", count=100)), None) is not None:
-            print(f"new embedded broker: clearing the previous run's state under {settings.redis_prefix}:*")
-            delete_prefix(client, settings.redis_prefix)
+        if next(iter(client.scan_iter(match=f"{settings.redis.prefix}:*", count=100)), None) is not None:
+            print(f"new embedded broker: clearing the previous run's state under {settings.redis.prefix}:*")
+            delete_prefix(client, settings.redis.prefix)
     finally:
         client.close()
 
@@ -73,20 +73,21 @@ def run_demo(settings: Settings, *, events: int, households: int, keep: bool) ->
     with contextlib.ExitStack() as stack:
         s = _ensure_services(settings, stack, keep)
         ensure_topics(s)
-        print(f"Kafka {s.kafka_bootstrap}   Redis {s.redis_url}")
+        print(f"Kafka {s.kafka.bootstrap}   Redis {s.redis.url}")
         ds = datasets.completejourney(households=households).head(events)
         total = len(ds.events) + len(ds.items)
         print(f"Complete Journey slice: {len(ds.events)} purchases by {ds.events.user_id.nunique()} households, "
               f"{len(ds.items)} products")
         _embed_catalog(s, ds, stack)
         pipeline = stack.enter_context(StatePipeline(s, serve_metrics=_port_free(s)))
-        if s.metrics_port:
-            print(f"metrics: http://{s.metrics_host}:{s.metrics_port}/metrics (the user-state consumer). To watch:\n"
-                  f"  prometheus --config.file=deploy/prometheus/prometheus.yml   # scrapes {s.metrics_host}:"
-                  f"{s.metrics_port} and the other components' default ports, with the alert rules\n"
+        if s.ops.metrics_port:
+            print(f"metrics: http://{s.ops.metrics_host}:{s.ops.metrics_port}/metrics (the user-state consumer). "
+                  "To watch:\n"
+                  f"  prometheus --config.file=deploy/prometheus/prometheus.yml   # scrapes {s.ops.metrics_host}:"
+                  f"{s.ops.metrics_port} and the other components' default ports, with the alert rules\n"
                   f"  then Grafana: add that Prometheus (localhost:9090) as a datasource and import "
                   f"deploy/grafana/dashboards/fusionrec.json\n"
-                  f"  with --keep, `fusionrec serve` answers http://127.0.0.1:{s.serve_port}/v1/users/<id>/recommendations")
+                  f"  with --keep, `fusionrec serve` answers http://127.0.0.1:{s.serve.port}/v1/users/<id>/recommendations")
         stop, done = threading.Event(), threading.Event()
         caught_up = lambda: pipeline.consumer.consumed >= total  # noqa: E731  (catalog + purchases)
         consumer = threading.Thread(target=pipeline.consumer.run, args=(stop, caught_up), name="consumer",
@@ -221,12 +222,12 @@ def _show_similar(pipeline: StatePipeline, ds: datasets.Dataset) -> None:
 def _port_free(s: Settings) -> bool:
     import socket
 
-    if not s.metrics_port:
+    if not s.ops.metrics_port:
         return False
     with socket.socket() as sock:
         try:
-            sock.bind((s.metrics_host, s.metrics_port))
+            sock.bind((s.ops.metrics_host, s.ops.metrics_port))
         except OSError:
-            log.warning("metrics port %d is busy; not serving metrics", s.metrics_port)
+            log.warning("metrics port %d is busy; not serving metrics", s.ops.metrics_port)
             return False
     return True

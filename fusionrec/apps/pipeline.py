@@ -30,7 +30,7 @@ class StatePipeline:
         keys = Keys.for_settings(settings)
         self.store = StateStore(self.redis, settings, keys)
         # The learned ranker logs what it ranked for the learner (fusionrec.online.learning.feedback).
-        self.feedback = FeedbackPublisher(settings) if settings.rec_ranker == "fusion" else None
+        self.feedback = FeedbackPublisher(settings) if settings.rec.ranker == "fusion" else None
         self.writer = RecommendationWriter(self.redis, settings, metrics=self.metrics, keys=keys,
                                            sink=self.feedback)
         self.deltas = ItemDeltaPublisher(settings, self.metrics)
@@ -38,10 +38,11 @@ class StatePipeline:
         self.consumer = BatchConsumer(settings, self.handler, self.metrics, group_id=group_id,
                                       consumer_options=consumer_options)
         if serve_metrics:
-            self.metrics.serve(settings.metrics_host, settings.metrics_port)
-        log.info("user-state pipeline: %s", {k: v for k, v in settings.masked().items()
-                                             if k in ("kafka_bootstrap", "redis_url", "group_state",
-                                                      "topic_events", "batch_size")})
+            self.metrics.serve(settings.ops.metrics_host, settings.ops.metrics_port)
+        masked = settings.masked()
+        log.info("user-state pipeline: kafka %s, redis %s, group %s, topic %s, batch %d",
+                 masked["kafka"]["bootstrap"], masked["redis"]["url"], settings.stream.group,
+                 settings.kafka.topic_events, settings.stream.batch_size)
 
     def __enter__(self) -> StatePipeline:
         return self

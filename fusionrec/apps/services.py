@@ -237,7 +237,7 @@ def resolve_endpoints(settings: Settings, *, kafka: bool = True) -> Settings:
     """
     if not (kafka and settings.embedded_kafka) and not settings.embedded_redis:
         return settings
-    running = EmbeddedServices(settings.run_dir).status()
+    running = EmbeddedServices(settings.ops.run_dir).status()
     changes: dict[str, str] = {}
     if settings.embedded_kafka and (kafka or (running is not None and running.kafka_bootstrap is not None)):
         if running is None or running.kafka_bootstrap is None:
@@ -248,6 +248,6 @@ def resolve_endpoints(settings: Settings, *, kafka: bool = True) -> Settings:
             raise ServiceError("no Redis configured: set FUSIONREC_REDIS_URL or run `fusionrec up`")
         changes["redis_url"] = running.redis_url
     # The session timeout default depends on the broker being embedded; pin it before filling the URL.
-    if settings.session_timeout_ms is None:
+    if settings.kafka.session_timeout_ms is None:
         changes["session_timeout_ms"] = settings.effective_session_timeout_ms()  # type: ignore[assignment]
     return settings.replace(**changes)

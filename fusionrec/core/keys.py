@@ -72,7 +72,7 @@ class Keys:
 
     @classmethod
     def for_settings(cls, settings: Settings) -> Keys:
-        return cls(settings.redis_prefix, settings.redis_buckets)
+        return cls(settings.redis.prefix, settings.redis.buckets)
 
     def bucket(self, ident: str) -> int:
         return _bucket(ident, self.buckets)

@@ -29,7 +29,7 @@ class Pseudonyms:
 
     @classmethod
     def for_settings(cls, settings: Settings) -> Pseudonyms:
-        return cls(settings.user_id_key)
+        return cls(settings.contract.user_id_key)
 
     def __call__(self, user_id: str) -> str:
         return self._cached(user_id) if self._key is not None else user_id

@@ -19,7 +19,7 @@ def _options() -> dict[str, Any]:
 
 def _url(settings: Settings) -> tuple[str, bool]:
     """The configured URL (cluster suffix removed) and whether it names a Redis Cluster."""
-    url = settings.redis_url
+    url = settings.redis.url
     if not url:
         raise ConfigError("no Redis configured: set FUSIONREC_REDIS_URL or run `fusionrec up`")
     cluster = url.startswith("redis+cluster://") or url.startswith("rediss+cluster://")
@@ -27,7 +27,7 @@ def _url(settings: Settings) -> tuple[str, bool]:
 
 
 def connect(settings: Settings) -> redis.Redis:
-    """A client for ``settings.redis_url``; ``redis+cluster://`` URLs give a Redis Cluster client.
+    """A client for ``settings.redis.url``; ``redis+cluster://`` URLs give a Redis Cluster client.
 
     Connection-level retries cover short blips; the stream consumer retries whole batches on top.
     """

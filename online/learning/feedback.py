@@ -155,7 +155,7 @@ class FeedbackPublisher:
     """
 
     def __init__(self, settings: Settings, producer: EventProducer | None = None) -> None:
-        self.topic = settings.topic_feedback
+        self.topic = settings.kafka.topic_feedback
         self.producer = producer or EventProducer(settings, producer_options={"linger.ms": 5})
 
     def __call__(self, snapshots: list[Snapshot]) -> None:

@@ -49,7 +49,7 @@ class Learner:
         self.store = store
         self.lookup = lookup
         self.metrics = metrics or Metrics()
-        self.model = model or FusionModel(use_vectors=settings.learn_vectors, seed=settings.learn_seed)
+        self.model = model or FusionModel(use_vectors=settings.learn.vectors, seed=settings.learn.seed)
         self.last: Checkpoint | None = None  # the checkpoint the head points at
         self.rollbacks = 0
         self._since_hits: list[int] = []
@@ -112,15 +112,15 @@ class Learner:
         self._since_hits.extend(hits)
         self._since_examples += examples
         self.metrics.learn_examples.inc(examples)
-        window = self._since_hits[-self.settings.learn_rollback_min_groups * 10:]
+        window = self._since_hits[-self.settings.learn.rollback_min_groups * 10:]
         if window:
             self.metrics.learn_hit_rate.set(sum(window) / len(window))
 
     # ------------------------------------------------------------------ checkpoints
     def due(self) -> bool:
         s = self.settings
-        return self._since_examples > 0 and (self._since_examples >= s.learn_checkpoint_examples
-                                             or time.monotonic() - self._since_wall >= s.learn_checkpoint_s)
+        return self._since_examples > 0 and (self._since_examples >= s.learn.checkpoint_examples
+                                             or time.monotonic() - self._since_wall >= s.learn.checkpoint_s)
 
     def maybe_checkpoint(self, offsets: dict[str, int] | None = None, force: bool = False) -> int | None:
         """Checkpoint if due (or ``force``); returns the new number, or None (not due, or rolled back)."""
@@ -141,13 +141,13 @@ class Learner:
         return number
 
     def hit_rate_since(self) -> float | None:
-        if len(self._since_hits) < self.settings.learn_rollback_min_groups:
+        if len(self._since_hits) < self.settings.learn.rollback_min_groups:
             return None
         return sum(self._since_hits) / len(self._since_hits)
 
     def _degraded(self, hit_rate: float | None) -> bool:
         prev = self.last.hit_rate if self.last is not None else None
-        return hit_rate is not None and prev is not None and hit_rate < self.settings.learn_rollback_ratio * prev
+        return hit_rate is not None and prev is not None and hit_rate < self.settings.learn.rollback_ratio * prev
 
     def rollback(self, hit_rate: float | None) -> None:
         assert self.store is not None and self.last is not None
@@ -156,7 +156,7 @@ class Learner:
             log.error("rollback wanted but checkpoint %d is gone; keeping the current model", self.last.number)
             return
         log.error("prequential HitRate@10 fell to %.4f (checkpoint %d had %.4f, ratio %.2f): rolled back to it",
-                  hit_rate or 0.0, self.last.number, self.last.hit_rate or 0.0, self.settings.learn_rollback_ratio)
+                  hit_rate or 0.0, self.last.number, self.last.hit_rate or 0.0, self.settings.learn.rollback_ratio)
         self.model = restored.model
         self.store.set_head(restored.number)
         self.rollbacks += 1

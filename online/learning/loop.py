@@ -56,11 +56,11 @@ class LearnerLoop:
         self.redis = connect(settings)
         self.keys = Keys.for_settings(settings)
         store = CheckpointStore(self.redis, settings, self.keys)
-        lookup = VectorLookup(VectorStore(self.redis, settings, self.keys).vectors, settings.learn_vector_cache_items)
+        lookup = VectorLookup(VectorStore(self.redis, settings, self.keys).vectors, settings.learn.vector_cache_items)
         self.learner = Learner(settings, store, lookup, self.metrics)
-        self.joiner = FeedbackJoiner(settings.learn_window_s * 1000, settings.learn_sampled_negatives,
-                                     seed=settings.learn_seed)
-        self.searches = SearchJoiner(settings.learn_window_s * 1000)
+        self.joiner = FeedbackJoiner(settings.learn.window_s * 1000, settings.learn.sampled_negatives,
+                                     seed=settings.learn.seed)
+        self.searches = SearchJoiner(settings.learn.window_s * 1000)
         self.offsets: dict[str, int] = {}
         self.decisions = 0
 
@@ -83,12 +83,12 @@ class LearnerLoop:
             return
         ckpt = self.learner.resume()
         self.offsets = dict(ckpt.offsets) if ckpt else {}
-        consumer = Consumer(consumer_config(self.settings, self.settings.group_learner), logger=log)
+        consumer = Consumer(consumer_config(self.settings, self.settings.learn.group), logger=log)
         dlq = DeadLetterPublisher(self.settings, self.metrics)
-        consumer.subscribe([self.settings.topic_feedback], on_assign=self._on_assign)
+        consumer.subscribe([self.settings.kafka.topic_feedback], on_assign=self._on_assign)
         try:
             while not stop.is_set() and not (until and until(self)):
-                msgs = consumer.consume(self.settings.batch_size, self.settings.batch_timeout_s)
+                msgs = consumer.consume(self.settings.stream.batch_size, self.settings.stream.batch_timeout_s)
                 if msgs:
                     self._process(msgs, dlq)
                 if self.learner.due():

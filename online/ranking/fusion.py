@@ -76,15 +76,15 @@ class FusionRanker:
         self.serving = serving
         self.info = ItemInfoCache(client, self.keys)
         # user item weights are forward-decayed; weight(1, -ts) = exp(-rate * (ts - epoch)) brings them to ts
-        self.decay = Decay(-settings.decay_epoch_ms, settings.affinity_half_life_s)
+        self.decay = Decay(-settings.state.decay_epoch_ms, settings.state.affinity_half_life_s)
         store = VectorStore(client, settings, self.keys)
-        self.lookup = VectorLookup(store.vectors, settings.learn_vector_cache_items)
+        self.lookup = VectorLookup(store.vectors, settings.learn.vector_cache_items)
 
     def pools(self, contexts: Sequence[UserContext], only: list[str] | None = None) -> list[Pool]:
         """Each user's candidate pool (``only``: the user's features for exactly these items)."""
         candidates = set(only) if only is not None else {i for c in contexts for i in _candidate_ids(c)}
         info = self.info.get(sorted(candidates))
-        return [build_pool(c, info, self.settings.rec_pool, decay_now=self.decay.weight(1.0, -c.ts) if c.ts else 0.0,
+        return [build_pool(c, info, self.settings.rec.pool, decay_now=self.decay.weight(1.0, -c.ts) if c.ts else 0.0,
                            only=only)
                 for c in contexts]
 

@@ -38,7 +38,7 @@ FeedbackSink = Callable[[list[Snapshot]], None]
 def default_ranker(client: redis.Redis, settings: Settings, metrics: Metrics | None = None,
                    keys: Keys | None = None) -> Ranker:
     """The ranker ``FUSIONREC_REC_RANKER`` names: the learned fusion (hot-reloaded) or the fixed blend."""
-    if settings.rec_ranker == "simple":
+    if settings.rec.ranker == "simple":
         return SimpleRanker()
     from fusionrec.online.ranking.fusion import FusionRanker
 
@@ -80,7 +80,7 @@ class RecommendationWriter:
         per_bucket: dict[int, tuple[list[str], list[bytes]]] = defaultdict(lambda: ([], []))
         profiles: dict[int, tuple[list[str], list[bytes]]] = defaultdict(lambda: ([], []))
         contexts = self.candidates.for_users(users)
-        ranked = self.ranker.rank_many(contexts, self.settings.rec_k)
+        ranked = self.ranker.rank_many(contexts, self.settings.rec.k)
         for ctx, r in zip(contexts, ranked, strict=True):
             if ctx.profile is not None:
                 pkeys, pvalues = profiles[self.keys.bucket(ctx.user_id)]
@@ -94,9 +94,9 @@ class RecommendationWriter:
             values.append(_encoder.encode(recs))
         pipe = self.redis.pipeline(transaction=False)
         for keys, values in per_bucket.values():
-            self._setex(keys=keys, args=[self.settings.rec_ttl_s, *values], client=pipe)
+            self._setex(keys=keys, args=[self.settings.rec.ttl_s, *values], client=pipe)
         for keys, values in profiles.values():
-            self._setex(keys=keys, args=[self.settings.user_ttl_s, *values], client=pipe)
+            self._setex(keys=keys, args=[self.settings.state.user_ttl_s, *values], client=pipe)
         pipe.execute()
         if self.sink is not None:
             self.sink(self._snapshots(users, ranked, now))

@@ -148,9 +148,9 @@ class FastRecommendations:
     def __init__(self, app: Callable[..., Awaitable[None]], services: "Services") -> None:
         self.app = app
         self.services = services
-        self.default_k = services.settings.rec_k
-        self.max_k = services.settings.serve_max_k
-        token = services.settings.serve_token
+        self.default_k = services.settings.rec.k
+        self.max_k = services.settings.serve.max_k
+        token = services.settings.serve.token
         self.auth = f"Bearer {token}".encode() if token else None
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -213,6 +213,7 @@ class Services:
         self.log_producer = log_producer
         self._encoder = encoder
         self._searcher: Searcher | None = None
+        self._head = 0
         self._search_lock = threading.Lock()
 
     def searcher(self) -> Searcher:
@@ -236,14 +237,19 @@ class Services:
         if self._searcher is not None:
             number, _ = self._searcher.ranker.serving.current()
         else:
-            number = self.checkpoints.head() or 0
+            try:
+                number = self.checkpoints.head() or 0
+            except redis.RedisError as exc:  # readiness reports Redis itself; this stays the last known
+                log.warning("could not check the fusion checkpoint head: %s", exc)
+                return self._head
+        self._head = number
         self.metrics.model_version.set(number)
         return number
 
 
 def create_app(services: Services) -> FastAPI:
     settings = services.settings
-    max_k = settings.serve_max_k
+    max_k = settings.serve.max_k
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -261,7 +267,7 @@ def create_app(services: Services) -> FastAPI:
                   description="Recommendations, similar items and personalised search, read from Redis.")
 
     async def authorised(request: Request) -> None:
-        token = settings.serve_token
+        token = settings.serve.token
         if token is None:
             return
         given = request.headers.get("authorization", "")
@@ -275,7 +281,7 @@ def create_app(services: Services) -> FastAPI:
     @app.get("/v1/users/{user_id}/recommendations", response_model=RecListOut, dependencies=Auth,
              summary="A user's current recommendations (popular items for an unknown user)")
     async def recommendations(user_id: Annotated[str, Path(pattern=ID, max_length=128)],
-                              k: K = settings.rec_k) -> Response:
+                              k: K = settings.rec.k) -> Response:
         try:
             recs = await services.areader.top_k(user_id, k)
         except redis.RedisError as exc:
@@ -349,12 +355,12 @@ def serve(settings: Settings, *, log_searches: bool | None = None) -> None:
     from fusionrec.core.redis_client import connect, connect_async
 
     producer = None
-    if settings.search_log if log_searches is None else log_searches:
+    if settings.serve.search_log if log_searches is None else log_searches:
         producer = EventProducer(settings, producer_options={"linger.ms": 50})
     services = Services(settings, connect(settings), connect_async(settings), log_producer=producer)
-    config = uvicorn.Config(create_app(services), host=settings.serve_host, port=settings.serve_port,
-                            loop="uvloop", http="httptools", access_log=False, log_level=settings.log_level.lower(),
+    config = uvicorn.Config(create_app(services), host=settings.serve.host, port=settings.serve.port,
+                            loop="uvloop", http="httptools", access_log=False, log_level=settings.ops.log_level.lower(),
                             timeout_graceful_shutdown=10)
-    log.info("reader API on http://%s:%d (token %s)", settings.serve_host, settings.serve_port,
-             "required" if settings.serve_token else "not required")
+    log.info("reader API on http://%s:%d (token %s)", settings.serve.host, settings.serve.port,
+             "required" if settings.serve.token else "not required")
     uvicorn.Server(config).run()

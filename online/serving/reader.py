@@ -51,7 +51,7 @@ class RecommendationReader:
         self.content = ContentIndex(client, settings, self.keys)
 
     def top_k(self, user_id: str | int, k: int | None = None) -> RecList:
-        k = self.settings.rec_k if k is None else k
+        k = self.settings.rec.k if k is None else k
         if k <= 0:
             raise ValueError(f"k must be positive, got {k}")
         raw = self.redis.get(self.keys.user_rec(self.pseudonyms(str(user_id))))
@@ -61,7 +61,7 @@ class RecommendationReader:
 
     def many(self, user_ids: list[str], k: int | None = None) -> dict[str, RecList]:
         """``top_k`` for many users in one round trip (plus one for the fallback if needed)."""
-        k = self.settings.rec_k if k is None else k
+        k = self.settings.rec.k if k is None else k
         raws = self.redis.mget([self.keys.user_rec(self.pseudonyms(u)) for u in user_ids]) if user_ids else []
         out: dict[str, RecList] = {}
         fallback: RecList | None = None

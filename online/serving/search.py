@@ -104,7 +104,7 @@ class Searcher:
                                          f"but readers use {version}")
         qvec = encoder.encode([query])[0]
         stored_id = self.pseudonyms(user_id) if user_id else None  # how state and feedback know the user
-        found = self.content.nearest(version, [qvec], self.settings.search_candidates)[0]
+        found = self.content.nearest(version, [qvec], self.settings.serve.search_candidates)[0]
         found = self._not_deleted(found)
         number, model = self.ranker.serving.current()
         if not found:
@@ -132,7 +132,7 @@ class Searcher:
         entry = SearchLog(user_id=user_id, ts=int(time.time() * 1000), items=[h.item_id for h in hits],
                           f_item=[h.f_item for h in hits], f_query=[h.f_query for h in hits], model=model)
         try:
-            self.producer.produce(self.settings.topic_feedback, encode_search_log(entry), key=user_id,
+            self.producer.produce(self.settings.kafka.topic_feedback, encode_search_log(entry), key=user_id,
                                   headers=[(KIND_HEADER, KIND_SEARCH)])
         except Exception as exc:  # a search is answered even when its feedback cannot be logged
             log.warning("could not log search feedback: %s", exc)

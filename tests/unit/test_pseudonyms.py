@@ -29,4 +29,4 @@ def test_the_key_is_a_masked_secret_of_some_length():
     with pytest.raises(ConfigError, match="USER_ID_KEY"):
         Settings.from_env({"FUSIONREC_USER_ID_KEY": "short"})
     s = Settings.from_env({"FUSIONREC_USER_ID_KEY": KEY})
-    assert s.masked()["user_id_key"] == "***" and KEY not in repr(s.masked())
+    assert s.masked()["contract"]["user_id_key"] == "***" and KEY not in repr(s.masked())

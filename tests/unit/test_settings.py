@@ -9,17 +9,17 @@ def test_reads_prefixed_environment_and_types():
     s = Settings.from_env({"FUSIONREC_BATCH_SIZE": "123", "FUSIONREC_BATCH_TIMEOUT_S": "0.5",
                            "FUSIONREC_KAFKA_BOOTSTRAP": "k:9092",
                            "FUSIONREC_KAFKA_OPTIONS": '{"security.protocol": "SASL_SSL", "sasl.password": "pw"}'})
-    assert (s.batch_size, s.batch_timeout_s, s.kafka_bootstrap) == (123, 0.5, "k:9092")
-    assert s.kafka_options["security.protocol"] == "SASL_SSL"
+    assert (s.stream.batch_size, s.stream.batch_timeout_s, s.kafka.bootstrap) == (123, 0.5, "k:9092")
+    assert s.kafka.options["security.protocol"] == "SASL_SSL"
     assert not s.embedded_kafka and s.embedded_redis
     assert s.effective_session_timeout_ms() == 45_000
 
 
 def test_overrides_win_and_settings_are_frozen():
     s = Settings.from_env({"FUSIONREC_BATCH_SIZE": "5"}, batch_size=7)
-    assert s.batch_size == 7
+    assert s.stream.batch_size == 7
     with pytest.raises(AttributeError):
-        s.batch_size = 9  # type: ignore[misc]
+        s.stream.batch_size = 9  # type: ignore[misc]
 
 
 @pytest.mark.parametrize("env", [{"FUSIONREC_BATCH_SIZE": "many"}, {"FUSIONREC_BATCH_SIZE": "0"},
@@ -30,13 +30,26 @@ def test_bad_values_are_clear_errors(env):
         Settings.from_env(env)
 
 
+def test_groups_round_trip_through_the_environment_and_unknown_names_are_errors():
+    s = Settings.from_env({}, rec_k=7, kafka_options={"acks": "all"}, learn_vectors=False, serve_token="t" * 16)
+    assert (s.rec.k, s.kafka.options, s.learn.vectors, s.serve.token) == (7, {"acks": "all"}, False, "t" * 16)
+    assert Settings.from_env(s.to_env()) == s
+    assert {env for _, f in Settings.fields() for env in [f.metadata["env"]]} == {
+        k.removeprefix("FUSIONREC_") for k in Settings().to_env()} | {"KAFKA_BOOTSTRAP", "REDIS_URL",
+                                                                      "SESSION_TIMEOUT_MS", "USER_ID_KEY",
+                                                                      "EMBED_MODEL_PATH", "EMBED_MODEL_ID",
+                                                                      "SERVE_TOKEN"}
+    with pytest.raises(ConfigError, match="FUSIONREC_REC_KK"):
+        s.replace(rec_kk=3)
+
+
 def test_secrets_are_masked():
     s = Settings.from_env({"FUSIONREC_REDIS_URL": "redis://user:hunter2@host:6379/0",
                            "FUSIONREC_KAFKA_OPTIONS": '{"sasl.password": "hunter2", "acks": "all"}'})
     masked = s.masked()
     assert "hunter2" not in repr(masked)
-    assert masked["kafka_options"]["acks"] == "all"
-    assert masked["redis_url"].endswith("@host:6379/0")
+    assert masked["kafka"]["options"]["acks"] == "all"
+    assert masked["redis"]["url"].endswith("@host:6379/0")
 
 
 def test_user_keys_share_one_cluster_slot_and_buckets_are_stable():

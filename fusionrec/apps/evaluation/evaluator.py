@@ -161,9 +161,9 @@ class Evaluator:
         self.settings = settings
         self.store = StateStore(client, settings)
         self.learner = Learner(settings, None, None)
-        self.no_llm = Learner(settings, None, None, model=FusionModel(use_vectors=False, seed=settings.learn_seed))
-        self.joiner = FeedbackJoiner(settings.learn_window_s * 1000, settings.learn_sampled_negatives,
-                                     seed=settings.learn_seed)
+        self.no_llm = Learner(settings, None, None, model=FusionModel(use_vectors=False, seed=settings.learn.seed))
+        self.joiner = FeedbackJoiner(settings.learn.window_s * 1000, settings.learn.sampled_negatives,
+                                     seed=settings.learn.seed)
         self.ranker = FusionRanker(client, settings, LiveModel(self.learner))  # type: ignore[arg-type]
         self.learner.lookup = self.ranker.lookup
         self._logged: list[Snapshot] = []
@@ -203,11 +203,11 @@ class Evaluator:
         self._load_catalog(ds)
         store = VectorStore(self.store.redis, self.settings)
         info = store.register(version_info(encoder.spec, self.settings))
-        embedder = CatalogEmbedder(encoder, store, info.version, batch_size=self.settings.embed_batch_size,
-                                   cache_items=max(self.settings.embed_cache_items, len(ds.items)))
+        embedder = CatalogEmbedder(encoder, store, info.version, batch_size=self.settings.embed.batch_size,
+                                   cache_items=max(self.settings.embed.cache_items, len(ds.items)))
         first_ts = int(ds.events.ts.iloc[0]) if len(ds.events) else 0
         events = [msgspec.convert(ev, CatalogEvent) for ev in ds.catalog_events(first_ts)]
-        chunk = self.settings.embed_batch_size * 8
+        chunk = self.settings.embed.batch_size * 8
         for i in tqdm(range(0, len(events), chunk), desc="embed catalog", unit="chunk", disable=not progress):
             embedder.process(events[i: i + chunk])
         store.activate(info.version)

@@ -26,11 +26,11 @@ def scratch_redis(settings: Settings) -> Iterator[tuple[redis.Redis, Settings]]:
 
     Uses the configured or embedded Redis when there is one, else a temporary redis-server.
     """
-    prefix = f"{settings.redis_prefix}-eval-{uuid.uuid4().hex[:8]}"
+    prefix = f"{settings.redis.prefix}-eval-{uuid.uuid4().hex[:8]}"
     with contextlib.ExitStack() as stack:
-        url = settings.redis_url
+        url = settings.redis.url
         if not url:
-            running = EmbeddedServices(settings.run_dir).status()
+            running = EmbeddedServices(settings.ops.run_dir).status()
             url = running.redis_url if running else None
         if not url:
             tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="fusionrec-eval-"))
