@@ -22,7 +22,7 @@ from tqdm import tqdm
 from fusionrec.core.keys import Keys
 from fusionrec.core.metrics import Metrics
 from fusionrec.core.settings import Settings
-from fusionrec.models.embedder import CatalogEmbedder
+from fusionrec.models.embedder import CatalogEmbedder, EmbedMetrics
 from fusionrec.models.encoder import ModelSpec
 from fusionrec.models.text import TEMPLATE_VERSION
 from fusionrec.models.vectors import ModelVersion, VectorStore
@@ -105,7 +105,7 @@ class Backfill:
         self.keys = embedder.store.keys
         self.version = embedder.version
         self.settings = settings
-        self.metrics = metrics
+        self.metrics = metrics.of(EmbedMetrics) if metrics is not None else None
         self.progress = progress
         self.token = uuid.uuid4().hex
         self._renew = self.redis.register_script(_RENEW)

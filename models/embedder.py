@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fusionrec.core.metrics import Metrics
+from fusionrec.core.metrics import BATCH_BUCKETS, Metrics, MetricSet, counter, gauge, histogram
 from fusionrec.models.encoder import TextEncoder
 from fusionrec.models.text import item_text, text_hash
 from fusionrec.models.vectors import CHANGED, STALE, WRITTEN, VectorOp, VectorStore
@@ -25,6 +25,29 @@ from fusionrec.streams.contract import CatalogEvent
 from fusionrec.streams.state import StateStore
 
 log = logging.getLogger(__name__)
+
+
+class EmbedMetrics(MetricSet):
+    component = "embedding pool (fusionrec.models)"
+    embed_items = counter("fusionrec_embed_items_total", "Catalog events handled by the embedding workers, by "
+                          "outcome (embedded, unchanged, deleted, stale)", ("model", "outcome"))
+    embed_batch_size = histogram("fusionrec_embed_batch_items", "Texts per encoder call", buckets=BATCH_BUCKETS)
+    embed_encode_seconds = histogram("fusionrec_embed_encode_seconds",
+                                     "Wall time of one encoder call (tokenize, forward, pool)", ("model", "device"))
+    embed_queue_batches = gauge("fusionrec_embed_queue_batches", "Consumed catalog batches waiting for the encoder",
+                                multiprocess_mode="livesum")
+    embed_paused = gauge("fusionrec_embed_paused",
+                         "1 while the worker has paused its partitions because its queue is full",
+                         multiprocess_mode="livesum")
+    embed_visible_seconds = histogram("fusionrec_embed_visible_seconds",
+                                      "Catalog event (Kafka timestamp) to vector visible in Redis")
+    embed_backfill_items = counter("fusionrec_embed_backfill_items_total",
+                                   "Stored catalog items re-embedded for a new model version", ("model",))
+    embed_backfill_progress = gauge("fusionrec_embed_backfill_progress_ratio",
+                                    "Share of the stored catalog a running backfill has covered", ("model",),
+                                    multiprocess_mode="livemax")
+    embed_worker_restarts = counter("fusionrec_embed_worker_restarts_total",
+                                    "Embedding worker processes restarted after they died")
 
 
 @dataclass
@@ -87,7 +110,7 @@ class CatalogEmbedder:
         self.version = version
         self.batch_size = batch_size
         self.catalog = catalog
-        self.metrics = metrics
+        self.metrics = metrics.of(EmbedMetrics) if metrics is not None else None
         self.cache = VectorCache(cache_items)
         self._delete_versions = delete_versions
 

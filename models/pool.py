@@ -41,7 +41,7 @@ from fusionrec.core.metrics import Metrics, enable_multiprocess, process_exited,
 from fusionrec.core.redis_client import connect
 from fusionrec.core.settings import Settings
 from fusionrec.models.backfill import Backfill, live_versions, prepare, version_info
-from fusionrec.models.embedder import CatalogEmbedder
+from fusionrec.models.embedder import CatalogEmbedder, EmbedMetrics
 from fusionrec.models.encoder import ModelSpec, TextEncoder, cpu_threads
 from fusionrec.models.vectors import VectorStore
 from fusionrec.models.worker import EmbedWorker
@@ -206,7 +206,7 @@ class EmbedPool:
                 raise WorkerCrashedError(f"embedding worker {slot.index} died {len(self._restarts)} times "
                                          f"within {self.restart_window_s:.0f}s; last failure:\n{detail}")
             self.restarts += 1
-            self.metrics.embed_worker_restarts.inc()
+            self.metrics.of(EmbedMetrics).embed_worker_restarts.inc()
             self._start(slot)
 
     def _last_error(self, index: int) -> tuple[str, str] | None:

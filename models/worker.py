@@ -33,10 +33,11 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 from fusionrec.core.errors import DeliveryError, InvalidEventError, StateStoreError
 from fusionrec.core.metrics import Metrics
 from fusionrec.core.settings import Settings
-from fusionrec.models.embedder import CatalogEmbedder, EmbedResult
+from fusionrec.models.embedder import CatalogEmbedder, EmbedMetrics, EmbedResult
 from fusionrec.streams.consumer import consumer_config, delivered, validator_for
 from fusionrec.streams.contract import CatalogEvent
 from fusionrec.streams.dlq import DeadLetter, DeadLetterPublisher, position
+from fusionrec.streams.metrics import StreamMetrics
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,8 @@ class EmbedWorker:
                  group_id: str | None = None) -> None:
         self.settings = settings
         self.embedder = embedder
-        self.metrics = metrics
+        self.metrics = metrics.of(EmbedMetrics)
+        self.stream_metrics = metrics.of(StreamMetrics)
         self.validator = validator_for(settings)
         self._consumer = Consumer(consumer_config(settings, group_id or settings.embed.group), logger=log)
         self._dlq = DeadLetterPublisher(settings, metrics)
@@ -130,7 +132,7 @@ class EmbedWorker:
             except InvalidEventError as exc:
                 dead.append(DeadLetter.of(msg, exc.reason, exc.detail))
         if work.events:
-            self.metrics.events.labels(self.settings.kafka.topic_catalog, "catalog").inc(len(work.events))
+            self.stream_metrics.events.labels(self.settings.kafka.topic_catalog, "catalog").inc(len(work.events))
         if not self._retrying("dead_letters", stop, lambda: self._dlq.publish(dead)):
             return  # stopping: nothing of this batch is committed, it is consumed again
         self.consumed += len(msgs)
@@ -151,7 +153,7 @@ class EmbedWorker:
             for (t, p), o in work.offsets.items():
                 _low, high = self._consumer.get_watermark_offsets(TopicPartition(t, p), cached=True)
                 if high >= 0:
-                    self.metrics.lag.record(t, p, high, o + 1)
+                    self.stream_metrics.lag.record(t, p, high, o + 1)
 
     def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.info("assigned %s", _fmt(partitions))
@@ -176,7 +178,7 @@ class EmbedWorker:
         self._store_done()
         self._report(removed=partitions)
         for tp in partitions:
-            self.metrics.lag.forget(tp.topic, tp.partition)
+            self.stream_metrics.lag.forget(tp.topic, tp.partition)
         self._paused = [tp for tp in self._paused if tp not in partitions]
         try:
             consumer.commit(asynchronous=False)
@@ -218,7 +220,7 @@ class EmbedWorker:
                 step()  # type: ignore[operator]
                 return True
             except TRANSIENT as exc:
-                self.metrics.retries.labels(stage).inc()
+                self.stream_metrics.retries.labels(stage).inc()
                 log.warning("%s failed (%s: %s); retrying in %.1fs", stage, type(exc).__name__, exc, backoff)
             if stop.wait(backoff):
                 return False

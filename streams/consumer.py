@@ -33,6 +33,7 @@ from fusionrec.core.pseudonyms import Pseudonyms
 from fusionrec.core.settings import Settings
 from fusionrec.streams.contract import CatalogEvent, Validator
 from fusionrec.streams.dlq import DeadLetter, DeadLetterPublisher, position
+from fusionrec.streams.metrics import StreamMetrics
 from fusionrec.streams.producer import kafka_config
 from fusionrec.streams.state import Positioned
 
@@ -97,7 +98,7 @@ class BatchConsumer:
                  consumer_options: dict[str, Any] | None = None) -> None:
         self.settings = settings
         self.handler = handler
-        self.metrics = metrics
+        self.metrics = metrics.of(StreamMetrics)
         self.topics = list(topics or (settings.kafka.topic_events, settings.kafka.topic_catalog))
         self.validator = validator_for(settings)
         conf = consumer_config(settings, group_id or settings.stream.group, **(consumer_options or {}))

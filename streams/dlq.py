@@ -26,6 +26,7 @@ from confluent_kafka import KafkaError, Message, Producer
 from fusionrec.core.errors import DeliveryError
 from fusionrec.core.metrics import Metrics
 from fusionrec.core.settings import Settings
+from fusionrec.streams.metrics import StreamMetrics
 from fusionrec.streams.producer import kafka_config
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ class DeadLetterPublisher:
 
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.settings = settings
-        self.metrics = metrics
+        self.metrics = metrics.of(StreamMetrics)
         self._producer = Producer(kafka_config(settings, **{"enable.idempotence": True, "acks": "all",
                                                             "linger.ms": 5}))
         self._failed: list[DeadLetter] = []

@@ -29,7 +29,7 @@ from typing import Any
 import msgspec
 
 from fusionrec.core.keys import Keys
-from fusionrec.core.metrics import Metrics
+from fusionrec.core.metrics import Metrics, MetricSet, counter, gauge, histogram
 from fusionrec.core.settings import Settings
 from fusionrec.streams.producer import EventProducer
 from fusionrec.streams.state import BatchResult
@@ -45,13 +45,28 @@ class ItemDelta(msgspec.Struct, frozen=True):
     categories: dict[str, str]
 
 
+class TrendingMetrics(MetricSet):
+    component = "trending (fusionrec.streams.trending)"
+    trending_deltas = counter("fusionrec_trending_deltas_total",
+                              "Item count deltas published for the trending windows")
+    trending_consumed = counter("fusionrec_trending_deltas_consumed_total",
+                                "Item count deltas the trending worker added to its windows")
+    trending_flush_seconds = histogram("fusionrec_trending_flush_seconds",
+                                       "Wall time to query the windows and write the trending lists")
+    trending_items = gauge("fusionrec_trending_items", "Items with interactions in the last window",
+                           multiprocess_mode="livemax")
+    trending_event_age = gauge("fusionrec_trending_event_age_seconds",
+                               "Wall time minus the event time of the newest delta at the last flush",
+                               multiprocess_mode="livemax")
+
+
 class ItemDeltaPublisher:
     """``after_apply`` hook of the user-state stream: the batch's item counts to the deltas topic."""
 
     def __init__(self, settings: Settings, metrics: Metrics | None = None,
                  producer: EventProducer | None = None) -> None:
         self.settings = settings
-        self.metrics = metrics
+        self.metrics = metrics.of(TrendingMetrics) if metrics is not None else None
         self.topic = settings.kafka.topic_item_deltas
         # uncompressed: faust's client (aiokafka) has no lz4 codec without an extra library
         self.producer = producer or EventProducer(settings, producer_options={"linger.ms": 5,
@@ -137,6 +152,7 @@ def build_app(settings: Settings, bootstrap: str, metrics: Metrics | None = None
         datadir=str(datadir),
     )
     metrics = metrics or Metrics()
+    tm = metrics.of(TrendingMetrics)
     window, step = float(settings.trending.window_s), float(settings.trending.step_s)
 
     class Delta(faust.Record, serializer="json"):
@@ -168,7 +184,7 @@ def build_app(settings: Settings, bootstrap: str, metrics: Metrics | None = None
             for cat, n in per_category.items():
                 category_counts[cat] += n
             state["event"], state["dirty"] = event, True
-            metrics.trending_consumed.inc()
+            tm.trending_consumed.inc()
 
     @app.timer(interval=settings.trending.flush_s)
     async def flush() -> None:
@@ -183,9 +199,9 @@ def build_app(settings: Settings, bootstrap: str, metrics: Metrics | None = None
         current = {k: float(v) for k, v in item_counts.items(event).delta(back, event)}  # type: ignore[attr-defined,call-arg]
         totals = {k: float(v) for k, v in category_counts.items(event).delta(back, event)}  # type: ignore[attr-defined,call-arg]
         writer.write(current, categories, totals)
-        metrics.trending_flush_seconds.observe(time.perf_counter() - t0)
-        metrics.trending_items.set(sum(1 for v in current.values() if v))
-        metrics.trending_event_age.set(max(0.0, time.time() - event.message.timestamp))
+        tm.trending_flush_seconds.observe(time.perf_counter() - t0)
+        tm.trending_items.set(sum(1 for v in current.values() if v))
+        tm.trending_event_age.set(max(0.0, time.time() - event.message.timestamp))
         log.info("trending: %d items in the current window", sum(1 for v in current.values() if v))
 
     return app

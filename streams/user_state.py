@@ -10,7 +10,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from fusionrec.core.metrics import Metrics
+from fusionrec.core.metrics import Metrics, MetricSet, counter, histogram
 from fusionrec.streams.consumer import Batch
 from fusionrec.streams.state import BatchResult, StateStore
 
@@ -20,12 +20,22 @@ SAMPLE = 64
 AfterApply = Callable[[BatchResult], None]
 
 
+class StateMetrics(MetricSet):
+    component = "user-state stream (fusionrec.streams.user_state)"
+    redis_write_seconds = histogram("fusionrec_state_redis_write_seconds",
+                                    "Wall time of the Redis round trips applying one batch", ("stage",))
+    freshness_seconds = histogram("fusionrec_state_freshness_seconds",
+                                  "Kafka message timestamp to state + recommendations visible in Redis")
+    replay_skipped = counter("fusionrec_state_replay_skipped_total",
+                             "Events skipped because their offset was already applied")
+
+
 class UserStateHandler:
     """Applies a batch's catalog and user events, then the hooks; observes freshness."""
 
     def __init__(self, store: StateStore, metrics: Metrics, after_apply: list[AfterApply] | None = None) -> None:
         self.store = store
-        self.metrics = metrics
+        self.metrics = metrics.of(StateMetrics)
         self.after_apply = list(after_apply or [])
 
     def handle(self, batch: Batch) -> None:

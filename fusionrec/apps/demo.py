@@ -25,6 +25,7 @@ from fusionrec.core.settings import Settings
 from fusionrec.online.learning.loop import LearnerLoop
 from fusionrec.online.serving.reader import RecommendationReader
 from fusionrec.streams import datasets
+from fusionrec.streams.metrics import StreamMetrics
 from fusionrec.streams.producer import EventProducer
 from fusionrec.streams.replay import replay
 from fusionrec.streams.topics import ensure_topics
@@ -65,7 +66,7 @@ def _progress(pipeline: StatePipeline, published: list[int], total: int, done: t
         n, t = pipeline.consumer.consumed, time.monotonic()
         rate = (n - last_n) / (t - last_t)
         print(f"  published {published[0]:>8d}/{total}  consumed {n:>8d}  {rate:8.0f} ev/s  "
-              f"lag {pipeline.metrics.lag.total():>7d}", flush=True)
+              f"lag {pipeline.metrics.of(StreamMetrics).lag.total():>7d}", flush=True)
         last_n, last_t = n, t
 
 

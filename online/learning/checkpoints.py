@@ -21,13 +21,21 @@ from typing import TYPE_CHECKING, Any, cast
 import redis
 
 from fusionrec.core.keys import Keys
-from fusionrec.core.metrics import Metrics
+from fusionrec.core.metrics import Metrics, MetricSet, gauge, histogram
 from fusionrec.core.settings import Settings
 
 if TYPE_CHECKING:  # the model imports torch; readers of checkpoint numbers do not need it
     from fusionrec.online.learning.model import FusionModel
 
 log = logging.getLogger(__name__)
+
+
+class ModelMetrics(MetricSet):
+    component = "served fusion model (fusionrec.online.learning.checkpoints)"
+    model_version = gauge("fusionrec_fusion_model_version", "Fusion checkpoint this process serves",
+                          multiprocess_mode="livemax")
+    model_reload_lag = histogram("fusionrec_fusion_update_to_serving_seconds",
+                                 "Oldest update in a checkpoint to the ranker serving it")
 
 
 @dataclass
@@ -111,7 +119,7 @@ class ServingModel:
     def __init__(self, store: CheckpointStore, settings: Settings, metrics: Metrics | None = None,
                  reload_s: float | None = None) -> None:
         self.store = store
-        self.metrics = metrics
+        self.metrics = metrics.of(ModelMetrics) if metrics is not None else None
         self.reload_s = settings.learn.reload_s if reload_s is None else reload_s
         self.use_vectors = settings.learn.vectors
         from fusionrec.online.learning.model import FusionModel

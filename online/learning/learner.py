@@ -19,9 +19,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from fusionrec.core.metrics import Metrics
+from fusionrec.core.metrics import Metrics, MetricSet, counter, gauge, histogram
 from fusionrec.core.settings import Settings
-from fusionrec.online.learning.checkpoints import Checkpoint, CheckpointStore
+from fusionrec.online.learning.checkpoints import Checkpoint, CheckpointStore, ModelMetrics
 from fusionrec.online.learning.feedback import Group
 from fusionrec.online.learning.model import FusionModel, Rows, VectorLookup
 from fusionrec.online.learning.scorers import finite_rows
@@ -29,6 +29,24 @@ from fusionrec.online.learning.scorers import finite_rows
 log = logging.getLogger(__name__)
 
 HIT_K = 10
+
+
+class LearnerMetrics(MetricSet):
+    component = "learner (fusionrec.online.learning)"
+    learn_examples = counter("fusionrec_learner_examples_total", "Training examples learned")
+    learn_search_examples = counter("fusionrec_learner_search_examples_total",
+                                    "Labelled search results the search mix learned from")
+    learn_decisions = counter("fusionrec_learner_decisions_total", "Logged decisions by join outcome (labelled, "
+                              "no_positive, positive_outside_pool, expired, ...)", ("outcome",))
+    learn_rejected = counter("fusionrec_learner_rejected_total", "Training rows rejected by the input guards",
+                             ("reason",))
+    learn_hit_rate = gauge("fusionrec_learner_prequential_hit_rate",
+                           "Rolling prequential HitRate@10 of the fused model over its pools",
+                           multiprocess_mode="livemax")
+    learn_checkpoints = counter("fusionrec_learner_checkpoints_total", "Checkpoints written")
+    learn_rollbacks = counter("fusionrec_learner_rollbacks_total",
+                              "Rollbacks to the previous checkpoint after a quality drop")
+    learn_step_seconds = histogram("fusionrec_learner_step_seconds", "Wall time of one predict-then-learn step")
 
 
 def group_hits(groups: Sequence[Group], fused: np.ndarray) -> list[int]:
@@ -48,7 +66,9 @@ class Learner:
         self.settings = settings
         self.store = store
         self.lookup = lookup
-        self.metrics = metrics or Metrics()
+        registry = metrics or Metrics()
+        self.metrics = registry.of(LearnerMetrics)
+        self.model_metrics = registry.of(ModelMetrics)
         self.model = model or FusionModel(use_vectors=settings.learn.vectors, seed=settings.learn.seed)
         self.last: Checkpoint | None = None  # the checkpoint the head points at
         self.rollbacks = 0
@@ -136,7 +156,7 @@ class Learner:
         number = self.store.save(ckpt)
         self.last = ckpt
         self.metrics.learn_checkpoints.inc()
-        self.metrics.model_version.set(number)
+        self.model_metrics.model_version.set(number)
         self._reset_interval()
         return number
 

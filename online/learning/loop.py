@@ -31,7 +31,7 @@ from fusionrec.core.settings import Settings
 from fusionrec.models.vectors import VectorStore
 from fusionrec.online.learning.checkpoints import CheckpointStore
 from fusionrec.online.learning.feedback import FeedbackJoiner, Snapshot, decode_snapshot
-from fusionrec.online.learning.learner import Learner
+from fusionrec.online.learning.learner import Learner, LearnerMetrics
 from fusionrec.online.learning.model import VectorLookup
 from fusionrec.online.learning.search_feedback import (
     KIND_HEADER,
@@ -132,7 +132,7 @@ class LearnerLoop:
         groups = self.joiner.add(snapshots)
         for outcome, n in self.joiner.outcomes.items():
             if n > before.get(outcome, 0):
-                self.metrics.learn_decisions.labels(outcome).inc(n - before.get(outcome, 0))
+                self.metrics.of(LearnerMetrics).learn_decisions.labels(outcome).inc(n - before.get(outcome, 0))
         self.learner.learn(groups)
         for labelled in search_examples:  # one step per result list: searches are few, each one counts
             self.learner.learn_search(labelled.M, labelled.y)

@@ -17,7 +17,7 @@ import msgspec
 import redis
 
 from fusionrec.core.keys import Keys
-from fusionrec.core.metrics import Metrics
+from fusionrec.core.metrics import Metrics, MetricSet, counter, histogram
 from fusionrec.core.scripts import MULTI_SETEX
 from fusionrec.core.settings import Settings
 from fusionrec.online.candidates.context import CandidateReader
@@ -30,6 +30,12 @@ log = logging.getLogger(__name__)
 
 _encoder = msgspec.json.Encoder()
 _msgpack = msgspec.msgpack.Encoder()
+
+
+class RecMetrics(MetricSet):
+    component = "recommendation writer (fusionrec.online.ranking)"
+    recs_written = counter("fusionrec_recs_written_total", "Recommendation lists written")
+    rank_seconds = histogram("fusionrec_recs_rank_seconds", "Wall time to rank and write recommendations for one batch")
 
 
 FeedbackSink = Callable[[list[Snapshot]], None]
@@ -54,7 +60,7 @@ class RecommendationWriter:
                  sink: FeedbackSink | None = None) -> None:
         self.redis = client
         self.settings = settings
-        self.metrics = metrics
+        self.metrics = metrics.of(RecMetrics) if metrics is not None else None
         self.keys = keys or Keys.for_settings(settings)
         self.ranker = ranker or default_ranker(client, settings, metrics, self.keys)
         self.sink = sink

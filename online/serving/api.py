@@ -36,12 +36,13 @@ import redis.asyncio
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel
 
 from fusionrec.core.keys import Keys
+from fusionrec.core.metrics import Metrics, MetricSet, counter, histogram
 from fusionrec.core.settings import Settings
-from fusionrec.online.learning.checkpoints import CheckpointStore
+from fusionrec.online.learning.checkpoints import CheckpointStore, ModelMetrics
 from fusionrec.online.serving.reader import AsyncRecommendationReader, RecommendationReader
 from fusionrec.online.serving.search import Searcher, SearchUnavailableError
 from fusionrec.streams.producer import EventProducer
@@ -94,15 +95,11 @@ class SearchOut(BaseModel):
     items: list[SearchHitOut]
 
 
-class ApiMetrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.registry = registry
-        self.requests = Counter("fusionrec_api_requests_total", "HTTP requests by route and status",
-                                ["route", "status"], registry=registry)
-        self.latency = Histogram("fusionrec_api_request_seconds", "HTTP request latency by route", ["route"],
-                                 buckets=_LATENCY_BUCKETS, registry=registry)
-        self.model_version = Gauge("fusionrec_fusion_model_version", "Fusion checkpoint this process serves",
-                                   registry=registry)
+class ApiMetrics(MetricSet):
+    component = "reader API (fusionrec.online.serving.api)"
+    requests = counter("fusionrec_api_requests_total", "HTTP requests by route and status", ("route", "status"))
+    latency = histogram("fusionrec_api_request_seconds", "HTTP request latency by route", ("route",),
+                        buckets=_LATENCY_BUCKETS)
 
 
 class Timing:
@@ -206,7 +203,9 @@ class Services:
         self.settings = settings
         self.keys = Keys.for_settings(settings)
         self.redis, self.aredis = client, aclient
-        self.metrics = ApiMetrics(registry or CollectorRegistry())
+        self.process_metrics = Metrics(registry or CollectorRegistry())
+        self.metrics = self.process_metrics.of(ApiMetrics)
+        self.model_metrics = self.process_metrics.of(ModelMetrics)
         self.reader = RecommendationReader(client, settings, self.keys)
         self.areader = AsyncRecommendationReader(aclient, self.keys, pseudonyms=self.reader.pseudonyms)
         self.checkpoints = CheckpointStore(client, settings, self.keys)
@@ -243,7 +242,7 @@ class Services:
                 log.warning("could not check the fusion checkpoint head: %s", exc)
                 return self._head
         self._head = number
-        self.metrics.model_version.set(number)
+        self.model_metrics.model_version.set(number)
         return number
 
 
@@ -341,7 +340,7 @@ def create_app(services: Services) -> FastAPI:
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:
         await run_in_threadpool(services.model_number)
-        return Response(generate_latest(services.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(services.process_metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     app.add_middleware(Timing, metrics=services.metrics)
     app.add_middleware(FastRecommendations, services=services)

@@ -2,16 +2,14 @@
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 import yaml
-from prometheus_client import CollectorRegistry
 
+from fusionrec.apps.docs import metric_sets
 from fusionrec.core.metrics import Metrics
-from fusionrec.online.serving.api import ApiMetrics
+from tests.paths import DEPLOY
 
-DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 METRIC = re.compile(r"\bfusionrec_[a-z0-9_]+")
 SUFFIXES = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_count", "_sum", "_created"),
             "gauge": ("",)}
@@ -19,10 +17,12 @@ SUFFIXES = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_count"
 
 def exported() -> set[str]:
     names = set()
-    for registry in (Metrics().registry, ApiMetrics(CollectorRegistry()).registry):
-        for family in registry.collect():
-            names.update(family.name + s for s in SUFFIXES[family.type])
-            names.add(family.name)  # runbooks name a histogram by its family
+    metrics = Metrics()
+    for kind in metric_sets():
+        metrics.of(kind)
+    for family in metrics.registry.collect():
+        names.update(family.name + s for s in SUFFIXES[family.type])
+        names.add(family.name)  # runbooks name a histogram by its family
     return names
 
 
