@@ -1,10 +1,11 @@
 """Catalog events → item vectors of one model version: the step the workers and the backfill share.
 
-Per batch: keep each item's newest event; write the catalog metadata (event-time guarded); read the
-stored content hashes; embed only items whose text changed (identical texts once per batch, and
-from a bounded per-process cache by text hash); write vectors and deletes in one script call. An
-item whose entry changed between the read and the write is embedded on a second pass, so a
-concurrent writer can never leave a stale vector behind.
+Per batch: keep each item's newest event; read the stored content hashes; embed only items whose
+text changed (identical texts once per batch, and from a bounded per-process cache by text hash);
+write vectors and deletes in one script call. An item whose entry changed between the read and the
+write is embedded on a second pass, so a concurrent writer can never leave a stale vector behind.
+Item metadata has one writer, the user-state stream
+(:meth:`fusionrec.streams.state.StateStore.apply_catalog`); the workers only write vectors.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from fusionrec.models.encoder import TextEncoder
 from fusionrec.models.text import item_text, text_hash
 from fusionrec.models.vectors import CHANGED, STALE, WRITTEN, VectorOp, VectorStore
 from fusionrec.streams.contract import CatalogEvent
-from fusionrec.streams.state import StateStore
 
 log = logging.getLogger(__name__)
 
@@ -100,24 +100,21 @@ class VectorCache:
 
 
 class CatalogEmbedder:
-    """Applies catalog events to one model version's vectors (and, optionally, the catalog metadata)."""
+    """Applies catalog events to one model version's vectors."""
 
     def __init__(self, encoder: TextEncoder, store: VectorStore, version: str, *, batch_size: int = 64,
-                 catalog: StateStore | None = None, metrics: Metrics | None = None, cache_items: int = 20_000,
+                 metrics: Metrics | None = None, cache_items: int = 20_000,
                  delete_versions: Callable[[], list[str]] | None = None) -> None:
         self.encoder = encoder
         self.store = store
         self.version = version
         self.batch_size = batch_size
-        self.catalog = catalog
         self.metrics = metrics.of(EmbedMetrics) if metrics is not None else None
         self.cache = VectorCache(cache_items)
         self._delete_versions = delete_versions
 
     def process(self, events: Sequence[CatalogEvent]) -> EmbedResult:
         latest = latest_per_item(events)
-        if self.catalog is not None:
-            self.catalog.apply_catalog(latest)
         result = EmbedResult()
         upserts = [ev for ev in latest if ev.op == "upsert"]
         deletes = [ev for ev in latest if ev.op == "delete"]

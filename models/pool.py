@@ -45,7 +45,6 @@ from fusionrec.models.embedder import CatalogEmbedder, EmbedMetrics
 from fusionrec.models.encoder import ModelSpec, TextEncoder, cpu_threads
 from fusionrec.models.vectors import VectorStore
 from fusionrec.models.worker import EmbedWorker
-from fusionrec.streams.state import StateStore
 
 log = logging.getLogger(__name__)
 
@@ -74,13 +73,13 @@ def plan(settings: Settings, workers: int | None = None) -> list[Slot]:
     return [Slot(i, "cpu", threads) for i in range(n)]
 
 
-def build_embedder(settings: Settings, encoder: TextEncoder, metrics: Metrics | None, *, worker: str = "",
-                   write_catalog: bool = True) -> CatalogEmbedder:
+def build_embedder(settings: Settings, encoder: TextEncoder, metrics: Metrics | None, *,
+                   worker: str = "") -> CatalogEmbedder:
     client = connect(settings)
     store = VectorStore(client, settings, worker=worker)
     info = version_info(encoder.spec, settings)
     return CatalogEmbedder(encoder, store, info.version, batch_size=settings.embed.batch_size,
-                           catalog=StateStore(client, settings) if write_catalog else None, metrics=metrics,
+                           metrics=metrics,
                            cache_items=settings.embed.cache_items, delete_versions=lambda: live_versions(store))
 
 
@@ -223,7 +222,7 @@ class EmbedPool:
         try:
             encoder = TextEncoder.from_settings(self.settings, device=self.slots[0].device,
                                                 threads=self.slots[0].threads)
-            embedder = build_embedder(self.settings, encoder, self.metrics, worker="backfill", write_catalog=False)
+            embedder = build_embedder(self.settings, encoder, self.metrics, worker="backfill")
             self.backfill_done = Backfill(embedder, self.settings, self.metrics, progress=self.progress).run(stop)
         except Exception:
             log.exception("backfill failed; the next pool start resumes it")

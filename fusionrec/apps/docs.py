@@ -2,8 +2,9 @@
 
 ``python -m fusionrec.apps.docs`` (from the repository root) rewrites ``docs/configuration.md``
 (every :class:`Settings` field: variable, default, meaning, by component) and ``docs/metrics.md``
-(every metric a component registers: name, type, labels, meaning). ``tests/unit/test_docs.py`` fails when a committed file
-differs from what this module generates, so the references cannot drift from the code.
+(every metric a component registers: name, type, labels, meaning). ``tests/unit/test_docs.py``
+fails when a committed file differs from what this module generates, so the references cannot
+drift from the code.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def metric_sets() -> list[type[MetricSet]]:
 
 
 def _default(field: dataclasses.Field[Any]) -> str:
-    if field.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+    if field.default_factory is not dataclasses.MISSING:
         return "`{}`" if field.metadata["env"] == "KAFKA_OPTIONS" else "see meaning"
     value = field.default
     if value is None:

@@ -255,7 +255,7 @@ class OpsSettings:
     log_level: str = setting("INFO", env="LOG_LEVEL", doc="DEBUG | INFO | WARNING | ERROR")
 
 
-GROUPS: dict[str, type] = {
+GROUPS: dict[str, Any] = {
     "kafka": KafkaSettings, "redis": RedisSettings, "stream": StreamSettings, "contract": ContractSettings,
     "state": StateSettings, "rec": RecSettings, "learn": LearnSettings, "trending": TrendingSettings,
     "embed": EmbedSettings, "vectors": VectorSettings, "serve": ServeSettings, "ops": OpsSettings,

@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -16,7 +15,6 @@ from typing import Any
 import numpy as np
 import pytest
 import redis
-from confluent_kafka import Consumer
 
 from fusionrec.apps.services import RunningServices, free_port
 from fusionrec.core.keys import Keys
@@ -29,17 +27,9 @@ from fusionrec.models.pool import EmbedPool, build_embedder
 from fusionrec.models.vectors import VectorStore
 from fusionrec.models.worker import EmbedWorker
 from fusionrec.online.serving.reader import RecommendationReader
-from fusionrec.streams.producer import EventProducer, kafka_config
+from fusionrec.streams.producer import EventProducer
 from fusionrec.streams.topics import ensure_topics
-from tests.integration.conftest import env_for, make_settings
-
-pytestmark = pytest.mark.integration
-
-WORDS = ["milk", "cheese", "yogurt", "butter", "bread", "battery", "charger", "cola", "soda", "pizza", "apple"]
-
-
-def title(n: int) -> str:
-    return f"{WORDS[n % len(WORDS)]} {WORDS[(n // len(WORDS)) % len(WORDS)]} {n}"
+from tests.integration.helpers import consume_until, make_settings, read_topic, start_fusionrec, title, wait_for
 
 
 @pytest.fixture
@@ -58,14 +48,6 @@ def publish(settings: Settings, items: list[tuple[int, str, int]], op: str = "up
             if pace_s and n % 50 == 49:
                 producer.flush()
                 time.sleep(pace_s)
-
-
-def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
 
 
 def entries(client: redis.Redis, keys: Keys, version: str) -> dict[str, dict[str, str]]:
@@ -126,7 +108,7 @@ def test_unchanged_text_is_not_reembedded_and_delete_removes(embed_settings: Set
                              (3, "stale older text", 500)])
     publish(embed_settings, [(3, "greek yogurt", 3000)], op="delete")
     with EventProducer(embed_settings) as producer:  # bad input: dead-lettered, nothing else happens
-        producer.produce(embed_settings.topic_catalog, b'{"item_id": "9", "op": "upsert", "ts": 1}', key=b"9")
+        producer.produce(embed_settings.kafka.topic_catalog, b'{"item_id": "9", "op": "upsert", "ts": 1}', key=b"9")
     worker.until(8)
     now = entries(rclient, keys, v)
     assert now["1"]["n"] == "1" and now["1"]["ts"] == "2000"  # same text: event time moves, no forward pass
@@ -138,14 +120,9 @@ def test_unchanged_text_is_not_reembedded_and_delete_removes(embed_settings: Set
     assert [i for i, _ in reader.similar_items("1", 5)] == ["2"]
     assert reader.similar_items("3", 5) == []
     assert worker.worker.result.stale == 1 and worker.worker.result.unchanged == 1
-    dlq = Consumer(kafka_config(embed_settings, **{"group.id": "dlq-check", "auto.offset.reset": "earliest"}))
-    dlq.subscribe([embed_settings.dlq_topic(embed_settings.topic_catalog)])
-    msg = None
-    deadline = time.monotonic() + 30
-    while msg is None and time.monotonic() < deadline:
-        msg = dlq.poll(1.0)
-    dlq.close()
-    assert msg is not None and dict(msg.headers())["fusionrec.dlq.reason"] == b"missing_field"
+    dead = read_topic(embed_settings, embed_settings.dlq_topic(embed_settings.kafka.topic_catalog),
+                      until=lambda got: len(got) >= 1, timeout=30)
+    assert dead and dict(dead[0].headers())["fusionrec.dlq.reason"] == b"missing_field"
 
 
 def test_vectors_without_vector_sets_use_the_local_index(services: RunningServices, tiny_bert: Callable[..., Path],
@@ -226,8 +203,8 @@ def test_worker_killed_mid_stream_loses_nothing(embed_settings: Settings, rclien
     keys = Keys.for_settings(s)
     log_path = tmp_path / "pool.log"
     log_file = log_path.open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "fusionrec", "embed-workers", "--workers", "2",
-                             "--no-progress"], env=env_for(s), stdout=log_file, stderr=subprocess.STDOUT)
+    proc = start_fusionrec(s, "embed-workers", "--workers", "2", "--no-progress", stdout=log_file,
+                           stderr=subprocess.STDOUT)
     try:
         wait_for(lambda: sum(1 for st in worker_statuses(rclient, keys) if st["partitions"]) == 2, 120,
                  "two workers holding partitions")
@@ -247,13 +224,13 @@ def test_worker_killed_mid_stream_loses_nothing(embed_settings: Settings, rclien
         got = entries(rclient, keys, version)
         assert len(got) == 1500 and all(e.get("h") for e in got.values())
         # one /metrics for the pool: the supervisor's restart plus every worker's (the dead one's too) counts
-        metrics = _scrape(f"http://127.0.0.1:{s.embed_metrics_port}/metrics")
+        metrics = _scrape(f"http://127.0.0.1:{s.embed.metrics_port}/metrics")
         assert metrics[("fusionrec_embed_worker_restarts_total", ())] == 1.0
         embedded = sum(v for (name, labels), v in metrics.items()
                        if name == "fusionrec_embed_items_total" and ("outcome", "embedded") in labels)
         assert embedded >= 1500
         lag = [v for (name, labels), v in metrics.items() if name == "fusionrec_stream_consumer_lag_messages"]
-        assert len(lag) == s.topic_partitions and sum(lag) == 0  # each partition once, caught up
+        assert len(lag) == s.kafka.partitions and sum(lag) == 0  # each partition once, caught up
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
@@ -272,12 +249,13 @@ def test_model_switch_flips_atomically(embed_settings: Settings, tiny_bert: Call
         w.until(200)
     finally:
         w.close()
+    consume_until(s_old, 200).redis.close()  # the user-state stream stores the catalog the backfill reads
     store = VectorStore(rclient, s_old)
     old = w.version
     assert store.active() == old and store.count(old) == 200
     s_new = s_old.replace(embed_model_path=str(tiny_bert(hidden=48, seed=1)))
     new_encoder = TextEncoder.from_settings(s_new, device="cpu", threads=1)
-    embedder = build_embedder(s_new, new_encoder, None, worker="backfill", write_catalog=False)
+    embedder = build_embedder(s_new, new_encoder, None, worker="backfill")
     assert prepare(store, version_info(new_encoder.spec, s_new))  # active is the old model: fill first
     seen: list[tuple[str | None, int, int]] = []
     stop = threading.Event()
@@ -307,7 +285,7 @@ def test_model_switch_flips_atomically(embed_settings: Settings, tiny_bert: Call
     assert {d for a, _, d in seen if a == old} == {32} and {d for a, _, d in seen if a != old} == {48}
     info = store.versions()
     assert info[old].status == "retired" and info[embedder.version].status == "complete"
-    assert 0 < rclient.ttl(Keys.for_settings(s_old).vector_set(old)) <= s_old.vector_retire_s
+    assert 0 < rclient.ttl(Keys.for_settings(s_old).vector_set(old)) <= s_old.vectors.retire_s
 
 
 def test_real_minilm_puts_related_products_nearer() -> None:
@@ -322,8 +300,6 @@ def test_real_minilm_puts_related_products_nearer() -> None:
 
 def test_brand_new_item_is_recommended_through_content(embed_settings: Settings, worker: InProcessWorker,
                                                        rclient: redis.Redis) -> None:
-    from tests.integration.conftest import consume_until
-
     s = embed_settings
     items = [(n, title(n), 1000) for n in range(40)] + [(999, title(1), 1000)]  # 999: same text as 1, never seen
     publish(s, items)
