@@ -1,5 +1,15 @@
-import os
+"""Shared by every test layer: the hypothesis profile, the ``integration`` mark by folder, tiny random encoders.
 
+Nothing here starts a process: the broker and Redis are session fixtures in ``integration/conftest.py``, so
+only tests under ``tests/integration/`` can request them, and ``-m "not integration"`` deselects all of those.
+"""
+
+import os
+import string
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
 from hypothesis import settings as hyp_settings
 
 # CI runs the contract fuzzing at full size; local runs can set HYPOTHESIS_PROFILE=dev to go faster.
@@ -7,14 +17,18 @@ hyp_settings.register_profile("ci", deadline=None, derandomize=True, print_blob=
 hyp_settings.register_profile("dev", deadline=None, max_examples=50)
 hyp_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
+INTEGRATION = Path(__file__).resolve().parent / "integration"
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by mark
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test under ``tests/integration/`` as ``integration`` (a conftest ``pytestmark`` marks nothing)."""
+    for item in items:
+        if item.path.is_relative_to(INTEGRATION):
+            item.add_marker(pytest.mark.integration)
+
 
 # --------------------------------------------------------------------------- tiny random encoders
-import string  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
-
 _WORDS = ("milk", "cheese", "yogurt", "butter", "dairy", "organic", "whole", "bread", "battery", "charger",
           "car", "phone", "cola", "soda", "brand", "category", "grocery", "frozen", "pizza", "apple")
 

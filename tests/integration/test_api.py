@@ -14,7 +14,6 @@ from typing import Any
 import httpx
 import msgspec
 import pytest
-from confluent_kafka import Consumer
 
 from fusionrec.apps.services import RunningServices, free_port
 from fusionrec.core.redis_client import connect
@@ -27,12 +26,9 @@ from fusionrec.online.learning.model import FusionModel
 from fusionrec.online.learning.search_feedback import KIND_HEADER, KIND_SEARCH, decode_search_log
 from fusionrec.online.serving.reader import RecommendationReader
 from fusionrec.streams.contract import CatalogEvent
-from fusionrec.streams.producer import EventProducer, kafka_config
+from fusionrec.streams.producer import EventProducer
 from fusionrec.streams.topics import ensure_topics
-from tests.integration.conftest import consume_until, env_for, make_settings
-from tests.integration.test_embed import title, wait_for
-
-pytestmark = pytest.mark.integration
+from tests.integration.helpers import consume_until, make_settings, read_topic, start_fusionrec, title, wait_for
 
 TOKEN = "s3cret-token-0123456789"
 ITEMS = 60
@@ -44,22 +40,18 @@ class Server:
 
     def __init__(self, settings: Settings, *extra: str) -> None:
         self.settings = settings.replace(serve_port=free_port())
-        self.url = f"http://127.0.0.1:{self.settings.serve_port}"
-        self.proc = subprocess.Popen([sys.executable, "-m", "fusionrec", "serve", *extra],
-                                     env=env_for(self.settings), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 90
-        while True:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"serve exited: {self.proc.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
-            try:
-                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError("serve did not come up")
-            time.sleep(0.3)
+        self.url = f"http://127.0.0.1:{self.settings.serve.port}"
+        self.proc = start_fusionrec(self.settings, "serve", *extra, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        wait_for(self._healthy, 90, "serve to come up", interval=0.3)
         self.http = httpx.Client(base_url=self.url, timeout=30)
+
+    def _healthy(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"serve exited: {self.proc.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
+        try:
+            return httpx.get(self.url + "/healthz", timeout=1).status_code == 200
+        except httpx.TransportError:
+            return False
 
     def close(self) -> str:
         self.http.close()
@@ -198,21 +190,14 @@ def test_search_mixes_query_similarity_with_the_personal_score_and_logs_feedback
 
 
 def _search_logs(settings: Settings, user: str, timeout: float = 45.0) -> list[Any]:
-    consumer = Consumer(kafka_config(settings, **{"group.id": f"probe-{time.time_ns()}",
-                                                  "auto.offset.reset": "earliest", "session.timeout.ms": 6000}))
-    consumer.subscribe([settings.topic_feedback])
-    found: list[Any] = []
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline and not found:
-            for msg in consumer.consume(500, 1.0):
-                if msg.error() is None and (KIND_HEADER, KIND_SEARCH) in (msg.headers() or []):
-                    entry = decode_search_log(msg.value())
-                    if entry.user_id == user:
-                        found.append(entry)
-    finally:
-        consumer.close()
-    return found
+    """The search lists logged for ``user`` on the feedback topic, read until there is at least one."""
+
+    def of_user(messages: list[Any]) -> list[Any]:
+        entries = [decode_search_log(m.value()) for m in messages if (KIND_HEADER, KIND_SEARCH) in (m.headers() or [])]
+        return [entry for entry in entries if entry.user_id == user]
+
+    return of_user(read_topic(settings, settings.kafka.topic_feedback, until=lambda got: bool(of_user(got)),
+                              timeout=timeout))
 
 
 def test_metrics_and_openapi(server: Server):

@@ -3,25 +3,16 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
-from .conftest import consume_until, env_for
-
-SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
-
-
-def _cli(settings, *args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "fusionrec", *args], env=env_for(settings),
-                          capture_output=True, text=True, timeout=timeout)
+from tests.integration.helpers import consume_until, run_fusionrec
+from tests.paths import SHARED_DATA
 
 
 def test_evaluate_reports_every_method_as_json_and_plots(settings, tmp_path, tiny_bert):
     plot = tmp_path / "hit.png"
     settings = settings.replace(embed_model_path=str(tiny_bert()))
-    out = _cli(settings, "evaluate", "--dataset", "completejourney", "--households", "60", "--limit", "8000",
-               "--json", "--plot", str(plot))
+    out = run_fusionrec(settings, "evaluate", "--dataset", "completejourney", "--households", "60", "--limit",
+                        "8000", "--json", "--plot", str(plot))
     assert out.returncode == 0, out.stderr[-2000:]
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["dataset"] == "completejourney" and report["events"] == 8000
@@ -40,8 +31,8 @@ def test_evaluate_reports_every_method_as_json_and_plots(settings, tmp_path, tin
 
 
 def test_evaluate_a_clickstream_file(settings):
-    out = _cli(settings, "evaluate", "--events", str(SHARED / "rees46-2019-oct-first-17k.csv"), "--preset",
-               "rees46", "--json", "--no-content")
+    out = run_fusionrec(settings, "evaluate", "--events", str(SHARED_DATA / "rees46-2019-oct-first-17k.csv"),
+                        "--preset", "rees46", "--json", "--no-content")
     assert out.returncode == 0, out.stderr[-2000:]
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["events"] == 17434 and report["evaluated"] > 50
@@ -49,7 +40,7 @@ def test_evaluate_a_clickstream_file(settings):
 
 
 def test_replay_then_recommend_explains_sources(settings):
-    out = _cli(settings, "replay", "completejourney", "--households", "10", "--limit", "2000")
+    out = run_fusionrec(settings, "replay", "completejourney", "--households", "10", "--limit", "2000")
     assert out.returncode == 0, out.stderr[-2000:]
     assert "published" in out.stdout
     n_catalog = int(out.stdout.split("published ")[1].split(" ")[0])
@@ -59,13 +50,13 @@ def test_replay_then_recommend_explains_sources(settings):
     from fusionrec.streams import datasets
 
     user = datasets.completejourney(households=10).head(2000).events.user_id.iloc[0]
-    rec = _cli(settings, "recommend", str(user), "--k", "5")
+    rec = run_fusionrec(settings, "recommend", str(user), "--k", "5")
     assert rec.returncode == 0, rec.stderr
     lines = rec.stdout.strip().splitlines()
     assert lines[0].startswith(f"user {user}: 5 items from fusion")
     assert all("[" in line and "]" in line for line in lines[1:])
-    as_json = json.loads(_cli(settings, "recommend", str(user), "--json").stdout)
+    as_json = json.loads(run_fusionrec(settings, "recommend", str(user), "--json").stdout)
     assert as_json["user_id"] == str(user) and len(as_json["items"]) == 10
     assert pd.notna(as_json["generated_at"])
-    unknown = _cli(settings, "recommend", "no-such-user")
+    unknown = run_fusionrec(settings, "recommend", "no-such-user")
     assert "fallback" in unknown.stdout

@@ -5,7 +5,6 @@ from __future__ import annotations
 import random
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -15,23 +14,19 @@ from fusionrec.streams import datasets
 from fusionrec.streams.producer import EventProducer
 from fusionrec.streams.replay import replay
 from fusionrec.streams.topics import ensure_topics
-
-from .conftest import consume_until, dump_state, env_for, make_settings, purchases_in
+from tests.integration.helpers import (
+    consume_until,
+    dump_state,
+    make_settings,
+    purchases_in,
+    start_fusionrec,
+    wait_for,
+)
 
 
 def _consumer(settings, log_path):
     log = open(log_path, "ab")  # noqa: SIM115 - closed with the process
-    return subprocess.Popen([sys.executable, "-m", "fusionrec", "consume", "--no-metrics"],
-                            env=env_for(settings), stdout=log, stderr=subprocess.STDOUT)
-
-
-def _wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
+    return start_fusionrec(settings, "consume", "--no-metrics", stdout=log, stderr=subprocess.STDOUT)
 
 
 @pytest.mark.slow
@@ -48,26 +43,27 @@ def test_sigkill_at_random_points_then_restart_equals_one_clean_pass(services, t
     for _ in range(4):
         proc = _consumer(crashy, tmp_path / "crashy.log")
         # let it join the group and get some way into the data, then kill it mid-flight
-        _wait_for(lambda p=proc: purchases_in(client, crashy.redis_prefix) > 0 or p.poll() is not None, 60,
-                  "the consumer to start applying")
+        wait_for(lambda p=proc: purchases_in(client, crashy.redis.prefix) > 0 or p.poll() is not None, 60,
+                 "the consumer to start applying", interval=0.5)
         time.sleep(rng.uniform(0.05, 0.8))
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1
         proc.wait()
     assert kills >= 3
-    assert purchases_in(client, crashy.redis_prefix) < len(ds.events), "the kills came too late to test anything"
+    assert purchases_in(client, crashy.redis.prefix) < len(ds.events), "the kills came too late to test anything"
     proc = _consumer(crashy, tmp_path / "crashy.log")
     try:
-        _wait_for(lambda: purchases_in(client, crashy.redis_prefix) == len(ds.events), 180, "the restart to finish")
+        wait_for(lambda: purchases_in(client, crashy.redis.prefix) == len(ds.events), 180, "the restart to finish",
+                 interval=0.5)
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0, (tmp_path / "crashy.log").read_text()[-3000:]
 
-    clean = crashy.replace(redis_prefix=crashy.redis_prefix + "c", group_state=crashy.group_state + "-clean")
+    clean = crashy.replace(redis_prefix=crashy.redis.prefix + "c", group_state=crashy.stream.group + "-clean")
     consume_until(clean, len(ds.events) + len(ds.items))
-    crashed_state = {k.split(":", 1)[1]: v for k, v in dump_state(client, crashy.redis_prefix).items()}
-    clean_state = {k.split(":", 1)[1]: v for k, v in dump_state(client, clean.redis_prefix).items()}
+    crashed_state = {k.split(":", 1)[1]: v for k, v in dump_state(client, crashy.redis.prefix).items()}
+    clean_state = {k.split(":", 1)[1]: v for k, v in dump_state(client, clean.redis.prefix).items()}
     assert crashed_state.keys() == clean_state.keys()
     assert crashed_state == clean_state
 
@@ -84,7 +80,8 @@ def test_two_processes_split_partitions_and_totals_are_exact(services, tmp_path)
         with EventProducer(s) as p:
             replay(ds, p, progress=False, rate=4000)
         client = connect(s)
-        _wait_for(lambda: purchases_in(client, s.redis_prefix) >= len(ds.events), 180, "both consumers to finish")
+        wait_for(lambda: purchases_in(client, s.redis.prefix) >= len(ds.events), 180, "both consumers to finish",
+                 interval=0.5)
         time.sleep(2)
     finally:
         for proc in procs:
@@ -94,9 +91,9 @@ def test_two_processes_split_partitions_and_totals_are_exact(services, tmp_path)
     # each process was assigned (and consumed from) some of the events partitions
     for log in logs:
         text = log.read_text()
-        assert f"assigned {s.topic_events}[" in text or f", {s.topic_events}[" in text, text[-2000:]
-    state = dump_state(client, s.redis_prefix)
-    assert purchases_in(client, s.redis_prefix) == len(ds.events)
+        assert f"assigned {s.kafka.topic_events}[" in text or f", {s.kafka.topic_events}[" in text, text[-2000:]
+    state = dump_state(client, s.redis.prefix)
+    assert purchases_in(client, s.redis.prefix) == len(ds.events)
     per_user = ds.events.groupby("user_id").size()
     for uid, n in per_user.items():
         key = next(k for k in state if k.endswith(f":{uid}:s") and "{u:" in k)

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 import threading
 import time
 
 import numpy as np
-import pytest
 import redis
 
 from fusionrec.apps.pipeline import StatePipeline
@@ -18,7 +16,7 @@ from fusionrec.core.settings import Settings
 from fusionrec.online.candidates.features import FEATURES, INDEX, Pool
 from fusionrec.online.learning.checkpoints import CheckpointStore, ServingModel
 from fusionrec.online.learning.feedback import FeedbackPublisher, Group, Snapshot, encode_snapshot
-from fusionrec.online.learning.learner import Learner
+from fusionrec.online.learning.learner import Learner, LearnerMetrics
 from fusionrec.online.learning.loop import LearnerLoop
 from fusionrec.online.learning.model import Rows
 from fusionrec.online.learning.search_feedback import KIND_HEADER, KIND_SEARCH, SearchLog, encode_search_log
@@ -28,10 +26,7 @@ from fusionrec.streams.datasets import load
 from fusionrec.streams.producer import EventProducer
 from fusionrec.streams.replay import replay
 from fusionrec.streams.state import UserTouch
-from tests.integration.conftest import env_for, make_settings
-from tests.integration.test_embed import wait_for
-
-pytestmark = pytest.mark.integration
+from tests.integration.helpers import make_settings, start_fusionrec, wait_for
 
 
 def _pool(rng: np.random.Generator, user: str, ts: int, n: int = 30) -> tuple[Pool, int]:
@@ -70,7 +65,7 @@ def test_quality_drop_rolls_back_to_the_previous_checkpoint(settings: Settings, 
         learner.learn(_groups(300, seed=10 + i, invert=True))
     assert not np.allclose(learner.model.predict(probe).fused, good)
     assert learner.maybe_checkpoint(force=True) is None
-    assert learner.rollbacks == 1 and metrics.learn_rollbacks._value.get() == 1
+    assert learner.rollbacks == 1 and metrics.of(LearnerMetrics).learn_rollbacks._value.get() == 1
     assert store.head() == first
     np.testing.assert_array_equal(learner.model.predict(probe).fused, good)
 
@@ -114,9 +109,8 @@ def test_learner_killed_and_restarted_resumes_from_its_checkpoint(settings: Sett
     s = settings.replace(learn_vectors=False, learn_checkpoint_s=0.2, batch_size=200, learn_sampled_negatives=5)
     log = SnapshotLog(s, users=50)
     log.publish(30)
-    env = env_for(s)
-    cmd = [sys.executable, "-m", "fusionrec", "learner", "--no-metrics"]
-    first = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cmd = ("learner", "--no-metrics")
+    first = start_fusionrec(s, *cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for(lambda: _covers(s, rclient, 30 * 50), 90, "a checkpoint covering the first 30 rounds")
     finally:
@@ -126,7 +120,7 @@ def test_learner_killed_and_restarted_resumes_from_its_checkpoint(settings: Sett
     at_kill = CheckpointStore(rclient, s).load()
     assert at_kill is not None and at_kill.model.examples > 10_000
     log.publish(30)
-    second = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    second = start_fusionrec(s, *cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         wait_for(lambda: _covers(s, rclient, 60 * 50), 90, "a checkpoint covering all 60 rounds")
     finally:
@@ -158,7 +152,7 @@ def test_hot_reload_reaches_the_writer_within_the_interval(settings: Settings, r
     learner.learn(_groups(50, seed=1))
     number = learner.maybe_checkpoint(force=True)
     writer.refresh(touch)  # within the interval the old model may still serve
-    time.sleep(s.learn_reload_s)
+    time.sleep(s.learn.reload_s)
     writer.refresh(touch)
     assert reader.top_k("u1").model == f"fusion-{number}"
 
@@ -186,14 +180,14 @@ def test_stream_to_learner_to_served_recommendations(services):
                  "examples learned from the stream")
         # one more batch through the writer picks up the checkpoint
         number = CheckpointStore(client, s).head()
-        time.sleep(s.learn_reload_s)
+        time.sleep(s.learn.reload_s)
         user = str(ds.events.user_id.iloc[-1])
         pipeline.writer.refresh({user: UserTouch(recent=[], last_ts=int(ds.events.ts.iloc[-1]))})
         recs = RecommendationReader(client, s).top_k(user)
         assert recs.model.startswith("fusion-") and int(recs.model.split("-")[1]) >= (number or 1)
         assert recs.items and all(r.sources for r in recs.items)
         assert set().union(*(r.sources for r in recs.items)) <= {"river", "repeat", "covis", "popular", "trending"}
-        assert metrics.learn_decisions.labels("labelled")._value.get() > 0
+        assert metrics.of(LearnerMetrics).learn_decisions.labels("labelled")._value.get() > 0
     finally:
         stop.set()
         consumer.join(30)
@@ -214,12 +208,12 @@ def test_learner_learns_the_search_mix_from_logged_searches(settings: Settings, 
                 f_item, f_query = rng.random(10).round(6), rng.random(10).round(6)
                 entry = SearchLog(user_id=user, ts=ts, items=items, f_item=f_item.tolist(), f_query=f_query.tolist(),
                                   model=0)
-                producer.produce(s.topic_feedback, encode_search_log(entry), key=user,
+                producer.produce(s.kafka.topic_feedback, encode_search_log(entry), key=user,
                                  headers=[(KIND_HEADER, KIND_SEARCH)])
                 pool, _ = _pool(rng, user, ts + 5_000)
                 clicked = items[int(np.argmax(f_query))]
                 snap = Snapshot.of(pool, list(range(len(pool))), 20, [("click", clicked, ts + 4_000)], [], 0, 0)
-                producer.produce(s.topic_feedback, encode_snapshot(snap), key=user)
+                producer.produce(s.kafka.topic_feedback, encode_snapshot(snap), key=user)
     metrics = Metrics()
     loop = LearnerLoop(s, metrics)
     stop = threading.Event()
@@ -233,5 +227,5 @@ def test_learner_learns_the_search_mix_from_logged_searches(settings: Settings, 
     assert ckpt is not None
     mix = ckpt.model.search
     assert mix.examples == rounds * users * 10
-    assert metrics.learn_search_examples._value.get() == rounds * users * 10
+    assert metrics.of(LearnerMetrics).learn_search_examples._value.get() == rounds * users * 10
     assert mix.beta > mix.alpha + 0.5, mix.weights()

@@ -17,11 +17,10 @@ from fusionrec.apps.services import free_port
 from fusionrec.core.metrics import Metrics
 from fusionrec.core.settings import Settings
 from fusionrec.streams.producer import EventProducer
-from tests.integration.conftest import consume_until
+from tests.integration.helpers import consume_until
+from tests.paths import DEPLOY
 
-pytestmark = pytest.mark.integration
-
-DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "prometheus"
+PROMETHEUS = DEPLOY / "prometheus"
 
 
 def _tool(name: str) -> str:
@@ -37,7 +36,7 @@ def _tool(name: str) -> str:
                                   ["check", "rules", "rules.yml"],
                                   ["test", "rules", "rules_test.yml"]])
 def test_promtool(args: list[str]):
-    run = subprocess.run([_tool("promtool"), *args], cwd=DEPLOY, capture_output=True, text=True, timeout=60)
+    run = subprocess.run([_tool("promtool"), *args], cwd=PROMETHEUS, capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "SUCCESS" in run.stdout + run.stderr
 
@@ -57,16 +56,16 @@ def test_real_prometheus_scrapes_the_pipeline(settings: Settings, tmp_path: Path
             producer.user_event({"event_id": f"e{n}", "type": "view" if n % 5 else "purchase", "user_id": f"u{n % 7}",
                                  "item_id": str(n % 11), "ts": 1_700_000_000_000 + n})
     metrics = Metrics()
-    metrics.serve(s.metrics_host, s.metrics_port)
+    metrics.serve(s.ops.metrics_host, s.ops.metrics_port)
     with consume_until(s, 50, metrics=metrics):
         web = free_port()
         config = tmp_path / "prometheus.yml"
         config.write_text(f"""
 global: {{scrape_interval: 1s, evaluation_interval: 1s}}
-rule_files: ["{DEPLOY / 'rules.yml'}"]
+rule_files: ["{PROMETHEUS / 'rules.yml'}"]
 scrape_configs:
   - job_name: fusionrec-state
-    static_configs: [{{targets: ["127.0.0.1:{s.metrics_port}"]}}]
+    static_configs: [{{targets: ["127.0.0.1:{s.ops.metrics_port}"]}}]
 """)
         proc = subprocess.Popen([binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'data'}",
                                  f"--web.listen-address=127.0.0.1:{web}"],

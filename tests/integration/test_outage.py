@@ -15,8 +15,7 @@ from fusionrec.streams import datasets
 from fusionrec.streams.producer import EventProducer
 from fusionrec.streams.replay import replay
 from fusionrec.streams.topics import ensure_topics
-
-from .conftest import make_settings, purchases_in
+from tests.integration.helpers import make_settings, purchases_in
 
 
 def test_consumer_survives_a_redis_restart_without_loss(services, tmp_path):
@@ -41,7 +40,7 @@ def test_consumer_survives_a_redis_restart_without_loss(services, tmp_path):
             redis_info = start_redis(tmp_path, "aof", port=redis_info.port)
         worker.join(120)
         assert not worker.is_alive(), "consumer did not finish after Redis came back"
-        assert purchases_in(connect(s), s.redis_prefix) == len(ds.events)
+        assert purchases_in(connect(s), s.redis.prefix) == len(ds.events)
         assert sum(sample.value for m in metrics.registry.collect() if m.name == "fusionrec_stream_retries"
                    for sample in m.samples if sample.name.endswith("_total")) > 0
     finally:

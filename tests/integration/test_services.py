@@ -1,11 +1,13 @@
+"""`fusionrec up` / `status` / `down`: real servers in a run folder of their own, and nothing left behind."""
+
 import os
 import subprocess
-import sys
 
 import redis
 from confluent_kafka.admin import AdminClient
 
 from fusionrec.apps.services import EmbeddedServices
+from tests.integration.helpers import fusionrec_cmd
 
 
 def _alive(pid: int) -> bool:
@@ -40,8 +42,7 @@ def test_cli_up_status_down(tmp_path):
     env.pop("FUSIONREC_REDIS_URL", None)
 
     def cli(*args):
-        return subprocess.run([sys.executable, "-m", "fusionrec", *args], env=env, capture_output=True,
-                              text=True, timeout=120)
+        return subprocess.run(fusionrec_cmd(*args), env=env, capture_output=True, text=True, timeout=120)
 
     up = cli("up", "--persistence", "none")
     assert up.returncode == 0, up.stderr

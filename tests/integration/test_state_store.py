@@ -11,8 +11,7 @@ from fusionrec.online.serving.reader import RecommendationReader
 from fusionrec.streams import datasets
 from fusionrec.streams.contract import CatalogEvent, UserEvent
 from fusionrec.streams.state import Positioned, StateStore
-
-from .conftest import dump_state, make_settings
+from tests.integration.helpers import dump_state, make_settings
 
 T0 = 1_700_000_000_000
 
@@ -48,7 +47,7 @@ def test_batch_boundaries_and_replays_do_not_change_state(services, slice_events
         if replay:
             again = store.apply(events[1000:3000])
             assert (again.applied, again.skipped) == (0, 2000)
-        dumps.append({k.split(":", 1)[1]: v for k, v in dump_state(client, s.redis_prefix).items()})
+        dumps.append({k.split(":", 1)[1]: v for k, v in dump_state(client, s.redis.prefix).items()})
     assert dumps[0] == dumps[1]
     counts = [int(v.get("n:purchase", 0)) for k, v in dumps[0].items() if k.endswith(":s")]
     assert sum(counts) == len(events)
@@ -70,7 +69,7 @@ def test_crash_between_item_and_user_writes_converges(services, slice_events):
             _run(store, writer, events[2000:], 300)  # replay from the last "committed" offset
         else:
             _run(store, writer, events[2000:], 600)
-        results.append({k.split(":", 1)[1]: v for k, v in dump_state(client, s.redis_prefix).items()})
+        results.append({k.split(":", 1)[1]: v for k, v in dump_state(client, s.redis.prefix).items()})
     assert results[0] == results[1]
 
 

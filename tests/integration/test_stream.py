@@ -6,7 +6,6 @@ import json
 import time
 
 import msgspec
-from confluent_kafka import Consumer
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
@@ -17,11 +16,10 @@ from fusionrec.core.pseudonyms import Pseudonyms
 from fusionrec.core.redis_client import connect
 from fusionrec.online.serving.reader import RecommendationReader
 from fusionrec.streams import datasets
-from fusionrec.streams.producer import EventProducer, kafka_config
+from fusionrec.streams.producer import EventProducer
 from fusionrec.streams.replay import replay
 from fusionrec.streams.topics import ensure_topics
-
-from .conftest import consume_until, dump_state, make_settings
+from tests.integration.helpers import consume_until, dump_state, make_settings, purchases_in, read_topic
 
 NOW = int(time.time() * 1000)
 
@@ -59,18 +57,6 @@ def _invalid_payloads(n: int) -> list[tuple[bytes, str]]:
     return out
 
 
-def _dlq_messages(settings, topic: str, expected: int, timeout: float = 60.0):
-    c = Consumer(kafka_config(settings, **{"group.id": f"dlq-reader-{topic}", "auto.offset.reset": "earliest",
-                                            "session.timeout.ms": 6000}))
-    c.subscribe([topic])
-    got = []
-    deadline = time.monotonic() + timeout
-    while len(got) < expected and time.monotonic() < deadline:
-        got += [m for m in c.consume(500, 1.0) if m.error() is None]
-    c.close()
-    return got
-
-
 def test_invalid_payloads_go_to_the_dlq_with_reasons_and_valid_ones_apply(settings):
     invalid = _invalid_payloads(1000)
     assert len(invalid) >= 1000
@@ -78,18 +64,19 @@ def test_invalid_payloads_go_to_the_dlq_with_reasons_and_valid_ones_apply(settin
              for n in range(len(invalid) // 3)]
     with EventProducer(settings) as p:
         for n, (raw, _why) in enumerate(invalid):
-            p.produce(settings.topic_events, raw, key=str(n), headers=[("origin", b"fuzz")])
+            p.produce(settings.kafka.topic_events, raw, key=str(n), headers=[("origin", b"fuzz")])
             if n % 3 == 0 and n // 3 < len(valid):
                 p.user_event(valid[n // 3])
     metrics = Metrics(CollectorRegistry())
     pipeline = consume_until(settings, len(invalid) + len(valid), metrics=metrics)
-    dead = _dlq_messages(settings, settings.dlq_topic(settings.topic_events), len(invalid))
+    dead = read_topic(settings, settings.dlq_topic(settings.kafka.topic_events),
+                      until=lambda got: len(got) >= len(invalid))
     assert len(dead) == len(invalid)
     assert sorted(m.value() for m in dead) == sorted(raw for raw, _ in invalid)
     for m in dead:
         h = dict(m.headers())
         assert h["fusionrec.dlq.reason"] and h["origin"] == b"fuzz"
-        assert h["fusionrec.source.topic"].decode() == settings.topic_events
+        assert h["fusionrec.source.topic"].decode() == settings.kafka.topic_events
         assert int(h["fusionrec.source.offset"]) >= 0
     reasons = {dict(m.headers())["fusionrec.dlq.reason"].decode() for m in dead}
     assert {"not_json", "missing_field", "unknown_type", "future_ts", "invalid_id", "oversize"} <= reasons
@@ -97,16 +84,12 @@ def test_invalid_payloads_go_to_the_dlq_with_reasons_and_valid_ones_apply(settin
                     for s in s.samples if s.name.endswith("_total"))
     assert dlq_total == len(invalid)
     client = connect(settings)
-    purchases = sum(int(v.get("n:purchase", 0)) for k, v in dump_state(client, settings.redis_prefix).items()
-                    if k.endswith(":s"))
-    assert purchases == len(valid)
+    assert purchases_in(client, settings.redis.prefix) == len(valid)
     assert pipeline.consumer.consumed == len(invalid) + len(valid)
 
 
 def test_consuming_the_same_range_twice_leaves_identical_state(services):
     s = make_settings(services, partitions=2)
-    from fusionrec.streams.topics import ensure_topics
-
     ensure_topics(s)
     ds = datasets.completejourney(households=30).head(4000)
     with EventProducer(s) as p:
@@ -114,11 +97,11 @@ def test_consuming_the_same_range_twice_leaves_identical_state(services):
     total = len(ds.events) + len(ds.items)
     consume_until(s, total)
     client = connect(s)
-    first = dump_state(client, s.redis_prefix)
+    first = dump_state(client, s.redis.prefix)
     # A second group starts from the beginning again: every event is a replay for the state.
     metrics = Metrics(CollectorRegistry())
-    consume_until(s, total, group_id=s.group_state + "-again", metrics=metrics)
-    assert dump_state(client, s.redis_prefix) == first
+    consume_until(s, total, group_id=s.stream.group + "-again", metrics=metrics)
+    assert dump_state(client, s.redis.prefix) == first
     skipped = metrics.registry.get_sample_value("fusionrec_state_replay_skipped_total")
     assert skipped == len(ds.events)
 
@@ -139,7 +122,7 @@ def test_recommendations_are_readable_and_metrics_are_recorded(settings):
     assert stored["event_ts"] == int(ds.events[ds.events.user_id == user].ts.max())
     reg = metrics.registry
     assert reg.get_sample_value("fusionrec_stream_events_total",
-                                {"topic": settings.topic_events, "type": "purchase"}) == len(ds.events)
+                                {"topic": settings.kafka.topic_events, "type": "purchase"}) == len(ds.events)
     assert reg.get_sample_value("fusionrec_state_freshness_seconds_count") > 0
     assert reg.get_sample_value("fusionrec_recs_written_total") > 0
     # every partition that delivered data reports its lag, and the consumer is caught up
@@ -157,8 +140,8 @@ def test_pseudonymous_user_ids_never_reach_redis(services):
                                  "item_id": str(n % 7), "ts": 1_700_000_000_000 + n})
     with consume_until(s, 40) as pipeline:
         client = pipeline.redis
-        state = dump_state(client, s.redis_prefix)
-        dumped = repr(state) + repr([client.get(k) for k in client.scan_iter(match=f"{s.redis_prefix}:*:rec")])
+        state = dump_state(client, s.redis.prefix)
+        dumped = repr(state) + repr([client.get(k) for k in client.scan_iter(match=f"{s.redis.prefix}:*:rec")])
         assert not any(raw in dumped for raw in raw_ids)
         pseudo = Pseudonyms(key)
         assert any(pseudo(raw_ids[0]) in k for k in state)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 
 import redis
 
@@ -14,9 +13,8 @@ from fusionrec.core.settings import Settings
 from fusionrec.online.ranking.writer import RecommendationWriter
 from fusionrec.online.serving.reader import RecommendationReader
 from fusionrec.streams.state import BatchResult, UserTouch
-from fusionrec.streams.trending import ItemDeltaPublisher
-from tests.integration.conftest import env_for
-from tests.integration.test_embed import wait_for
+from fusionrec.streams.trending import ItemDeltaPublisher, TrendingMetrics
+from tests.integration.helpers import start_fusionrec, wait_for
 
 T0 = 1_700_000_045_000  # 5 s past a minute boundary (window steps are whole minutes)
 
@@ -32,9 +30,8 @@ def test_faust_worker_keeps_trending_items_in_redis(settings: Settings, rclient:
         publisher(BatchResult(item_counts={"hot": 20, "warm": 5}, categories={"hot": "tea", "warm": "coffee"},
                               max_ts=T0 + minute * 60_000))
     publisher.close()
-    assert metrics.trending_deltas._value.get() == 21
-    worker = subprocess.Popen([sys.executable, "-m", "fusionrec", "trending"], env=env_for(s),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert metrics.of(TrendingMetrics).trending_deltas._value.get() == 21
+    worker = start_fusionrec(s, "trending", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         def settled() -> bool:
             top = dict(rclient.zrange(keys.trending(), 0, -1, withscores=True))

@@ -1,0 +1,158 @@
+"""What integration tests share besides fixtures: settings per test, `fusionrec` subprocesses, waiting, reading back.
+
+Fixtures (``services``, ``settings``, ``rclient``) live in ``conftest.py``; test modules import these helpers
+from here and never from each other or from a conftest.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+import redis
+from confluent_kafka import Consumer, Message
+
+from fusionrec.apps.pipeline import StatePipeline
+from fusionrec.apps.services import RunningServices
+from fusionrec.core.metrics import Metrics
+from fusionrec.core.settings import Settings
+from fusionrec.streams.metrics import StreamMetrics
+from fusionrec.streams.producer import kafka_config
+
+WORDS = ["milk", "cheese", "yogurt", "butter", "bread", "battery", "charger", "cola", "soda", "pizza", "apple"]
+
+
+def make_settings(services: RunningServices, partitions: int = 4, **overrides: Any) -> Settings:
+    """Settings on the session's services with topics, groups and a Redis prefix of their own."""
+    tag = uuid.uuid4().hex[:10]
+    base = dict(kafka_bootstrap=services.kafka_bootstrap, redis_url=services.redis_url,
+                redis_prefix=f"t{tag}", topic_events=f"events-{tag}", topic_catalog=f"catalog-{tag}",
+                group_state=f"group-{tag}", group_embed=f"embed-{tag}", topic_partitions=partitions,
+                topic_feedback=f"feedback-{tag}", topic_item_deltas=f"deltas-{tag}", group_learner=f"learner-{tag}",
+                session_timeout_ms=6000,
+                metrics_port=0, trending_metrics_port=0, learn_metrics_port=0, batch_size=500)
+    base.update(overrides)
+    return Settings.from_env({}, **base)
+
+
+def title(n: int) -> str:
+    """A catalog title made of common product words, distinct per ``n``."""
+    return f"{WORDS[n % len(WORDS)]} {WORDS[(n // len(WORDS)) % len(WORDS)]} {n}"
+
+
+# --------------------------------------------------------------------------- `fusionrec` subprocesses
+def env_for(settings: Settings) -> dict[str, str]:
+    """Environment that makes a `fusionrec` subprocess use exactly these settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FUSIONREC_")}
+    env.update(settings.to_env())
+    return env
+
+
+def fusionrec_cmd(*args: str) -> list[str]:
+    """``python -m fusionrec ARGS`` with the interpreter running the tests."""
+    return [sys.executable, "-m", "fusionrec", *args]
+
+
+def run_fusionrec(settings: Settings, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """``fusionrec ARGS`` run to the end with exactly these settings; stdout and stderr captured as text."""
+    return subprocess.run(fusionrec_cmd(*args), env=env_for(settings), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def start_fusionrec(settings: Settings, *args: str, **popen: Any) -> subprocess.Popen[bytes]:
+    """``fusionrec ARGS`` started in the background with exactly these settings (``popen``: stdout, stderr)."""
+    return subprocess.Popen(fusionrec_cmd(*args), env=env_for(settings), **popen)
+
+
+# --------------------------------------------------------------------------- waiting and reading back
+def wait_for(cond: Callable[[], bool], timeout: float, what: str, *, interval: float = 0.2) -> None:
+    """Poll ``cond`` every ``interval`` seconds until it holds; fail naming ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(interval)
+
+
+def consume_until(settings: Settings, total: int, *, group_id: str | None = None, timeout: float = 120.0,
+                  metrics: Metrics | None = None, lag_at_end: dict[str, Any] | None = None) -> StatePipeline:
+    """Run the real user-state pipeline in a thread until ``total`` messages were consumed.
+
+    ``lag_at_end`` receives the lag samples as the last batch completes (before partitions are revoked).
+    """
+    pipeline = StatePipeline(settings, metrics=metrics or Metrics(), group_id=group_id)
+    stop = threading.Event()
+
+    def done() -> bool:
+        if pipeline.consumer.consumed < total:
+            return False
+        if lag_at_end is not None:
+            lag_at_end.update({s.labels["partition"] + "@" + s.labels["topic"]: s.value
+                               for m in pipeline.metrics.of(StreamMetrics).lag.collect() for s in m.samples})
+        return True
+
+    worker = threading.Thread(target=pipeline.consumer.run, args=(stop, done))
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        stop.set()
+        worker.join(30)
+        raise AssertionError(f"consumed only {pipeline.consumer.consumed} of {total} within {timeout}s")
+    return pipeline
+
+
+def read_topic(settings: Settings, topic: str, *, until: Callable[[list[Message]], bool],
+               timeout: float = 60.0) -> list[Message]:
+    """The messages of ``topic`` from its start, read by a fresh group until ``until(messages)`` or ``timeout``."""
+    consumer = Consumer(kafka_config(settings, **{"group.id": f"probe-{uuid.uuid4().hex}",
+                                                  "auto.offset.reset": "earliest", "session.timeout.ms": 6000}))
+    consumer.subscribe([topic])
+    got: list[Message] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while not until(got) and time.monotonic() < deadline:
+            got += [m for m in consumer.consume(500, 1.0) if m.error() is None]
+    finally:
+        consumer.close()
+    return got
+
+
+def dump_state(client: redis.Redis, prefix: str) -> dict[str, Any]:
+    """Every key under a prefix with its value, floats rounded to 9 significant digits.
+
+    Decayed scores are sums of floats whose order of addition depends on batch boundaries; counters,
+    lists, sets and co-visitation weights (integers) compare exactly. A ``rec`` list is a snapshot of
+    the ranking at the end of the last batch that touched its user, so it depends on what else was in
+    that batch: only its presence, model and length are compared.
+    """
+    out: dict[str, Any] = {}
+    for raw in client.scan_iter(match=f"{prefix}:*", count=1000):
+        key = raw.decode()
+        kind = client.type(key).decode()
+        if kind == "hash":
+            value: Any = {k.decode(): v.decode() for k, v in client.hgetall(key).items()}
+        elif kind == "list":
+            value = [v.decode() for v in client.lrange(key, 0, -1)]
+        elif kind == "set":
+            value = sorted(v.decode() for v in client.smembers(key))
+        elif kind == "zset":
+            value = {m.decode(): float(f"{s:.9g}") for m, s in client.zrange(key, 0, -1, withscores=True)}
+        else:
+            value = client.get(key)
+            if key.endswith(":rec"):
+                recs = msgspec.json.decode(value)
+                value = (recs["model"], len(recs["items"]))
+        out[key] = value
+    return out
+
+
+def purchases_in(client: redis.Redis, prefix: str) -> int:
+    """Purchases counted in the user-state hashes under a prefix."""
+    return sum(int(v.get("n:purchase", 0)) for k, v in dump_state(client, prefix).items() if k.endswith(":s"))
