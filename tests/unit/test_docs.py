@@ -1,14 +1,13 @@
 """The references in docs/ are generated from the code; these fail when they drift."""
 
-from pathlib import Path
-
 import pytest
 
 from fusionrec.apps.docs import generated, metric_sets
 from fusionrec.core.metrics import Metrics
 from fusionrec.core.settings import Settings
+from tests.paths import REPO
 
-DOCS = Path(__file__).resolve().parents[2] / "docs"
+DOCS = REPO / "docs"
 
 
 @pytest.mark.parametrize("name", sorted(generated()))

@@ -1,12 +1,12 @@
 """The package's layers only point down: core ← streams ← models ← online ← apps, and inside online
 candidates ← learning ← ranking ← serving. The contracts live in pyproject.toml ([tool.importlinter])."""
 
-from pathlib import Path
-
 from importlinter import configuration
 from importlinter.application import use_cases
 
-PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
+from tests.paths import REPO
+
+PYPROJECT = REPO / "pyproject.toml"
 
 
 def test_import_contracts_are_kept(capsys):
