@@ -1,4 +1,4 @@
-"""Online learners that score (user, candidate) pairs; all speak river's protocol.
+"""Online learners that score (user, candidate) pairs; each one is a river estimator.
 
 * :class:`RiverScorer`: logistic regression over the sparse pool features
   (:data:`~fusionrec.online.candidates.features.FEATURES`).
@@ -7,15 +7,18 @@
 * :class:`FusionStacker`: the final score, a logistic-regression stacker over the scorers' outputs.
 * :class:`SearchMix`: the search score ``α·f_item + β·f_query``, its weights learned from search feedback.
 
+The three logistic regressions share :class:`LogisticScorer`, a :class:`river.base.MiniBatchClassifier`;
+the torch head is a :class:`river.base.Classifier` (its mini-batches are vector matrices, not DataFrames).
 ``learn_one(x, y)`` / ``learn_many(X, y)`` return nothing; ``predict_proba_one`` returns
-``{False: p0, True: p1}``, ``predict_proba_many`` one row per example. Every learner sanitises its
-input itself: rows with NaN/inf are skipped when learning (and predicted as if zero), values are
-clipped to ``±clip``, and gradients are clipped, so no input can make a weight non-finite. Each
-survives pickle → unpickle with identical predictions.
+``{False: p0, True: p1}``. Every learner sanitises its input itself: rows with NaN/inf are skipped when
+learning (and predicted as if zero), values are clipped to ``±clip``, and gradients are clipped, so no
+input can make a weight non-finite. Hyper-parameters are constructor keywords, so river's ``clone()``
+and ``repr()`` work, and each learner survives pickle → unpickle with identical predictions.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -23,12 +26,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from river import linear_model, optim
+from river import base, optim, utils
 
 from fusionrec.models.heads import InteractionHead
 from fusionrec.online.candidates.features import FEATURES, INDEX, PRIOR
 
 Dense = Mapping[str, np.ndarray]  # "profile" (n, d), "item" (n, d), "features" (n, F)
+
+_LOSS = optim.losses.Log()  # river's log loss: its gradient and its sigmoid (stateless)
 
 
 def finite_rows(*arrays: np.ndarray) -> np.ndarray:
@@ -39,10 +44,12 @@ def finite_rows(*arrays: np.ndarray) -> np.ndarray:
     return mask
 
 
-def _clean(x: Mapping[str, float], clip: float) -> dict[str, float] | None:
-    """A dict with values clipped; None when any value is not finite."""
+def _clean(x: Mapping[Any, Any], names: Mapping[str, int], clip: float) -> dict[str, float] | None:
+    """The known features of ``x``, in its order, clipped to ``±clip``; None when any is not finite."""
     out: dict[str, float] = {}
     for k, v in x.items():
+        if k not in names:
+            continue
         v = float(v)
         if not math.isfinite(v):
             return None
@@ -50,8 +57,13 @@ def _clean(x: Mapping[str, float], clip: float) -> dict[str, float] | None:
     return out
 
 
-def _proba(p: float) -> dict[bool, float]:
+def _proba(p: float) -> dict[base.typing.ClfTarget, float]:
     return {False: 1.0 - p, True: p}
+
+
+def _one_row(x: Mapping[Any, Any]) -> Dense:
+    """One :data:`Dense` example as a mini-batch of one row."""
+    return {str(k): np.asarray(v)[None, :] for k, v in x.items()}
 
 
 def _logit(p: np.ndarray) -> np.ndarray:
@@ -59,61 +71,48 @@ def _logit(p: np.ndarray) -> np.ndarray:
     return np.log(p / (1 - p))
 
 
-class _RiverLR:
-    """Shared river logistic-regression plumbing: sanitised one/many learning, numpy prediction."""
+class LogisticScorer(base.MiniBatchClassifier):
+    """Logistic regression over a fixed list of named inputs, learned online by clipped SGD.
 
-    def __init__(self, names: Sequence[str], lr: float, l2: float, clip: float, clip_gradient: float) -> None:
-        self.names = list(names)
-        self.lr, self.l2, self.clip, self.clip_gradient = lr, l2, clip, clip_gradient
-        self.model = linear_model.LogisticRegression(optimizer=optim.SGD(lr), l2=l2, intercept_lr=lr,
-                                                     clip_gradient=clip_gradient)
+    The base of the three logistic scorers below; their constructors name its inputs and priors.
 
-    # -- one at a time
-    def learn_one(self, x: Mapping[str, float], y: bool) -> None:
-        clean = _clean({k: v for k, v in x.items() if k in self.names}, self.clip)
-        if clean is not None:
-            self.model.learn_one(clean, bool(y))
+    The arithmetic is river's :class:`river.linear_model.LogisticRegression` with ``optim.SGD(lr)``,
+    ``intercept_lr=lr``, ``l2`` and ``clip_gradient``, step for step: river's log-loss gradient per
+    example, clipped; one mean-gradient step per mini-batch; ``learn_one`` touches only the inputs
+    it is given. Two things differ, and are why the model is not a ``LogisticRegression``: each
+    weight starts at its own ``prior`` (river's initializer is called without the feature's name, so
+    it can start every weight only at one value), and the weights are one vector in ``names`` order,
+    so scoring a pool of candidates is one matrix product (:meth:`proba_matrix`).
 
-    def predict_proba_one(self, x: Mapping[str, float]) -> dict[bool, float]:
-        clean = _clean({k: v for k, v in x.items() if k in self.names}, self.clip) or {}
-        return self.model.predict_proba_one(clean)
-
-    def predict_one(self, x: Mapping[str, float]) -> bool:
-        return self.predict_proba_one(x)[True] > 0.5
-
-    # -- mini-batches (rows are numpy arrays in ``self.names`` order)
-    def learn_matrix(self, M: np.ndarray, y: np.ndarray) -> None:
-        keep = finite_rows(M)
-        if keep.any():
-            X = pd.DataFrame(np.clip(M[keep], -self.clip, self.clip), columns=self.names)
-            self.model.learn_many(X, pd.Series(np.asarray(y)[keep].astype(bool)))
-
-    def proba_matrix(self, M: np.ndarray) -> np.ndarray:
-        M = np.clip(np.nan_to_num(M, nan=0.0, posinf=0.0, neginf=0.0), -self.clip, self.clip)
-        return 1.0 / (1.0 + np.exp(-np.clip(self.raw_matrix(M), -30, 30)))
-
-    def raw_matrix(self, M: np.ndarray) -> np.ndarray:
-        w = self.weights()
-        return M @ np.array([w[n] for n in self.names], dtype=np.float64) + float(self.model.intercept)
-
-    def weights(self) -> dict[str, float]:
-        w = dict(self.model._weights)  # river keeps weights in a VectorDict
-        return {n: float(w.get(n, 0.0)) for n in self.names}
-
-
-class RiverScorer(_RiverLR):
-    """Logistic regression (river) over the sparse pool features, SGD with gradient clipping.
-
-    ``features`` picks the columns (a model without LLM vectors leaves the vector features out).
-    ``learn_many``/``predict_proba_many`` take a DataFrame with those columns, as river's own
-    mini-batch learners do; :meth:`learn_pool_rows` is the zero-copy path over pool matrices.
+    Mini-batches come as a DataFrame with the ``names`` columns (river's protocol) or, on the hot
+    path, as a numpy matrix in ``names`` order (:meth:`learn_matrix`, :meth:`proba_matrix`).
     """
 
-    def __init__(self, features: Sequence[str] = FEATURES, lr: float = 1.0, l2: float = 1e-5,
-                 clip: float = 10.0, clip_gradient: float = 1.0) -> None:
-        super().__init__(features, lr, l2, clip, clip_gradient)
-        self._cols = np.array([INDEX[f] for f in features])
+    def __init__(self, names: Sequence[str], lr: float, l2: float, clip: float, clip_gradient: float,
+                 prior: Mapping[str, float] | None = None) -> None:
+        self.names = list(names)
+        self.lr, self.l2, self.clip, self.clip_gradient = lr, l2, clip, clip_gradient
+        prior = prior or {}
+        self._coef = np.array([float(prior.get(n, 0.0)) for n in self.names], dtype=np.float64)
+        self.intercept = 0.0
+        self._index = {n: i for i, n in enumerate(self.names)}
 
+    def weights(self) -> dict[str, float]:
+        """The current weight of each input (the fused score's explanation reads them)."""
+        return {n: float(w) for n, w in zip(self.names, self._coef, strict=True)}
+
+    # -- one at a time (river's protocol)
+    def learn_one(self, x: dict[base.typing.FeatureName, Any], y: base.typing.ClfTarget) -> None:
+        clean = _clean(x, self._index, self.clip)
+        if clean is not None:
+            self._step_one(clean, bool(y))
+
+    def predict_proba_one(self, x: dict[base.typing.FeatureName, Any],
+                          **kwargs: Any) -> dict[base.typing.ClfTarget, float]:
+        clean = _clean(x, self._index, self.clip) or {}
+        return _proba(_LOSS.mean_func(self._raw_one(clean)))
+
+    # -- mini-batches as DataFrames (river's protocol)
     def learn_many(self, X: pd.DataFrame, y: pd.Series) -> None:
         self.learn_matrix(X[self.names].to_numpy(dtype=np.float64), y.to_numpy())
 
@@ -121,18 +120,108 @@ class RiverScorer(_RiverLR):
         p = self.proba_matrix(X[self.names].to_numpy(dtype=np.float64))
         return pd.DataFrame({False: 1.0 - p, True: p}, index=X.index)
 
+    def predict_many(self, X: pd.DataFrame) -> pd.Series:
+        return pd.Series(self.proba_matrix(X[self.names].to_numpy(dtype=np.float64)) > 0.5, index=X.index)
+
+    # -- mini-batches as numpy matrices, columns in ``names`` order
+    def learn_matrix(self, M: np.ndarray, y: np.ndarray) -> None:
+        """One SGD step on the finite rows of ``M`` (clipped); rows with NaN/inf are skipped."""
+        keep = finite_rows(M)
+        if keep.any():
+            # column-major, as river's DataFrame path lays it out: BLAS sums in layout order, and
+            # this keeps the step bit-identical to ``LogisticRegression.learn_many``
+            X = np.asfortranarray(np.clip(M[keep], -self.clip, self.clip))
+            self._step_many(X, np.asarray(y)[keep].astype(bool))
+
+    def proba_matrix(self, M: np.ndarray) -> np.ndarray:
+        """P(True) per row; NaN/inf read as 0, values clipped, so any input gives a probability."""
+        M = np.clip(np.nan_to_num(M, nan=0.0, posinf=0.0, neginf=0.0), -self.clip, self.clip)
+        return 1.0 / (1.0 + np.exp(-np.clip(self.raw_matrix(M), -30, 30)))
+
+    def raw_matrix(self, M: np.ndarray) -> np.ndarray:
+        """The logit per row of an already clean matrix."""
+        return M @ self._coef + self.intercept
+
+    # -- the SGD steps, in river's GLM order of operations (so results match it bit for bit)
+    def _raw_one(self, x: dict[str, float]) -> float:
+        dot = 0.0
+        for k, v in x.items():  # summed in x's order, as river's VectorDict.dot does
+            dot += float(self._coef[self._index[k]]) * v
+        return dot + self.intercept
+
+    def _step_one(self, x: dict[str, float], y: bool) -> None:
+        grad = float(utils.math.clamp(_LOSS.gradient(y, self._raw_one(x)), -self.clip_gradient,
+                                      self.clip_gradient))
+        cols = np.array([self._index[k] for k in x], dtype=np.int64)
+        step = np.fromiter(x.values(), dtype=np.float64, count=len(x)) * grad
+        if self.l2:
+            step += self.l2 * self._coef[cols]
+        self.intercept -= self.lr * grad
+        self._coef[cols] -= self.lr * step
+
+    def _step_many(self, X: np.ndarray, y: np.ndarray) -> None:
+        grad = np.clip(_LOSS.gradient(y, X @ self._coef + self.intercept), -self.clip_gradient,
+                       self.clip_gradient)
+        step = np.einsum("ij,i->j", X, grad) / len(X)
+        if self.l2:
+            step += self.l2 * self._coef
+        self.intercept = float(self.intercept - self.lr * grad.mean())
+        self._coef -= self.lr * step
+
+    def _unit_test_skips(self) -> set[str]:
+        # as for river's own linear models: a mini-batch is one mean-gradient step, not one step per row
+        return {"check_learn_many_matches_learn_one"}
+
+    # -- checkpoints
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Restore a pickle; one from when the scorer wrapped river's ``LogisticRegression`` is migrated."""
+        legacy = state.pop("model", None)
+        self.__dict__.update(state)
+        for name, param in inspect.signature(type(self)).parameters.items():
+            if not hasattr(self, name):  # hyper-parameters older pickles did not store: the defaults
+                setattr(self, name, param.default)
+        if legacy is not None:
+            w = legacy.weights  # river's public weights and intercept
+            self._coef = np.array([float(w.get(n, 0.0)) for n in self.names], dtype=np.float64)
+            self.intercept = float(legacy.intercept)
+            self._index = {n: i for i, n in enumerate(self.names)}
+
+
+class RiverScorer(LogisticScorer):
+    """Logistic regression over the sparse pool features, SGD with gradient clipping.
+
+    ``features`` picks the columns (a model without LLM vectors leaves the vector features out).
+    ``learn_many``/``predict_proba_many`` take a DataFrame with those columns, as river's own
+    mini-batch learners do; :meth:`learn_pool_rows` is the path over pool matrices.
+    """
+
+    def __init__(self, features: Sequence[str] = FEATURES, lr: float = 1.0, l2: float = 1e-5,
+                 clip: float = 10.0, clip_gradient: float = 1.0) -> None:
+        super().__init__(features, lr, l2, clip, clip_gradient)
+
+    @property
+    def features(self) -> tuple[str, ...]:
+        return tuple(self.names)
+
     def learn_pool_rows(self, X: np.ndarray, y: np.ndarray) -> None:
-        self.learn_matrix(X[:, self._cols].astype(np.float64), y)
+        """Learn from pool feature rows (all :data:`FEATURES` columns)."""
+        self.learn_matrix(X[:, self._pool_columns()].astype(np.float64), y)
 
     def predict_pool_rows(self, X: np.ndarray) -> np.ndarray:
-        return self.proba_matrix(X[:, self._cols].astype(np.float64))
+        """P(True) per pool feature row."""
+        return self.proba_matrix(X[:, self._pool_columns()].astype(np.float64))
+
+    def _pool_columns(self) -> list[int]:
+        return [INDEX[f] for f in self.names]
 
 
-class TorchScorer:
+class TorchScorer(base.Classifier):
     """Online :class:`InteractionHead`: one Adam step per mini-batch of ``batch_size``, grads clipped.
 
-    The head is built on first use for the vector size it sees and belongs to one vector model
-    version: a different ``vector_version`` (re-embedded catalog) starts a fresh head.
+    The head is built on first use for the vector size it sees, its initial weights drawn from
+    ``seed``, and belongs to one vector model version: a different ``vector_version`` (re-embedded
+    catalog) starts a fresh head. An example is a :data:`Dense` mapping of vectors, so this is a
+    river ``Classifier`` whose ``learn_many``/``predict_proba_many`` take matrices, not DataFrames.
     """
 
     def __init__(self, hidden: int = 64, lr: float = 1e-3, weight_decay: float = 1e-5, batch_size: int = 1024,
@@ -190,16 +279,18 @@ class TorchScorer:
             logits = self.head(*self._tensors(clean, slice(None)))
         return torch.sigmoid(logits).double().numpy()
 
-    # -- one at a time (each example is its own optimiser step)
-    def learn_one(self, x: Dense, y: bool, version: str | None = None) -> None:
-        self.learn_many({k: np.asarray(v)[None, :] for k, v in x.items()}, np.array([float(y)]), version)
+    # -- one at a time (each example is its own optimiser step); ``x`` is one :data:`Dense` row
+    def learn_one(self, x: dict[base.typing.FeatureName, Any], y: base.typing.ClfTarget,
+                  version: str | None = None) -> None:
+        self.learn_many(_one_row(x), np.array([float(y)]), version)
 
-    def predict_proba_one(self, x: Dense, version: str | None = None) -> dict[bool, float]:
-        p = self.predict_proba_many({k: np.asarray(v)[None, :] for k, v in x.items()}, version)
-        return _proba(float(p[0]))
+    def predict_proba_one(self, x: dict[base.typing.FeatureName, Any], version: str | None = None,
+                          **kwargs: Any) -> dict[base.typing.ClfTarget, float]:
+        return _proba(float(self.predict_proba_many(_one_row(x), version)[0]))
 
-    def predict_one(self, x: Dense, version: str | None = None) -> bool:
-        return self.predict_proba_one(x, version)[True] > 0.5
+    def _unit_test_skips(self) -> set[str]:
+        # the head reads three fixed vectors, not an open set of named features that come and go
+        return {"check_emerging_features", "check_disappearing_features", "check_radically_disappearing_features"}
 
     # -- checkpoints: hyper-parameters + state_dicts, not the module objects
     def __getstate__(self) -> dict[str, Any]:
@@ -227,7 +318,7 @@ class TorchScorer:
 SCORERS = ("river", "torch_head", "repeat", "covis", "content", "popular", "trending")
 
 
-class FusionStacker(_RiverLR):
+class FusionStacker(LogisticScorer):
     """The final score: logistic regression over the scorers' outputs, learned online (river).
 
     Why a stacker and not Hedge weights: the scorers are on different scales (logits of two learned
@@ -240,23 +331,18 @@ class FusionStacker(_RiverLR):
 
     def __init__(self, scorers: Sequence[str] = SCORERS, lr: float = 0.1, l2: float = 0.0,
                  clip: float = 10.0, clip_gradient: float = 1.0, prior_scale: float = 4.0) -> None:
-        super().__init__(scorers, lr, l2, clip, clip_gradient)
-        for name in scorers:
-            if name in PRIOR:
-                self.model._weights[name] = PRIOR[name] * prior_scale
+        prior = {name: PRIOR[name] * prior_scale for name in scorers if name in PRIOR}
+        super().__init__(scorers, lr, l2, clip, clip_gradient, prior=prior)
+        self.prior_scale = prior_scale
 
-    def learn_many(self, X: pd.DataFrame, y: pd.Series) -> None:
-        self.learn_matrix(X[self.names].to_numpy(dtype=np.float64), y.to_numpy())
-
-    def predict_proba_many(self, X: pd.DataFrame) -> pd.DataFrame:
-        p = self.proba_matrix(X[self.names].to_numpy(dtype=np.float64))
-        return pd.DataFrame({False: 1.0 - p, True: p}, index=X.index)
+    @property
+    def scorers(self) -> tuple[str, ...]:
+        return tuple(self.names)
 
     def contributions(self, M: np.ndarray) -> np.ndarray:
         """Per-row ``w_i * x_i`` for each scorer (the explanation of the fused score)."""
         M = np.clip(np.nan_to_num(M, nan=0.0, posinf=0.0, neginf=0.0), -self.clip, self.clip)
-        w = self.weights()
-        return M * np.array([w[n] for n in self.names])
+        return M * self._coef
 
 
 def scorer_inputs(names: Sequence[str], river_p: np.ndarray, torch_p: np.ndarray | None,
@@ -273,19 +359,20 @@ def scorer_inputs(names: Sequence[str], river_p: np.ndarray, torch_p: np.ndarray
     return np.stack(cols, axis=1) if cols else np.zeros((len(X), 0))
 
 
-class SearchMix(_RiverLR):
+class SearchMix(LogisticScorer):
     """The search score ``α·f_item + β·f_query + b``: a river logistic regression over two inputs.
 
     ``f_query`` is the query's cosine similarity to the item, ``f_item`` the fused model's
-    probability that the user acts on the item. Weights start at α = β = 1 (an even mix) and learn
-    from search feedback: which of the shown results the user then clicked, carted or bought.
+    probability that the user acts on the item. Weights start at α = ``alpha_init``, β = ``beta_init``
+    (by default 1, an even mix) and learn from search feedback: which of the shown results the user
+    then clicked, carted or bought. :attr:`alpha` and :attr:`beta` are the learned values.
     """
 
-    def __init__(self, lr: float = 0.5, alpha: float = 1.0, beta: float = 1.0, clip: float = 1.0,
+    def __init__(self, lr: float = 0.5, alpha_init: float = 1.0, beta_init: float = 1.0, clip: float = 1.0,
                  clip_gradient: float = 1.0) -> None:
-        super().__init__(("item", "query"), lr, 0.0, clip, clip_gradient)
-        self.model._weights["item"] = alpha
-        self.model._weights["query"] = beta
+        prior = {"item": alpha_init, "query": beta_init}
+        super().__init__(("item", "query"), lr, 0.0, clip, clip_gradient, prior=prior)
+        self.alpha_init, self.beta_init = alpha_init, beta_init
         self.examples = 0
 
     @property
@@ -302,12 +389,6 @@ class SearchMix(_RiverLR):
         return self.raw_matrix(M)
 
     def learn_matrix(self, M: np.ndarray, y: np.ndarray) -> None:
+        """Learn as the base does and count the (finite) search results learned from."""
         super().learn_matrix(M, y)
         self.examples += int(finite_rows(M).sum())
-
-    def learn_many(self, X: pd.DataFrame, y: pd.Series) -> None:
-        self.learn_matrix(X[self.names].to_numpy(dtype=np.float64), y.to_numpy())
-
-    def predict_proba_many(self, X: pd.DataFrame) -> pd.DataFrame:
-        p = self.proba_matrix(X[self.names].to_numpy(dtype=np.float64))
-        return pd.DataFrame({False: 1.0 - p, True: p}, index=X.index)
