@@ -8,7 +8,8 @@ Commit order (per consumed batch, in consume order):
 3. The valid events go into a queue of at most ``embed_queue_batches`` batches. When it is full the
    worker pauses its partitions (keeping its group membership) instead of fetching more, and resumes
    once the encoder has caught up: memory stays bounded whatever the producers do.
-4. The encoder thread writes metadata and vectors to Redis (retrying transient errors).
+4. The encoder thread writes vectors to Redis (retrying transient errors); item metadata is the
+   user-state stream's to write.
 5. Only then are the batch's offsets stored; librdkafka commits them in the background, and
    synchronously on revoke and close.
 
