@@ -24,7 +24,7 @@ INTEGRATION = Path(__file__).resolve().parent / "integration"
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Mark every test under ``tests/integration/`` as ``integration`` (a conftest ``pytestmark`` marks nothing)."""
     for item in items:
-        if item.path.is_relative_to(INTEGRATION):
+        if item.path.resolve().is_relative_to(INTEGRATION):
             item.add_marker(pytest.mark.integration)
 
 
