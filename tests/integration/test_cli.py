@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from tests.integration.helpers import consume_until, run_fusionrec
-from tests.paths import SHARED_DATA
+from tests.paths import SHARED_DATA, needs_shared_data
 
 
 def test_evaluate_reports_every_method_as_json_and_plots(settings, tmp_path, tiny_bert):
@@ -30,6 +30,7 @@ def test_evaluate_reports_every_method_as_json_and_plots(settings, tmp_path, tin
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@needs_shared_data
 def test_evaluate_a_clickstream_file(settings):
     out = run_fusionrec(settings, "evaluate", "--events", str(SHARED_DATA / "rees46-2019-oct-first-17k.csv"),
                         "--preset", "rees46", "--json", "--no-content")

@@ -3,13 +3,14 @@ import pytest
 from fusionrec.core.errors import ConfigError
 from fusionrec.streams import datasets
 from fusionrec.streams.contract import Validator
-from tests.paths import SHARED_DATA
+from tests.paths import SHARED_DATA, needs_shared_data
 
 V = Validator(max_bytes=65536, max_future_skew_ms=86_400_000, max_items_shown=200)
 
 
 @pytest.mark.parametrize("preset, name", [("rees46", "rees46-2019-oct-first-17k.csv"),
                                           ("taobao", "taobao-userbehavior-110k.csv")])
+@needs_shared_data
 def test_clickstream_presets_load_time_ordered_valid_events(preset, name):
     ds = datasets.load("files", events=str(SHARED_DATA / name), preset=preset)
     assert len(ds.events) > 10_000
