@@ -1,7 +1,9 @@
 """The user-state stream: consumed batches → :class:`StateStore` → downstream hooks.
 
 Hooks (``after_apply``) receive the users a batch touched; the recommendation writer of
-:mod:`fusionrec.online` is one. They run before the batch's offsets are stored, so a crash replays them too.
+:mod:`fusionrec.online` is one. They run after the state write and before the batch's offsets are
+stored. A replayed batch reaches them only with the events the store applied in that pass: events a
+crashed pass had already applied are skipped by the guards, so their hooks' outputs are at most once.
 """
 
 from __future__ import annotations
