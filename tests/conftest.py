@@ -22,10 +22,13 @@ INTEGRATION = Path(__file__).resolve().parent / "integration"
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by mark
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark every test under ``tests/integration/`` as ``integration`` (a conftest ``pytestmark`` marks nothing)."""
+    """Mark every test under ``tests/integration/`` as ``integration`` (a conftest ``pytestmark`` marks nothing),
+    and run the unit tests first: they fail in seconds, the integration tests take minutes."""
+    integration = {item.nodeid for item in items if item.path.resolve().is_relative_to(INTEGRATION)}
     for item in items:
-        if item.path.resolve().is_relative_to(INTEGRATION):
+        if item.nodeid in integration:
             item.add_marker(pytest.mark.integration)
+    items.sort(key=lambda item: item.nodeid in integration)  # stable: file order within each group
 
 
 # --------------------------------------------------------------------------- tiny random encoders
