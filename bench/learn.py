@@ -28,7 +28,7 @@ import torch
 
 from fusionrec.apps.evaluation.runner import scratch_redis
 from fusionrec.core.settings import Settings
-from fusionrec.online.candidates.features import FEATURES, INDEX, Pool
+from fusionrec.online.candidates.features import FEATURES, INDEX, CandidatePool
 from fusionrec.online.learning.checkpoints import CheckpointStore, ServingModel
 from fusionrec.online.learning.feedback import Group
 from fusionrec.online.learning.learner import Learner
@@ -54,7 +54,7 @@ def decisions(n: int, pool: int, seed: int) -> tuple[list[Group], dict[str, np.n
         vectors[items[best]] = (profile + vectors[items[best]]) / np.linalg.norm(profile + vectors[items[best]])
         y = np.zeros(pool)
         y[best] = 1.0
-        groups.append(Group(pool=Pool(user_id=f"u{g}", ts=g, items=items, X=X, profile=("v1", profile)), y=y,
+        groups.append(Group(pool=CandidatePool(user_id=f"u{g}", ts=g, items=items, X=X, profile=("v1", profile)), y=y,
                             shown=20))
     return groups, vectors
 

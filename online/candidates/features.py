@@ -1,6 +1,6 @@
 """Candidate pools and their features: what every scorer sees for a (user, candidate) pair.
 
-A :class:`Pool` is one user's candidates at one decision time: the union of the candidate sources
+A :class:`CandidatePool` is one user's candidates at one decision time: the union of the candidate sources
 (repeat, co-visitation, content, popularity, trending), pre-ranked by a fixed blend and cut to
 ``size``, with one row of :data:`FEATURES` per candidate. Every feature is bounded (mostly in
 [0, 1]) so no scaler is needed and one extreme value cannot dominate a linear model.
@@ -47,7 +47,7 @@ class ItemInfo:
 
 
 @dataclass
-class Pool:
+class CandidatePool:
     user_id: str
     ts: int  # decision time (ms): event time of the newest event the state includes
     items: list[str]
@@ -90,7 +90,7 @@ def daypart(ts_ms: int) -> int:
 
 def build_pool(ctx: UserContext, info: Mapping[str, ItemInfo], size: int,
                has_vector: frozenset[str] | set[str] = frozenset(), decay_now: float = 0.0,
-               only: list[str] | None = None) -> Pool:
+               only: list[str] | None = None) -> CandidatePool:
     """Candidates of one user with their features, the ``size`` best by the prior blend.
 
     ``decay_now`` turns the user's forward-decayed item weights into their value at decision time
@@ -115,7 +115,7 @@ def build_pool(ctx: UserContext, info: Mapping[str, ItemInfo], size: int,
     row = {item: r for r, item in enumerate(items)}
     _fill(X, row, scores, ctx, decay_now)
     _fill_item(X, items, ctx, info, has_vector)
-    return Pool(user_id=ctx.user_id, ts=ctx.ts, items=items, X=X, profile=ctx.profile)
+    return CandidatePool(user_id=ctx.user_id, ts=ctx.ts, items=items, X=X, profile=ctx.profile)
 
 
 def _fill(X: np.ndarray, row: dict[str, int], scores: dict[str, dict[str, float]], ctx: UserContext,

@@ -26,7 +26,7 @@ import msgspec
 import numpy as np
 
 from fusionrec.core.settings import Settings
-from fusionrec.online.candidates.features import FEATURES, Pool
+from fusionrec.online.candidates.features import FEATURES, CandidatePool
 from fusionrec.streams.producer import EventProducer
 
 POSITIVE_TYPES = frozenset({"click", "add_to_cart", "purchase"})
@@ -49,7 +49,7 @@ class Snapshot(msgspec.Struct, frozen=True, array_like=True):
     logged_at: int  # wall ms
 
     @classmethod
-    def of(cls, pool: Pool, order: list[int], shown: int, actions: list[tuple[str, str, int]],
+    def of(cls, pool: CandidatePool, order: list[int], shown: int, actions: list[tuple[str, str, int]],
            impressions: list[str], model: int, logged_at: int) -> Snapshot:
         version, profile = (pool.profile[0], pool.profile[1].astype("<f4").tobytes()) if pool.profile else (None, None)
         return cls(user_id=pool.user_id, ts=pool.ts, items=[pool.items[r] for r in order], shown=shown,
@@ -57,11 +57,11 @@ class Snapshot(msgspec.Struct, frozen=True, array_like=True):
                    version=version, profile=profile, actions=actions, impressions=impressions, model=model,
                    logged_at=logged_at)
 
-    def pool(self) -> Pool:
+    def pool(self) -> CandidatePool:
         X = np.frombuffer(self.X, dtype="<f2").reshape(len(self.items), self.n_features).astype(np.float32)
         profile = (self.version, np.frombuffer(self.profile, dtype="<f4")) \
             if self.version is not None and self.profile is not None else None
-        return Pool(user_id=self.user_id, ts=self.ts, items=list(self.items), X=X, profile=profile)
+        return CandidatePool(user_id=self.user_id, ts=self.ts, items=list(self.items), X=X, profile=profile)
 
 
 encode_snapshot = msgspec.msgpack.Encoder().encode
@@ -76,7 +76,7 @@ def decode_snapshot(raw: bytes) -> Snapshot:
 class Group:
     """The labelled rows of one decision (a pool subset) and which of them are positive."""
 
-    pool: Pool
+    pool: CandidatePool
     y: np.ndarray  # (len(pool),) 0/1
     shown: int  # rows [0, shown) were shown
 
@@ -129,7 +129,7 @@ class FeedbackJoiner:
         rows = sorted(set(range(min(prev.shown, len(prev.items)))) | hit_rows | set(sampled))
         pool = prev.pool()
         y = np.array([1.0 if r in hit_rows else 0.0 for r in rows])
-        sub = Pool(user_id=pool.user_id, ts=pool.ts, items=[pool.items[r] for r in rows], X=pool.X[rows],
+        sub = CandidatePool(user_id=pool.user_id, ts=pool.ts, items=[pool.items[r] for r in rows], X=pool.X[rows],
                    profile=pool.profile)
         return Group(pool=sub, y=y, shown=sum(1 for r in rows if r < prev.shown))
 

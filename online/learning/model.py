@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fusionrec.online.candidates.features import FEATURES, VECTOR_FEATURES, Pool
+from fusionrec.online.candidates.features import FEATURES, VECTOR_FEATURES, CandidatePool
 from fusionrec.online.learning.scorers import SCORERS, FusionStacker, RiverScorer, SearchMix, TorchScorer, scorer_inputs
 
 VectorFetch = Callable[[str, Sequence[str]], dict[str, np.ndarray]]
@@ -66,7 +66,7 @@ class Rows:
     version: str | None  # vector model version of the dense inputs (None: no vectors at all)
 
     @classmethod
-    def of_pools(cls, pools: Sequence[Pool], lookup: VectorLookup | None, dim: int = 0) -> Rows:
+    def of_pools(cls, pools: Sequence[CandidatePool], lookup: VectorLookup | None, dim: int = 0) -> Rows:
         """Stack pools; fetch item vectors of the profile's version; mark ``has_vector``."""
         X = np.concatenate([p.X for p in pools]) if pools else np.zeros((0, len(FEATURES)), np.float32)
         items = [i for p in pools for i in p.items]

@@ -21,7 +21,7 @@ from fusionrec.core.scripts import MULTI_HMGET
 from fusionrec.core.settings import Settings
 from fusionrec.models.vectors import VectorStore
 from fusionrec.online.candidates.context import UserContext
-from fusionrec.online.candidates.features import ItemInfo, Pool, build_pool
+from fusionrec.online.candidates.features import CandidatePool, ItemInfo, build_pool
 from fusionrec.online.learning.checkpoints import ServingModel
 from fusionrec.online.learning.model import Rows, VectorLookup, explain
 from fusionrec.online.ranking.ranker import Ranked, Recommendation
@@ -81,7 +81,7 @@ class FusionRanker:
         store = VectorStore(client, settings, self.keys)
         self.lookup = VectorLookup(store.vectors, settings.learn.vector_cache_items)
 
-    def pools(self, contexts: Sequence[UserContext], only: list[str] | None = None) -> list[Pool]:
+    def pools(self, contexts: Sequence[UserContext], only: list[str] | None = None) -> list[CandidatePool]:
         """Each user's candidate pool (``only``: the user's features for exactly these items)."""
         candidates = set(only) if only is not None else {i for c in contexts for i in _candidate_ids(c)}
         info = self.info.get(sorted(candidates))

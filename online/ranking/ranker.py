@@ -45,7 +45,7 @@ class Ranked:
     """One user's ranking: the stored top-K and, for learned rankers, the scored pool in ranked order."""
 
     items: list[Recommendation]
-    pool: Any = None  # online.features.Pool
+    pool: Any = None  # fusionrec.online.candidates.features.CandidatePool
     order: list[int] | None = None
     model: int = 0  # fusion checkpoint number that ranked (0: none)
 

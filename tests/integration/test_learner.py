@@ -13,7 +13,7 @@ import redis
 from fusionrec.apps.pipeline import StatePipeline
 from fusionrec.core.metrics import Metrics
 from fusionrec.core.settings import Settings
-from fusionrec.online.candidates.features import FEATURES, INDEX, Pool
+from fusionrec.online.candidates.features import FEATURES, INDEX, CandidatePool
 from fusionrec.online.learning.checkpoints import CheckpointStore, ServingModel
 from fusionrec.online.learning.feedback import FeedbackPublisher, Group, Snapshot, encode_snapshot
 from fusionrec.online.learning.learner import Learner, LearnerMetrics
@@ -29,11 +29,11 @@ from fusionrec.streams.state import UserTouch
 from tests.integration.helpers import make_settings, start_fusionrec, wait_for
 
 
-def _pool(rng: np.random.Generator, user: str, ts: int, n: int = 30) -> tuple[Pool, int]:
+def _pool(rng: np.random.Generator, user: str, ts: int, n: int = 30) -> tuple[CandidatePool, int]:
     """A pool whose positive is the item with the highest repeat feature (a learnable rule)."""
     X = (rng.random((n, len(FEATURES))) * (rng.random((n, len(FEATURES))) < 0.3)).astype(np.float32)
     best = int(np.argmax(X[:, INDEX["repeat"]]))
-    return Pool(user_id=user, ts=ts, items=[f"{user}-{ts}-{i}" for i in range(n)], X=X), best
+    return CandidatePool(user_id=user, ts=ts, items=[f"{user}-{ts}-{i}" for i in range(n)], X=X), best
 
 
 def _groups(n: int, seed: int, invert: bool = False) -> list[Group]:

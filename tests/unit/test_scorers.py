@@ -17,7 +17,7 @@ import pytest
 import torch
 from river import checks, linear_model, optim
 
-from fusionrec.online.candidates.features import FEATURES, Pool
+from fusionrec.online.candidates.features import FEATURES, CandidatePool
 from fusionrec.online.learning.model import FusionModel, Rows
 from fusionrec.online.learning.scorers import (
     SCORERS,
@@ -310,6 +310,6 @@ def test_untrained_fusion_ranks_like_the_fixed_blend():
     X[0, FEATURES.index("repeat")] = 1.0
     X[1, FEATURES.index("covis")] = 1.0
     X[2, FEATURES.index("popular")] = 1.0
-    pool = Pool(user_id="u", ts=0, items=["r", "c", "p"], X=X)
+    pool = CandidatePool(user_id="u", ts=0, items=["r", "c", "p"], X=X)
     fused = model.predict(Rows.of_pools([pool], None)).fused
     assert list(np.argsort(-fused)) == [0, 1, 2]
