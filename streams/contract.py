@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeVar
 
 import msgspec
 
@@ -85,6 +85,20 @@ def _reason_for(exc: msgspec.ValidationError | msgspec.DecodeError) -> str:
     return "not_json"
 
 
+T = TypeVar("T")
+
+
+def _only_invalid(check: Callable[[bytes | None, int | None], T], raw: bytes | None, now_ms: int | None) -> T:
+    """Run a check so that whatever a message makes it raise comes out as :class:`InvalidEventError`:
+    any exception a message can cause is bad input for the dead-letter topic, never a crashed loop."""
+    try:
+        return check(raw, now_ms)
+    except InvalidEventError:
+        raise
+    except Exception as exc:
+        raise InvalidEventError("invalid_value", f"{type(exc).__name__}: {str(exc)[:200]}") from exc
+
+
 def _as_id(value: str | int, field: str) -> str:
     text = str(value)
     if not ID_PATTERN.match(text):
@@ -111,6 +125,10 @@ class Validator:
             return decoder.decode(raw)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
             raise InvalidEventError(_reason_for(exc), str(exc)[:300]) from exc
+        except RecursionError as exc:  # nesting deeper than the decoder's stack, even in an unknown field
+            raise InvalidEventError("too_deep", "JSON nested too deeply") from exc
+        except UnicodeDecodeError as exc:
+            raise InvalidEventError("not_json", f"invalid UTF-8: {exc}"[:300]) from exc
 
     def _check_common(self, v: int, ts: int, now_ms: int | None) -> None:
         if v != SCHEMA_VERSION:
@@ -120,6 +138,14 @@ class Validator:
             raise InvalidEventError("future_ts", f"ts {ts} is more than {self.max_future_skew_ms} ms ahead")
 
     def user_event(self, raw: bytes | None, now_ms: int | None = None) -> UserEvent:
+        """The validated event; any problem with ``raw`` raises :class:`InvalidEventError` with its reason."""
+        return _only_invalid(self._user_event, raw, now_ms)
+
+    def catalog_event(self, raw: bytes | None, now_ms: int | None = None) -> CatalogEvent:
+        """The validated event; any problem with ``raw`` raises :class:`InvalidEventError` with its reason."""
+        return _only_invalid(self._catalog_event, raw, now_ms)
+
+    def _user_event(self, raw: bytes | None, now_ms: int | None) -> UserEvent:
         event = self._decode(raw, _user_decoder)
         assert isinstance(event, UserEvent)
         self._check_common(event.v, event.ts, now_ms)
@@ -144,7 +170,7 @@ class Validator:
             changes["item_id"] = _as_id(event.item_id, "item_id")
         return msgspec.structs.replace(event, **changes)
 
-    def catalog_event(self, raw: bytes | None, now_ms: int | None = None) -> CatalogEvent:
+    def _catalog_event(self, raw: bytes | None, now_ms: int | None) -> CatalogEvent:
         event = self._decode(raw, _catalog_decoder)
         assert isinstance(event, CatalogEvent)
         self._check_common(event.v, event.ts, now_ms)

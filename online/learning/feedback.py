@@ -21,13 +21,17 @@ from __future__ import annotations
 import zlib
 from collections import Counter
 from dataclasses import dataclass
+from typing import TypeVar
 
 import msgspec
 import numpy as np
 
+from fusionrec.core.errors import InvalidEventError
 from fusionrec.core.settings import Settings
 from fusionrec.online.candidates.features import FEATURES, CandidatePool
 from fusionrec.streams.producer import EventProducer
+
+T = TypeVar("T")
 
 POSITIVE_TYPES = frozenset({"click", "add_to_cart", "purchase"})
 
@@ -69,7 +73,28 @@ _decoder = msgspec.msgpack.Decoder(Snapshot)
 
 
 def decode_snapshot(raw: bytes) -> Snapshot:
-    return _decoder.decode(raw)
+    """A logged decision whose parts agree with each other; anything else raises :class:`InvalidEventError`."""
+    snap = decode_feedback(_decoder, raw)
+    if snap.n_features != len(FEATURES) or len(snap.X) != 2 * len(snap.items) * snap.n_features:
+        raise InvalidEventError("invalid_value", f"features of {len(snap.X)} bytes for {len(snap.items)} items "
+                                                 f"x {snap.n_features} (expected x {len(FEATURES)})")
+    if not 0 <= snap.shown <= len(snap.items):
+        raise InvalidEventError("invalid_value", f"shown {snap.shown} of {len(snap.items)} items")
+    if snap.profile is not None and len(snap.profile) % 4:
+        raise InvalidEventError("invalid_value", f"profile of {len(snap.profile)} bytes is no float32 vector")
+    return snap
+
+
+def decode_feedback(decoder: msgspec.msgpack.Decoder[T], raw: bytes | None) -> T:
+    """Decode one feedback message; whatever the bytes make the decoder raise is :class:`InvalidEventError`."""
+    if not raw:
+        raise InvalidEventError("empty", "message has no value")
+    try:
+        return decoder.decode(raw)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise InvalidEventError("undecodable", str(exc)[:300]) from exc
+    except RecursionError as exc:
+        raise InvalidEventError("too_deep", "msgpack nested too deeply") from exc
 
 
 @dataclass

@@ -21,9 +21,9 @@ import threading
 import uuid
 from collections.abc import Callable
 
-import msgspec
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
+from fusionrec.core.errors import InvalidEventError
 from fusionrec.core.keys import Keys
 from fusionrec.core.metrics import Metrics
 from fusionrec.core.redis_client import connect
@@ -124,9 +124,9 @@ class LearnerLoop:
                     labelled = self.searches.observe([snap])  # in log order: a later search replaces it
                     if labelled is not None:
                         search_examples.append(labelled)
-            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                log.warning("%s[%d]@%d: undecodable snapshot: %s", topic, partition, offset, exc)
-                dead.append(DeadLetter.of(msg, "undecodable", str(exc)))
+            except InvalidEventError as exc:
+                log.warning("%s[%d]@%d: bad feedback message: %s", topic, partition, offset, exc)
+                dead.append(DeadLetter.of(msg, exc.reason, exc.detail))
             self.offsets[f"{topic}:{partition}"] = offset + 1
         before = dict(self.joiner.outcomes)
         groups = self.joiner.add(snapshots)

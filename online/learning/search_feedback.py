@@ -8,13 +8,15 @@ that the user's next decisions carry, and hands :class:`SearchExamples` to
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass
 
 import msgspec
 import numpy as np
 
-from fusionrec.online.learning.feedback import POSITIVE_TYPES, Snapshot
+from fusionrec.core.errors import InvalidEventError
+from fusionrec.online.learning.feedback import POSITIVE_TYPES, Snapshot, decode_feedback
 
 KIND_HEADER = "kind"
 KIND_SEARCH = b"search"
@@ -36,7 +38,14 @@ _log_decoder = msgspec.msgpack.Decoder(SearchLog)
 
 
 def decode_search_log(raw: bytes) -> SearchLog:
-    return _log_decoder.decode(raw)
+    """A served search list whose columns agree; anything else raises :class:`InvalidEventError`."""
+    entry = decode_feedback(_log_decoder, raw)
+    if not len(entry.items) == len(entry.f_item) == len(entry.f_query):
+        raise InvalidEventError("invalid_value", f"{len(entry.items)} items with {len(entry.f_item)} f_item "
+                                                 f"and {len(entry.f_query)} f_query scores")
+    if not all(math.isfinite(v) for v in (*entry.f_item, *entry.f_query)):
+        raise InvalidEventError("non_finite", "a search score is not finite")
+    return entry
 
 
 @dataclass

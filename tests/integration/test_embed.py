@@ -109,7 +109,9 @@ def test_unchanged_text_is_not_reembedded_and_delete_removes(embed_settings: Set
     publish(embed_settings, [(3, "greek yogurt", 3000)], op="delete")
     with EventProducer(embed_settings) as producer:  # bad input: dead-lettered, nothing else happens
         producer.produce(embed_settings.kafka.topic_catalog, b'{"item_id": "9", "op": "upsert", "ts": 1}', key=b"9")
-    worker.until(8)
+        producer.produce(embed_settings.kafka.topic_catalog, b'{"item_id": "9", "op": "upsert", "ts": 1, "title": "t", '
+                         b'"x": ' + b"[" * 3000 + b"]" * 3000 + b"}", key=b"9")
+    worker.until(9)
     now = entries(rclient, keys, v)
     assert now["1"]["n"] == "1" and now["1"]["ts"] == "2000"  # same text: event time moves, no forward pass
     assert now["2"]["n"] == "2" and now["2"]["h"] != first["2"]["h"]  # changed text: embedded again
@@ -121,8 +123,8 @@ def test_unchanged_text_is_not_reembedded_and_delete_removes(embed_settings: Set
     assert reader.similar_items("3", 5) == []
     assert worker.worker.result.stale == 1 and worker.worker.result.unchanged == 1
     dead = read_topic(embed_settings, embed_settings.dlq_topic(embed_settings.kafka.topic_catalog),
-                      until=lambda got: len(got) >= 1, timeout=30)
-    assert dead and dict(dead[0].headers())["fusionrec.dlq.reason"] == b"missing_field"
+                      until=lambda got: len(got) >= 2, timeout=30)
+    assert [dict(m.headers())["fusionrec.dlq.reason"] for m in dead] == [b"missing_field", b"too_deep"]
 
 
 def test_vectors_without_vector_sets_use_the_local_index(services: RunningServices, tiny_bert: Callable[..., Path],

@@ -7,6 +7,7 @@ import subprocess
 import threading
 import time
 
+import msgspec
 import numpy as np
 import redis
 
@@ -26,7 +27,7 @@ from fusionrec.streams.datasets import load
 from fusionrec.streams.producer import EventProducer
 from fusionrec.streams.replay import replay
 from fusionrec.streams.state import UserTouch
-from tests.integration.helpers import make_settings, start_fusionrec, wait_for
+from tests.integration.helpers import make_settings, read_topic, start_fusionrec, wait_for
 
 
 def _pool(rng: np.random.Generator, user: str, ts: int, n: int = 30) -> tuple[CandidatePool, int]:
@@ -214,6 +215,9 @@ def test_learner_learns_the_search_mix_from_logged_searches(settings: Settings, 
                 clicked = items[int(np.argmax(f_query))]
                 snap = Snapshot.of(pool, list(range(len(pool))), 20, [("click", clicked, ts + 4_000)], [], 0, 0)
                 producer.produce(s.kafka.topic_feedback, encode_snapshot(snap), key=user)
+            if r == 0:  # bad messages amid the good ones: dead letters, and the loop learns on
+                for raw, headers in _bad_feedback(snap, entry):
+                    producer.produce(s.kafka.topic_feedback, raw, key="bad", headers=headers)
     metrics = Metrics()
     loop = LearnerLoop(s, metrics)
     stop = threading.Event()
@@ -229,3 +233,14 @@ def test_learner_learns_the_search_mix_from_logged_searches(settings: Settings, 
     assert mix.examples == rounds * users * 10
     assert metrics.of(LearnerMetrics).learn_search_examples._value.get() == rounds * users * 10
     assert mix.beta > mix.alpha + 0.5, mix.weights()
+    dead = read_topic(s, s.dlq_topic(s.kafka.topic_feedback), until=lambda got: len(got) >= 5, timeout=30)
+    assert sorted(dict(m.headers())["fusionrec.dlq.reason"].decode() for m in dead) == [
+        "empty", "invalid_value", "invalid_value", "non_finite", "undecodable"]
+
+
+def _bad_feedback(snap: Snapshot, entry: SearchLog) -> list[tuple[bytes, list[tuple[str, bytes]]]]:
+    search = [(KIND_HEADER, KIND_SEARCH)]
+    return [(b"", []), (b"\xc1 not msgpack", []),
+            (encode_snapshot(msgspec.structs.replace(snap, X=snap.X[:-2])), []),  # features for fewer items
+            (encode_search_log(msgspec.structs.replace(entry, f_item=entry.f_item[:-1])), search),
+            (encode_search_log(msgspec.structs.replace(entry, f_query=[float("nan")] * len(entry.f_query))), search)]

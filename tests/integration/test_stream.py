@@ -57,8 +57,16 @@ def _invalid_payloads(n: int) -> list[tuple[bytes, str]]:
     return out
 
 
+HOSTILE = [  # each one used to stop the consumer, or must never
+    (b'{"event_id": "e", "type": "view", "user_id": "u1", "item_id": "i1", "ts": 1, "x": '
+     + b"[" * 3000 + b"]" * 3000 + b"}", "too deep"),
+    (b'{"event_id": "e", "type": "view", "user_id": "\xff\xfe", "item_id": "i1", "ts": 1}', "invalid UTF-8"),
+    (b'{"event_id": "e", "type": "view", "user_id": 1.5, "item_id": "i1", "ts": 1}', "float id"),
+]
+
+
 def test_invalid_payloads_go_to_the_dlq_with_reasons_and_valid_ones_apply(settings):
-    invalid = _invalid_payloads(1000)
+    invalid = _invalid_payloads(1000) + HOSTILE
     assert len(invalid) >= 1000
     valid = [{"event_id": f"v{n}", "type": "purchase", "user_id": f"u{n % 7}", "item_id": f"i{n % 11}", "ts": NOW - n}
              for n in range(len(invalid) // 3)]
@@ -79,7 +87,8 @@ def test_invalid_payloads_go_to_the_dlq_with_reasons_and_valid_ones_apply(settin
         assert h["fusionrec.source.topic"].decode() == settings.kafka.topic_events
         assert int(h["fusionrec.source.offset"]) >= 0
     reasons = {dict(m.headers())["fusionrec.dlq.reason"].decode() for m in dead}
-    assert {"not_json", "missing_field", "unknown_type", "future_ts", "invalid_id", "oversize"} <= reasons
+    assert {"not_json", "missing_field", "unknown_type", "future_ts", "invalid_id", "oversize", "too_deep",
+            "wrong_type"} <= reasons
     dlq_total = sum(s.value for s in metrics.registry.collect() if s.name == "fusionrec_stream_dead_letters"
                     for s in s.samples if s.name.endswith("_total"))
     assert dlq_total == len(invalid)

@@ -78,3 +78,32 @@ def test_arbitrary_json_objects_are_accepted_or_rejected_with_a_reason(obj):
         assert exc.reason
     else:
         assert e.user_id and (e.item_id or e.items_shown)
+
+
+NESTED = b'{"event_id": "e", "type": "view", "user_id": "u", "item_id": "i", "ts": 1, "op": "upsert", "title": "t",' \
+         b' "extra": ' + b"[" * 3000 + b"]" * 3000 + b"}"
+
+
+@pytest.mark.parametrize("raw, reason", [
+    (NESTED, "too_deep"),  # in a field nobody reads: the decoder's stack still overflows
+    (b'{"event_id": "e", "type": "view", "user_id": "\xff\xfe", "item_id": "i", "ts": 1}', "not_json"),
+    (b'{"event_id": "e", "type": "view", "user_id": 1.5, "item_id": "i", "ts": 1}', "wrong_type"),
+])
+def test_hostile_inputs_are_invalid_events_with_their_reason(raw, reason):
+    roomy = Validator(max_bytes=65_536, max_future_skew_ms=86_400_000, max_items_shown=5)
+    with pytest.raises(InvalidEventError) as caught:
+        roomy.user_event(raw, now_ms=NOW)
+    assert caught.value.reason == reason
+    if reason == "too_deep":
+        with pytest.raises(InvalidEventError, match="too_deep"):
+            roomy.catalog_event(raw, now_ms=NOW)
+
+
+def test_whatever_a_message_makes_validation_raise_is_an_invalid_event():
+    def broken(user_id: str) -> str:
+        raise ValueError(f"cannot map {user_id}")
+
+    strict = Validator(max_bytes=65536, max_future_skew_ms=86_400_000, max_items_shown=200, pseudonyms=broken)
+    with pytest.raises(InvalidEventError) as caught:
+        strict.user_event(b'{"event_id": "e", "type": "view", "user_id": "u", "item_id": "i", "ts": 1}', now_ms=NOW)
+    assert caught.value.reason == "invalid_value" and "ValueError: cannot map u" in caught.value.detail

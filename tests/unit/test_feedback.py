@@ -1,10 +1,13 @@
 """Candidate pools, logged decisions and the outcome join."""
 
+import msgspec
 import numpy as np
+import pytest
 
+from fusionrec.core.errors import InvalidEventError
+from fusionrec.online.candidates.context import UserContext
 from fusionrec.online.candidates.features import FEATURES, INDEX, ItemInfo, build_pool, daypart, price_band
 from fusionrec.online.learning.feedback import FeedbackJoiner, Snapshot, decode_snapshot, encode_snapshot
-from fusionrec.online.ranking.ranker import UserContext
 
 DAY = 86_400_000
 
@@ -85,3 +88,27 @@ def test_decisions_past_the_window_are_forgotten():
     j.add([_snap("old", 1000, ["a"])])
     j.add([_snap("new", 5000, ["a"])])
     assert "old" not in j.pending and j.outcomes["expired"] == 1
+
+
+def _snapshot(**changes) -> Snapshot:
+    X = np.zeros((3, len(FEATURES)), dtype=np.float32)
+    from fusionrec.online.candidates.features import CandidatePool
+
+    snap = Snapshot.of(CandidatePool(user_id="u", ts=1, items=["a", "b", "c"], X=X), [0, 1, 2], 2, [], [], 0, 0)
+    return msgspec.structs.replace(snap, **changes)
+
+
+@pytest.mark.parametrize("raw, reason", [
+    (b"", "empty"),
+    (b"\xc1 not msgpack", "undecodable"),
+    (b"\x91" * 3000 + b"\xc0", "undecodable"),  # nesting where a string belongs fails at once
+    (encode_snapshot(_snapshot(X=b"\x00\x00")), "invalid_value"),  # features for fewer items than listed
+    (encode_snapshot(_snapshot(n_features=3)), "invalid_value"),
+    (encode_snapshot(_snapshot(shown=4)), "invalid_value"),
+    (encode_snapshot(_snapshot(profile=b"\x00" * 6, version="v1")), "invalid_value"),
+])
+def test_bad_feedback_messages_are_invalid_events_with_their_reason(raw, reason):
+    with pytest.raises(InvalidEventError) as caught:
+        decode_snapshot(raw)
+    assert caught.value.reason == reason
+    assert decode_snapshot(encode_snapshot(_snapshot())).pool().X.shape == (3, len(FEATURES))
