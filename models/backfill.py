@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from fusionrec.core.keys import Keys
 from fusionrec.core.metrics import Metrics
+from fusionrec.core.scripts import register
 from fusionrec.core.settings import Settings
 from fusionrec.models.embedder import CatalogEmbedder, EmbedMetrics
 from fusionrec.models.encoder import ModelSpec
@@ -108,7 +109,7 @@ class Backfill:
         self.metrics = metrics.of(EmbedMetrics) if metrics is not None else None
         self.progress = progress
         self.token = uuid.uuid4().hex
-        self._renew = self.redis.register_script(_RENEW)
+        self._renew = register(self.redis, _RENEW)
 
     def run(self, stop: threading.Event) -> bool:
         """Fill and activate; False when stopped first. Waits while another process holds the lock."""

@@ -28,7 +28,7 @@ import numpy as np
 import redis
 
 from fusionrec.core.keys import Keys
-from fusionrec.core.scripts import MULTI_HMGET
+from fusionrec.core.scripts import MULTI_HMGET, register
 from fusionrec.core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -131,8 +131,8 @@ class VectorStore:
         self.keys = keys or Keys.for_settings(settings)
         self.worker = worker
         self.dtype = np.float16 if settings.vectors.dtype == "float16" else np.float32
-        self._apply = client.register_script(VECTOR_APPLY)
-        self._hmget = client.register_script(MULTI_HMGET)
+        self._apply = register(client, VECTOR_APPLY)
+        self._hmget = register(client, MULTI_HMGET)
         self._vsets: bool | None = None
 
     @property

@@ -31,7 +31,7 @@ import redis
 
 from fusionrec.core.errors import StateStoreError
 from fusionrec.core.keys import Keys
-from fusionrec.core.scripts import CATALOG_APPLY, MULTI_HMGET, USER_APPLY, USER_READ, ZSET_APPLY
+from fusionrec.core.scripts import CATALOG_APPLY, MULTI_HMGET, USER_APPLY, USER_READ, ZSET_APPLY, register
 from fusionrec.core.settings import Settings
 from fusionrec.streams.contract import CatalogEvent, UserEvent
 
@@ -147,11 +147,11 @@ class StateStore:
         self.keys = keys or Keys.for_settings(settings)
         self.popularity_decay = Decay(settings.state.decay_epoch_ms, settings.state.popularity_half_life_s)
         self.affinity_decay = Decay(settings.state.decay_epoch_ms, settings.state.affinity_half_life_s)
-        self._user_apply = client.register_script(USER_APPLY)
-        self._user_read = client.register_script(USER_READ)
-        self._zset_apply = client.register_script(ZSET_APPLY)
-        self._catalog_apply = client.register_script(CATALOG_APPLY)
-        self._hmget = client.register_script(MULTI_HMGET)
+        self._user_apply = register(client, USER_APPLY)
+        self._user_read = register(client, USER_READ)
+        self._zset_apply = register(client, ZSET_APPLY)
+        self._catalog_apply = register(client, CATALOG_APPLY)
+        self._hmget = register(client, MULTI_HMGET)
 
     # ------------------------------------------------------------------ user events
     def apply(self, batch: Sequence[Positioned]) -> BatchResult:

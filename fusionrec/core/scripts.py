@@ -5,6 +5,43 @@ Cluster. Large payloads travel as one msgpack argument (unpacked by Redis' built
 doubles survive exactly, and Redis formats Lua numbers for commands in shortest round-trip form.
 """
 
+from collections.abc import Sequence
+from typing import Any
+
+import redis
+from redis.cluster import ClusterPipeline, RedisCluster
+
+
+def is_cluster(client: Any) -> bool:
+    """True for a Redis Cluster client or one of its pipelines."""
+    return isinstance(client, RedisCluster | ClusterPipeline)
+
+
+class LuaScript:
+    """A Lua script called like redis-py's ``Script`` (``script(keys=…, args=…, client=pipe)``) on a
+    Redis or a Redis Cluster client and their pipelines.
+
+    On a single Redis it is redis-py's ``Script`` (``EVALSHA``, loaded before a pipeline runs). A
+    Redis Cluster pipeline cannot send ``EVALSHA`` through redis-py, so there each call is an ``EVAL``
+    routed by its keys' slot; every script's keys share one hash tag, so one node runs it.
+    """
+
+    def __init__(self, client: redis.Redis, source: str) -> None:
+        self.client = client
+        self.source = source
+        self._script = None if is_cluster(client) else client.register_script(source)
+
+    def __call__(self, keys: Sequence[Any] = (), args: Sequence[Any] = (), client: Any = None) -> Any:
+        if self._script is not None:
+            return self._script(keys=keys, args=args, client=client)
+        target = self.client if client is None else client
+        return target.execute_command("EVAL", self.source, len(keys), *keys, *args)
+
+
+def register(client: redis.Redis, source: str) -> LuaScript:
+    return LuaScript(client, source)
+
+
 # Write scripts are compare-and-apply: ARGV carries the lowest offset in the payload; if the bucket's
 # guard for the partition is already at or past it, nothing is applied and the guard is returned so
 # the caller can drop what is in and send the rest. Otherwise everything is applied, the guard moves

@@ -29,7 +29,7 @@ import numpy as np
 import redis
 
 from fusionrec.core.keys import Keys
-from fusionrec.core.scripts import MULTI_ZTOP
+from fusionrec.core.scripts import MULTI_ZTOP, register
 from fusionrec.core.settings import Settings
 from fusionrec.online.candidates.content import ContentIndex, profile_vector
 
@@ -137,7 +137,7 @@ class CandidateReader:
         self.settings = settings
         self.keys = keys or Keys.for_settings(settings)
         self.content = content or ContentIndex(client, settings, self.keys)
-        self._ztop = client.register_script(MULTI_ZTOP)
+        self._ztop = register(client, MULTI_ZTOP)
 
     def for_users(self, users: Mapping[str, Anchor]) -> list[UserContext]:
         """Contexts for users whose recent items the caller knows (the writer: from the batch just applied)."""

@@ -17,7 +17,7 @@ import numpy as np
 import redis
 
 from fusionrec.core.keys import Keys
-from fusionrec.core.scripts import MULTI_HMGET
+from fusionrec.core.scripts import MULTI_HMGET, register
 from fusionrec.core.settings import Settings
 from fusionrec.models.vectors import VectorStore
 from fusionrec.online.candidates.context import UserContext
@@ -36,7 +36,7 @@ class ItemInfoCache:
         self.keys = keys
         self.capacity = capacity
         self.ttl_s = ttl_s
-        self._hmget = client.register_script(MULTI_HMGET)
+        self._hmget = register(client, MULTI_HMGET)
         self._cache: OrderedDict[str, tuple[float, ItemInfo]] = OrderedDict()
 
     def get(self, item_ids: Sequence[str]) -> dict[str, ItemInfo]:

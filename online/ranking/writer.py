@@ -18,7 +18,7 @@ import redis
 
 from fusionrec.core.keys import Keys
 from fusionrec.core.metrics import Metrics, MetricSet, counter, histogram
-from fusionrec.core.scripts import MULTI_SETEX
+from fusionrec.core.scripts import MULTI_SETEX, register
 from fusionrec.core.settings import Settings
 from fusionrec.online.candidates.context import CandidateReader
 from fusionrec.online.learning.checkpoints import CheckpointStore, ServingModel
@@ -65,7 +65,7 @@ class RecommendationWriter:
         self.ranker = ranker or default_ranker(client, settings, metrics, self.keys)
         self.sink = sink
         self.candidates = CandidateReader(client, settings, self.keys)
-        self._setex = client.register_script(MULTI_SETEX)
+        self._setex = register(client, MULTI_SETEX)
 
     def __call__(self, result: BatchResult) -> None:
         if result.users:

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from fusionrec.apps.services import EmbeddedServices, RunningServices
+from fusionrec.apps.services import EmbeddedServices, RedisClusterServices, RunningServices
 from fusionrec.core.redis_client import connect
 from fusionrec.core.settings import Settings
 from fusionrec.streams.topics import ensure_topics
@@ -25,6 +25,21 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServic
         yield running
     finally:
         svc.down()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterServices]:
+    """A real 3-master Redis Cluster (three redis-server processes), for the whole session."""
+    with RedisClusterServices(tmp_path_factory.mktemp("cluster"), masters=3) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def cluster_settings(services: RunningServices, redis_cluster: RedisClusterServices) -> Settings:
+    """Fresh topics and key prefix on the embedded broker, state on the Redis Cluster."""
+    s = make_settings(services, redis_url=redis_cluster.url)
+    ensure_topics(s)
+    return s
 
 
 @pytest.fixture

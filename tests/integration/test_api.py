@@ -83,10 +83,13 @@ def _events(settings: Settings) -> int:
     return n
 
 
-@pytest.fixture(scope="module")
-def stack(services: RunningServices, tiny_bert: Callable[..., Path]) -> Iterator[Settings]:
+@pytest.fixture(scope="module", params=["redis", "redis_cluster"])
+def stack(services: RunningServices, tiny_bert: Callable[..., Path],
+          request: pytest.FixtureRequest) -> Iterator[Settings]:
+    """Catalog vectors, users' state and recommendations, on one Redis and on a Redis Cluster."""
+    on = {"redis_url": request.getfixturevalue("redis_cluster").url} if request.param == "redis_cluster" else {}
     s = make_settings(services, embed_model_path=str(tiny_bert()), embed_threads=1, learn_reload_s=0.3,
-                      search_candidates=40)
+                      search_candidates=40, **on)
     ensure_topics(s)
     _catalog(s)
     with consume_until(s, _events(s)):

@@ -9,6 +9,7 @@ import time
 
 import msgspec
 import numpy as np
+import pytest
 import redis
 
 from fusionrec.apps.pipeline import StatePipeline
@@ -158,9 +159,11 @@ def test_hot_reload_reaches_the_writer_within_the_interval(settings: Settings, r
     assert reader.top_k("u1").model == f"fusion-{number}"
 
 
-def test_stream_to_learner_to_served_recommendations(services):
+@pytest.mark.parametrize("redis_kind", ["redis", "redis_cluster"])
+def test_stream_to_learner_to_served_recommendations(services, redis_kind: str, request: pytest.FixtureRequest):
+    on = {"redis_url": request.getfixturevalue("redis_cluster").url} if redis_kind == "redis_cluster" else {}
     s = make_settings(services, partitions=2, learn_checkpoint_s=0.5, learn_reload_s=0.2,
-                      rec_content_candidates=0, learn_vectors=False)
+                      rec_content_candidates=0, learn_vectors=False, **on)
     from fusionrec.streams.topics import ensure_topics
 
     ensure_topics(s)
