@@ -35,6 +35,15 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClu
 
 
 @pytest.fixture
+def redis_target(request: pytest.FixtureRequest) -> dict[str, str]:
+    """Settings overrides that put the state on one Redis (default) or on the Redis Cluster; a test
+    marked ``@on_one_redis_and_a_cluster`` (tests/integration/helpers.py) runs on both."""
+    if getattr(request, "param", "redis") == "redis_cluster":
+        return {"redis_url": request.getfixturevalue("redis_cluster").url}
+    return {}
+
+
+@pytest.fixture
 def cluster_settings(services: RunningServices, redis_cluster: RedisClusterServices) -> Settings:
     """Fresh topics and key prefix on the embedded broker, state on the Redis Cluster."""
     s = make_settings(services, redis_url=redis_cluster.url)

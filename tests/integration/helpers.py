@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 import msgspec
+import pytest
 import redis
 from confluent_kafka import Consumer, Message
 
@@ -156,3 +157,7 @@ def dump_state(client: redis.Redis, prefix: str) -> dict[str, Any]:
 def purchases_in(client: redis.Redis, prefix: str) -> int:
     """Purchases counted in the user-state hashes under a prefix."""
     return sum(int(v.get("n:purchase", 0)) for k, v in dump_state(client, prefix).items() if k.endswith(":s"))
+
+
+# Runs a test that takes the ``redis_target`` fixture on one Redis and on a 3-master Redis Cluster.
+on_one_redis_and_a_cluster = pytest.mark.parametrize("redis_target", ["redis", "redis_cluster"], indirect=True)

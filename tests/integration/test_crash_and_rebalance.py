@@ -7,21 +7,35 @@ import signal
 import subprocess
 import time
 
+import msgspec
 import pytest
 
 from fusionrec.core.redis_client import connect
 from fusionrec.streams import datasets
+from fusionrec.streams.contract import CatalogEvent
 from fusionrec.streams.producer import EventProducer
 from fusionrec.streams.replay import replay
+from fusionrec.streams.state import StateStore
 from fusionrec.streams.topics import ensure_topics
 from tests.integration.helpers import (
     consume_until,
     dump_state,
     make_settings,
+    on_one_redis_and_a_cluster,
     purchases_in,
     start_fusionrec,
     wait_for,
 )
+
+
+def _store_catalog(settings, ds):
+    """Item metadata before any event: an event's category/brand affinity needs its item's metadata at
+    the time it is applied, and the catalog and events topics have no order between them. Applying the
+    catalog first makes both passes see it; consuming the catalog topic again changes nothing."""
+    client = connect(settings)
+    events = [msgspec.convert(ev, CatalogEvent) for ev in ds.catalog_events(int(ds.events.ts.iloc[0]))]
+    StateStore(client, settings).apply_catalog(events)
+    client.close()
 
 
 def _consumer(settings, log_path):
@@ -30,14 +44,16 @@ def _consumer(settings, log_path):
 
 
 @pytest.mark.slow
-def test_sigkill_at_random_points_then_restart_equals_one_clean_pass(services, tmp_path):
+@on_one_redis_and_a_cluster
+def test_sigkill_at_random_points_then_restart_equals_one_clean_pass(services, tmp_path, redis_target):
     # One partition, so per-item state has one deterministic order (see test_state_store.py).
-    crashy = make_settings(services, partitions=1, batch_size=200)
+    crashy = make_settings(services, partitions=1, batch_size=200, **redis_target)
     ensure_topics(crashy)
     ds = datasets.completejourney(households=120).head(30_000)
     with EventProducer(crashy) as p:
         replay(ds, p, progress=False)
     client = connect(crashy)
+    _store_catalog(crashy, ds)
     rng = random.Random(7)
     kills = 0
     for _ in range(4):
@@ -61,6 +77,7 @@ def test_sigkill_at_random_points_then_restart_equals_one_clean_pass(services, t
         assert proc.wait(60) == 0, (tmp_path / "crashy.log").read_text()[-3000:]
 
     clean = crashy.replace(redis_prefix=crashy.redis.prefix + "c", group_state=crashy.stream.group + "-clean")
+    _store_catalog(clean, ds)
     consume_until(clean, len(ds.events) + len(ds.items))
     crashed_state = {k.split(":", 1)[1]: v for k, v in dump_state(client, crashy.redis.prefix).items()}
     clean_state = {k.split(":", 1)[1]: v for k, v in dump_state(client, clean.redis.prefix).items()}
@@ -69,8 +86,9 @@ def test_sigkill_at_random_points_then_restart_equals_one_clean_pass(services, t
 
 
 @pytest.mark.slow
-def test_two_processes_split_partitions_and_totals_are_exact(services, tmp_path):
-    s = make_settings(services, partitions=4, batch_size=400)
+@on_one_redis_and_a_cluster
+def test_two_processes_split_partitions_and_totals_are_exact(services, tmp_path, redis_target):
+    s = make_settings(services, partitions=4, batch_size=400, **redis_target)
     ensure_topics(s)
     ds = datasets.completejourney(households=80).head(15_000)
     logs = [tmp_path / "a.log", tmp_path / "b.log"]

@@ -29,13 +29,21 @@ from fusionrec.models.worker import EmbedWorker
 from fusionrec.online.serving.reader import RecommendationReader
 from fusionrec.streams.producer import EventProducer
 from fusionrec.streams.topics import ensure_topics
-from tests.integration.helpers import consume_until, make_settings, read_topic, start_fusionrec, title, wait_for
+from tests.integration.helpers import (
+    consume_until,
+    make_settings,
+    on_one_redis_and_a_cluster,
+    read_topic,
+    start_fusionrec,
+    title,
+    wait_for,
+)
 
 
 @pytest.fixture
-def embed_settings(services: RunningServices, tiny_bert: Callable[..., Path]) -> Settings:
+def embed_settings(services: RunningServices, tiny_bert: Callable[..., Path], redis_target: dict[str, str]) -> Settings:
     s = make_settings(services, embed_model_path=str(tiny_bert()), embed_batch_size=32, embed_metrics_port=0,
-                      embed_threads=1)
+                      embed_threads=1, **redis_target)
     ensure_topics(s)
     return s
 
@@ -242,9 +250,10 @@ def test_worker_killed_mid_stream_loses_nothing(embed_settings: Settings, rclien
     assert "exited with -9" in out
 
 
-def test_model_switch_flips_atomically(embed_settings: Settings, tiny_bert: Callable[..., Path],
-                                       rclient: redis.Redis) -> None:
+@on_one_redis_and_a_cluster
+def test_model_switch_flips_atomically(embed_settings: Settings, tiny_bert: Callable[..., Path]) -> None:
     s_old = embed_settings
+    rclient = connect(s_old)
     w = InProcessWorker(s_old, TextEncoder.from_settings(s_old, device="cpu", threads=1))
     try:
         publish(s_old, [(n, title(n), 1000) for n in range(200)])

@@ -9,7 +9,6 @@ import time
 
 import msgspec
 import numpy as np
-import pytest
 import redis
 
 from fusionrec.apps.pipeline import StatePipeline
@@ -28,7 +27,7 @@ from fusionrec.streams.datasets import load
 from fusionrec.streams.producer import EventProducer
 from fusionrec.streams.replay import replay
 from fusionrec.streams.state import UserTouch
-from tests.integration.helpers import make_settings, read_topic, start_fusionrec, wait_for
+from tests.integration.helpers import make_settings, on_one_redis_and_a_cluster, read_topic, start_fusionrec, wait_for
 
 
 def _pool(rng: np.random.Generator, user: str, ts: int, n: int = 30) -> tuple[CandidatePool, int]:
@@ -159,11 +158,10 @@ def test_hot_reload_reaches_the_writer_within_the_interval(settings: Settings, r
     assert reader.top_k("u1").model == f"fusion-{number}"
 
 
-@pytest.mark.parametrize("redis_kind", ["redis", "redis_cluster"])
-def test_stream_to_learner_to_served_recommendations(services, redis_kind: str, request: pytest.FixtureRequest):
-    on = {"redis_url": request.getfixturevalue("redis_cluster").url} if redis_kind == "redis_cluster" else {}
+@on_one_redis_and_a_cluster
+def test_stream_to_learner_to_served_recommendations(services, redis_target: dict[str, str]):
     s = make_settings(services, partitions=2, learn_checkpoint_s=0.5, learn_reload_s=0.2,
-                      rec_content_candidates=0, learn_vectors=False, **on)
+                      rec_content_candidates=0, learn_vectors=False, **redis_target)
     from fusionrec.streams.topics import ensure_topics
 
     ensure_topics(s)
