@@ -1,22 +1,17 @@
-"""models: the catalog text encoder and the embedding worker pool that keeps item vectors in Redis.
-
-``TextEncoder`` turns item text into vectors (tokenize → forward → pool); ``EmbedPool`` runs the
-workers that consume ``catalog`` and write versioned vectors plus a Redis vector set. Submodules are
-imported lazily so readers of vectors (``models.vectors``) do not pay for importing torch.
+"""The catalog embedding stage. Its core is :class:`EmbedPool`: workers (one per GPU, else a CPU pool)
+that consume ``catalog`` and write versioned item vectors plus a Redis vector set, using
+:class:`~fusionrec.models.encoder.TextEncoder` (tokenize → forward → pool). Imported lazily, so readers
+of vectors (:mod:`fusionrec.models.vectors`) do not pay for importing torch.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["EmbedPool", "TextEncoder"]
+__all__ = ["EmbedPool"]
 
 
 def __getattr__(name: str) -> Any:
-    if name == "TextEncoder":
-        from fusionrec.models.encoder import TextEncoder
-
-        return TextEncoder
     if name == "EmbedPool":
         from fusionrec.models.pool import EmbedPool
 

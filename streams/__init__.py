@@ -1,10 +1,9 @@
-"""Kafka side of fusionrec: the event contract, the producer, and the user-state stream."""
+"""The Kafka side of fusionrec. Its core is the consume loop, :class:`BatchConsumer` (validate →
+apply → produce → store offsets; the order is documented in :mod:`.consumer`); applications publish
+with :class:`EventProducer`. Also here: the event contract, dead letters, the state store, the
+trending app (faust), replay and datasets."""
 
-from fusionrec.streams.consumer import Batch, BatchConsumer
-from fusionrec.streams.contract import CatalogEvent, UserEvent, Validator
+from fusionrec.streams.consumer import BatchConsumer
 from fusionrec.streams.producer import EventProducer
-from fusionrec.streams.state import StateStore
-from fusionrec.streams.user_state import UserStateHandler
 
-__all__ = ["Batch", "BatchConsumer", "CatalogEvent", "EventProducer", "StateStore", "UserEvent",
-           "UserStateHandler", "Validator"]
+__all__ = ["BatchConsumer", "EventProducer"]

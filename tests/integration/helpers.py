@@ -23,9 +23,13 @@ from confluent_kafka import Consumer, Message
 from fusionrec.apps.pipeline import StatePipeline
 from fusionrec.apps.services import RunningServices
 from fusionrec.core.metrics import Metrics
+from fusionrec.core.redis_client import connect
 from fusionrec.core.settings import Settings
+from fusionrec.streams.contract import CatalogEvent
+from fusionrec.streams.datasets import Dataset
 from fusionrec.streams.metrics import StreamMetrics
 from fusionrec.streams.producer import kafka_config
+from fusionrec.streams.state import StateStore
 
 WORDS = ["milk", "cheese", "yogurt", "butter", "bread", "battery", "charger", "cola", "soda", "pizza", "apple"]
 
@@ -152,6 +156,16 @@ def dump_state(client: redis.Redis, prefix: str) -> dict[str, Any]:
                 value = (recs["model"], len(recs["items"]))
         out[key] = value
     return out
+
+
+def store_catalog(settings: Settings, ds: Dataset) -> None:
+    """Item metadata before any event, for tests that compare two passes' state: an event's category/brand
+    affinity needs its item's metadata when it is applied, and the catalog and events topics have no
+    order between them. Consuming the catalog topic afterwards changes nothing (event-time guarded)."""
+    client = connect(settings)
+    events = [msgspec.convert(ev, CatalogEvent) for ev in ds.catalog_events(int(ds.events.ts.iloc[0]))]
+    StateStore(client, settings).apply_catalog(events)
+    client.close()
 
 
 def purchases_in(client: redis.Redis, prefix: str) -> int:

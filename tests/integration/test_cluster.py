@@ -9,7 +9,7 @@ from fusionrec.streams import datasets
 from fusionrec.streams.producer import EventProducer
 from fusionrec.streams.replay import replay
 from fusionrec.streams.topics import ensure_topics
-from tests.integration.helpers import consume_until, dump_state, make_settings
+from tests.integration.helpers import consume_until, dump_state, make_settings, store_catalog
 
 
 def _state(settings: Settings) -> dict[str, object]:
@@ -28,6 +28,7 @@ def test_stream_state_on_a_cluster_equals_one_redis(services: RunningServices, c
     for s in (single, cluster_settings):
         with EventProducer(s) as producer:
             replay(ds, producer, progress=False)
+        store_catalog(s, ds)
         consume_until(s, len(ds.events) + len(ds.items)).redis.close()
     on_cluster, on_one = _state(cluster_settings), _state(single)
     assert len(on_cluster) > 1000 and on_cluster == on_one

@@ -7,15 +7,12 @@ import signal
 import subprocess
 import time
 
-import msgspec
 import pytest
 
 from fusionrec.core.redis_client import connect
 from fusionrec.streams import datasets
-from fusionrec.streams.contract import CatalogEvent
 from fusionrec.streams.producer import EventProducer
 from fusionrec.streams.replay import replay
-from fusionrec.streams.state import StateStore
 from fusionrec.streams.topics import ensure_topics
 from tests.integration.helpers import (
     consume_until,
@@ -24,18 +21,9 @@ from tests.integration.helpers import (
     on_one_redis_and_a_cluster,
     purchases_in,
     start_fusionrec,
+    store_catalog,
     wait_for,
 )
-
-
-def _store_catalog(settings, ds):
-    """Item metadata before any event: an event's category/brand affinity needs its item's metadata at
-    the time it is applied, and the catalog and events topics have no order between them. Applying the
-    catalog first makes both passes see it; consuming the catalog topic again changes nothing."""
-    client = connect(settings)
-    events = [msgspec.convert(ev, CatalogEvent) for ev in ds.catalog_events(int(ds.events.ts.iloc[0]))]
-    StateStore(client, settings).apply_catalog(events)
-    client.close()
 
 
 def _consumer(settings, log_path):
@@ -53,7 +41,7 @@ def test_sigkill_at_random_points_then_restart_equals_one_clean_pass(services, t
     with EventProducer(crashy) as p:
         replay(ds, p, progress=False)
     client = connect(crashy)
-    _store_catalog(crashy, ds)
+    store_catalog(crashy, ds)
     rng = random.Random(7)
     kills = 0
     for _ in range(4):
@@ -77,7 +65,7 @@ def test_sigkill_at_random_points_then_restart_equals_one_clean_pass(services, t
         assert proc.wait(60) == 0, (tmp_path / "crashy.log").read_text()[-3000:]
 
     clean = crashy.replace(redis_prefix=crashy.redis.prefix + "c", group_state=crashy.stream.group + "-clean")
-    _store_catalog(clean, ds)
+    store_catalog(clean, ds)
     consume_until(clean, len(ds.events) + len(ds.items))
     crashed_state = {k.split(":", 1)[1]: v for k, v in dump_state(client, crashy.redis.prefix).items()}
     clean_state = {k.split(":", 1)[1]: v for k, v in dump_state(client, clean.redis.prefix).items()}
