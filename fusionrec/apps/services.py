@@ -162,6 +162,14 @@ class RedisClusterServices:
         self.down()
 
     def up(self, timeout: float = 30.0) -> RedisClusterServices:
+        """Start the nodes and form the cluster; a failure stops whatever had started."""
+        try:
+            return self._form(timeout)
+        except BaseException:
+            self.down()
+            raise
+
+    def _form(self, timeout: float) -> RedisClusterServices:
         import redis
 
         bus_ports = []

@@ -2,11 +2,14 @@
 
 import os
 import subprocess
+from pathlib import Path
 
+import pytest
 import redis
 from confluent_kafka.admin import AdminClient
 
-from fusionrec.apps.services import EmbeddedServices
+from fusionrec.apps.services import EmbeddedServices, RedisClusterServices
+from fusionrec.core.errors import ServiceError
 from tests.integration.helpers import fusionrec_cmd
 
 
@@ -54,3 +57,23 @@ def test_cli_up_status_down(tmp_path):
     assert down.returncode == 0 and "broker" in down.stdout
     assert not any(_alive(p) for p in pids)
     assert cli("status").returncode == 1
+
+
+def test_a_cluster_that_cannot_form_leaves_no_process(tmp_path):
+    cluster = RedisClusterServices(tmp_path, masters=3)
+    with pytest.raises(ServiceError, match="cluster_state:ok"):
+        cluster.up(timeout=0.0)
+    assert cluster.nodes == []
+    assert not list(_cluster_processes(tmp_path))
+
+
+def _cluster_processes(run_dir):
+    """redis-server processes whose working directory is under ``run_dir``."""
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cwd, exe = Path(os.readlink(proc / "cwd")), os.readlink(proc / "exe")
+                if cwd.is_relative_to(run_dir) and "redis-server" in exe:
+                    yield int(proc.name)
+            except OSError:
+                continue
