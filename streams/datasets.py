@@ -17,10 +17,12 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import numpy as np
 import pandas as pd
 
 from fusionrec.core.errors import ConfigError
+from fusionrec.streams.contract import CatalogEvent
 
 EVENT_COLUMNS = ("user_id", "item_id", "ts", "type", "quantity", "price", "session_id")
 ITEM_COLUMNS = ("item_id", "title", "description", "category", "brand", "price")
@@ -55,6 +57,13 @@ class Dataset:
             ev = {k: v for k, v in zip(cols, row, strict=True) if not _missing(v)}
             ev.update(op="upsert", ts=ts)
             yield ev
+
+    def catalog(self, ts: int | None = None) -> list[CatalogEvent]:
+        """The items as typed catalog upserts at ``ts`` (default: the first event's time), ready for
+        :meth:`fusionrec.streams.state.StateStore.apply_catalog` or an embedder."""
+        if ts is None:
+            ts = int(self.events.ts.iloc[0]) if len(self.events) else 0
+        return [msgspec.convert(ev, CatalogEvent) for ev in self.catalog_events(ts)]
 
 
 def _missing(v: Any) -> bool:

@@ -17,6 +17,7 @@ fields name their variable: ``settings.stream.batch_size`` is ``FUSIONREC_BATCH_
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -262,6 +263,7 @@ GROUPS: dict[str, Any] = {
 }
 
 
+@functools.cache
 def _by_name() -> dict[str, tuple[str, dataclasses.Field[Any]]]:
     """Override name (the variable without prefix, lower case) -> (group, field)."""
     return {f.metadata["env"].lower(): (group, f) for group, cls in GROUPS.items() for f in dataclasses.fields(cls)}

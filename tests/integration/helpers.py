@@ -25,7 +25,6 @@ from fusionrec.apps.services import RunningServices
 from fusionrec.core.metrics import Metrics
 from fusionrec.core.redis_client import connect
 from fusionrec.core.settings import Settings
-from fusionrec.streams.contract import CatalogEvent
 from fusionrec.streams.datasets import Dataset
 from fusionrec.streams.metrics import StreamMetrics
 from fusionrec.streams.producer import kafka_config
@@ -163,8 +162,7 @@ def store_catalog(settings: Settings, ds: Dataset) -> None:
     affinity needs its item's metadata when it is applied, and the catalog and events topics have no
     order between them. Consuming the catalog topic afterwards changes nothing (event-time guarded)."""
     client = connect(settings)
-    events = [msgspec.convert(ev, CatalogEvent) for ev in ds.catalog_events(int(ds.events.ts.iloc[0]))]
-    StateStore(client, settings).apply_catalog(events)
+    StateStore(client, settings).apply_catalog(ds.catalog())
     client.close()
 
 

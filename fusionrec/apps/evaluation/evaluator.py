@@ -37,7 +37,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgspec
 import numpy as np
 import redis
 from tqdm import tqdm
@@ -54,7 +53,7 @@ from fusionrec.online.learning.model import FusionModel, Rows
 from fusionrec.online.ranking.fusion import FusionRanker
 from fusionrec.online.ranking.writer import RecommendationWriter
 from fusionrec.online.serving.reader import RecommendationReader
-from fusionrec.streams.contract import CatalogEvent, UserEvent
+from fusionrec.streams.contract import UserEvent
 from fusionrec.streams.datasets import Dataset
 from fusionrec.streams.state import Positioned, StateStore
 
@@ -205,8 +204,7 @@ class Evaluator:
         info = store.register(version_info(encoder.spec, self.settings))
         embedder = CatalogEmbedder(encoder, store, info.version, batch_size=self.settings.embed.batch_size,
                                    cache_items=max(self.settings.embed.cache_items, len(ds.items)))
-        first_ts = int(ds.events.ts.iloc[0]) if len(ds.events) else 0
-        events = [msgspec.convert(ev, CatalogEvent) for ev in ds.catalog_events(first_ts)]
+        events = ds.catalog()
         chunk = self.settings.embed.batch_size * 8
         for i in tqdm(range(0, len(events), chunk), desc="embed catalog", unit="chunk", disable=not progress):
             embedder.process(events[i: i + chunk])
@@ -218,8 +216,7 @@ class Evaluator:
         return info.version
 
     def _load_catalog(self, ds: Dataset, batch: int = 5000) -> None:
-        first_ts = int(ds.events.ts.iloc[0]) if len(ds.events) else 0
-        events = [msgspec.convert(ev, CatalogEvent) for ev in ds.catalog_events(first_ts)]
+        events = ds.catalog()
         for i in range(0, len(events), batch):
             self.store.apply_catalog(events[i: i + batch])
 
