@@ -13,7 +13,13 @@ Per batch, in three pipelined round trips of at most one script call per hash-ta
    event's item contributions are in Redis too.
 
 The caller commits Kafka offsets only after all three succeeded. A crash anywhere in between followed
-by a replay from the last committed offset converges to the state of one clean pass. Decay is forward
+by a replay from the last committed offset converges to the state of one clean pass.
+
+The :class:`BatchResult` describes *every* event of the batch, the ones the guards skipped included,
+each with its source position: the outputs derived from it downstream (recommendations refreshed,
+feedback decisions, item count deltas) are produced again on a replay and carry the positions their
+consumers de-duplicate by, so they are exactly once in effect even when the state write was not
+what failed (see :mod:`fusionrec.streams.user_state`). Decay is forward
 decay: an event at ``ts`` adds ``w * 2 ** ((ts - epoch) / half_life)``, so sorted-set order is decayed
 order without ever rewriting old members.
 """
@@ -66,17 +72,30 @@ class UserTouch:
     # items its impression events showed: the feedback the learner joins with what was served before
     actions: list[tuple[str, str, int]] = field(default_factory=list)
     shown: list[str] = field(default_factory=list)
+    # (partition, offset) of each action, and the newest offset per partition of all the user's
+    # events in the batch: what the learner de-duplicates a replayed decision by
+    positions: list[tuple[int, int]] = field(default_factory=list)
+    upto: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass
 class BatchResult:
+    """Every event of a batch as its outputs need it; ``skipped`` ones were applied by an earlier pass."""
+
     applied: int = 0
     skipped: int = 0
     users: dict[str, UserTouch] = field(default_factory=dict)
-    # interactions (not impressions) per item in the applied events, and the items' categories
-    item_counts: dict[str, int] = field(default_factory=dict)
+    # source partition -> item -> offsets of its interactions (not impressions), and the items' categories
+    item_offsets: dict[int, dict[str, list[int]]] = field(default_factory=dict)
     categories: dict[str, str] = field(default_factory=dict)
     max_ts: int = 0
+
+    def item_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = defaultdict(int)
+        for items in self.item_offsets.values():
+            for item, offsets in items.items():
+                counts[item] += len(offsets)
+        return dict(counts)
 
 
 class Decay:
@@ -169,8 +188,6 @@ class StateStore:
             for uid, events in group.items():
                 fresh = [pe for pe in events if pe.offset > guards.get((bucket, pe.partition), -1)]
                 result.skipped += len(events) - len(fresh)
-                if not fresh:
-                    continue
                 recent = recents[uid]
                 for partition, evs in _by_partition(fresh).items():
                     keys, payload, offsets = users.setdefault((bucket, partition), ([], [], []))
@@ -178,9 +195,10 @@ class StateStore:
                     payload.append(self._user_record(partition, evs, recent, meta, items))
                     offsets.extend(pe.offset for pe in evs)
                 result.applied += len(fresh)
-                result.users[uid] = touch = _touch(recent, fresh)
-                for _kind, item, _ts in touch.actions:
-                    result.item_counts[item] = result.item_counts.get(item, 0) + 1
+                # outputs cover every event, the skipped ones too: a replay reproduces them
+                result.users[uid] = touch = _touch(recent, events)
+                for (_kind, item, _ts), (partition, offset) in zip(touch.actions, touch.positions, strict=True):
+                    result.item_offsets.setdefault(partition, {}).setdefault(item, []).append(offset)
                     category = meta.get(item, (None, None))[0]
                     if category:
                         result.categories[item] = category
@@ -310,12 +328,16 @@ class StateStore:
         return len(added) + len(removed)
 
 
-def _touch(recent: list[str], fresh: list[Positioned]) -> UserTouch:
-    ordered = sorted(fresh, key=lambda pe: (pe.partition, pe.offset))
-    actions = [(str(pe.event.type), str(pe.event.item_id), pe.event.ts) for pe in ordered
-               if pe.event.item_id is not None and pe.event.type != "impression"]
+def _touch(recent: list[str], events: list[Positioned]) -> UserTouch:
+    ordered = sorted(events, key=lambda pe: (pe.partition, pe.offset))
+    acted = [pe for pe in ordered if pe.event.item_id is not None and pe.event.type != "impression"]
     shown = [str(i) for pe in ordered if pe.event.type == "impression" for i in (pe.event.items_shown or ())]
-    return UserTouch(recent=recent, last_ts=max(pe.event.ts for pe in fresh), actions=actions, shown=shown)
+    upto: dict[int, int] = {}
+    for pe in ordered:
+        upto[pe.partition] = pe.offset
+    return UserTouch(recent=recent, last_ts=max(pe.event.ts for pe in events),
+                     actions=[(str(pe.event.type), str(pe.event.item_id), pe.event.ts) for pe in acted],
+                     shown=shown, positions=[(pe.partition, pe.offset) for pe in acted], upto=upto)
 
 
 def _catalog_fields(ev: CatalogEvent) -> list[str]:

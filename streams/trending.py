@@ -1,9 +1,13 @@
 """Trending items: hopping-window interaction counts in faust tables, top items to Redis.
 
 The user-state consumer publishes, per applied batch, compact *item count deltas* to
-``topic_item_deltas`` (:class:`ItemDeltaPublisher`): one message per target partition holding the
-counts of the items that hash to it, so the faust app sees ~10 messages per second rather than every
-raw event, and a table key always lives on the partition of the message that updates it. A delta's
+``topic_item_deltas`` (:class:`ItemDeltaPublisher`): one message per source partition and target
+partition holding the counts of the items that hash to the target, so the faust app sees ~10
+messages per second rather than every raw event, and a table key always lives on the partition of
+the message that updates it. Each delta also names its source partition and the source offsets it
+counts: a replayed batch publishes its deltas again, and the faust app counts only offsets past the
+newest it has counted from that source partition for that item group (:func:`fresh_counts`, kept in
+a table), so every interaction is counted once. A delta's
 Kafka timestamp is the event time of the newest event it counts; the windows follow it (faust's
 ``relative_to_stream``), so a replay of old data trends as it did then. On a broker with time-based
 retention, replayed deltas with old timestamps are retained only briefly; live ones are current.
@@ -43,6 +47,23 @@ class ItemDelta(msgspec.Struct, frozen=True):
     ts: float  # seconds: event time of the newest event counted (faust windows use seconds)
     items: dict[str, int]
     categories: dict[str, str]
+    source: int = -1  # the events partition counted (-1: not de-duplicated)
+    target: int = -1  # the item group (crc32 of the item id modulo the partitions) the items belong to
+    offsets: dict[str, list[int]] = {}  # item -> the source offsets its count is made of
+
+
+def fresh_counts(offsets: dict[str, list[int]], next_offset: int) -> tuple[dict[str, int], int]:
+    """Counts of the offsets at or past ``next_offset`` (the rest were counted before), and the new
+    next offset of that source partition."""
+    counts: dict[str, int] = {}
+    high = next_offset
+    for item, offs in offsets.items():
+        n = sum(1 for o in offs if o >= next_offset)
+        if n:
+            counts[item] = n
+        if offs:
+            high = max(high, max(offs) + 1)
+    return counts, high
 
 
 class TrendingMetrics(MetricSet):
@@ -74,20 +95,24 @@ class ItemDeltaPublisher:
         self._encoder = msgspec.json.Encoder()
 
     def __call__(self, result: BatchResult) -> None:
-        if not result.item_counts:
+        if not result.item_offsets:
             return
-        parts: dict[int, dict[str, int]] = defaultdict(dict)
         n = self.settings.kafka.partitions
-        for item, count in result.item_counts.items():
-            parts[zlib.crc32(item.encode()) % n][item] = count
-        for partition, items in parts.items():
-            delta = ItemDelta(ts=result.max_ts / 1000.0, items=items,
-                              categories={i: c for i in items if (c := result.categories.get(i))})
-            self.producer.produce(self.topic, self._encoder.encode(delta), key=f"p{partition}",
-                                  timestamp=result.max_ts)
+        published = 0
+        for source, items in result.item_offsets.items():
+            parts: dict[int, dict[str, list[int]]] = defaultdict(dict)
+            for item, offsets in items.items():
+                parts[zlib.crc32(item.encode()) % n][item] = offsets
+            for target, offsets in parts.items():
+                delta = ItemDelta(ts=result.max_ts / 1000.0, items={i: len(o) for i, o in offsets.items()},
+                                  categories={i: c for i in offsets if (c := result.categories.get(i))},
+                                  source=source, target=target, offsets=offsets)
+                self.producer.produce(self.topic, self._encoder.encode(delta), key=f"p{target}",
+                                      timestamp=result.max_ts)
+                published += len(offsets)
         self.producer.flush()
         if self.metrics is not None:
-            self.metrics.trending_deltas.inc(len(result.item_counts))
+            self.metrics.trending_deltas.inc(published)
 
     def close(self) -> None:
         self.producer.close()
@@ -159,12 +184,17 @@ def build_app(settings: Settings, bootstrap: str, metrics: Metrics | None = None
         ts: float
         items: dict[str, int]
         categories: dict[str, str]
+        source: int = -1
+        target: int = -1
+        offsets: dict[str, list[int]] = {}  # noqa: RUF012 - a faust field default, never mutated
 
     topic = app.topic(settings.kafka.topic_item_deltas, value_type=Delta)
     item_counts = app.Table("trending-items", default=int, partitions=settings.kafka.partitions) \
         .hopping(window, step, expires=window * 2, key_index=True).relative_to_stream()
     category_counts = app.Table("trending-categories", default=int, partitions=settings.kafka.partitions) \
         .hopping(window, step, expires=window * 2, key_index=True).relative_to_stream()
+    # next source offset per (deltas partition, events partition): what a replayed delta already counted
+    counted = app.Table("trending-counted", default=int, partitions=settings.kafka.partitions)
     writer = TrendingWriter(connect(settings), settings)
     categories: dict[str, str] = {}
     # the newest event: window queries are relative to its (event-time) timestamp
@@ -174,8 +204,12 @@ def build_app(settings: Settings, bootstrap: str, metrics: Metrics | None = None
     async def count(stream: Any) -> None:
         async for event in stream.events():
             delta = event.value
+            items = delta.items
+            if delta.source >= 0:
+                key = f"{delta.target}:{delta.source}"  # one target's deltas all reach one partition
+                items, counted[key] = fresh_counts(delta.offsets, counted[key])
             per_category: dict[str, int] = defaultdict(int)
-            for item, n in delta.items.items():
+            for item, n in items.items():
                 item_counts[item] += n
                 cat = delta.categories.get(item)
                 if cat:

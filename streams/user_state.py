@@ -1,9 +1,13 @@
 """The user-state stream: consumed batches → :class:`StateStore` → downstream hooks.
 
 Hooks (``after_apply``) receive the users a batch touched; the recommendation writer of
-:mod:`fusionrec.online` is one. They run after the state write and before the batch's offsets are
-stored. A replayed batch reaches them only with the events the store applied in that pass: events a
-crashed pass had already applied are skipped by the guards, so their hooks' outputs are at most once.
+:mod:`fusionrec.online` is one, the item-delta publisher of :mod:`fusionrec.streams.trending`
+another. They run after the state write and before the batch's offsets are stored, and they see
+every event of the batch, the ones the guards skipped as already applied included. So after a
+retry, a replay or a crash before the offsets were stored, each output is produced again: a
+recommendation list is ranked again from the state (the same or newer), and feedback decisions and
+item deltas carry the source positions their consumers de-duplicate by. Every output is therefore
+produced at least once and counted exactly once.
 """
 
 from __future__ import annotations

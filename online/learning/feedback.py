@@ -14,6 +14,13 @@ Features come from the state *before* the outcome, so no label leaks into its ow
 same join runs in ``fusionrec learner`` (snapshots from Kafka) and in ``fusionrec evaluate``
 (snapshots handed over in process). A decision followed by no positive within the window yields no
 example (counted), since an absent user says nothing about which items were better.
+
+Replays log decisions again: the user-state stream re-derives its outputs for events it had already
+applied (see :mod:`fusionrec.streams.state`). Each snapshot carries the source positions of its
+events (``upto``: newest offset per events partition; ``positions``: the position of each action),
+and the joiner de-duplicates by them: a snapshot whose events the user's pending decision already
+covered is a repeat (counted as ``duplicate``) and is dropped; one that overlaps it keeps only its
+new actions. Every action is therefore the outcome of exactly one decision.
 """
 
 from __future__ import annotations
@@ -51,15 +58,18 @@ class Snapshot(msgspec.Struct, frozen=True, array_like=True):
     impressions: list[str]
     model: int  # fusion model version that ranked (0: none loaded)
     logged_at: int  # wall ms
+    positions: list[tuple[int, int]] = []  # (events partition, offset) of each action
+    upto: dict[int, int] = {}  # events partition -> newest offset of the user's events covered so far
 
     @classmethod
     def of(cls, pool: CandidatePool, order: list[int], shown: int, actions: list[tuple[str, str, int]],
-           impressions: list[str], model: int, logged_at: int) -> Snapshot:
+           impressions: list[str], model: int, logged_at: int, positions: list[tuple[int, int]] | None = None,
+           upto: dict[int, int] | None = None) -> Snapshot:
         version, profile = (pool.profile[0], pool.profile[1].astype("<f4").tobytes()) if pool.profile else (None, None)
         return cls(user_id=pool.user_id, ts=pool.ts, items=[pool.items[r] for r in order], shown=shown,
                    X=np.ascontiguousarray(pool.X[order], dtype="<f2").tobytes(), n_features=pool.X.shape[1],
                    version=version, profile=profile, actions=actions, impressions=impressions, model=model,
-                   logged_at=logged_at)
+                   logged_at=logged_at, positions=list(positions or []), upto=dict(upto or {}))
 
     def pool(self) -> CandidatePool:
         X = np.frombuffer(self.X, dtype="<f2").reshape(len(self.items), self.n_features).astype(np.float32)
@@ -82,6 +92,8 @@ def decode_snapshot(raw: bytes) -> Snapshot:
         raise InvalidEventError("invalid_value", f"shown {snap.shown} of {len(snap.items)} items")
     if snap.profile is not None and len(snap.profile) % 4:
         raise InvalidEventError("invalid_value", f"profile of {len(snap.profile)} bytes is no float32 vector")
+    if snap.positions and len(snap.positions) != len(snap.actions):
+        raise InvalidEventError("invalid_value", f"{len(snap.positions)} positions for {len(snap.actions)} actions")
     return snap
 
 
@@ -124,7 +136,14 @@ class FeedbackJoiner:
             if snap.n_features != len(FEATURES):
                 self.outcomes["schema_mismatch"] += 1
                 continue
-            prev = self.pending.pop(snap.user_id, None)
+            prev = self.pending.get(snap.user_id)
+            if prev is not None and prev.upto and snap.upto:
+                new = unseen_part(snap, prev.upto)
+                if new is None:
+                    self.outcomes["duplicate"] += 1
+                    continue
+                snap = new
+            self.pending.pop(snap.user_id, None)
             if prev is not None:
                 group = self._label(prev, snap)
                 if group is not None:
@@ -169,6 +188,18 @@ class FeedbackJoiner:
             while len(self.pending) > self.max_users:
                 self.pending.pop(next(iter(self.pending)))
                 self.outcomes["evicted"] += 1
+
+
+def unseen_part(snap: Snapshot, seen: dict[int, int]) -> Snapshot | None:
+    """``snap`` without the actions at or below ``seen``; None when it has nothing newer (a repeat)."""
+    if all(offset <= seen.get(p, -1) for p, offset in snap.upto.items()):
+        return None
+    keep = [i for i, (p, offset) in enumerate(snap.positions) if offset > seen.get(p, -1)]
+    upto = {**seen, **{p: max(offset, seen.get(p, -1)) for p, offset in snap.upto.items()}}
+    if len(keep) == len(snap.positions) and upto == snap.upto:
+        return snap
+    return msgspec.structs.replace(snap, actions=[snap.actions[i] for i in keep],
+                                   positions=[snap.positions[i] for i in keep], upto=upto)
 
 
 class FeedbackPublisher:

@@ -10,8 +10,15 @@ next decision starts a new wait.
 Only one learner trains at a time: it holds ``{m}:learner:lease`` (renewed every loop) and a second
 process waits as a standby until the lease expires.
 
-Snapshots that fail to decode go to the feedback topic's dead-letter topic with reason
-``undecodable``.
+It runs on the consume runtime (:mod:`fusionrec.streams.runtime`) with the *checkpoint* offset
+policy: nothing is stored per batch; after each checkpoint its offsets are stored for the group
+(lag monitoring). Transient Redis errors (a vector lookup, the lease, a checkpoint write) and
+dead-letter delivery failures are retried with back-off like in every other stage; a checkpoint
+that cannot be written at shutdown loses nothing, since the next learner resumes from the previous
+checkpoint's offsets.
+
+Messages that fail to decode go to the feedback topic's dead-letter topic with their reason
+(``empty``, ``undecodable``, ``too_deep``, ``invalid_value``).
 """
 
 from __future__ import annotations
@@ -20,17 +27,17 @@ import logging
 import threading
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import Message, TopicPartition
 
-from fusionrec.core.errors import InvalidEventError
 from fusionrec.core.keys import Keys
 from fusionrec.core.metrics import Metrics
 from fusionrec.core.redis_client import connect
 from fusionrec.core.settings import Settings
 from fusionrec.models.vectors import VectorStore
 from fusionrec.online.learning.checkpoints import CheckpointStore
-from fusionrec.online.learning.feedback import FeedbackJoiner, Snapshot, decode_snapshot
+from fusionrec.online.learning.feedback import FeedbackJoiner, Group, Snapshot, decode_snapshot
 from fusionrec.online.learning.learner import Learner, LearnerMetrics
 from fusionrec.online.learning.model import VectorLookup
 from fusionrec.online.learning.search_feedback import (
@@ -38,17 +45,32 @@ from fusionrec.online.learning.search_feedback import (
     KIND_SEARCH,
     SearchExamples,
     SearchJoiner,
+    SearchLog,
     decode_search_log,
 )
-from fusionrec.streams.consumer import consumer_config, delivered
-from fusionrec.streams.dlq import DeadLetter, DeadLetterPublisher, position
+from fusionrec.streams.runtime import TRANSIENT, BaseProcessor, ConsumeRuntime, Offsets, Polled
 
 log = logging.getLogger(__name__)
 
 LEASE_S = 15
 
+Feedback = Snapshot | SearchLog
 
-class LearnerLoop:
+
+@dataclass
+class Joined:
+    """A batch joined in memory: what a retry of the learning step must not join again."""
+
+    groups: list[Group] = field(default_factory=list)
+    searches: list[SearchExamples] = field(default_factory=list)
+    decisions: int = 0
+
+
+class LearnerLoop(BaseProcessor[Feedback]):
+    """The learner's processor on the consume runtime; :meth:`run` is ``fusionrec learner``."""
+
+    stage = "learn"
+
     def __init__(self, settings: Settings, metrics: Metrics | None = None, name: str | None = None) -> None:
         self.settings = settings
         self.metrics = metrics or Metrics()
@@ -63,18 +85,24 @@ class LearnerLoop:
         self.searches = SearchJoiner(settings.learn.window_s * 1000)
         self.offsets: dict[str, int] = {}
         self.decisions = 0
+        self._lost_lease = False
 
     # ------------------------------------------------------------------ lease
     def _lease(self, stop: threading.Event) -> bool:
         """Take or renew the single-learner lease; waits as a standby while another process holds it."""
-        key = self.keys.learner_lease()
         while not stop.is_set():
-            if self.redis.set(key, self.name, nx=True, ex=LEASE_S) or \
-                    self.redis.get(key) in (self.name.encode(), self.name):
-                self.redis.expire(key, LEASE_S)
+            if self._renew():
                 return True
             log.info("another learner holds the lease; standing by")
             stop.wait(2.0)
+        return False
+
+    def _renew(self) -> bool:
+        key = self.keys.learner_lease()
+        if self.redis.set(key, self.name, nx=True, ex=LEASE_S) or \
+                self.redis.get(key) in (self.name.encode(), self.name):
+            self.redis.expire(key, LEASE_S)
+            return True
         return False
 
     # ------------------------------------------------------------------ run
@@ -83,76 +111,85 @@ class LearnerLoop:
             return
         ckpt = self.learner.resume()
         self.offsets = dict(ckpt.offsets) if ckpt else {}
-        consumer = Consumer(consumer_config(self.settings, self.settings.learn.group), logger=log)
-        dlq = DeadLetterPublisher(self.settings, self.metrics)
-        consumer.subscribe([self.settings.kafka.topic_feedback], on_assign=self._on_assign)
-        try:
-            while not stop.is_set() and not (until and until(self)):
-                msgs = consumer.consume(self.settings.stream.batch_size, self.settings.stream.batch_timeout_s)
-                if msgs:
-                    self._process(msgs, dlq)
-                if self.learner.due():
-                    self._checkpoint(consumer)
-                if not self._lease(stop):
-                    break
-            self._checkpoint(consumer, force=True)
-        finally:
-            consumer.close()
-            dlq.close()
-            self.redis.close()
+        runtime = ConsumeRuntime(self.settings, self, self.metrics, group_id=self.settings.learn.group,
+                                 topics=[self.settings.kafka.topic_feedback])
+        runtime.run(stop, until=(lambda: until(self)) if until else None)
 
-    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+    # ------------------------------------------------------------------ runtime hooks
+    def decode(self, msg: Message) -> Feedback:
+        if (KIND_HEADER, KIND_SEARCH) in (msg.headers() or []):
+            return decode_search_log(msg.value() or b"")
+        return decode_snapshot(msg.value() or b"")
+
+    def process(self, batch: Polled[Feedback]) -> None:
+        if batch.scratch is None:  # joining is in memory and happens once; learning may be retried
+            batch.scratch = self._join(batch)
+        joined: Joined = batch.scratch
+        self.learner.learn(joined.groups)
+        for labelled in joined.searches:  # one step per result list: searches are few, each one counts
+            self.learner.learn_search(labelled.M, labelled.y)
+        self.decisions += joined.decisions
+        for (topic, partition), offset in batch.next.items():
+            self.offsets[f"{topic}:{partition}"] = offset
+
+    def _join(self, batch: Polled[Feedback]) -> Joined:
+        joined = Joined()
+        snapshots: list[Snapshot] = []
+        for rec in batch.records:
+            if isinstance(rec.value, SearchLog):
+                self.searches.add(rec.value)
+            else:
+                snapshots.append(rec.value)
+                labelled = self.searches.observe([rec.value])  # in log order: a later search replaces it
+                if labelled is not None:
+                    joined.searches.append(labelled)
+        before = dict(self.joiner.outcomes)
+        joined.groups = self.joiner.add(snapshots)
+        for outcome, n in self.joiner.outcomes.items():
+            if n > before.get(outcome, 0):
+                self.metrics.of(LearnerMetrics).learn_decisions.labels(outcome).inc(n - before.get(outcome, 0))
+        joined.decisions = len(snapshots)
+        return joined
+
+    def completed(self, batch: Polled[Feedback]) -> Offsets:
+        return {}  # the checkpoint holds the position (see tick)
+
+    def tick(self) -> Offsets:
+        if not self._renew():
+            log.error("another learner took the lease; stopping (a restart stands by until it is free)")
+            self._lost_lease = True
+            return {}
+        return self._checkpoint() if self.learner.due() else {}
+
+    def finished(self) -> bool:
+        return self._lost_lease
+
+    def assigned(self, partitions: list[TopicPartition]) -> None:
         for tp in partitions:
             saved = self.offsets.get(f"{tp.topic}:{tp.partition}")
             if saved is not None:
                 tp.offset = saved
-        log.info("assigned %s", ", ".join(f"{tp.topic}[{tp.partition}]@{tp.offset}" for tp in partitions))
-        consumer.incremental_assign(partitions)  # the group uses cooperative rebalancing
 
-    def _process(self, msgs: list[Message], dlq: DeadLetterPublisher) -> None:
-        snapshots: list[Snapshot] = []
-        search_examples: list[SearchExamples] = []
-        dead: list[DeadLetter] = []
-        for msg in delivered(msgs):
-            topic, partition, offset = position(msg)
-            try:
-                if (KIND_HEADER, KIND_SEARCH) in (msg.headers() or []):
-                    self.searches.add(decode_search_log(msg.value() or b""))
-                else:
-                    snap = decode_snapshot(msg.value() or b"")
-                    snapshots.append(snap)
-                    labelled = self.searches.observe([snap])  # in log order: a later search replaces it
-                    if labelled is not None:
-                        search_examples.append(labelled)
-            except InvalidEventError as exc:
-                log.warning("%s[%d]@%d: bad feedback message: %s", topic, partition, offset, exc)
-                dead.append(DeadLetter.of(msg, exc.reason, exc.detail))
-            self.offsets[f"{topic}:{partition}"] = offset + 1
-        before = dict(self.joiner.outcomes)
-        groups = self.joiner.add(snapshots)
-        for outcome, n in self.joiner.outcomes.items():
-            if n > before.get(outcome, 0):
-                self.metrics.of(LearnerMetrics).learn_decisions.labels(outcome).inc(n - before.get(outcome, 0))
-        self.learner.learn(groups)
-        for labelled in search_examples:  # one step per result list: searches are few, each one counts
-            self.learner.learn_search(labelled.M, labelled.y)
-        self.decisions += len(snapshots)
-        if dead:
-            dlq.publish(dead)
+    def drain(self) -> Offsets:
+        try:
+            return self._checkpoint(force=True)
+        except TRANSIENT as exc:
+            log.error("final checkpoint failed (%s: %s); the next learner resumes from the previous one",
+                      type(exc).__name__, exc)
+            return {}
 
-    def _checkpoint(self, consumer: Consumer, force: bool = False) -> None:
+    def close(self) -> None:
+        self.redis.close()
+
+    def _checkpoint(self, force: bool = False) -> Offsets:
         number = self.learner.maybe_checkpoint(self.offsets, force=force)
         if number is None:
-            return
-        commits = []
-        for key, offset in self.offsets.items():
-            topic, partition = key.rsplit(":", 1)
-            commits.append(TopicPartition(topic, int(partition), offset))
-        try:
-            consumer.commit(offsets=commits, asynchronous=False)
-        except KafkaException as exc:
-            if exc.args[0].code() != KafkaError._NO_OFFSET:
-                log.warning("offset commit after checkpoint %d failed: %s", number, exc)
+            return {}
         log.info("checkpoint %d: %d examples, prequential HitRate@10 %s", number, self.learner.model.examples,
                  "n/a" if self.learner.last is None or self.learner.last.hit_rate is None
                  else f"{self.learner.last.hit_rate:.4f}")
+        done: Offsets = {}
+        for key, offset in self.offsets.items():
+            topic, partition = key.rsplit(":", 1)
+            done[(topic, int(partition))] = offset
+        return done

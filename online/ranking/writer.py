@@ -77,7 +77,8 @@ class RecommendationWriter:
             if r.pool is None or r.order is None:
                 continue
             touch = users[r.pool.user_id]
-            out.append(Snapshot.of(r.pool, r.order, len(r.items), touch.actions, touch.shown, r.model, now))
+            out.append(Snapshot.of(r.pool, r.order, len(r.items), touch.actions, touch.shown, r.model, now,
+                                   positions=touch.positions, upto=touch.upto))
         return out
 
     def refresh(self, users: dict[str, UserTouch]) -> int:

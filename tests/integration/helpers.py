@@ -12,23 +12,27 @@ import sys
 import threading
 import time
 import uuid
+from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 import pytest
 import redis
-from confluent_kafka import Consumer, Message
+from confluent_kafka import Consumer, Message, TopicPartition
 
 from fusionrec.apps.pipeline import StatePipeline
 from fusionrec.apps.services import RunningServices
 from fusionrec.core.metrics import Metrics
 from fusionrec.core.redis_client import connect
 from fusionrec.core.settings import Settings
+from fusionrec.online.learning.feedback import decode_snapshot, unseen_part
 from fusionrec.streams.datasets import Dataset
 from fusionrec.streams.metrics import StreamMetrics
 from fusionrec.streams.producer import kafka_config
 from fusionrec.streams.state import StateStore
+from fusionrec.streams.trending import ItemDelta, fresh_counts
 
 WORDS = ["milk", "cheese", "yogurt", "butter", "bread", "battery", "charger", "cola", "soda", "pizza", "apple"]
 
@@ -173,3 +177,49 @@ def purchases_in(client: redis.Redis, prefix: str) -> int:
 
 # Runs a test that takes the ``redis_target`` fixture on one Redis and on a 3-master Redis Cluster.
 on_one_redis_and_a_cluster = pytest.mark.parametrize("redis_target", ["redis", "redis_cluster"], indirect=True)
+
+
+def read_all(settings: Settings, topic: str, timeout: float = 60.0) -> list[Message]:
+    """Every message of ``topic`` up to its high watermarks now."""
+    probe = Consumer(kafka_config(settings, **{"group.id": f"probe-{uuid.uuid4().hex}"}))
+    try:
+        partitions = probe.list_topics(topic, timeout=10).topics[topic].partitions
+        total = sum(probe.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in partitions)
+    finally:
+        probe.close()
+    return read_topic(settings, topic, until=lambda got: len(got) >= total, timeout=timeout)
+
+
+@dataclass
+class DerivedOutputs:
+    """What the user-state stream derived, as its consumers see it after de-duplication."""
+
+    actions: dict[str, list[tuple[int, int]]]  # user -> positions of the actions the learner joins, in order
+    item_counts: dict[str, int]  # item -> interactions the trending windows count
+    logged_actions: int  # actions in the feedback log before de-duplication
+    logged_counts: int  # item counts in the deltas before de-duplication
+
+
+def derived_outputs(settings: Settings) -> DerivedOutputs:
+    """Reads the feedback and item-delta topics and de-duplicates them as the learner and trending do."""
+    seen: dict[str, dict[int, int]] = {}
+    actions: dict[str, list[tuple[int, int]]] = defaultdict(list)
+    logged = 0
+    for msg in read_all(settings, settings.kafka.topic_feedback):
+        snap = decode_snapshot(msg.value())
+        logged += len(snap.positions)
+        part = unseen_part(snap, seen[snap.user_id]) if snap.user_id in seen else snap
+        if part is not None:  # the joiner's rule, against everything the user's decisions covered
+            actions[snap.user_id].extend(part.positions)
+            seen[snap.user_id] = part.upto
+    counts: dict[str, int] = defaultdict(int)
+    counted: dict[tuple[int, int], int] = defaultdict(int)
+    logged_counts = 0
+    for msg in read_all(settings, settings.kafka.topic_item_deltas):
+        delta = msgspec.json.decode(msg.value(), type=ItemDelta)
+        logged_counts += sum(delta.items.values())
+        key = (delta.target, delta.source)
+        fresh, counted[key] = fresh_counts(delta.offsets, counted[key])
+        for item, n in fresh.items():
+            counts[item] += n
+    return DerivedOutputs(dict(actions), dict(counts), logged, logged_counts)

@@ -84,8 +84,7 @@ class InProcessWorker:
         self.thread.start()
 
     def until(self, consumed: int, timeout: float = 90) -> None:
-        wait_for(lambda: self.worker.consumed >= consumed and self.worker._queue.empty(), timeout, "the worker")
-        wait_for(lambda: self.worker._done.empty(), 10, "offsets")
+        wait_for(lambda: self.worker.consumed >= consumed and self.worker.settled(), timeout, "the worker")
 
     def close(self) -> None:
         self.stop.set()

@@ -25,12 +25,18 @@ def test_faust_worker_keeps_trending_items_in_redis(settings: Settings, rclient:
     metrics = Metrics()
     publisher = ItemDeltaPublisher(s, metrics)
     # an hour ago "old" was busy; in the last ten minutes "hot" is, and "warm" a little
-    publisher(BatchResult(item_counts={"old": 500}, categories={"old": "tea"}, max_ts=T0 - 3_600_000))
+    publisher(BatchResult(item_offsets={0: {"old": list(range(500))}}, categories={"old": "tea"},
+                          max_ts=T0 - 3_600_000))
     for minute in range(10):
-        publisher(BatchResult(item_counts={"hot": 20, "warm": 5}, categories={"hot": "tea", "warm": "coffee"},
+        first = 500 + minute * 25
+        offsets = {"hot": list(range(first, first + 20)), "warm": list(range(first + 20, first + 25))}
+        publisher(BatchResult(item_offsets={0: offsets}, categories={"hot": "tea", "warm": "coffee"},
                               max_ts=T0 + minute * 60_000))
+        if minute == 4:  # a replayed batch publishes the same deltas again: counted once
+            publisher(BatchResult(item_offsets={0: offsets}, categories={"hot": "tea", "warm": "coffee"},
+                                  max_ts=T0 + minute * 60_000))
     publisher.close()
-    assert metrics.of(TrendingMetrics).trending_deltas._value.get() == 21
+    assert metrics.of(TrendingMetrics).trending_deltas._value.get() == 23
     worker = start_fusionrec(s, "trending", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         def settled() -> bool:

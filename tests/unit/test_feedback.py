@@ -112,3 +112,40 @@ def test_bad_feedback_messages_are_invalid_events_with_their_reason(raw, reason)
         decode_snapshot(raw)
     assert caught.value.reason == reason
     assert decode_snapshot(encode_snapshot(_snapshot())).pool().X.shape == (3, len(FEATURES))
+
+
+def _positioned(user, ts, items, actions, positions, upto):
+    snap = _snap(user, ts, items, actions=actions)
+    return msgspec.structs.replace(snap, positions=positions, upto=upto)
+
+
+def test_a_replayed_decision_is_dropped_and_an_overlapping_one_keeps_only_its_new_actions():
+    j = FeedbackJoiner(window_ms=DAY, sampled_negatives=0)
+    first = _positioned("u1", 1000, ["a", "c", "p"], [("view", "a", 900)], [(0, 10)], {0: 10})
+    assert j.add([first]) == []
+    # a replay of the same batch logs the same decision again: a duplicate, the pending one stays
+    assert j.add([first]) == [] and j.outcomes["duplicate"] == 1
+    assert j.pending["u1"] is first
+    # a bigger replay: offset 10 was the outcome of nothing new, offset 12 (a click on c) is
+    overlapping = _positioned("u1", 2000, ["c", "a", "p"], [("view", "a", 900), ("click", "c", 1500)],
+                              [(0, 10), (0, 12)], {0: 12})
+    (group,) = j.add([overlapping])
+    assert dict(zip(group.pool.items, group.y, strict=True)) == {"a": 0.0, "c": 1.0}
+    assert j.pending["u1"].actions == [("click", "c", 1500)] and j.pending["u1"].upto == {0: 12}
+    # the same click again, from another replay: not a second positive
+    assert j.add([overlapping]) == [] and j.outcomes["duplicate"] == 2
+    assert j.outcomes["labelled"] == 1
+
+
+def test_snapshots_without_positions_are_joined_as_they_come():
+    j = FeedbackJoiner(window_ms=DAY, sampled_negatives=0)
+    first = _snap("u1", 1000, ["a", "c", "p"])
+    j.add([first])
+    assert len(j.add([_snap("u1", 2000, ["c", "a"], actions=[("click", "c", 1500)])])) == 1
+    assert j.outcomes["duplicate"] == 0
+
+
+def test_positions_must_match_the_actions():
+    snap = _positioned("u1", 1000, ["a"], [("view", "a", 900)], [(0, 1), (0, 2)], {0: 2})
+    with pytest.raises(InvalidEventError):
+        decode_snapshot(encode_snapshot(snap))

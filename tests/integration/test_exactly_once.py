@@ -1,0 +1,85 @@
+"""Derived outputs exactly once in effect: after transient failures in every step of the user-state
+stream, the feedback decisions and item deltas, de-duplicated as their consumers do, equal what the
+events say, and every user's list reflects their last event."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+import redis
+
+from fusionrec.apps.pipeline import StatePipeline
+from fusionrec.core.errors import DeliveryError
+from fusionrec.core.keys import Keys
+from fusionrec.core.metrics import Metrics
+from fusionrec.streams import datasets
+from fusionrec.streams.metrics import StreamMetrics
+from fusionrec.streams.producer import EventProducer
+from fusionrec.streams.replay import replay
+from fusionrec.streams.topics import ensure_topics
+from tests.integration.helpers import derived_outputs, make_settings, store_catalog
+
+
+class FailsAfter:
+    """Wraps a step: on the listed calls it does its work, then raises (so a retry repeats finished work)."""
+
+    def __init__(self, step: Callable[..., Any], calls: set[int], error: type[Exception]) -> None:
+        self.step, self.calls, self.error, self.n = step, calls, error, 0
+
+    def __call__(self, *args: Any) -> Any:
+        self.n += 1
+        out = self.step(*args)
+        if self.n in self.calls:
+            raise self.error(f"injected failure after call {self.n}")
+        return out
+
+
+def expected(ds: datasets.Dataset) -> tuple[Counter[str], Counter[str], dict[str, int]]:
+    interactions = ds.events[ds.events.type != "impression"]
+    return (Counter(interactions.user_id.astype(str)), Counter(interactions.item_id.astype(str)),
+            {str(u): int(ts) for u, ts in ds.events.groupby("user_id").ts.max().items()})
+
+
+def test_transient_failures_in_every_step_leave_outputs_exactly_once(services, rclient: redis.Redis):
+    s = make_settings(services, partitions=2, batch_size=300)
+    ensure_topics(s)
+    ds = datasets.completejourney(households=40).head(5_000)
+    store_catalog(s, ds)
+    with EventProducer(s) as p:
+        replay(ds, p, progress=False, catalog=False)
+    metrics = Metrics()
+    pipeline = StatePipeline(s, metrics=metrics)
+    # each step fails after doing its work on some calls: the state write, the ranking and list write,
+    # the feedback log and the item deltas
+    pipeline.store.apply = FailsAfter(pipeline.store.apply, {2, 7}, redis.ConnectionError)  # type: ignore[method-assign]
+    writer, deltas = pipeline.handler.after_apply
+    assert pipeline.writer.sink is not None
+    pipeline.writer.sink = FailsAfter(pipeline.writer.sink, {3, 9}, DeliveryError)
+    pipeline.handler.after_apply = [FailsAfter(writer, {5}, redis.TimeoutError),
+                                    FailsAfter(deltas, {4, 11}, DeliveryError)]
+    stop = threading.Event()
+    with pipeline:
+        run = threading.Thread(target=pipeline.consumer.run,
+                               args=(stop, lambda: pipeline.consumer.consumed >= len(ds.events)))
+        run.start()
+        run.join(240)
+        stop.set()
+        run.join(30)
+    assert pipeline.consumer.consumed >= len(ds.events)
+    assert metrics.of(StreamMetrics).retries.labels("apply")._value.get() == 7
+
+    per_user, per_item, last_ts = expected(ds)
+    out = derived_outputs(s)
+    assert out.logged_actions > sum(per_user.values()), "no failure repeated any feedback"
+    assert out.logged_counts > sum(per_item.values()), "no failure repeated any delta"
+    assert {u: len(positions) for u, positions in out.actions.items()} == dict(per_user)
+    assert all(len(set(p)) == len(p) for p in out.actions.values())
+    assert out.item_counts == dict(per_item)
+    keys = Keys.for_settings(s)
+    for user, ts in last_ts.items():
+        recs = msgspec.json.decode(rclient.get(keys.user_rec(user)))
+        assert recs["event_ts"] == ts, user
