@@ -101,15 +101,15 @@ class ItemDeltaPublisher:
         published = 0
         for source, items in result.item_offsets.items():
             parts: dict[int, dict[str, list[int]]] = defaultdict(dict)
-            for item, offsets in items.items():
-                parts[zlib.crc32(item.encode()) % n][item] = offsets
-            for target, offsets in parts.items():
-                delta = ItemDelta(ts=result.max_ts / 1000.0, items={i: len(o) for i, o in offsets.items()},
-                                  categories={i: c for i in offsets if (c := result.categories.get(i))},
-                                  source=source, target=target, offsets=offsets)
+            for item, item_offsets in items.items():
+                parts[zlib.crc32(item.encode()) % n][item] = item_offsets
+            for target, group in parts.items():
+                delta = ItemDelta(ts=result.max_ts / 1000.0, items={i: len(o) for i, o in group.items()},
+                                  categories={i: c for i in group if (c := result.categories.get(i))},
+                                  source=source, target=target, offsets=group)
                 self.producer.produce(self.topic, self._encoder.encode(delta), key=f"p{target}",
                                       timestamp=result.max_ts)
-                published += len(offsets)
+                published += len(group)
         self.producer.flush()
         if self.metrics is not None:
             self.metrics.trending_deltas.inc(published)
