@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 import uuid
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +24,7 @@ from confluent_kafka import Consumer, Message, TopicPartition
 
 from fusionrec.apps.pipeline import StatePipeline
 from fusionrec.apps.services import RunningServices
+from fusionrec.core.keys import Keys
 from fusionrec.core.metrics import Metrics
 from fusionrec.core.redis_client import connect
 from fusionrec.core.settings import Settings
@@ -223,3 +224,20 @@ def derived_outputs(settings: Settings) -> DerivedOutputs:
         for item, n in fresh.items():
             counts[item] += n
     return DerivedOutputs(dict(actions), dict(counts), logged, logged_counts)
+
+
+def assert_outputs_exactly_once(settings: Settings, client: redis.Redis, ds: Dataset) -> DerivedOutputs:
+    """Feedback actions and item counts, de-duplicated, are the dataset's interactions each once, and
+    every user's list was ranked after their last event."""
+    interactions = ds.events[ds.events.type != "impression"]
+    per_user = Counter(interactions.user_id.astype(str))
+    per_item = Counter(interactions.item_id.astype(str))
+    out = derived_outputs(settings)
+    assert {u: len(positions) for u, positions in out.actions.items()} == dict(per_user)
+    assert all(len(set(p)) == len(p) for p in out.actions.values())
+    assert out.item_counts == dict(per_item)
+    keys = Keys.for_settings(settings)
+    for user, ts in ds.events.groupby("user_id").ts.max().items():
+        recs = msgspec.json.decode(client.get(keys.user_rec(str(user))))
+        assert recs["event_ts"] == int(ts), user
+    return out

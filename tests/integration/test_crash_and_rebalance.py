@@ -15,6 +15,7 @@ from fusionrec.streams.producer import EventProducer
 from fusionrec.streams.replay import replay
 from fusionrec.streams.topics import ensure_topics
 from tests.integration.helpers import (
+    assert_outputs_exactly_once,
     consume_until,
     dump_state,
     make_settings,
@@ -63,6 +64,10 @@ def test_sigkill_at_random_points_then_restart_equals_one_clean_pass(services, t
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0, (tmp_path / "crashy.log").read_text()[-3000:]
+
+    # what the stream derived (recommendations, feedback decisions, item deltas): exactly once in effect
+    out = assert_outputs_exactly_once(crashy, client, ds)
+    assert out.logged_actions > len(ds.events), "no kill fell between a state write and its offsets"
 
     clean = crashy.replace(redis_prefix=crashy.redis.prefix + "c", group_state=crashy.stream.group + "-clean")
     store_catalog(clean, ds)

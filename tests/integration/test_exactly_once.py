@@ -5,23 +5,20 @@ events say, and every user's list reflects their last event."""
 from __future__ import annotations
 
 import threading
-from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-import msgspec
 import redis
 
 from fusionrec.apps.pipeline import StatePipeline
 from fusionrec.core.errors import DeliveryError
-from fusionrec.core.keys import Keys
 from fusionrec.core.metrics import Metrics
 from fusionrec.streams import datasets
 from fusionrec.streams.metrics import StreamMetrics
 from fusionrec.streams.producer import EventProducer
 from fusionrec.streams.replay import replay
 from fusionrec.streams.topics import ensure_topics
-from tests.integration.helpers import derived_outputs, make_settings, store_catalog
+from tests.integration.helpers import assert_outputs_exactly_once, make_settings, store_catalog
 
 
 class FailsAfter:
@@ -36,12 +33,6 @@ class FailsAfter:
         if self.n in self.calls:
             raise self.error(f"injected failure after call {self.n}")
         return out
-
-
-def expected(ds: datasets.Dataset) -> tuple[Counter[str], Counter[str], dict[str, int]]:
-    interactions = ds.events[ds.events.type != "impression"]
-    return (Counter(interactions.user_id.astype(str)), Counter(interactions.item_id.astype(str)),
-            {str(u): int(ts) for u, ts in ds.events.groupby("user_id").ts.max().items()})
 
 
 def test_transient_failures_in_every_step_leave_outputs_exactly_once(services, rclient: redis.Redis):
@@ -72,14 +63,7 @@ def test_transient_failures_in_every_step_leave_outputs_exactly_once(services, r
     assert pipeline.consumer.consumed >= len(ds.events)
     assert metrics.of(StreamMetrics).retries.labels("apply")._value.get() == 7
 
-    per_user, per_item, last_ts = expected(ds)
-    out = derived_outputs(s)
-    assert out.logged_actions > sum(per_user.values()), "no failure repeated any feedback"
-    assert out.logged_counts > sum(per_item.values()), "no failure repeated any delta"
-    assert {u: len(positions) for u, positions in out.actions.items()} == dict(per_user)
-    assert all(len(set(p)) == len(p) for p in out.actions.values())
-    assert out.item_counts == dict(per_item)
-    keys = Keys.for_settings(s)
-    for user, ts in last_ts.items():
-        recs = msgspec.json.decode(rclient.get(keys.user_rec(user)))
-        assert recs["event_ts"] == ts, user
+    out = assert_outputs_exactly_once(s, rclient, ds)
+    interactions = int((ds.events.type != "impression").sum())
+    assert out.logged_actions > interactions, "no failure repeated any feedback"
+    assert out.logged_counts > interactions, "no failure repeated any delta"
