@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgspec
+import numpy as np
 import pytest
 import redis
 from confluent_kafka import Consumer, Message, TopicPartition
@@ -28,7 +29,9 @@ from fusionrec.core.keys import Keys
 from fusionrec.core.metrics import Metrics
 from fusionrec.core.redis_client import connect
 from fusionrec.core.settings import Settings
-from fusionrec.online.learning.feedback import decode_snapshot, unseen_part
+from fusionrec.online.candidates.features import FEATURES, INDEX, CandidatePool
+from fusionrec.online.learning.checkpoints import CheckpointStore
+from fusionrec.online.learning.feedback import FeedbackPublisher, Snapshot, decode_snapshot, unseen_part
 from fusionrec.streams.datasets import Dataset
 from fusionrec.streams.metrics import StreamMetrics
 from fusionrec.streams.producer import kafka_config
@@ -241,3 +244,44 @@ def assert_outputs_exactly_once(settings: Settings, client: redis.Redis, ds: Dat
         recs = msgspec.json.decode(client.get(keys.user_rec(str(user))))
         assert recs["event_ts"] == int(ts), user
     return out
+
+
+# --------------------------------------------------------------------------- learner feedback
+def pool_with_best(rng: np.random.Generator, user: str, ts: int, n: int = 30) -> tuple[CandidatePool, int]:
+    """A pool whose positive is the item with the highest repeat feature (a learnable rule)."""
+    X = (rng.random((n, len(FEATURES))) * (rng.random((n, len(FEATURES))) < 0.3)).astype(np.float32)
+    best = int(np.argmax(X[:, INDEX["repeat"]]))
+    return CandidatePool(user_id=user, ts=ts, items=[f"{user}-{ts}-{i}" for i in range(n)], X=X), best
+
+
+class SnapshotLog:
+    """Decisions whose next decision purchases the previous pool's best item, published in rounds."""
+
+    def __init__(self, settings: Settings, users: int, seed: int = 0) -> None:
+        self.settings, self.users = settings, users
+        self.rng = np.random.default_rng(seed)
+        self.pending: dict[str, str] = {}
+        self.rounds = 0
+
+    def publish(self, rounds: int) -> None:
+        publisher = FeedbackPublisher(self.settings)
+        for _ in range(rounds):
+            batch = []
+            for u in range(self.users):
+                user, ts = f"u{u}", 1_000_000 + self.rounds * 1000
+                pool, best = pool_with_best(self.rng, user, ts)
+                item = self.pending.get(user)
+                actions = [("purchase", item, ts - 1)] if item else []
+                batch.append(Snapshot.of(pool, list(range(len(pool))), 20, actions, [], 0, 0))
+                self.pending[user] = pool.items[best]
+            publisher(batch)
+            self.rounds += 1
+        publisher.close()
+
+
+def covers(s: Settings, rclient: redis.Redis, messages: int) -> bool:
+    """The head checkpoint has consumed at least ``messages`` feedback messages."""
+    ckpt = CheckpointStore(rclient, s).load()
+    return ckpt is not None and sum(ckpt.offsets.values()) >= messages
+
+

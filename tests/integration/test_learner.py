@@ -14,9 +14,9 @@ import redis
 from fusionrec.apps.pipeline import StatePipeline
 from fusionrec.core.metrics import Metrics
 from fusionrec.core.settings import Settings
-from fusionrec.online.candidates.features import FEATURES, INDEX, CandidatePool
+from fusionrec.online.candidates.features import INDEX
 from fusionrec.online.learning.checkpoints import CheckpointStore, ServingModel
-from fusionrec.online.learning.feedback import FeedbackPublisher, Group, Snapshot, encode_snapshot
+from fusionrec.online.learning.feedback import Group, Snapshot, encode_snapshot
 from fusionrec.online.learning.learner import Learner, LearnerMetrics
 from fusionrec.online.learning.loop import LearnerLoop
 from fusionrec.online.learning.model import Rows
@@ -27,21 +27,23 @@ from fusionrec.streams.datasets import load
 from fusionrec.streams.producer import EventProducer
 from fusionrec.streams.replay import replay
 from fusionrec.streams.state import UserTouch
-from tests.integration.helpers import make_settings, on_one_redis_and_a_cluster, read_topic, start_fusionrec, wait_for
-
-
-def _pool(rng: np.random.Generator, user: str, ts: int, n: int = 30) -> tuple[CandidatePool, int]:
-    """A pool whose positive is the item with the highest repeat feature (a learnable rule)."""
-    X = (rng.random((n, len(FEATURES))) * (rng.random((n, len(FEATURES))) < 0.3)).astype(np.float32)
-    best = int(np.argmax(X[:, INDEX["repeat"]]))
-    return CandidatePool(user_id=user, ts=ts, items=[f"{user}-{ts}-{i}" for i in range(n)], X=X), best
+from tests.integration.helpers import (
+    SnapshotLog,
+    covers,
+    make_settings,
+    on_one_redis_and_a_cluster,
+    pool_with_best,
+    read_topic,
+    start_fusionrec,
+    wait_for,
+)
 
 
 def _groups(n: int, seed: int, invert: bool = False) -> list[Group]:
     rng = np.random.default_rng(seed)
     out = []
     for g in range(n):
-        pool, best = _pool(rng, f"u{g}", g)
+        pool, best = pool_with_best(rng, f"u{g}", g)
         y = np.zeros(len(pool))
         y[best] = 1.0
         if invert:  # the worst item by the rule is the "positive"
@@ -71,39 +73,9 @@ def test_quality_drop_rolls_back_to_the_previous_checkpoint(settings: Settings, 
     np.testing.assert_array_equal(learner.model.predict(probe).fused, good)
 
 
-class SnapshotLog:
-    """Decisions whose next decision purchases the previous pool's best item, published in rounds."""
-
-    def __init__(self, settings: Settings, users: int, seed: int = 0) -> None:
-        self.settings, self.users = settings, users
-        self.rng = np.random.default_rng(seed)
-        self.pending: dict[str, str] = {}
-        self.rounds = 0
-
-    def publish(self, rounds: int) -> None:
-        publisher = FeedbackPublisher(self.settings)
-        for _ in range(rounds):
-            batch = []
-            for u in range(self.users):
-                user, ts = f"u{u}", 1_000_000 + self.rounds * 1000
-                pool, best = _pool(self.rng, user, ts)
-                item = self.pending.get(user)
-                actions = [("purchase", item, ts - 1)] if item else []
-                batch.append(Snapshot.of(pool, list(range(len(pool))), 20, actions, [], 0, 0))
-                self.pending[user] = pool.items[best]
-            publisher(batch)
-            self.rounds += 1
-        publisher.close()
-
-
 def _examples(settings: Settings, rclient: redis.Redis) -> int:
     ckpt = CheckpointStore(rclient, settings).load()
     return ckpt.model.examples if ckpt else 0
-
-
-def _covers(s: Settings, rclient: redis.Redis, messages: int) -> bool:
-    ckpt = CheckpointStore(rclient, s).load()
-    return ckpt is not None and sum(ckpt.offsets.values()) >= messages
 
 
 def test_learner_killed_and_restarted_resumes_from_its_checkpoint(settings: Settings, rclient: redis.Redis):
@@ -113,7 +85,7 @@ def test_learner_killed_and_restarted_resumes_from_its_checkpoint(settings: Sett
     cmd = ("learner", "--no-metrics")
     first = start_fusionrec(s, *cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_for(lambda: _covers(s, rclient, 30 * 50), 90, "a checkpoint covering the first 30 rounds")
+        wait_for(lambda: covers(s, rclient, 30 * 50), 90, "a checkpoint covering the first 30 rounds")
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait(10)
@@ -123,7 +95,7 @@ def test_learner_killed_and_restarted_resumes_from_its_checkpoint(settings: Sett
     log.publish(30)
     second = start_fusionrec(s, *cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        wait_for(lambda: _covers(s, rclient, 60 * 50), 90, "a checkpoint covering all 60 rounds")
+        wait_for(lambda: covers(s, rclient, 60 * 50), 90, "a checkpoint covering all 60 rounds")
     finally:
         second.send_signal(signal.SIGTERM)
         _, err = second.communicate(timeout=30)
@@ -212,7 +184,7 @@ def test_learner_learns_the_search_mix_from_logged_searches(settings: Settings, 
                                   model=0)
                 producer.produce(s.kafka.topic_feedback, encode_search_log(entry), key=user,
                                  headers=[(KIND_HEADER, KIND_SEARCH)])
-                pool, _ = _pool(rng, user, ts + 5_000)
+                pool, _ = pool_with_best(rng, user, ts + 5_000)
                 clicked = items[int(np.argmax(f_query))]
                 snap = Snapshot.of(pool, list(range(len(pool))), 20, [("click", clicked, ts + 4_000)], [], 0, 0)
                 producer.produce(s.kafka.topic_feedback, encode_snapshot(snap), key=user)
@@ -234,14 +206,15 @@ def test_learner_learns_the_search_mix_from_logged_searches(settings: Settings, 
     assert mix.examples == rounds * users * 10
     assert metrics.of(LearnerMetrics).learn_search_examples._value.get() == rounds * users * 10
     assert mix.beta > mix.alpha + 0.5, mix.weights()
-    dead = read_topic(s, s.dlq_topic(s.kafka.topic_feedback), until=lambda got: len(got) >= 5, timeout=30)
+    dead = read_topic(s, s.dlq_topic(s.kafka.topic_feedback), until=lambda got: len(got) >= 6, timeout=30)
     assert sorted(dict(m.headers())["fusionrec.dlq.reason"].decode() for m in dead) == [
-        "empty", "invalid_value", "invalid_value", "non_finite", "undecodable"]
+        "empty", "invalid_value", "invalid_value", "non_finite", "undecodable", "undecodable"]
 
 
 def _bad_feedback(snap: Snapshot, entry: SearchLog) -> list[tuple[bytes, list[tuple[str, bytes]]]]:
     search = [(KIND_HEADER, KIND_SEARCH)]
     return [(b"", []), (b"\xc1 not msgpack", []),
+            (b"\x9c" + b"\x91" * 3000 + b"\xc0", []),  # a decision whose first field nests 3,000 arrays deep
             (encode_snapshot(msgspec.structs.replace(snap, X=snap.X[:-2])), []),  # features for fewer items
             (encode_search_log(msgspec.structs.replace(entry, f_item=entry.f_item[:-1])), search),
             (encode_search_log(msgspec.structs.replace(entry, f_query=[float("nan")] * len(entry.f_query))), search)]

@@ -1,4 +1,4 @@
-"""Redis going away mid-stream: the consumer retries with back-off, loses nothing, and never dies."""
+"""Redis going away mid-stream: the consumer and the learner retry with back-off, lose nothing, and never die."""
 
 from __future__ import annotations
 
@@ -11,11 +11,12 @@ from fusionrec.apps.pipeline import StatePipeline
 from fusionrec.apps.services import _stop, start_redis
 from fusionrec.core.metrics import Metrics
 from fusionrec.core.redis_client import connect
+from fusionrec.online.learning.loop import LearnerLoop
 from fusionrec.streams import datasets
 from fusionrec.streams.producer import EventProducer
 from fusionrec.streams.replay import replay
 from fusionrec.streams.topics import ensure_topics
-from tests.integration.helpers import make_settings, purchases_in
+from tests.integration.helpers import SnapshotLog, covers, make_settings, purchases_in, wait_for
 
 
 def test_consumer_survives_a_redis_restart_without_loss(services, tmp_path):
@@ -43,6 +44,39 @@ def test_consumer_survives_a_redis_restart_without_loss(services, tmp_path):
         assert purchases_in(connect(s), s.redis.prefix) == len(ds.events)
         assert sum(sample.value for m in metrics.registry.collect() if m.name == "fusionrec_stream_retries"
                    for sample in m.samples if sample.name.endswith("_total")) > 0
+    finally:
+        stop.set()
+        worker.join(30)
+        _stop(redis_info)
+
+
+def test_learner_survives_a_redis_restart_and_checkpoints_everything(services, tmp_path):
+    redis_info = start_redis(tmp_path, "aof")
+    s = make_settings(services, redis_url=f"redis://127.0.0.1:{redis_info.port}/0", batch_size=100,
+                      retry_max_backoff_s=1.0, learn_vectors=False, learn_checkpoint_s=0.2)
+    ensure_topics(s)
+    log = SnapshotLog(s, users=40)
+    log.publish(10)
+    metrics = Metrics(CollectorRegistry())
+    loop = LearnerLoop(s, metrics)
+    stop = threading.Event()
+    worker = threading.Thread(target=loop.run, args=(stop,))
+    worker.start()
+    client = connect(s)
+    try:
+        wait_for(lambda: covers(s, client, 10 * 40), 60, "a checkpoint of the first rounds")
+        # Redis goes away for longer than the client's own retries while decisions keep arriving
+        _stop(redis_info)
+        log.publish(10)
+        time.sleep(4)
+        assert worker.is_alive(), "the learner died with Redis"
+        redis_info = start_redis(tmp_path, "aof", port=redis_info.port)
+        client = connect(s)
+        wait_for(lambda: covers(s, client, 20 * 40), 60, "a checkpoint of every round after Redis came back")
+        assert worker.is_alive()
+        retries = sum(sample.value for m in metrics.registry.collect() if m.name == "fusionrec_stream_retries"
+                      for sample in m.samples if sample.name.endswith("_total"))
+        assert retries > 0
     finally:
         stop.set()
         worker.join(30)
