@@ -2,9 +2,11 @@
 
 :class:`BatchConsumer` is :class:`~fusionrec.streams.runtime.ConsumeRuntime` with the
 :class:`EventsProcessor`: messages are validated against the event contract (step 2 of the runtime's
-order), the handler applies the batch to Redis (step 3), and the batch's offsets are stored once the
-handler returned and its dead letters are acknowledged (offsets after the side effect). A crash
-before that replays the batch; the state store's offset guards make the replay harmless.
+order), the handler applies the batch to Redis (step 3), and offsets are stored once the handler
+returned, the dead letters are acknowledged and every output derived from the events before them is
+done: outputs the handler defers (ranking off the ingest path) hold an events partition's offset back
+at their :meth:`~BatchHandler.floor`. A crash before that replays from the stored offset; the state
+store's offset guards make the replay harmless and the outputs are derived again.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from confluent_kafka import Message
+from confluent_kafka import Message, TopicPartition
 
 from fusionrec.core.metrics import Metrics
 from fusionrec.core.pseudonyms import Pseudonyms
@@ -23,12 +25,24 @@ from fusionrec.core.settings import Settings
 from fusionrec.streams.contract import CatalogEvent, UserEvent, Validator
 from fusionrec.streams.dlq import DeadLetter
 from fusionrec.streams.metrics import StreamMetrics
-from fusionrec.streams.runtime import BaseProcessor, ConsumeRuntime, KafkaConsumer, Polled, count_types
+from fusionrec.streams.runtime import (
+    TRANSIENT,
+    BaseProcessor,
+    ConsumeRuntime,
+    KafkaConsumer,
+    Offsets,
+    Polled,
+    count_types,
+)
 from fusionrec.streams.state import Positioned
 
 log = logging.getLogger(__name__)
 
 Event = UserEvent | CatalogEvent
+# How long deferred outputs may take to finish before offsets are committed; what is left is derived
+# again by whoever replays from the committed offsets (a rebalance callback must stay short).
+REVOKE_FLUSH_S = 3.0
+SHUTDOWN_FLUSH_S = 30.0
 
 
 @dataclass
@@ -44,6 +58,10 @@ class Batch:
 
 class BatchHandler(Protocol):
     def handle(self, batch: Batch) -> None: ...
+    def floor(self) -> dict[int, int]: ...  # events partition -> first offset whose outputs are pending
+    def accepting(self) -> bool: ...
+    def flush(self, timeout_s: float | None = None) -> None: ...
+    def drop(self) -> None: ...
 
 
 def validator_for(settings: Settings) -> Validator:
@@ -64,6 +82,9 @@ class EventsProcessor(BaseProcessor[Event]):
         self.metrics = metrics
         self.validator = validator_for(settings)
         self.catalog_topic = settings.kafka.topic_catalog
+        self.events_topic = settings.kafka.topic_events
+        self.consumed: Offsets = {}  # next offset per partition whose batch the handler applied
+        self.stored: Offsets = {}
 
     def decode(self, msg: Message) -> Event:
         if msg.topic() == self.catalog_topic:
@@ -74,6 +95,54 @@ class EventsProcessor(BaseProcessor[Event]):
         if polled.scratch is None:  # first attempt: build the handler's batch once
             polled.scratch = self._batch(polled)
         self.handler.handle(polled.scratch)
+
+    def completed(self, polled: Polled[Event]) -> Offsets:
+        self.consumed.update(polled.next)
+        return self._done()
+
+    def tick(self) -> Offsets:
+        return self._done()
+
+    def accepting(self) -> bool:
+        return self.handler.accepting()
+
+    def revoked(self, partitions: list[TopicPartition]) -> Offsets:
+        self._flush("revoke", REVOKE_FLUSH_S)
+        done = self._done()
+        self._forget(partitions)
+        return done
+
+    def lost(self, partitions: list[TopicPartition]) -> None:
+        self.handler.drop()  # their new owner replays from the committed offsets and derives them again
+        self._forget(partitions)
+
+    def drain(self) -> Offsets:
+        self._flush("shutdown", SHUTDOWN_FLUSH_S)
+        return self._done()
+
+    def _flush(self, why: str, timeout_s: float) -> None:
+        try:
+            self.handler.flush(timeout_s)
+        except TRANSIENT as exc:  # the offsets stay at the floor: a replay derives the outputs again
+            log.warning("pending outputs not finished at %s (%s: %s); they are derived again on replay",
+                        why, type(exc).__name__, exc)
+
+    def _done(self) -> Offsets:
+        """Consumed offsets, held back at the first events offset whose deferred outputs are pending;
+        only what moved since the last call."""
+        floor = self.handler.floor()
+        out: Offsets = {}
+        for (topic, partition), nxt in self.consumed.items():
+            if topic == self.events_topic and partition in floor:
+                nxt = min(nxt, floor[partition])
+            if self.stored.get((topic, partition), -1) < nxt:
+                out[(topic, partition)] = self.stored[(topic, partition)] = nxt
+        return out
+
+    def _forget(self, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:
+            self.consumed.pop((tp.topic, tp.partition), None)
+            self.stored.pop((tp.topic, tp.partition), None)
 
     def _batch(self, polled: Polled[Event]) -> Batch:
         batch = Batch(dead=polled.dead)

@@ -8,6 +8,11 @@ retry, a replay or a crash before the offsets were stored, each output is produc
 recommendation list is ranked again from the state (the same or newer), and feedback decisions and
 item deltas carry the source positions their consumers de-duplicate by. Every output is therefore
 produced at least once and counted exactly once.
+
+A hook may finish its outputs later (:class:`DeferredOutput`: ranking off the ingest path, see
+:mod:`fusionrec.online.ranking.scheduler`). The consumer then stores an events offset only once every
+deferred output of the events before it is done (:meth:`UserStateHandler.floor`), finishes them all
+before a revocation commits (:meth:`UserStateHandler.flush`), and forgets them when partitions are lost.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from typing import Protocol, runtime_checkable
 
 from fusionrec.core.metrics import Metrics, MetricSet, counter, histogram
 from fusionrec.streams.consumer import Batch
@@ -26,12 +32,23 @@ SAMPLE = 64
 AfterApply = Callable[[BatchResult], None]
 
 
+@runtime_checkable
+class DeferredOutput(Protocol):
+    """An ``after_apply`` hook whose outputs are finished later, off the ingest path."""
+
+    def __call__(self, result: BatchResult) -> None: ...
+    def floor(self) -> dict[int, int]: ...  # events partition -> first offset whose output is pending
+    def accepting(self) -> bool: ...  # False: too much pending, stop fetching
+    def flush(self, timeout_s: float | None = None) -> None: ...  # finish what is pending now
+    def drop(self) -> None: ...  # forget everything pending (the partitions were lost)
+
+
 class StateMetrics(MetricSet):
     component = "user-state stream (fusionrec.streams.user_state)"
     redis_write_seconds = histogram("fusionrec_state_redis_write_seconds",
                                     "Wall time of the Redis round trips applying one batch", ("stage",))
     freshness_seconds = histogram("fusionrec_state_freshness_seconds",
-                                  "Kafka message timestamp to state + recommendations visible in Redis")
+                                  "Kafka message timestamp to the state it changes visible in Redis")
     replay_skipped = counter("fusionrec_state_replay_skipped_total",
                              "Events skipped because their offset was already applied")
 
@@ -43,6 +60,25 @@ class UserStateHandler:
         self.store = store
         self.metrics = metrics.of(StateMetrics)
         self.after_apply = list(after_apply or [])
+        self.deferred = [h for h in self.after_apply if isinstance(h, DeferredOutput)]
+
+    def floor(self) -> dict[int, int]:
+        out: dict[int, int] = {}
+        for hook in self.deferred:
+            for p, offset in hook.floor().items():
+                out[p] = min(offset, out.get(p, offset))
+        return out
+
+    def accepting(self) -> bool:
+        return all(hook.accepting() for hook in self.deferred)
+
+    def flush(self, timeout_s: float | None = None) -> None:
+        for hook in self.deferred:
+            hook.flush(timeout_s)
+
+    def drop(self) -> None:
+        for hook in self.deferred:
+            hook.drop()
 
     def handle(self, batch: Batch) -> None:
         t0 = time.perf_counter()

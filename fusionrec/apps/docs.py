@@ -22,7 +22,7 @@ from fusionrec.core.settings import DAY_S, GROUPS, PREFIX
 METRIC_MODULES = (
     "fusionrec.streams.metrics", "fusionrec.streams.user_state", "fusionrec.streams.trending",
     "fusionrec.models.embedder", "fusionrec.online.learning.learner", "fusionrec.online.learning.checkpoints",
-    "fusionrec.online.ranking.writer", "fusionrec.online.serving.api",
+    "fusionrec.online.ranking.writer", "fusionrec.online.ranking.scheduler", "fusionrec.online.serving.api",
 )
 
 

@@ -1,4 +1,5 @@
-"""Wiring of the user-state process: consumer → state store → recommendation writer, with metrics."""
+"""Wiring of the user-state process: consumer → state store → ranking scheduler (its own thread) →
+recommendation writer, and item deltas, with metrics."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from fusionrec.core.metrics import Metrics
 from fusionrec.core.redis_client import connect
 from fusionrec.core.settings import Settings
 from fusionrec.online.learning.feedback import FeedbackPublisher
+from fusionrec.online.ranking.scheduler import RankScheduler
 from fusionrec.online.ranking.writer import RecommendationWriter
 from fusionrec.streams.consumer import BatchConsumer
 from fusionrec.streams.state import StateStore
@@ -33,8 +35,10 @@ class StatePipeline:
         self.feedback = FeedbackPublisher(settings) if settings.rec.ranker == "fusion" else None
         self.writer = RecommendationWriter(self.redis, settings, metrics=self.metrics, keys=keys,
                                            sink=self.feedback)
+        # ranking leaves the ingest path: touched users are ranked by the scheduler's thread
+        self.ranking = RankScheduler(self.writer, settings, self.metrics)
         self.deltas = ItemDeltaPublisher(settings, self.metrics)
-        self.handler = UserStateHandler(self.store, self.metrics, after_apply=[self.writer, self.deltas])
+        self.handler = UserStateHandler(self.store, self.metrics, after_apply=[self.ranking, self.deltas])
         self.consumer = BatchConsumer(settings, self.handler, self.metrics, group_id=group_id,
                                       consumer_options=consumer_options)
         if serve_metrics:
@@ -49,6 +53,7 @@ class StatePipeline:
 
     def __exit__(self, *exc: object) -> None:
         try:
+            self.ranking.close()
             for producer in (self.feedback, self.deltas):
                 if producer is not None:
                     producer.close()

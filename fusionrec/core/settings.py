@@ -146,6 +146,14 @@ class RecSettings:
     ranker: str = setting("fusion", env="REC_RANKER", doc="fusion (learned, hot-reloaded) | simple (fixed blend)")
     pool: int = setting(100, env="REC_POOL",
                         doc="candidates per user the fusion scores (cut by the fixed blend) and logs for the learner")
+    debounce_ms: int = setting(100, env="REC_DEBOUNCE_MS",
+                               doc="a user's list is ranked at most this often; their events meanwhile are merged")
+    cycle_ms: int = setting(20, env="REC_CYCLE_MS", doc="how often the ranking thread looks for due users")
+    budget_ms: int = setting(15, env="REC_BUDGET_MS",
+                             doc="ranking time per cycle before the thread yields to ingest (over budget: ranks "
+                                 "wait, merging further events)")
+    max_dirty: int = setting(50_000, env="REC_MAX_DIRTY",
+                             doc="users waiting to be ranked beyond which the stream stops fetching")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -373,6 +381,9 @@ class Settings:
             raise ConfigError(f"{PREFIX}LEARN_ROLLBACK_RATIO must be in (0, 1], got {learn.rollback_ratio}")
         if self.rec.pool < self.rec.k or learn.checkpoint_s <= 0 or learn.window_s <= 0:
             raise ConfigError("rec_pool must be >= rec_k; learn checkpoint interval and window must be > 0")
+        rec = self.rec
+        if rec.debounce_ms < 0 or rec.cycle_ms <= 0 or rec.budget_ms <= 0 or rec.max_dirty <= 0:
+            raise ConfigError("rec debounce must be >= 0; ranking cycle, budget and max dirty users must be > 0")
         if self.trending.step_s <= 0 or self.trending.window_s < self.trending.step_s:
             raise ConfigError("trending window must be >= its step > 0")
         if not 0 < serve.port < 65536 or serve.max_k <= 0 or serve.search_candidates <= 0:

@@ -236,7 +236,9 @@ def assert_outputs_exactly_once(settings: Settings, client: redis.Redis, ds: Dat
     per_user = Counter(interactions.user_id.astype(str))
     per_item = Counter(interactions.item_id.astype(str))
     out = derived_outputs(settings)
-    assert {u: len(positions) for u, positions in out.actions.items()} == dict(per_user)
+    got = {u: len(positions) for u, positions in out.actions.items()}
+    wrong = {u: (got.get(u, 0), n) for u, n in per_user.items() if got.get(u, 0) != n}
+    assert not wrong and got.keys() == per_user.keys(), f"(joined, events) per user: {dict(list(wrong.items())[:10])}"
     assert all(len(set(p)) == len(p) for p in out.actions.values())
     assert out.item_counts == dict(per_item)
     keys = Keys.for_settings(settings)

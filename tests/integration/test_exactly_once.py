@@ -36,7 +36,7 @@ class FailsAfter:
 
 
 def test_transient_failures_in_every_step_leave_outputs_exactly_once(services, rclient: redis.Redis):
-    s = make_settings(services, partitions=2, batch_size=300)
+    s = make_settings(services, partitions=2, batch_size=300, rec_debounce_ms=0)
     ensure_topics(s)
     ds = datasets.completejourney(households=40).head(5_000)
     store_catalog(s, ds)
@@ -44,14 +44,14 @@ def test_transient_failures_in_every_step_leave_outputs_exactly_once(services, r
         replay(ds, p, progress=False, catalog=False)
     metrics = Metrics()
     pipeline = StatePipeline(s, metrics=metrics)
-    # each step fails after doing its work on some calls: the state write, the ranking and list write,
-    # the feedback log and the item deltas
+    # each step fails after doing its work on some calls: the state write, the ranking and list write
+    # (in the ranking thread), the feedback log and the item deltas
     pipeline.store.apply = FailsAfter(pipeline.store.apply, {2, 7}, redis.ConnectionError)  # type: ignore[method-assign]
-    writer, deltas = pipeline.handler.after_apply
-    assert pipeline.writer.sink is not None
-    pipeline.writer.sink = FailsAfter(pipeline.writer.sink, {3, 9}, DeliveryError)
-    pipeline.handler.after_apply = [FailsAfter(writer, {5}, redis.TimeoutError),
-                                    FailsAfter(deltas, {4, 11}, DeliveryError)]
+    ranking, deltas = pipeline.handler.after_apply
+    assert ranking is pipeline.ranking and pipeline.writer.sink is not None
+    pipeline.writer.sink = FailsAfter(pipeline.writer.sink, {2, 4}, DeliveryError)
+    pipeline.writer.refresh = FailsAfter(pipeline.writer.refresh, {3}, redis.TimeoutError)  # type: ignore[method-assign]
+    pipeline.handler.after_apply = [ranking, FailsAfter(deltas, {4, 11}, DeliveryError)]
     stop = threading.Event()
     with pipeline:
         run = threading.Thread(target=pipeline.consumer.run,
@@ -61,7 +61,8 @@ def test_transient_failures_in_every_step_leave_outputs_exactly_once(services, r
         stop.set()
         run.join(30)
     assert pipeline.consumer.consumed >= len(ds.events)
-    assert metrics.of(StreamMetrics).retries.labels("apply")._value.get() == 7
+    retries = metrics.of(StreamMetrics).retries
+    assert retries.labels("apply")._value.get() == 4 and retries.labels("rank")._value.get() == 3
 
     out = assert_outputs_exactly_once(s, rclient, ds)
     interactions = int((ds.events.type != "impression").sum())

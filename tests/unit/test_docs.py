@@ -25,3 +25,20 @@ def test_every_setting_and_every_metric_is_in_the_references():
         metrics.of(kind)  # two sets declaring one name would fail here (duplicated timeseries)
     families = {family.name for family in metrics.registry.collect()}
     assert families and all(f"`{name}" in text["metrics.md"] for name in families)
+
+
+def test_every_metric_set_is_in_the_reference():
+    import re
+    from pathlib import Path
+
+    from fusionrec.apps.docs import METRIC_MODULES
+
+    root = Path(__file__).resolve().parents[2]
+    declaring = set()
+    for path in root.glob("*/**/*.py"):
+        if path.parts[len(root.parts)] in {"fusionrec", "streams", "models", "online"} and \
+                re.search(r"^class \w+\(MetricSet\):", path.read_text(), re.M):
+            rel = path.relative_to(root).with_suffix("")
+            parts = rel.parts if rel.parts[0] == "fusionrec" else ("fusionrec", *rel.parts)
+            declaring.add(".".join(parts))
+    assert declaring and declaring <= set(METRIC_MODULES), declaring - set(METRIC_MODULES)

@@ -212,7 +212,7 @@ class Recorder(BaseProcessor[str]):
 
 def runtime(consumer: FakeConsumer, processor: BaseProcessor[str], dlq: FakeDeadLetters | None = None,
             metrics: Metrics | None = None, max_messages: int = 10) -> ConsumeRuntime[str]:
-    settings = Settings.from_env({"FUSIONREC_STREAM_RETRY_MAX_BACKOFF_S": "0.2"})
+    settings = Settings.from_env({"FUSIONREC_RETRY_MAX_BACKOFF_S": "0.2"})
     return ConsumeRuntime(settings, processor, metrics or Metrics(), group_id="g", topics=[TOPIC],
                           max_messages=max_messages, timeout_s=0.0, consumer=consumer,
                           dead_letters=dlq or FakeDeadLetters(log=consumer.log))

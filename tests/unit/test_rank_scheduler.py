@@ -1,0 +1,129 @@
+"""Ranking off the ingest path: what the scheduler merges, when it ranks, and which offsets it holds back."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+import redis
+
+from fusionrec.core.settings import Settings
+from fusionrec.online.ranking.scheduler import RankScheduler
+from fusionrec.streams.state import BatchResult, UserTouch
+
+
+class FakeWriter:
+    """Records what it was asked to rank; can fail, or block until released."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict[str, UserTouch]] = []
+        self.fail = 0
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+
+    def refresh(self, users: dict[str, UserTouch]) -> int:
+        self.entered.set()
+        self.gate.wait(10)
+        if self.fail:
+            self.fail -= 1
+            raise redis.ConnectionError("down")
+        self.calls.append({u: UserTouch(t.recent, t.last_ts, list(t.actions), list(t.shown), list(t.positions),
+                                        dict(t.upto)) for u, t in users.items()})
+        return len(users)
+
+
+def touch(user_events: list[tuple[str, int, int]]) -> UserTouch:
+    """A touch from (item, partition, offset) purchases."""
+    return UserTouch(recent=[i for i, _, _ in user_events], last_ts=max(o for _, _, o in user_events),
+                     actions=[("purchase", i, o) for i, _, o in user_events],
+                     positions=[(p, o) for _, p, o in user_events],
+                     upto={p: o for _, p, o in sorted(user_events, key=lambda e: e[2])})
+
+
+def result(**users: list[tuple[str, int, int]]) -> BatchResult:
+    return BatchResult(users={u: touch(evs) for u, evs in users.items()})
+
+
+def scheduler(writer: FakeWriter, **overrides: Any) -> RankScheduler:
+    s = Settings.from_env({}, **{"rec_debounce_ms": 0, "rec_cycle_ms": 5, "rec_budget_ms": 50, **overrides})
+    return RankScheduler(writer, s)  # type: ignore[arg-type]
+
+
+def wait(cond: Any, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+
+
+def test_a_users_touches_are_merged_and_ranked_once_with_every_action():
+    w = FakeWriter()
+    w.gate.clear()  # hold the thread so both batches arrive before the first ranking
+    sch = scheduler(w, rec_debounce_ms=10_000)
+    sch(result(u1=[("a", 0, 5)]))
+    w.entered.wait(2)  # the thread took u1 into its first chunk and is blocked there
+    sch(result(u1=[("b", 0, 9), ("c", 1, 3)]))
+    sch(result(u1=[("b", 0, 9)]))  # a replay reports an event again: merged once
+    w.gate.set()
+    wait(lambda: len(w.calls) == 1)
+    assert sch.floor() == {0: 9, 1: 3}  # the second touch waits for the debounce
+    sch.flush()  # a flush ignores the debounce
+    assert [c["u1"].actions for c in w.calls] == [[("purchase", "a", 5)],
+                                                   [("purchase", "b", 9), ("purchase", "c", 3)]]
+    assert w.calls[1]["u1"].upto == {0: 9, 1: 3} and sch.floor() == {}
+    sch.close()
+
+
+def test_the_floor_holds_offsets_of_users_being_ranked():
+    w = FakeWriter()
+    w.gate.clear()
+    sch = scheduler(w)
+    sch(result(u1=[("a", 0, 5)], u2=[("b", 1, 7)]))
+    w.entered.wait(2)
+    assert sch.floor() == {0: 5, 1: 7}  # taken out of the queue, but not written yet
+    w.gate.set()
+    wait(lambda: sch.floor() == {})
+    sch.close()
+
+
+def test_a_failed_ranking_puts_the_users_back_and_is_retried():
+    w = FakeWriter()
+    w.fail = 2
+    sch = scheduler(w, retry_max_backoff_s=0.05)
+    sch(result(u1=[("a", 0, 5)]))
+    wait(lambda: len(w.calls) == 1)
+    assert w.calls[0]["u1"].actions == [("purchase", "a", 5)]
+    assert sch.floor() == {}
+    sch.close()
+
+
+def test_a_full_queue_stops_the_stream_and_lost_partitions_are_forgotten():
+    w = FakeWriter()
+    w.gate.clear()
+    sch = scheduler(w, rec_max_dirty=2)
+    sch(result(u1=[("a", 0, 1)]))
+    w.entered.wait(2)
+    sch(result(u2=[("a", 0, 2)], u3=[("a", 0, 3)]))
+    assert not sch.accepting()
+    w.gate.set()
+    sch.drop()  # waits for the chunk in hand, then forgets the rest
+    assert sch.accepting() and sch.floor() == {}
+    sch.close()
+
+
+def test_a_ranking_thread_that_dies_fails_the_stream():
+    w = FakeWriter()
+
+    def broken(users: dict[str, UserTouch]) -> int:
+        raise KeyError("a bug")
+
+    w.refresh = broken  # type: ignore[method-assign]
+    sch = scheduler(w)
+    sch(result(u1=[("a", 0, 1)]))
+    wait(lambda: sch.failure is not None)
+    with pytest.raises(RuntimeError, match="ranking thread failed"):
+        sch(result(u2=[("a", 0, 2)]))
+    sch.close()
