@@ -111,3 +111,5 @@ def test_two_processes_split_partitions_and_totals_are_exact(services, tmp_path,
         assert int(state[key]["n:purchase"]) == n
     pop_key = next(k for k in state if k.endswith("{g}:pop"))
     assert set(state[pop_key]) == set(ds.events.item_id)
+    # partitions moved between the processes while users waited to be ranked: outputs exactly once
+    assert_outputs_exactly_once(s, client, ds)
