@@ -163,6 +163,24 @@ for k = 1, #KEYS do out[k] = redis.call('ZRANGE', KEYS[k], 0, stop, 'REV', 'WITH
 return out
 """
 
+# KEYS: ``rec`` lists of one bucket. ARGV[1]: ttl seconds, then per key its event time and its JSON.
+# A list is written only when no stored list is newer (its ``event_ts``): a process that ranked from
+# older state (a previous partition owner, say) never replaces a newer list. Returns how many it wrote.
+NEWER_RECS = """
+local ttl = ARGV[1]
+local written = 0
+for k = 1, #KEYS do
+  local ts = tonumber(ARGV[2 * k])
+  local cur = redis.call('GET', KEYS[k])
+  local old = cur and tonumber(string.match(cur, '"event_ts":(%d+)'))
+  if not old or old <= ts then
+    redis.call('SET', KEYS[k], ARGV[2 * k + 1], 'EX', ttl)
+    written = written + 1
+  end
+end
+return written
+"""
+
 # KEYS: string keys of one bucket. ARGV[1]: ttl seconds, then one value per key.
 MULTI_SETEX = """
 local ttl = ARGV[1]

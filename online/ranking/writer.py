@@ -1,7 +1,8 @@
 """Re-ranks the users a batch touched and writes their ``rec`` keys.
 
 Per batch: read the touched users' candidate contexts (:class:`~fusionrec.online.candidates.context.CandidateReader`,
-the one read side); rank (the learned fusion by default); write the lists and the
+the one read side); rank (the learned fusion by default); write the lists (a list is kept where the
+stored one was ranked from newer events: another process ranked after this one read) and the
 profile vectors; hand the ranked pools with the batch's events to the feedback ``sink`` (the
 learner's training data, see :mod:`fusionrec.online.learning.feedback`).
 """
@@ -18,7 +19,7 @@ import redis
 
 from fusionrec.core.keys import Keys
 from fusionrec.core.metrics import Metrics, MetricSet, counter, histogram
-from fusionrec.core.scripts import MULTI_SETEX, register
+from fusionrec.core.scripts import MULTI_SETEX, NEWER_RECS, register
 from fusionrec.core.settings import Settings
 from fusionrec.online.candidates.context import CandidateReader
 from fusionrec.online.learning.checkpoints import CheckpointStore, ServingModel
@@ -66,6 +67,7 @@ class RecommendationWriter:
         self.sink = sink
         self.candidates = CandidateReader(client, settings, self.keys)
         self._setex = register(client, MULTI_SETEX)
+        self._newer = register(client, NEWER_RECS)
 
     def __call__(self, result: BatchResult) -> None:
         if result.users:
@@ -84,7 +86,7 @@ class RecommendationWriter:
     def refresh(self, users: dict[str, UserTouch]) -> int:
         t0 = time.perf_counter()
         now = int(time.time() * 1000)
-        per_bucket: dict[int, tuple[list[str], list[bytes]]] = defaultdict(lambda: ([], []))
+        per_bucket: dict[int, tuple[list[str], list[bytes | int]]] = defaultdict(lambda: ([], []))
         profiles: dict[int, tuple[list[str], list[bytes]]] = defaultdict(lambda: ([], []))
         contexts = self.candidates.for_users(users)
         ranked = self.ranker.rank_many(contexts, self.settings.rec.k)
@@ -98,12 +100,12 @@ class RecommendationWriter:
                            event_ts=users[ctx.user_id].last_ts)
             keys, values = per_bucket[self.keys.bucket(ctx.user_id)]
             keys.append(self.keys.user_rec(ctx.user_id))
-            values.append(_encoder.encode(recs))
+            values.extend((recs.event_ts, _encoder.encode(recs)))
         pipe = self.redis.pipeline(transaction=False)
         for keys, values in per_bucket.values():
-            self._setex(keys=keys, args=[self.settings.rec.ttl_s, *values], client=pipe)
-        for keys, values in profiles.values():
-            self._setex(keys=keys, args=[self.settings.state.user_ttl_s, *values], client=pipe)
+            self._newer(keys=keys, args=[self.settings.rec.ttl_s, *values], client=pipe)
+        for pkeys, pvalues in profiles.values():
+            self._setex(keys=pkeys, args=[self.settings.state.user_ttl_s, *pvalues], client=pipe)
         pipe.execute()
         if self.sink is not None:
             self.sink(self._snapshots(users, ranked, now))

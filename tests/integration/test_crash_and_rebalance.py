@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from fusionrec.core.keys import Keys
 from fusionrec.core.redis_client import connect
 from fusionrec.streams import datasets
 from fusionrec.streams.producer import EventProducer
@@ -44,12 +45,15 @@ def test_sigkill_at_random_points_then_restart_equals_one_clean_pass(services, t
     client = connect(crashy)
     store_catalog(crashy, ds)
     rng = random.Random(7)
+    keys = Keys.for_settings(crashy)
     kills = 0
     for _ in range(4):
+        started = client.zcard(keys.popularity())
         proc = _consumer(crashy, tmp_path / "crashy.log")
         # let it join the group and get some way into the data, then kill it mid-flight
-        wait_for(lambda p=proc: purchases_in(client, crashy.redis.prefix) > 0 or p.poll() is not None, 60,
-                 "the consumer to start applying", interval=0.5)
+        # (one cheap command: scanning the whole state would take longer than the consumer needs)
+        wait_for(lambda p=proc: client.zcard(keys.popularity()) > started or p.poll() is not None, 60,
+                 "the consumer to start applying", interval=0.05)
         time.sleep(rng.uniform(0.05, 0.8))
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)

@@ -157,3 +157,20 @@ def test_pseudonymous_user_ids_never_reach_redis(services):
         recs = RecommendationReader(client, s).top_k(raw_ids[0])
         assert not recs.fallback and recs.user_id == raw_ids[0]  # asked and answered by the real id
         assert RecommendationReader(client, s.replace(user_id_key=None)).top_k(raw_ids[0]).fallback
+
+
+def test_a_list_ranked_from_older_events_never_replaces_a_newer_one(settings, rclient):
+    from fusionrec.online.ranking.ranker import SimpleRanker
+    from fusionrec.online.ranking.writer import RecommendationWriter
+    from fusionrec.online.serving.reader import RecommendationReader
+    from fusionrec.streams.state import UserTouch
+
+    writer = RecommendationWriter(rclient, settings, ranker=SimpleRanker())
+    rclient.zadd(writer.keys.popularity(), {"p1": 3.0, "p2": 2.0})
+    reader = RecommendationReader(rclient, settings)
+    writer.refresh({"u1": UserTouch(recent=[], last_ts=200)})
+    writer.refresh({"u1": UserTouch(recent=[], last_ts=100)})  # e.g. a previous owner, late
+    assert reader.top_k("u1").event_ts == 200
+    writer.refresh({"u1": UserTouch(recent=[], last_ts=200)})  # the same events ranked again: written
+    writer.refresh({"u1": UserTouch(recent=[], last_ts=300)})
+    assert reader.top_k("u1").event_ts == 300 and [r.item_id for r in reader.top_k("u1").items] == ["p1", "p2"]
