@@ -12,6 +12,7 @@ store's offset guards make the replay harmless and the outputs are derived again
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,7 +33,6 @@ from fusionrec.streams.runtime import (
     KafkaConsumer,
     Offsets,
     Polled,
-    count_types,
 )
 from fusionrec.streams.state import Positioned
 
@@ -43,6 +43,9 @@ Event = UserEvent | CatalogEvent
 # again by whoever replays from the committed offsets (a rebalance callback must stay short).
 REVOKE_FLUSH_S = 3.0
 SHUTDOWN_FLUSH_S = 30.0
+# Offsets are committed once a second; recomputing the floor (a pass over the pending users) more
+# often than this would only cost the ingest path.
+DONE_EVERY_S = 0.1
 
 
 @dataclass
@@ -85,6 +88,7 @@ class EventsProcessor(BaseProcessor[Event]):
         self.events_topic = settings.kafka.topic_events
         self.consumed: Offsets = {}  # next offset per partition whose batch the handler applied
         self.stored: Offsets = {}
+        self._done_at = 0.0
 
     def decode(self, msg: Message) -> Event:
         if msg.topic() == self.catalog_topic:
@@ -108,7 +112,7 @@ class EventsProcessor(BaseProcessor[Event]):
 
     def revoked(self, partitions: list[TopicPartition]) -> Offsets:
         self._flush("revoke", REVOKE_FLUSH_S)
-        done = self._done()
+        done = self._done(force=True)
         self._forget(partitions)
         return done
 
@@ -118,7 +122,7 @@ class EventsProcessor(BaseProcessor[Event]):
 
     def drain(self) -> Offsets:
         self._flush("shutdown", SHUTDOWN_FLUSH_S)
-        return self._done()
+        return self._done(force=True)
 
     def _flush(self, why: str, timeout_s: float) -> None:
         try:
@@ -127,9 +131,13 @@ class EventsProcessor(BaseProcessor[Event]):
             log.warning("pending outputs not finished at %s (%s: %s); they are derived again on replay",
                         why, type(exc).__name__, exc)
 
-    def _done(self) -> Offsets:
+    def _done(self, force: bool = False) -> Offsets:
         """Consumed offsets, held back at the first events offset whose deferred outputs are pending;
-        only what moved since the last call."""
+        only what moved since the last call (at most every ``DONE_EVERY_S`` unless ``force``)."""
+        now = time.monotonic()
+        if not force and now - self._done_at < DONE_EVERY_S:
+            return {}
+        self._done_at = now
         floor = self.handler.floor()
         out: Offsets = {}
         for (topic, partition), nxt in self.consumed.items():
@@ -154,7 +162,8 @@ class EventsProcessor(BaseProcessor[Event]):
                 batch.events.append(Positioned(rec.partition, rec.offset, rec.value))
                 types[rec.value.type] += 1
             batch.timestamps.append(rec.timestamp)
-        count_types(self.metrics, self.settings.kafka.topic_events, types)
+        for event_type, n in types.items():
+            self.metrics.events.labels(self.events_topic, event_type).inc(n)
         if batch.catalog:
             self.metrics.events.labels(self.catalog_topic, "catalog").inc(len(batch.catalog))
         return batch

@@ -40,14 +40,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar, cast
 
 import redis
 from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, KafkaException, Message, TopicPartition
-from redis.exceptions import ClusterDownError, ClusterError, OutOfMemoryError, ReadOnlyError, TryAgainError
+from redis.exceptions import ClusterError
 
 from fusionrec.core.errors import DeliveryError, InvalidEventError, StateStoreError
 from fusionrec.core.metrics import Metrics
@@ -62,9 +61,9 @@ log = logging.getLogger(__name__)
 # over, out of memory or answering a script error (a Lua error names its cause in the log at each
 # retry), a cluster resharding, Kafka not acknowledging, and a state guard that moved (a concurrent
 # writer: recompute from fresh state).
+# (``ResponseError`` covers OOM, READONLY, TRYAGAIN and CLUSTERDOWN replies.)
 TRANSIENT: tuple[type[BaseException], ...] = (
-    redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, redis.ResponseError, OutOfMemoryError,
-    ReadOnlyError, TryAgainError, ClusterDownError, ClusterError, DeliveryError, StateStoreError)
+    redis.ConnectionError, redis.TimeoutError, redis.ResponseError, ClusterError, DeliveryError, StateStoreError)
 
 Offsets = dict[tuple[str, int], int]  # (topic, partition) -> next offset to consume
 T = TypeVar("T")
@@ -416,11 +415,6 @@ class ConsumeRuntime(Generic[T]):
             _low, high = self._consumer.get_watermark_offsets(TopicPartition(t, p), cached=True)
             if high >= 0:
                 self.metrics.lag.record(t, p, high, o)
-
-
-def count_types(metrics: StreamMetrics, topic: str, types: Counter[str]) -> None:
-    for event_type, n in types.items():
-        metrics.events.labels(topic, event_type).inc(n)
 
 
 def _fmt(partitions: Sequence[TopicPartition]) -> str:

@@ -189,12 +189,16 @@ class RankScheduler:
                 self._rank(batch)
 
     def _due(self, now: float) -> dict[str, Pending]:
-        """Up to CHUNK pending users not ranked within the debounce interval, oldest first (taken out)."""
+        """Up to CHUNK pending users not ranked within the debounce interval, oldest first (taken out):
+        the pending dict keeps arrival order, so the first due ones are the oldest."""
         with self._lock:
-            due = [(e.since, uid) for uid, e in self._pending.items()
-                   if now - self._ranked_at.get(uid, 0.0) >= self.debounce_s]
-            due.sort()
-            batch = {uid: self._pending.pop(uid) for _since, uid in due[:CHUNK]}
+            due = []
+            for uid in self._pending:
+                if now - self._ranked_at.get(uid, 0.0) >= self.debounce_s:
+                    due.append(uid)
+                    if len(due) == CHUNK:
+                        break
+            batch = {uid: self._pending.pop(uid) for uid in due}
             self._inflight.update(batch)
             return batch
 

@@ -52,7 +52,7 @@ def test_sigkill_at_random_points_then_restart_equals_one_clean_pass(services, t
         proc = _consumer(crashy, tmp_path / "crashy.log")
         # let it join the group and get some way into the data, then kill it mid-flight
         # (one cheap command: scanning the whole state would take longer than the consumer needs)
-        wait_for(lambda p=proc: client.zcard(keys.popularity()) > started or p.poll() is not None, 60,
+        wait_for(lambda p=proc, n=started: client.zcard(keys.popularity()) > n or p.poll() is not None, 60,
                  "the consumer to start applying", interval=0.05)
         time.sleep(rng.uniform(0.05, 0.8))
         if proc.poll() is None:
