@@ -53,7 +53,7 @@ from fusionrec.streams.consumer import Batch, validator_for
 from fusionrec.streams.producer import EventProducer
 from fusionrec.streams.replay import replay
 from fusionrec.streams.runtime import consumer_config
-from fusionrec.streams.state import EVENT_WEIGHTS, Decay, StateStore, UserTouch
+from fusionrec.streams.state import EVENT_WEIGHTS, BatchResult, Decay, Positioned, StateStore, UserTouch
 from fusionrec.streams.topics import ensure_topics
 
 TAOBAO = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "taobao-userbehavior-110k.csv"
@@ -208,16 +208,25 @@ def freshness(base: Settings, ds: datasets.Dataset, rate: float) -> dict[str, An
     waiting: dict[str, list[int]] = {}
     lock = threading.Lock()
     applied_at = [0.0]
-    handle, refresh = pipeline.handler.handle, pipeline.writer.refresh
+    stamps: dict[tuple[int, int], int] = {}  # (partition, offset) -> Kafka timestamp, until applied
+    handle, apply, refresh = pipeline.handler.handle, pipeline.store.apply, pipeline.writer.refresh
 
-    def timed(batch: Batch) -> None:
+    def taken(batch: Batch) -> None:
+        if not batch.taken:
+            for pe, ts in zip(batch.events, batch.timestamps, strict=True):
+                stamps[(pe.partition, pe.offset)] = ts
         handle(batch)
+
+    def timed(events: list[Positioned]) -> BatchResult:
+        result = apply(events)  # the state is in Redis when this returns (write-behind: several batches)
         now = time.time() * 1000
         with lock:
-            for pe, ts in zip(batch.events, batch.timestamps, strict=True):
+            for pe in events:
+                ts = stamps.pop((pe.partition, pe.offset))
                 state_ms.append(now - ts)
                 waiting.setdefault(str(pe.event.user_id), []).append(ts)
         applied_at[0] = time.time()
+        return result
 
     def written(users: dict[str, UserTouch]) -> int:
         with lock:  # what waited for these users before this ranking started
@@ -228,7 +237,8 @@ def freshness(base: Settings, ds: datasets.Dataset, rate: float) -> dict[str, An
             recs_ms.extend(now - ts for stamps in mine.values() for ts in stamps)
         return n
 
-    pipeline.handler.handle = timed  # type: ignore[method-assign]
+    pipeline.handler.handle = taken  # type: ignore[method-assign]
+    pipeline.store.apply = timed  # type: ignore[method-assign]
     pipeline.writer.refresh = written  # type: ignore[method-assign]
     stop = threading.Event()
     with pipeline:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -57,14 +57,18 @@ class Batch:
     dead: list[DeadLetter] = field(default_factory=list)
     # Kafka message timestamps (ms) of the valid messages, for freshness.
     timestamps: list[int] = field(default_factory=list)
+    # set by a handler that took the batch in: a retry of the batch's step must not take it again
+    taken: bool = False
 
 
 class BatchHandler(Protocol):
     def handle(self, batch: Batch) -> None: ...
     def floor(self) -> dict[int, int]: ...  # events partition -> first offset whose outputs are pending
     def accepting(self) -> bool: ...
-    def flush(self, timeout_s: float | None = None) -> None: ...
-    def drop(self) -> None: ...
+    def tick(self) -> None: ...  # between batches: finish what is due
+    def flush(self, timeout_s: float | None = None) -> None: ...  # finish everything pending now
+    def forget(self, partitions: Collection[int]) -> None: ...  # revoked events partitions: drop their pending
+    def drop(self) -> None: ...  # the partitions were lost: drop everything pending
 
 
 def validator_for(settings: Settings) -> Validator:
@@ -105,6 +109,7 @@ class EventsProcessor(BaseProcessor[Event]):
         return self._done()
 
     def tick(self) -> Offsets:
+        self.handler.tick()
         return self._done()
 
     def accepting(self) -> bool:
@@ -113,6 +118,7 @@ class EventsProcessor(BaseProcessor[Event]):
     def revoked(self, partitions: list[TopicPartition]) -> Offsets:
         self._flush("revoke", REVOKE_FLUSH_S)
         done = self._done(force=True)
+        self.handler.forget([tp.partition for tp in partitions if tp.topic == self.events_topic])
         self._forget(partitions)
         return done
 

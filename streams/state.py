@@ -12,6 +12,14 @@ Per batch, in three pipelined round trips of at most one script call per hash-ta
    one guarded call per user bucket. Written after the items: a user guard past an offset means that
    event's item contributions are in Redis too.
 
+The consumer that owns a partition is the only writer of the users keyed to it, so the store keeps
+what the read step would return in process: each bucket's guards, each user's recent items (at most
+``state.cache_users``, least recently touched evicted first) and the items' category/brand (for
+``META_TTL_S``). A batch reads only what is not kept, and the kept state changes only after Redis
+acknowledged the write; any failure forgets all of it (:meth:`StateStore.reset`), so a retry or a
+replay starts again from what Redis holds. Recent items are written as the items pushed, not as the
+whole list, so a user whose events arrive on two partitions owned by two consumers loses no update.
+
 The caller commits Kafka offsets only after all three succeeded. A crash anywhere in between followed
 by a replay from the last committed offset converges to the state of one clean pass.
 
@@ -26,7 +34,9 @@ order without ever rewriting old members.
 
 from __future__ import annotations
 
+import itertools
 import math
+import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -42,6 +52,10 @@ from fusionrec.core.settings import Settings
 from fusionrec.streams.contract import CatalogEvent, UserEvent
 
 _msgpack = msgspec.msgpack.Encoder()
+# How long an item's category/brand is used from process memory; catalog events this process applies
+# replace it at once, those another consumer applies are seen within this time.
+META_TTL_S = 30.0
+META_CACHE_ITEMS = 200_000
 
 
 class StaleStateError(StateStoreError):
@@ -171,11 +185,32 @@ class StateStore:
         self._zset_apply = register(client, ZSET_APPLY)
         self._catalog_apply = register(client, CATALOG_APPLY)
         self._hmget = register(client, MULTI_HMGET)
+        # Kept in process (see the module docstring): changed only after Redis acknowledged a write.
+        self._guards: dict[tuple[int, int], int] = {}  # (user bucket, partition) -> applied offset
+        self._recent: dict[str, list[str]] = {}  # user -> recent items, least recently touched first
+        self._meta: dict[str, tuple[str | None, str | None, float]] = {}  # item -> category, brand, until
+
+    def reset(self) -> None:
+        """Forget what is kept in process; the next batch reads it from Redis again."""
+        self._guards.clear()
+        self._recent.clear()
+        self._meta.clear()
+
+    @property
+    def cached_users(self) -> int:
+        return len(self._recent)
 
     # ------------------------------------------------------------------ user events
     def apply(self, batch: Sequence[Positioned]) -> BatchResult:
         if not batch:
             return BatchResult()
+        try:
+            return self._apply(batch)
+        except BaseException:
+            self.reset()  # a partial write, a concurrent writer: start again from what Redis holds
+            raise
+
+    def _apply(self, batch: Sequence[Positioned]) -> BatchResult:
         by_bucket: dict[int, dict[str, list[Positioned]]] = defaultdict(lambda: defaultdict(list))
         for pe in batch:
             uid = str(pe.event.user_id)  # validated ids are already str; this tells the type checker
@@ -188,7 +223,7 @@ class StateStore:
             for uid, events in group.items():
                 fresh = [pe for pe in events if pe.offset > guards.get((bucket, pe.partition), -1)]
                 result.skipped += len(events) - len(fresh)
-                recent = recents[uid]
+                recent = recents[uid] = list(recents[uid])  # a copy: the kept list changes only once written
                 for partition, evs in _by_partition(fresh).items():
                     keys, payload, offsets = users.setdefault((bucket, partition), ([], [], []))
                     keys.extend(self.keys.user_keys(uid))
@@ -205,33 +240,78 @@ class StateStore:
                 result.max_ts = max(result.max_ts, touch.last_ts)
         self._apply_zsets(list(items.values()))
         self._apply_users(users)
+        self._keep(users, recents)
         return result
+
+    def _keep(self, users: dict[tuple[int, int], tuple[list[str], list[Any], list[int]]],
+              recents: dict[str, list[str]]) -> None:
+        """After an acknowledged write: the buckets' new guards and the users' recent items."""
+        for (bucket, partition), (_keys, _payload, offsets) in users.items():
+            self._guards[(bucket, partition)] = max(offsets)
+        kept = self._recent
+        for uid, recent in recents.items():
+            kept.pop(uid, None)
+            kept[uid] = recent  # re-inserted: the dict is in least-recently-touched order
+        over = len(kept) - self.settings.state.cache_users
+        if over > 0:
+            for uid in list(itertools.islice(kept, over)):
+                del kept[uid]
 
     def _read(self, by_bucket: dict[int, dict[str, list[Positioned]]], batch: Sequence[Positioned]) -> tuple[
             dict[tuple[int, int], int], dict[str, list[str]], dict[str, tuple[str | None, str | None]]]:
+        """Guards, recent items and item metadata of a batch: from process memory where kept, the rest
+        in one pipelined round trip."""
         partitions = sorted({pe.partition for pe in batch})
+        now = time.monotonic()
+        meta: dict[str, tuple[str | None, str | None]] = {}
         items_by_bucket: dict[int, list[str]] = defaultdict(list)
         for iid in {str(pe.event.item_id) for pe in batch if pe.event.item_id is not None}:
-            items_by_bucket[self.keys.bucket(iid)].append(iid)
-        pipe = self.redis.pipeline(transaction=False)
+            known = self._meta.get(iid)
+            if known is not None and known[2] > now:
+                meta[iid] = known[:2]
+            else:
+                items_by_bucket[self.keys.bucket(iid)].append(iid)
+        guards: dict[tuple[int, int], int] = {}
+        recents: dict[str, list[str]] = {}
+        reads: list[tuple[int, list[int], list[str]]] = []
         for bucket, users in by_bucket.items():
-            self._user_read(keys=[self.keys.user_guard(bucket), *(self.keys.user_recent(u) for u in users)],
-                            args=[self.settings.state.recent_items_cap, *partitions], client=pipe)
+            missing = []
+            for p in partitions:
+                g = self._guards.get((bucket, p))
+                if g is None:
+                    missing.append(p)
+                else:
+                    guards[(bucket, p)] = g
+            unknown = []
+            for uid in users:
+                kept = self._recent.get(uid)
+                if kept is None:
+                    unknown.append(uid)
+                else:
+                    recents[uid] = kept
+            if missing or unknown:
+                reads.append((bucket, missing, unknown))
+        if not reads and not items_by_bucket:
+            return guards, recents, meta
+        pipe = self.redis.pipeline(transaction=False)
+        for bucket, missing, unknown in reads:
+            self._user_read(keys=[self.keys.user_guard(bucket), *(self.keys.user_recent(u) for u in unknown)],
+                            args=[self.settings.state.recent_items_cap, *missing], client=pipe)
         for iids in items_by_bucket.values():
             self._hmget(keys=[self.keys.item_meta(i) for i in iids], args=["category", "brand"], client=pipe)
         replies = pipe.execute()
-        guards: dict[tuple[int, int], int] = {}
-        recents: dict[str, list[str]] = {}
-        for (bucket, users), reply in zip(by_bucket.items(), replies, strict=False):
-            for p, raw in zip(partitions, reply[0], strict=True):
-                if raw:
-                    guards[(bucket, p)] = int(raw)
-            for uid, lst in zip(users, reply[1:], strict=True):
+        for (bucket, missing, unknown), reply in zip(reads, replies, strict=False):
+            for p, raw in zip(missing, reply[0], strict=True):
+                guards[(bucket, p)] = self._guards[(bucket, p)] = int(raw) if raw else -1
+            for uid, lst in zip(unknown, reply[1:], strict=True):
                 recents[uid] = [_s(x) for x in lst]
-        meta: dict[str, tuple[str | None, str | None]] = {}
-        for iids, reply in zip(items_by_bucket.values(), replies[len(by_bucket):], strict=True):
+        until = now + META_TTL_S
+        if len(self._meta) > META_CACHE_ITEMS:
+            self._meta.clear()
+        for iids, reply in zip(items_by_bucket.values(), replies[len(reads):], strict=True):
             for iid, (category, brand) in zip(iids, reply, strict=True):
-                meta[iid] = (_opt(category), _opt(brand))
+                meta[iid] = known_meta = (_opt(category), _opt(brand))
+                self._meta[iid] = (*known_meta, until)
         return guards, recents, meta
 
     def _user_record(self, partition: int, events: list[Positioned], recent: list[str],
@@ -244,6 +324,7 @@ class StateStore:
         affinity: dict[str, float] = defaultdict(float)
         pop = _call(items, k.popularity_guard(), partition, 0, True)
         last_seen = -1
+        pushed: dict[str, None] = {}  # items pushed to the recent list, oldest push first
         for pe in sorted(events, key=lambda x: x.offset):
             ev = pe.event
             counts[ev.type] += 1
@@ -265,7 +346,9 @@ class StateStore:
                 call = _call(items, k.item_guard(k.bucket(other)), partition, s.state.covis_cap, False)
                 call.entries[k.item_covis(other)].append((pe.offset, item, w))
             _push_recent(recent, item, s.state.recent_items_cap)
-        return [last_seen, [x for kv in counts.items() for x in kv], list(recent),
+            pushed.pop(item, None)
+            pushed[item] = None
+        return [last_seen, [x for kv in counts.items() for x in kv], list(pushed),
                 [x for kv in weights.items() for x in kv], [x for kv in affinity.items() for x in kv]]
 
     def _apply_zsets(self, calls: list[ZsetCall]) -> None:
@@ -289,7 +372,7 @@ class StateStore:
         for (bucket, partition), (keys, payload, offsets) in calls.items():
             self._user_apply(keys=[self.keys.user_guard(bucket), *keys],
                              args=[partition, self.settings.state.user_ttl_s, min(offsets), max(offsets),
-                                   _msgpack.encode(payload)], client=pipe)
+                                   _msgpack.encode(payload), self.settings.state.recent_items_cap], client=pipe)
         conflicts = [g for g in pipe.execute() if int(g) != -1]
         if conflicts:
             # Another writer applied part of this batch meanwhile: recompute from fresh state.
@@ -301,6 +384,7 @@ class StateStore:
         by_bucket: dict[int, list[CatalogEvent]] = defaultdict(list)
         for ev in events:
             by_bucket[self.keys.bucket(str(ev.item_id))].append(ev)
+            self._meta.pop(str(ev.item_id), None)
         if not by_bucket:
             return 0
         pipe = self.redis.pipeline(transaction=False)

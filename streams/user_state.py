@@ -9,6 +9,13 @@ recommendation list is ranked again from the state (the same or newer), and feed
 item deltas carry the source positions their consumers de-duplicate by. Every output is therefore
 produced at least once and counted exactly once.
 
+Write-behind: a consumed batch's user events wait in process for at most ``state.flush_ms`` (or
+until ``state.flush_max_events`` wait), then the state store applies all of them at once: one
+compare-and-set per bucket, reading only what it does not keep in process. The hooks run after that
+write, so they always see the state their events made. Until then the waiting events hold their
+partitions' offsets back (:meth:`UserStateHandler.floor`); a revocation writes them before its commit,
+and what a revocation could not write, or a lost partition's, is forgotten: the new owner replays it.
+
 A hook may finish its outputs later (:class:`DeferredOutput`: ranking off the ingest path, see
 :mod:`fusionrec.online.ranking.scheduler`). The consumer then stores an events offset only once every
 deferred output of the events before it is done (:meth:`UserStateHandler.floor`), finishes them all
@@ -19,12 +26,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Protocol, runtime_checkable
 
 from fusionrec.core.metrics import Metrics, MetricSet, counter, histogram
 from fusionrec.streams.consumer import Batch
-from fusionrec.streams.state import BatchResult, StateStore
+from fusionrec.streams.state import BatchResult, Positioned, StateStore
 
 log = logging.getLogger(__name__)
 
@@ -54,16 +61,24 @@ class StateMetrics(MetricSet):
 
 
 class UserStateHandler:
-    """Applies a batch's catalog and user events, then the hooks; observes freshness."""
+    """Applies a batch's catalog at once and its user events write-behind, then the hooks; observes
+    freshness (see the module docstring)."""
 
     def __init__(self, store: StateStore, metrics: Metrics, after_apply: list[AfterApply] | None = None) -> None:
         self.store = store
         self.metrics = metrics.of(StateMetrics)
         self.after_apply = list(after_apply or [])
         self.deferred = [h for h in self.after_apply if isinstance(h, DeferredOutput)]
+        state = store.settings.state
+        self.flush_s = state.flush_ms / 1000.0
+        self.flush_max = state.flush_max_events
+        self._waiting: list[Positioned] = []  # consumed user events whose state is not written yet
+        self._stamps: list[int] = []  # their batches' Kafka timestamps, for freshness
+        self._first: dict[int, int] = {}  # partition -> first waiting offset
+        self._since = 0.0  # monotonic time the oldest waiting event was consumed
 
     def floor(self) -> dict[int, int]:
-        out: dict[int, int] = {}
+        out = dict(self._first)
         for hook in self.deferred:
             for p, offset in hook.floor().items():
                 out[p] = min(offset, out.get(p, offset))
@@ -72,32 +87,72 @@ class UserStateHandler:
     def accepting(self) -> bool:
         return all(hook.accepting() for hook in self.deferred)
 
+    def tick(self) -> None:
+        """Between batches: write the waiting events whose time is up."""
+        if self._waiting and time.monotonic() - self._since >= self.flush_s:
+            self.write()
+
     def flush(self, timeout_s: float | None = None) -> None:
+        self.write()
         for hook in self.deferred:
             hook.flush(timeout_s)
 
+    def forget(self, partitions: Collection[int]) -> None:
+        """Revoked partitions whose waiting events could not be written: their new owner replays them."""
+        gone = set(partitions)
+        if any(p in gone for p in self._first):
+            self._waiting = [pe for pe in self._waiting if pe.partition not in gone]
+            self._first = {p: o for p, o in self._first.items() if p not in gone}
+            self.store.reset()  # kept recent items may include the forgotten events
+
     def drop(self) -> None:
+        self._waiting, self._stamps, self._first = [], [], {}
+        self.store.reset()
         for hook in self.deferred:
             hook.drop()
 
     def handle(self, batch: Batch) -> None:
+        if not batch.taken:  # a retried batch is already waiting
+            if batch.catalog:
+                self.store.apply_catalog(batch.catalog)
+            if batch.events:
+                if not self._waiting:
+                    self._since = time.monotonic()
+                self._waiting.extend(batch.events)
+                for pe in batch.events:
+                    self._first.setdefault(pe.partition, pe.offset)
+            self._stamps.extend(batch.timestamps)
+            batch.taken = True
+        if not self._waiting:
+            self._observe_freshness()  # a catalog-only batch: applied already
+        elif len(self._waiting) >= self.flush_max or time.monotonic() - self._since >= self.flush_s:
+            self.write()
+
+    def write(self) -> None:
+        """Apply the waiting events in one go, then the hooks. On failure they stay waiting."""
+        if not self._waiting:
+            self._observe_freshness()
+            return
         t0 = time.perf_counter()
-        if batch.catalog:
-            self.store.apply_catalog(batch.catalog)
-        result = self.store.apply(batch.events)
-        t1 = time.perf_counter()
-        self.metrics.redis_write_seconds.labels("state").observe(t1 - t0)
+        result = self.store.apply(self._waiting)
+        self.metrics.redis_write_seconds.labels("state").observe(time.perf_counter() - t0)
         for hook in self.after_apply:
             hook(result)
+        self._waiting, self._first = [], {}
         if result.skipped:
             self.metrics.replay_skipped.inc(result.skipped)
             log.info("skipped %d already-applied events", result.skipped)
-        # Freshness from the Kafka message timestamp, sampled: at most SAMPLE observations per batch,
-        # evenly spread, always including the oldest message (the batch's worst case).
+        self._observe_freshness()
+
+    def _observe_freshness(self) -> None:
+        """Freshness from the Kafka message timestamp, sampled: at most SAMPLE observations per write,
+        evenly spread, always including the oldest message (the worst case)."""
+        stamps, self._stamps = self._stamps, []
+        if not stamps:
+            return
         now_ms = time.time() * 1000
-        stamps = batch.timestamps
         step = max(1, len(stamps) // SAMPLE)
         observe = self.metrics.freshness_seconds.observe
-        for ts in (min(stamps, default=0), *stamps[step // 2::step]):
+        for ts in (min(stamps), *stamps[step // 2::step]):
             if ts > 0:
                 observe(max(0.0, (now_ms - ts) / 1000.0))

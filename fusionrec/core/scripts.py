@@ -49,7 +49,10 @@ def register(client: redis.Redis, source: str) -> LuaScript:
 
 # KEYS: bucket guard, then per user: state, recent, items, aff
 # ARGV: partition, ttl_s, min_offset, max_offset, msgpack([per user:
-#       [last_seen, [type, count, ...], [recent items, newest first], [item, weight, ...], [member, weight, ...]]])
+#       [last_seen, [type, count, ...], [items pushed to recent, oldest push first], [item, weight, ...],
+#        [member, weight, ...]]]), recent cap
+# Recent items are pushed (moved to the front) rather than replaced, so two writers of one user
+# (events of one user on two partitions) both keep their items.
 USER_APPLY = """
 local g = redis.call('HGET', KEYS[1], ARGV[1])
 if g and tonumber(g) >= tonumber(ARGV[3]) then return tonumber(g) end
@@ -63,8 +66,11 @@ for u = 1, #users do
   local prev = tonumber(redis.call('HGET', ks, 'last_seen') or '-1')
   if rec[1] > prev then redis.call('HSET', ks, 'last_seen', rec[1]) end
   if #recent > 0 then
-    redis.call('DEL', kr)
-    redis.call('RPUSH', kr, unpack(recent))
+    for a = 1, #recent do
+      redis.call('LREM', kr, 0, recent[a])
+      redis.call('LPUSH', kr, recent[a])
+    end
+    redis.call('LTRIM', kr, 0, tonumber(ARGV[6]) - 1)
   end
   for a = 1, #items, 2 do redis.call('ZINCRBY', ki, items[a + 1], items[a]) end
   for a = 1, #aff, 2 do redis.call('ZINCRBY', ka, aff[a + 1], aff[a]) end

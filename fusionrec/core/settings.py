@@ -120,6 +120,14 @@ class StateSettings:
                                             doc="half-life of item popularity")
     affinity_half_life_s: float = setting(30 * DAY_S, env="AFFINITY_HALF_LIFE_S",
                                           doc="half-life of user-item weights and category/brand affinity")
+    flush_ms: int = setting(50, env="STATE_FLUSH_MS",
+                            doc="consumed events wait at most this long in process before their state is "
+                                "written to Redis in one compare-and-set per bucket (0: every batch)")
+    flush_max_events: int = setting(20_000, env="STATE_FLUSH_MAX_EVENTS",
+                                    doc="events waiting in process beyond which their state is written at once")
+    cache_users: int = setting(200_000, env="STATE_CACHE_USERS",
+                               doc="users whose recent items the consumer keeps in process (least recently "
+                                   "touched evicted first)")
     # Weights are exp(ln2 * (ts - epoch) / half_life), which stays finite for ~1000 half-lives after the
     # landmark (19 years at a 7-day half-life).
     decay_epoch_ms: int = setting(1_483_228_800_000, env="DECAY_EPOCH_MS",
@@ -352,10 +360,13 @@ class Settings:
                     "recent_items_cap": self.state.recent_items_cap, "covis_cap": self.state.covis_cap,
                     "rec_k": self.rec.k, "max_event_bytes": self.contract.max_event_bytes,
                     "user_ttl_s": self.state.user_ttl_s, "rec_ttl_s": self.rec.ttl_s,
-                    "redis_buckets": self.redis.buckets}
+                    "redis_buckets": self.redis.buckets, "state_flush_max_events": self.state.flush_max_events,
+                    "state_cache_users": self.state.cache_users}
         for name, value in positive.items():
             if value <= 0:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be > 0, got {value!r}")
+        if self.state.flush_ms < 0:
+            raise ConfigError(f"{PREFIX}STATE_FLUSH_MS must be >= 0, got {self.state.flush_ms!r}")
         if self.redis.persistence not in ("aof", "none"):
             raise ConfigError(f"{PREFIX}REDIS_PERSISTENCE must be 'aof' or 'none', got {self.redis.persistence!r}")
         if self.state.popularity_half_life_s <= 0 or self.state.affinity_half_life_s <= 0:

@@ -70,12 +70,22 @@ def test_the_whole_pipeline_on_a_cluster(services: RunningServices, redis_cluste
     client = connect(s)
     keys = Keys.for_settings(s)
     try:
-        with EventProducer(s) as producer:
-            replay(ds, producer, progress=False)
-
         def running() -> None:
             for name, proc in procs.items():
                 assert proc.poll() is None, f"{name} exited: {logs[name].read_text()[-3000:]}"
+
+        # In two halves: the first half's users are served lists before the second half's events
+        # arrive, so the learner has decisions with outcomes to learn from, whatever the timing.
+        half = len(ds.events) // 2
+        first, rest = ds.head(half), datasets.Dataset(ds.name, ds.events.iloc[half:].reset_index(drop=True), ds.items)
+        with EventProducer(s) as producer:
+            replay(first, producer, progress=False)
+        wait_for(lambda: (running(), purchases_in(client, s.redis.prefix) == half)[1], 240, "the first half applied",
+                 interval=0.5)
+        wait_for(lambda: (running(), all(client.exists(keys.user_rec(str(u))) for u in set(first.events.user_id)))[1],
+                 120, "the first half's lists", interval=0.5)
+        with EventProducer(s) as producer:
+            replay(rest, producer, progress=False)
 
         def vectors() -> int:
             version = VectorStore(client, s, keys).active()

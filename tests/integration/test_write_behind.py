@@ -1,0 +1,147 @@
+"""Keyed state in process and write-behind, against the real Redis: what is kept in process saves the
+reads and never changes the state; waiting events hold their offsets back and are written on time, on
+flush, or forgotten with their partition; two writers of one user lose no update."""
+
+from __future__ import annotations
+
+import time
+
+import msgspec
+import pytest
+
+from fusionrec.core.metrics import Metrics
+from fusionrec.core.redis_client import connect
+from fusionrec.streams import datasets
+from fusionrec.streams.consumer import Batch
+from fusionrec.streams.contract import UserEvent
+from fusionrec.streams.state import BatchResult, Positioned, StateStore
+from fusionrec.streams.user_state import UserStateHandler
+from tests.integration.helpers import dump_state, make_settings
+
+T0 = 1_700_000_000_000
+
+
+@pytest.fixture(scope="module")
+def events():
+    ds = datasets.completejourney(households=30).head(3000)
+    return ds.catalog(1), [Positioned(0, n, msgspec.convert(e, UserEvent)) for n, e in enumerate(ds.user_events())]
+
+
+def _state(client, prefix):
+    return {k.split(":", 1)[1]: v for k, v in dump_state(client, prefix).items()}
+
+
+def _lranges(client) -> int:
+    return int(client.info("commandstats").get("cmdstat_lrange", {}).get("calls", 0))
+
+
+def test_kept_state_saves_the_reads_and_changes_nothing(services, events):
+    catalog, evs = events
+    dumps = []
+    for cache_users in (200_000, 1):  # everything kept / nearly nothing kept
+        s = make_settings(services, state_cache_users=cache_users)
+        client = connect(s)
+        store = StateStore(client, s)
+        store.apply_catalog(catalog)
+        for i in range(0, len(evs), 250):
+            store.apply(evs[i: i + 250])
+        assert store.cached_users == (1 if cache_users == 1 else len({pe.event.user_id for pe in evs}))
+        dumps.append(_state(client, s.redis.prefix))
+        if cache_users > 1:
+            # every user of this batch is kept: their recent items are not read again
+            before = _lranges(client)
+            again = [Positioned(0, len(evs) + n, msgspec.structs.replace(pe.event, ts=pe.event.ts + 1))
+                     for n, pe in enumerate(evs[-200:])]
+            store.apply(again)
+            assert _lranges(client) == before
+            # and what was kept equals what Redis holds
+            fresh = StateStore(client, s)
+            for uid in {pe.event.user_id for pe in again}:
+                assert store._recent[uid] == fresh._read({store.keys.bucket(uid): {uid: []}}, [])[1][uid]
+    assert dumps[0] == dumps[1]
+
+
+def test_two_writers_of_one_user_lose_no_update(services):
+    """Events of one user on two partitions, applied by two consumers in interleaved batches."""
+    s = make_settings(services, partitions=2)
+    client = connect(s)
+    a, b = StateStore(client, s), StateStore(client, s)
+    n = 0
+    for round_ in range(3):
+        for store, partition in ((a, 0), (b, 1)):
+            batch = []
+            for j in range(4):
+                item = f"p{partition}-r{round_}-{j}"
+                batch.append(Positioned(partition, n, UserEvent(event_id=f"e{n}", type="view", user_id="u",
+                                                               item_id=item, ts=T0 + n)))
+                n += 1
+            store.apply(batch)
+    recent = [x.decode() for x in client.lrange(a.keys.user_recent("u"), 0, -1)]
+    assert sorted(recent) == sorted(f"p{p}-r{r}-{j}" for p in (0, 1) for r in range(3) for j in range(4))
+    assert recent[0] == "p1-r2-3"  # the newest push first
+    assert int(client.hget(a.keys.user_state("u"), "n:view")) == n
+
+
+class Recorder:
+    def __init__(self):
+        self.results: list[BatchResult] = []
+
+    def __call__(self, result: BatchResult) -> None:
+        self.results.append(result)
+
+
+def _batch(partition: int, first: int, count: int, user: str = "w") -> Batch:
+    evs = [Positioned(partition, first + k, UserEvent(event_id=f"{partition}-{first + k}", type="click",
+                                                      user_id=user, item_id=f"i{k}", ts=T0 + first + k))
+           for k in range(count)]
+    return Batch(events=evs, timestamps=[int(time.time() * 1000)] * count)
+
+
+def test_waiting_events_hold_their_offsets_until_written(services):
+    s = make_settings(services, state_flush_ms=60_000)
+    client = connect(s)
+    store = StateStore(client, s)
+    hook = Recorder()
+    handler = UserStateHandler(store, Metrics(), after_apply=[hook])
+    handler.handle(_batch(0, 10, 5, "w0"))
+    handler.handle(_batch(1, 7, 3, "w1"))
+    handler.tick()  # not due yet
+    assert handler.floor() == {0: 10, 1: 7}
+    assert not client.exists(store.keys.user_state("w0")) and hook.results == []
+    handler.flush()
+    assert handler.floor() == {}
+    assert int(client.hget(store.keys.user_state("w0"), "n:click")) == 5
+    assert int(client.hget(store.keys.user_state("w1"), "n:click")) == 3
+    assert [sorted(r.users) for r in hook.results] == [["w0", "w1"]]  # one write, the hooks after it
+
+
+def test_a_retried_batch_is_taken_once_and_time_writes_it(services):
+    s = make_settings(services, state_flush_ms=30)
+    client = connect(s)
+    handler = UserStateHandler(StateStore(client, s), Metrics())
+    batch = _batch(0, 0, 4)
+    handler.handle(batch)
+    handler.handle(batch)  # the runtime retrying the same step
+    time.sleep(0.05)
+    handler.tick()
+    assert handler.floor() == {}
+    assert int(client.hget(handler.store.keys.user_state("w"), "n:click")) == 4
+
+
+def test_revoked_partitions_waiting_events_are_forgotten(services):
+    s = make_settings(services, state_flush_ms=60_000)
+    client = connect(s)
+    handler = UserStateHandler(StateStore(client, s), Metrics())
+    handler.handle(_batch(0, 0, 4, "kept"))
+    handler.handle(_batch(1, 0, 4, "gone"))
+    handler.forget([1])
+    assert handler.floor() == {0: 0}
+    handler.flush()
+    keys = handler.store.keys
+    assert int(client.hget(keys.user_state("kept"), "n:click")) == 4
+    assert not client.exists(keys.user_state("gone"))
+    handler.handle(_batch(0, 4, 2, "kept"))
+    handler.drop()  # lost: everything waiting is dropped
+    assert handler.floor() == {}
+    handler.flush()
+    assert int(client.hget(keys.user_state("kept"), "n:click")) == 4
