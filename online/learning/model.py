@@ -155,8 +155,14 @@ class FusionModel:
         return self.torch.predict_proba_many(rows.dense(), version=rows.version)
 
 
-def explain(pred: Prediction, row: int, top: int = 3) -> dict[str, float]:
-    """The scorers that pushed one row's score up most, with their contributions."""
-    contrib = pred.contributions[row]
-    order = np.argsort(-contrib)[:top]
-    return {pred.names[j]: round(float(contrib[j]), 6) for j in order if contrib[j] > 0}
+def explain(pred: Prediction, rows: Sequence[int], top: int = 3) -> list[dict[str, float]]:
+    """For each row, the scorers that pushed its score up most, with their contributions (one sort
+    for all the rows)."""
+    if not len(rows):
+        return []
+    contrib = pred.contributions[np.asarray(rows)]
+    order = np.argsort(-contrib, axis=1, kind="stable")[:, :top]
+    values = np.take_along_axis(contrib, order, axis=1).tolist()
+    names = pred.names
+    return [{names[j]: round(v, 6) for j, v in zip(cols, vals, strict=True) if v > 0}
+            for cols, vals in zip(order.tolist(), values, strict=True)]

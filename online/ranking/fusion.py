@@ -106,8 +106,9 @@ class FusionRanker:
         for pool in pools:
             fused = pred.fused[start: start + len(pool)]
             order = sorted(range(len(pool)), key=lambda r: (-fused[r], pool.items[r]))
-            items = [Recommendation(item_id=pool.items[r], score=round(float(fused[r]), 6),
-                                    sources=explain(pred, start + r)) for r in order[:k]]
+            top = order[:k]
+            items = [Recommendation(item_id=pool.items[r], score=round(float(fused[r]), 6), sources=sources)
+                     for r, sources in zip(top, explain(pred, [start + r for r in top]), strict=True)]
             out.append(Ranked(items=items, pool=pool, order=order, model=number))
             start += len(pool)
         return out

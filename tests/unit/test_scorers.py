@@ -313,3 +313,14 @@ def test_untrained_fusion_ranks_like_the_fixed_blend():
     pool = CandidatePool(user_id="u", ts=0, items=["r", "c", "p"], X=X)
     fused = model.predict(Rows.of_pools([pool], None)).fused
     assert list(np.argsort(-fused)) == [0, 1, 2]
+
+
+def test_explain_names_each_rows_strongest_positive_scorers():
+    from fusionrec.online.learning.model import Prediction, explain
+
+    contributions = np.array([[0.1, -0.5, 0.7, 0.2, 0.0],
+                              [-0.1, -0.2, -0.3, -0.4, -0.5],
+                              [0.3, 0.3, 0.0, 0.9, 0.05]])
+    pred = Prediction(fused=np.zeros(3), scorers={}, contributions=contributions, names=list("abcde"))
+    assert explain(pred, [2, 0, 1]) == [{"d": 0.9, "a": 0.3, "b": 0.3}, {"c": 0.7, "d": 0.2, "a": 0.1}, {}]
+    assert explain(pred, [0], top=1) == [{"c": 0.7}] and explain(pred, []) == []
