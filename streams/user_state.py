@@ -75,6 +75,7 @@ class UserStateHandler:
         self._waiting: list[Positioned] = []  # consumed user events whose state is not written yet
         self._stamps: list[int] = []  # their batches' Kafka timestamps, for freshness
         self._first: dict[int, int] = {}  # partition -> first waiting offset
+        self._last: dict[int, int] = {}  # partition -> last waiting offset
         self._since = 0.0  # monotonic time the oldest waiting event was consumed
 
     def floor(self) -> dict[int, int]:
@@ -98,15 +99,19 @@ class UserStateHandler:
             hook.flush(timeout_s)
 
     def forget(self, partitions: Collection[int]) -> None:
-        """Revoked partitions whose waiting events could not be written: their new owner replays them."""
+        """Revoked partitions: their waiting events (a revocation that could not write them) are
+        forgotten, and so is what the store keeps of them; their new owner replays from the commit."""
         gone = set(partitions)
+        if not gone:
+            return
         if any(p in gone for p in self._first):
             self._waiting = [pe for pe in self._waiting if pe.partition not in gone]
             self._first = {p: o for p, o in self._first.items() if p not in gone}
-            self.store.reset()  # kept recent items may include the forgotten events
+            self._last = {p: o for p, o in self._last.items() if p not in gone}
+        self.store.reset()  # their guards and users' recent items are the new owner's to change
 
     def drop(self) -> None:
-        self._waiting, self._stamps, self._first = [], [], {}
+        self._waiting, self._stamps, self._first, self._last = [], [], {}, {}
         self.store.reset()
         for hook in self.deferred:
             hook.drop()
@@ -118,9 +123,14 @@ class UserStateHandler:
             if batch.events:
                 if not self._waiting:
                     self._since = time.monotonic()
-                self._waiting.extend(batch.events)
+                last = self._last
                 for pe in batch.events:
-                    self._first.setdefault(pe.partition, pe.offset)
+                    # a batch consumed again after an abandoned retry (the runtime rewinds) brings
+                    # events that are waiting already
+                    if pe.offset > last.get(pe.partition, -1):
+                        self._waiting.append(pe)
+                        last[pe.partition] = pe.offset
+                        self._first.setdefault(pe.partition, pe.offset)
             self._stamps.extend(batch.timestamps)
             batch.taken = True
         if not self._waiting:
@@ -138,7 +148,7 @@ class UserStateHandler:
         self.metrics.redis_write_seconds.labels("state").observe(time.perf_counter() - t0)
         for hook in self.after_apply:
             hook(result)
-        self._waiting, self._first = [], {}
+        self._waiting, self._first, self._last = [], {}, {}
         if result.skipped:
             self.metrics.replay_skipped.inc(result.skipped)
             log.info("skipped %d already-applied events", result.skipped)

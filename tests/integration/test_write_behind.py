@@ -145,3 +145,15 @@ def test_revoked_partitions_waiting_events_are_forgotten(services):
     assert handler.floor() == {}
     handler.flush()
     assert int(client.hget(keys.user_state("kept"), "n:click")) == 4
+
+
+def test_a_batch_consumed_again_while_its_events_wait_counts_once(services):
+    """An abandoned retry makes the runtime rewind and consume the batch again: its events are waiting
+    already and must not be applied twice."""
+    s = make_settings(services, state_flush_ms=60_000)
+    client = connect(s)
+    handler = UserStateHandler(StateStore(client, s), Metrics())
+    handler.handle(_batch(0, 0, 5))
+    handler.handle(_batch(0, 2, 6))  # offsets 2..7: 2..4 are waiting, 5..7 are new
+    handler.flush()
+    assert int(client.hget(handler.store.keys.user_state("w"), "n:click")) == 8
