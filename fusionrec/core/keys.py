@@ -27,7 +27,7 @@ key                                type  content
 ``P:{m}:fusion:head``              str   number of the fusion checkpoint rankers load
 ``P:{m}:fusion:seq``               str   last checkpoint number handed out
 ``P:{m}:fusion:index``             zset  stored checkpoint numbers
-``P:{m}:fusion:<n>``               str   checkpoint: pickled model (river, torch state_dict, fusion)
+``P:{m}:fusion:<n>``               str   checkpoint: signed pickled model (river, torch state_dict, fusion)
 ``P:{m}:learner:lease``            str   held by the one active learner process
 ``P:{m}:active``                   str   the model version readers use
 ``P:{m}:versions``                 hash  version -> JSON (model id, dim, dtype, status, counts)

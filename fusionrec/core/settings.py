@@ -178,6 +178,11 @@ class LearnSettings:
     checkpoint_examples: int = setting(50_000, env="LEARN_CHECKPOINT_EXAMPLES",
                                        doc="... or after this many examples")
     keep_checkpoints: int = setting(5, env="LEARN_KEEP_CHECKPOINTS", doc="newest checkpoints kept in Redis")
+    model_key: str | None = setting(None, env="MODEL_KEY",
+                                    doc="secret that signs fusion checkpoints (HMAC-SHA256, ≥ 16 characters); a "
+                                        "checkpoint without a valid signature is never loaded. Unset: a key "
+                                        "generated once in the run dir (`model.key`, mode 0600), which only "
+                                        "processes sharing that folder share; set it for anything else")
     reload_s: float = setting(1.0, env="LEARN_RELOAD_S", doc="rankers look for a newer checkpoint this often")
     rollback_ratio: float = setting(0.8, env="LEARN_ROLLBACK_RATIO",
                                     doc="roll back when the prequential HitRate@10 falls below this share of the "
@@ -403,6 +408,8 @@ class Settings:
             raise ConfigError(f"{PREFIX}USER_ID_KEY must be at least 16 characters")
         if serve.token is not None and len(serve.token) < 16:
             raise ConfigError(f"{PREFIX}SERVE_TOKEN must be at least 16 characters")
+        if self.learn.model_key is not None and len(self.learn.model_key) < 16:
+            raise ConfigError(f"{PREFIX}MODEL_KEY must be at least 16 characters")
         if any(c in self.redis.prefix for c in "{} "):
             raise ConfigError(f"{PREFIX}REDIS_PREFIX may not contain braces or spaces")
 
@@ -426,7 +433,7 @@ class Settings:
     def masked(self) -> dict[str, Any]:
         """Settings as a nested dict with secrets (passwords, tokens, keys, URL credentials) masked, for logs."""
         out = dataclasses.asdict(self)
-        for group, secret in (("serve", "token"), ("contract", "user_id_key")):
+        for group, secret in (("serve", "token"), ("contract", "user_id_key"), ("learn", "model_key")):
             if out[group][secret]:
                 out[group][secret] = "***"
         out["kafka"]["options"] = {

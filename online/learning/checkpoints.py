@@ -5,23 +5,33 @@ A checkpoint is one pickled :class:`Checkpoint` (the model: river pickles, the t
 ``{m}:fusion:head`` names the one rankers serve; a save writes the blob and moves the head in one
 MULTI, and keeps the newest ``keep`` blobs. Rolling back moves the head to an older number.
 
-Checkpoints are pickles: only a process that can write fusionrec's Redis can plant one, the same
-trust boundary as every other key the rankers read.
+Checkpoints are pickles, so each is signed: the stored value is ``FRCK1``, an HMAC-SHA256 of the
+pickle under the model key (``FUSIONREC_MODEL_KEY``, or the key generated once in the run dir), then
+the pickle. A value whose signature does not verify is never unpickled: write access to Redis is not
+code execution. A refused checkpoint raises :class:`CheckpointRefused`; rankers keep serving what
+they serve (``fusionrec_fusion_checkpoints_refused_total``), and a resuming learner takes the newest
+checkpoint that verifies.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
+import os
 import pickle
+import secrets
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import redis
 
+from fusionrec.core.errors import ConfigError, FusionrecError
 from fusionrec.core.keys import Keys
-from fusionrec.core.metrics import Metrics, MetricSet, gauge, histogram
+from fusionrec.core.metrics import Metrics, MetricSet, counter, gauge, histogram
 from fusionrec.core.settings import Settings
 
 if TYPE_CHECKING:  # the model imports torch; readers of checkpoint numbers do not need it
@@ -36,6 +46,58 @@ class ModelMetrics(MetricSet):
                           multiprocess_mode="livemax")
     model_reload_lag = histogram("fusionrec_fusion_update_to_serving_seconds",
                                  "Oldest update in a checkpoint to the ranker serving it")
+    refused = counter("fusionrec_fusion_checkpoints_refused_total",
+                      "Checkpoints not loaded because their signature did not verify")
+
+
+MAGIC = b"FRCK1"
+_DIGEST = hashlib.sha256().digest_size
+
+
+class CheckpointRefused(FusionrecError):
+    """A stored checkpoint whose signature does not verify: planted, corrupt, or signed with another key."""
+
+
+def model_key(settings: Settings) -> bytes:
+    """The key checkpoints are signed with: ``FUSIONREC_MODEL_KEY``, else ``<run dir>/model.key``
+    (generated on first use, mode 0600, shared by the processes that share the run dir)."""
+    if settings.learn.model_key:
+        return settings.learn.model_key.encode()
+    run_dir = Path(settings.ops.run_dir)
+    path = run_dir / "model.key"
+    if not path.exists():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        # written whole under a name of its own, then linked into place: a process starting at the
+        # same moment either wins the link or reads the complete file of the one that did
+        tmp = run_dir / f".model.key.{os.getpid()}.{secrets.token_hex(4)}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    key = path.read_bytes().strip()
+    if len(key) < 16:
+        raise ConfigError(f"{path} holds no model key (at least 16 characters); delete it or set FUSIONREC_MODEL_KEY")
+    return key
+
+
+def sign(key: bytes, payload: bytes) -> bytes:
+    return MAGIC + hmac.new(key, payload, hashlib.sha256).digest() + payload
+
+
+def verified(key: bytes, blob: bytes, name: str) -> bytes:
+    """The payload of a signed blob; :class:`CheckpointRefused` unless the signature verifies."""
+    head = len(MAGIC) + _DIGEST
+    if len(blob) < head or not blob.startswith(MAGIC):
+        raise CheckpointRefused(f"{name} is not a signed fusion checkpoint; not loaded")
+    payload = blob[head:]
+    if not hmac.compare_digest(blob[len(MAGIC):head], hmac.new(key, payload, hashlib.sha256).digest()):
+        raise CheckpointRefused(f"{name} has a signature that does not verify under this model key; not loaded")
+    return payload
 
 
 @dataclass
@@ -57,6 +119,7 @@ class CheckpointStore:
         self.redis = client
         self.keys = keys or Keys.for_settings(settings)
         self.keep = settings.learn.keep_checkpoints
+        self.key = model_key(settings)
 
     def head(self) -> int | None:
         raw = self.redis.get(self.keys.fusion("head"))
@@ -71,7 +134,7 @@ class CheckpointStore:
         number = int(cast(int, self.redis.incr(self.keys.fusion("seq"))))
         ckpt.number = number
         ckpt.created_ms = int(time.time() * 1000)
-        blob = pickle.dumps(ckpt, protocol=pickle.HIGHEST_PROTOCOL)
+        blob = sign(self.key, pickle.dumps(ckpt, protocol=pickle.HIGHEST_PROTOCOL))
         pipe = self.redis.pipeline(transaction=True)
         pipe.set(self.keys.fusion(number), blob)
         pipe.zadd(self.keys.fusion("index"), {str(number): number})
@@ -81,16 +144,35 @@ class CheckpointStore:
         return number
 
     def load(self, number: int | None = None) -> Checkpoint | None:
+        """The head (or numbered) checkpoint; None when there is none. Raises :class:`CheckpointRefused`
+        for one whose signature does not verify, before anything of it is unpickled."""
         number = self.head() if number is None else number
         if number is None:
             return None
-        raw = self.redis.get(self.keys.fusion(number))
+        name = self.keys.fusion(number)
+        raw = self.redis.get(name)
         if raw is None:
             return None
-        ckpt = pickle.loads(cast(bytes, raw))  # noqa: S301 - written by fusionrec's learner (module docstring)
+        payload = verified(self.key, cast(bytes, raw), name)
+        ckpt = pickle.loads(payload)  # noqa: S301 - signed by a holder of the model key (module docstring)
         if not isinstance(ckpt, Checkpoint):
-            raise TypeError(f"{self.keys.fusion(number)} does not hold a fusion checkpoint")
+            raise CheckpointRefused(f"{name} does not hold a fusion checkpoint")
         return ckpt
+
+    def newest_valid(self) -> Checkpoint | None:
+        """The head checkpoint, or where it is refused the newest older one that verifies (logged)."""
+        head = self.head()
+        if head is None:
+            return None
+        for number in [head, *reversed([n for n in self.numbers() if n < head])]:
+            try:
+                ckpt = self.load(number)
+            except CheckpointRefused as exc:
+                log.error("%s", exc)
+                continue
+            if ckpt is not None:
+                return ckpt
+        return None
 
     def previous(self, number: int) -> int | None:
         older = [n for n in self.numbers() if n < number]
@@ -126,6 +208,7 @@ class ServingModel:
 
         self.number = 0
         self.model = FusionModel(use_vectors=self.use_vectors, seed=settings.learn.seed)
+        self.refused: int | None = None  # the head last refused (logged once, not retried)
         self.last_lag_s: float | None = None  # update -> serving lag of the checkpoint loaded last
         self._checked = 0.0
         self._lock = threading.Lock()
@@ -144,9 +227,16 @@ class ServingModel:
         except redis.RedisError as exc:
             log.warning("could not check the fusion checkpoint head: %s", exc)
             return
-        if head is None or head == self.number:
+        if head is None or head == self.number or head == self.refused:
             return
-        ckpt = self.store.load(head)
+        try:
+            ckpt = self.store.load(head)
+        except CheckpointRefused as exc:
+            self.refused = head
+            if self.metrics is not None:
+                self.metrics.refused.inc()
+            log.error("%s; still serving checkpoint %d", exc, self.number)
+            return
         if ckpt is None:
             return
         self.number, self.model = ckpt.number, ckpt.model

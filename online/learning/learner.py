@@ -21,7 +21,7 @@ import numpy as np
 
 from fusionrec.core.metrics import Metrics, MetricSet, counter, gauge, histogram
 from fusionrec.core.settings import Settings
-from fusionrec.online.learning.checkpoints import Checkpoint, CheckpointStore, ModelMetrics
+from fusionrec.online.learning.checkpoints import Checkpoint, CheckpointRefused, CheckpointStore, ModelMetrics
 from fusionrec.online.learning.feedback import Group
 from fusionrec.online.learning.model import FusionModel, Rows, VectorLookup
 from fusionrec.online.learning.scorers import finite_rows
@@ -80,8 +80,8 @@ class Learner:
 
     # ------------------------------------------------------------------ resume
     def resume(self) -> Checkpoint | None:
-        """Continue from the head checkpoint, if there is one."""
-        ckpt = self.store.load() if self.store is not None else None
+        """Continue from the head checkpoint (the newest one that verifies), if there is one."""
+        ckpt = self.store.newest_valid() if self.store is not None else None
         if ckpt is not None:
             self.model, self.last = ckpt.model, ckpt
             log.info("resumed from checkpoint %d (%d examples)", ckpt.number, ckpt.model.examples)
@@ -171,7 +171,11 @@ class Learner:
 
     def rollback(self, hit_rate: float | None) -> None:
         assert self.store is not None and self.last is not None
-        restored = self.store.load(self.last.number)
+        try:
+            restored = self.store.load(self.last.number)
+        except CheckpointRefused as exc:
+            log.error("rollback wanted but %s; keeping the current model", exc)
+            return
         if restored is None:
             log.error("rollback wanted but checkpoint %d is gone; keeping the current model", self.last.number)
             return

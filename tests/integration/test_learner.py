@@ -23,7 +23,7 @@ from fusionrec.online.learning.model import Rows
 from fusionrec.online.learning.search_feedback import KIND_HEADER, KIND_SEARCH, SearchLog, encode_search_log
 from fusionrec.online.ranking.writer import RecommendationWriter
 from fusionrec.online.serving.reader import RecommendationReader
-from fusionrec.streams.datasets import load
+from fusionrec.streams.datasets import Dataset, load
 from fusionrec.streams.producer import EventProducer
 from fusionrec.streams.replay import replay
 from fusionrec.streams.state import UserTouch
@@ -138,8 +138,13 @@ def test_stream_to_learner_to_served_recommendations(services, redis_target: dic
 
     ensure_topics(s)
     ds = load("completejourney", households=40).head(6000)
+    # In two halves, as a live stream would bring them: the first half's users are served lists
+    # before the second half's events (their outcomes) arrive. One backlog consumed at once would be
+    # written and ranked in a few large steps, leaving few decisions with outcomes after them.
+    half = len(ds.events) // 2
+    first, rest = ds.head(half), Dataset(ds.name, ds.events.iloc[half:].reset_index(drop=True), ds.items)
     with EventProducer(s) as producer:
-        _, n_events = replay(ds, producer, catalog=True)
+        _, n_first = replay(first, producer, catalog=True)
     stop = threading.Event()
     metrics = Metrics()
     loop = LearnerLoop(s, metrics)
@@ -150,8 +155,12 @@ def test_stream_to_learner_to_served_recommendations(services, redis_target: dic
     consumer.start()
     try:
         client = pipeline.redis
-        wait_for(lambda: _examples(s, client) > 0 and pipeline.consumer.consumed >= n_events + len(ds.items), 180,
-                 "examples learned from the stream")
+        wait_for(lambda: pipeline.consumer.consumed >= n_first + len(first.items) and not pipeline.handler.floor(),
+                 180, "the first half applied and ranked")
+        with EventProducer(s) as producer:
+            _, n_rest = replay(rest, producer, catalog=False)
+        wait_for(lambda: _examples(s, client) > 0 and pipeline.consumer.consumed >= n_first + n_rest + len(first.items),
+                 180, "examples learned from the stream")
         # one more batch through the writer picks up the checkpoint
         number = CheckpointStore(client, s).head()
         time.sleep(s.learn.reload_s)

@@ -38,14 +38,15 @@ def test_groups_round_trip_through_the_environment_and_unknown_names_are_errors(
         k.removeprefix("FUSIONREC_") for k in Settings().to_env()} | {"KAFKA_BOOTSTRAP", "REDIS_URL",
                                                                       "SESSION_TIMEOUT_MS", "USER_ID_KEY",
                                                                       "EMBED_MODEL_PATH", "EMBED_MODEL_ID",
-                                                                      "SERVE_TOKEN"}
+                                                                      "SERVE_TOKEN", "MODEL_KEY"}
     with pytest.raises(ConfigError, match="FUSIONREC_REC_KK"):
         s.replace(rec_kk=3)
 
 
 def test_secrets_are_masked():
     s = Settings.from_env({"FUSIONREC_REDIS_URL": "redis://user:hunter2@host:6379/0",
-                           "FUSIONREC_KAFKA_OPTIONS": '{"sasl.password": "hunter2", "acks": "all"}'})
+                           "FUSIONREC_KAFKA_OPTIONS": '{"sasl.password": "hunter2", "acks": "all"}',
+                           "FUSIONREC_MODEL_KEY": "hunter2-hunter2-hunter2"})
     masked = s.masked()
     assert "hunter2" not in repr(masked)
     assert masked["kafka"]["options"]["acks"] == "all"
