@@ -77,9 +77,11 @@ def cmd_status(_args: argparse.Namespace) -> int:
 
 
 def _print_status(running: Any) -> None:
+    from fusionrec.apps.services import masked_url
+
     for info, url in ((running.broker, running.kafka_bootstrap), (running.redis, running.redis_url)):
         if info is not None:
-            print(f"{info.name:7s} pid={info.pid:<8d} {url}")
+            print(f"{info.name:7s} pid={info.pid:<8d} {masked_url(url or '')}")
     print(f"run dir: {running.run_dir}")
 
 

@@ -2,7 +2,9 @@
 
 Used when ``FUSIONREC_KAFKA_BOOTSTRAP`` / ``FUSIONREC_REDIS_URL`` are unset: ``fusionrec up`` starts
 them detached and records ports, PIDs and the data folder in ``<run_dir>/services.json``; ``down``
-stops exactly those PIDs. Tests start their own set in a temporary run folder.
+stops exactly those PIDs. Tests start their own set in a temporary run folder. Redis requires a
+password generated once into ``<run_dir>/redis.password`` (mode 0600); the URLs handed to fusionrec's
+processes carry it.
 
 Known behaviour of the embedded broker: storage is in memory only (a restart loses every topic), the
 first consumer-group join waits about half of ``session.timeout.ms``, and ListOffsets "latest" can lag
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from fusionrec.core.errors import ServiceError
+from fusionrec.core.secret_files import secret_in
 from fusionrec.core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -39,6 +42,7 @@ class ServiceInfo:
     port: int
     binary: str
     log_file: str
+    password_file: str | None = None  # Redis: the file holding the password it requires
 
 
 @dataclasses.dataclass
@@ -53,7 +57,23 @@ class RunningServices:
 
     @property
     def redis_url(self) -> str | None:
-        return f"redis://127.0.0.1:{self.redis.port}/0" if self.redis else None
+        return redis_url(self.redis) if self.redis else None
+
+
+def redis_url(info: ServiceInfo) -> str:
+    """The URL of an embedded Redis, with the password it requires (none for one recorded before
+    passwords existed: it is still reachable until restarted)."""
+    if info.password_file is None:
+        return f"redis://127.0.0.1:{info.port}/0"
+    return f"redis://:{Path(info.password_file).read_text().strip()}@127.0.0.1:{info.port}/0"
+
+
+def masked_url(url: str) -> str:
+    """A URL with its credentials replaced by ``***``, for printing."""
+    if "@" not in url or "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
 
 
 def broker_binary() -> str:
@@ -125,13 +145,21 @@ def start_broker(run_dir: Path) -> ServiceInfo:
 
 
 def start_redis(run_dir: Path, persistence: str, port: int | None = None) -> ServiceInfo:
+    """Redis on loopback, requiring the password generated once into ``<run_dir>/redis.password``
+    (mode 0600). It goes in a config file only the owner can read, never on the command line (``ps``
+    shows that)."""
     port = port or free_port()
     data = run_dir / "redis-data"
     data.mkdir(parents=True, exist_ok=True)
-    argv = [redis_binary(), "--bind", "127.0.0.1", "--port", str(port), "--dir", str(data),
+    password_file = run_dir / "redis.password"
+    conf = run_dir / "redis.conf"
+    fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(f"requirepass {secret_in(password_file)}\n")
+    argv = [redis_binary(), str(conf), "--bind", "127.0.0.1", "--port", str(port), "--dir", str(data),
             "--save", "", "--appendonly", "yes" if persistence == "aof" else "no",
             "--protected-mode", "yes", "--daemonize", "no"]
-    return _spawn("redis", argv, run_dir, port)
+    return dataclasses.replace(_spawn("redis", argv, run_dir, port), password_file=str(password_file))
 
 
 class RedisClusterServices:

@@ -18,9 +18,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-import os
 import pickle
-import secrets
 import threading
 import time
 from dataclasses import dataclass, field
@@ -29,9 +27,10 @@ from typing import TYPE_CHECKING, Any, cast
 
 import redis
 
-from fusionrec.core.errors import ConfigError, FusionrecError
+from fusionrec.core.errors import FusionrecError
 from fusionrec.core.keys import Keys
 from fusionrec.core.metrics import Metrics, MetricSet, counter, gauge, histogram
+from fusionrec.core.secret_files import secret_in
 from fusionrec.core.settings import Settings
 
 if TYPE_CHECKING:  # the model imports torch; readers of checkpoint numbers do not need it
@@ -63,26 +62,7 @@ def model_key(settings: Settings) -> bytes:
     (generated on first use, mode 0600, shared by the processes that share the run dir)."""
     if settings.learn.model_key:
         return settings.learn.model_key.encode()
-    run_dir = Path(settings.ops.run_dir)
-    path = run_dir / "model.key"
-    if not path.exists():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        # written whole under a name of its own, then linked into place: a process starting at the
-        # same moment either wins the link or reads the complete file of the one that did
-        tmp = run_dir / f".model.key.{os.getpid()}.{secrets.token_hex(4)}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_hex(32))
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            pass
-        finally:
-            tmp.unlink()
-    key = path.read_bytes().strip()
-    if len(key) < 16:
-        raise ConfigError(f"{path} holds no model key (at least 16 characters); delete it or set FUSIONREC_MODEL_KEY")
-    return key
+    return secret_in(Path(settings.ops.run_dir) / "model.key").encode()
 
 
 def sign(key: bytes, payload: bytes) -> bytes:

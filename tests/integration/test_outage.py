@@ -8,7 +8,7 @@ import time
 from prometheus_client import CollectorRegistry
 
 from fusionrec.apps.pipeline import StatePipeline
-from fusionrec.apps.services import _stop, start_redis
+from fusionrec.apps.services import _stop, redis_url, start_redis
 from fusionrec.core.metrics import Metrics
 from fusionrec.core.redis_client import connect
 from fusionrec.online.learning.loop import LearnerLoop
@@ -21,7 +21,7 @@ from tests.integration.helpers import SnapshotLog, covers, make_settings, purcha
 
 def test_consumer_survives_a_redis_restart_without_loss(services, tmp_path):
     redis_info = start_redis(tmp_path, "aof")
-    s = make_settings(services, redis_url=f"redis://127.0.0.1:{redis_info.port}/0", batch_size=200,
+    s = make_settings(services, redis_url=redis_url(redis_info), batch_size=200,
                       retry_max_backoff_s=1.0)
     ensure_topics(s)
     ds = datasets.completejourney(households=50).head(10_000)
@@ -52,7 +52,7 @@ def test_consumer_survives_a_redis_restart_without_loss(services, tmp_path):
 
 def test_learner_survives_a_redis_restart_and_checkpoints_everything(services, tmp_path):
     redis_info = start_redis(tmp_path, "aof")
-    s = make_settings(services, redis_url=f"redis://127.0.0.1:{redis_info.port}/0", batch_size=100,
+    s = make_settings(services, redis_url=redis_url(redis_info), batch_size=100,
                       retry_max_backoff_s=1.0, learn_vectors=False, learn_checkpoint_s=0.2)
     ensure_topics(s)
     log = SnapshotLog(s, users=40)

@@ -39,6 +39,24 @@ def test_up_status_down_starts_real_servers_and_leaves_nothing(tmp_path):
     assert svc.status() is None
 
 
+def test_the_embedded_redis_requires_its_generated_password(tmp_path):
+    svc = EmbeddedServices(tmp_path)
+    running = svc.up(kafka=False, persistence="none")
+    try:
+        port = running.redis.port
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(host="127.0.0.1", port=port).set("planted", b"x")
+        password = (tmp_path / "redis.password").read_text().strip()
+        assert len(password) >= 32 and password in running.redis_url
+        assert redis.Redis.from_url(running.redis_url).ping()
+        for name in ("redis.password", "redis.conf"):
+            assert (tmp_path / name).stat().st_mode & 0o077 == 0, f"{name} is readable by others"
+        with open(f"/proc/{running.redis.pid}/cmdline", "rb") as f:
+            assert password.encode() not in f.read()  # not on the command line, where `ps` shows it
+    finally:
+        svc.down()
+
+
 def test_cli_up_status_down(tmp_path):
     env = {**os.environ, "FUSIONREC_RUN_DIR": str(tmp_path)}
     env.pop("FUSIONREC_KAFKA_BOOTSTRAP", None)
@@ -51,6 +69,7 @@ def test_cli_up_status_down(tmp_path):
     assert up.returncode == 0, up.stderr
     status = cli("status")
     assert status.returncode == 0 and "broker" in status.stdout and "redis" in status.stdout
+    assert (tmp_path / "redis.password").read_text().strip() not in status.stdout  # printed masked
     pids = [int(tok.split("=")[1]) for tok in status.stdout.split() if tok.startswith("pid=")]
     assert len(pids) == 2 and all(_alive(p) for p in pids)
     down = cli("down")
