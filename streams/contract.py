@@ -102,7 +102,8 @@ def _only_invalid(check: Callable[[bytes | None, int | None], T], raw: bytes | N
 def _as_id(value: str | int, field: str) -> str:
     text = str(value)
     if not ID_PATTERN.match(text):
-        raise InvalidEventError("invalid_id", f"{field} {text[:40]!r} is empty, too long or has braces/whitespace")
+        raise InvalidEventError("invalid_id", f"{field} {text[:40]!r} is empty, too long or has braces, whitespace, "
+                                              "control or bidirectional formatting characters")
     return text
 
 

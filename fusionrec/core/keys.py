@@ -54,8 +54,14 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from fusionrec.core.settings import Settings
 
-# Ids may not contain hash-tag braces or whitespace; the contract rejects such ids before they get here.
-ID_PATTERN = re.compile(r"^[^{}\s]{1,128}$")
+# Ids are 1–128 characters without hash-tag braces, whitespace, control characters (NUL, C0, DEL, C1)
+# or bidirectional formatting marks (which make an id display as another). The contract and the API
+# apply the same rule; ids that break it never reach a key.
+ID_EXCLUDED = r"{}\s\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069"
+# Python's `$` also matches before a trailing newline: `\Z` is the end of the string.
+ID_PATTERN = re.compile(rf"[^{ID_EXCLUDED}]{{1,128}}\Z")
+# The same rule for pydantic's (Rust) regex engine, where `$` is the end of the text.
+ID_REGEX = rf"^[^{ID_EXCLUDED}]{{1,128}}$"
 
 
 @functools.lru_cache(maxsize=1 << 18)

@@ -39,7 +39,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel
 
-from fusionrec.core.keys import Keys
+from fusionrec.core.keys import ID_EXCLUDED, ID_REGEX, Keys
 from fusionrec.core.metrics import Metrics, MetricSet, counter, histogram
 from fusionrec.core.settings import Settings
 from fusionrec.online.learning.checkpoints import CheckpointStore, ModelMetrics
@@ -52,7 +52,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-ID = r"^[^{}\s]{1,128}$"
+ID = ID_REGEX  # the contract's id rule (fusionrec.core.keys)
 _json = msgspec.json.Encoder()
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
@@ -130,7 +130,7 @@ class Timing:
 
 
 RECS_ROUTE = "/v1/users/{user_id}/recommendations"
-_RECS_PATH = re.compile(r"/v1/users/([^/{}\s]{1,128})/recommendations")
+_RECS_PATH = re.compile(rf"/v1/users/([^/{ID_EXCLUDED}]{{1,128}})/recommendations")
 
 
 class FastRecommendations:

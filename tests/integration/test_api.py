@@ -145,6 +145,9 @@ def test_recommendations_match_the_reader_and_unknown_users_get_popular_items(st
     ("/v1/users/u0/recommendations", {"k": 10_000}, "less than or equal to 100"),
     ("/v1/users/u0/recommendations", {"k": "ten"}, "valid integer"),
     ("/v1/users/a%7Bb%7D/recommendations", {}, "should match pattern"),
+    ("/v1/users/u0%0A/recommendations", {}, "should match pattern"),  # a trailing newline
+    ("/v1/users/u%E2%80%AE0/recommendations", {}, "should match pattern"),  # right-to-left override
+    ("/v1/items/3%00/similar", {}, "should match pattern"),  # NUL
     ("/v1/items/3/similar", {"k": -1}, "greater than or equal to 1"),
     ("/v1/search", {}, "Field required"),
     ("/v1/search", {"q": "   "}, "non-space"),

@@ -38,6 +38,12 @@ def test_impression_carries_items_shown():
     (ev(ts=NOW + 2 * 86_400_000), "future_ts"),
     (ev(user_id="has space"), "invalid_id"),
     (ev(item_id="{tag}"), "invalid_id"),
+    (ev(user_id="u1\n"), "invalid_id"),  # a trailing newline (a `$` would let it through)
+    (ev(user_id="u\u0000"), "invalid_id"),  # NUL
+    (ev(item_id="sku\u001b[31m"), "invalid_id"),  # a terminal escape
+    (ev(item_id="sku\u0085"), "invalid_id"),  # C1 control
+    (ev(user_id="abc\u202edcba"), "invalid_id"),  # right-to-left override: displays as another id
+    (ev(user_id="\u2066u1\u2069"), "invalid_id"),  # bidi isolates
     (ev(v=2), "unsupported_version"),
     (ev(type="impression", item_id=None), "missing_field"),
     (ev(type="impression", items_shown=list("abcdef")), "oversize"),
@@ -47,6 +53,12 @@ def test_invalid_events_have_a_reason(raw, reason):
     with pytest.raises(InvalidEventError) as info:
         V.user_event(raw, now_ms=NOW)
     assert info.value.reason == reason
+
+
+@pytest.mark.parametrize("ident", ["sku:1", "café-2", "用户-3", "a/b", "x" * 128])
+def test_ids_with_colons_slashes_and_other_scripts_are_valid(ident):
+    e = V.user_event(ev(user_id=ident, item_id=ident), now_ms=NOW)
+    assert (e.user_id, e.item_id) == (ident, ident)
 
 
 def test_catalog_upsert_needs_title_and_delete_does_not():
