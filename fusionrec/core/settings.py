@@ -37,6 +37,14 @@ def _default_run_dir() -> str:
     return str(Path.home() / ".fusionrec")
 
 
+def masked_url(url: str) -> str:
+    """A URL with its credentials replaced by ``***``, for logs and printing."""
+    if "@" not in url or "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
+
+
 def setting(default: Any = dataclasses.MISSING, *, env: str, doc: str,
             factory: Any = dataclasses.MISSING) -> Any:
     """A settings field read from ``FUSIONREC_<env>``, with the one-line description the docs show."""
@@ -439,9 +447,8 @@ class Settings:
         out["kafka"]["options"] = {
             k: ("***" if any(w in k.lower() for w in _SECRET_WORDS) else v) for k, v in self.kafka.options.items()
         }
-        if self.redis.url and "@" in self.redis.url:
-            scheme, rest = self.redis.url.split("://", 1)
-            out["redis"]["url"] = f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
+        if self.redis.url:
+            out["redis"]["url"] = masked_url(self.redis.url)
         return out
 
 
