@@ -8,18 +8,31 @@
 3. latency: items published at a steady rate (half the measured pool throughput) and, for each,
    publish time → vector written (the ``at`` field of its entry), p50/p99.
 
+4. quality, same run: the configured encoder's vectors against fp32 torch's on the same titles — mean
+   cosine, and how many of each item's 10 nearest neighbours (cosine, among those titles) both share.
+
 Prints a final JSON line: items_per_s, baseline_items_per_s, ratio, latency_p50_ms, latency_p99_ms,
-device (plus the settings used).
+device, runtime, mean_cosine_vs_fp32, neighbour_overlap_at_10 (plus the settings used).
+
+``--encoder-only`` measures the encoder alone — no broker, no Redis — so it runs on any machine with
+torch and transformers (a GPU box included): items/s per batch size over the titles (one call per batch
+of texts, as a worker makes it), one call per batch p50/p99, the same one-at-a-time fp32 baseline and
+the same quality figures. ``--random-weights`` builds the model from the shipped config with random
+weights instead, for machines without the weights: the speed is the same, the quality figures are not
+meaningful.
 
     python bench/embed.py --quick
     python bench/embed.py --batch-sizes 64,128,256,512      # sweep (GPU)
+    python bench/embed.py --encoder-only --batch-sizes 64,256,1024 [--random-weights]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
+import shutil
 import tempfile
 import threading
 import time
@@ -32,7 +45,7 @@ from fusionrec.apps.services import EmbeddedServices
 from fusionrec.core.redis_client import connect
 from fusionrec.core.settings import Settings
 from fusionrec.models.backfill import version_info
-from fusionrec.models.encoder import TextEncoder
+from fusionrec.models.encoder import ModelSpec, TextEncoder, default_model_path
 from fusionrec.models.pool import EmbedPool
 from fusionrec.models.text import text_hash
 from fusionrec.models.vectors import VectorOp, VectorStore
@@ -115,8 +128,15 @@ def pool_run(s: Settings, texts: list[str], workers: int | None, rate: float = 0
         running.close()
 
 
+def fp32_encoder(s: Settings) -> TextEncoder:
+    """The reference: the same checkpoint on torch in fp32, on the configured device."""
+    spec = dataclasses.replace(ModelSpec.from_settings(s), runtime="torch")
+    return TextEncoder(spec, device=s.embed.device, dtype="float32", threads=s.embed.threads)
+
+
 def baseline(s: Settings, texts: list[str]) -> float:
-    encoder = TextEncoder.from_settings(s)
+    """One item at a time: fp32 torch encode, then one Redis call."""
+    encoder = fp32_encoder(s)
     encoder.warmup()
     store = VectorStore(connect(s), s, worker="baseline")
     version = version_info(encoder.spec, s).version
@@ -127,6 +147,74 @@ def baseline(s: Settings, texts: list[str]) -> float:
     return len(texts) / (time.perf_counter() - t0)
 
 
+def quality(s: Settings, encoder: TextEncoder, texts: list[str]) -> dict[str, float]:
+    """Mean cosine with fp32 torch's vectors, and the mean overlap of each item's 10 nearest neighbours."""
+    fast = encoder.encode(texts, batch_size=s.embed.batch_size)
+    reference = fp32_encoder(s).encode(texts, batch_size=s.embed.batch_size)
+    cos = (fast * reference).sum(1)
+
+    def neighbours(v: np.ndarray) -> np.ndarray:
+        sim = v @ v.T
+        np.fill_diagonal(sim, -np.inf)
+        return np.argpartition(-sim, 10, axis=1)[:, :10]
+
+    overlap = [len(set(a) & set(b)) / 10 for a, b in zip(neighbours(fast), neighbours(reference), strict=True)]
+    return {"mean_cosine_vs_fp32": round(float(cos.mean()), 4), "min_cosine_vs_fp32": round(float(cos.min()), 4),
+            "neighbour_overlap_at_10": round(float(np.mean(overlap)), 4), "quality_items": len(texts)}
+
+
+def random_weights(folder: str) -> str:
+    """The shipped model's config and tokenizer with randomly initialised weights (speed runs only)."""
+    from transformers import AutoConfig, AutoModel
+
+    source = default_model_path()
+    for f in source.iterdir():
+        if f.is_file() and not f.name.endswith((".safetensors", ".bin")):
+            shutil.copy(f, folder)
+    AutoModel.from_config(AutoConfig.from_pretrained(source, local_files_only=True)).save_pretrained(folder)
+    return folder
+
+
+def encoder_only(args: argparse.Namespace) -> dict[str, object]:
+    """The encoder alone, on this process: no broker, no Redis."""
+    with tempfile.TemporaryDirectory(prefix="fusionrec-bench-") as tmp:
+        overrides: dict[str, object] = {}  # exports are cached in the run dir, as a worker's are
+        if args.random_weights:
+            overrides["embed_model_path"] = random_weights(tempfile.mkdtemp(dir=tmp))
+        s = Settings.from_env(**overrides)
+        n_items, n_base = (1000, 100) if args.quick else (args.items, args.baseline_items)
+        texts = product_texts(n_items + n_base)
+        encoder = TextEncoder.from_settings(s)
+        encoder.warmup()
+        sweep = [int(b) for b in args.batch_sizes.split(",") if b] or [s.embed.batch_size]
+        results: dict[int, tuple[float, list[float]]] = {}
+        for bs in sweep:
+            encoder.encode(texts[:bs], batch_size=bs)
+            calls, t0 = [], time.perf_counter()
+            for start in range(0, n_items, bs):
+                t1 = time.perf_counter()
+                encoder.encode(texts[start: min(start + bs, n_items)], batch_size=bs)
+                calls.append((time.perf_counter() - t1) * 1000)
+            results[bs] = (n_items / (time.perf_counter() - t0), calls)
+            print(f"batch size {bs}: {results[bs][0]:.1f} items/s", flush=True)
+        best = max(results, key=lambda b: results[b][0])
+        reference = fp32_encoder(s)
+        reference.warmup()
+        t0 = time.perf_counter()
+        for text in texts[n_items:]:
+            reference.encode([text])
+        base_rate = n_base / (time.perf_counter() - t0)
+        quality_figures = quality(s.replace(embed_batch_size=best), encoder, texts[:n_items])
+        calls = results[best][1]
+        return {"items_per_s": round(results[best][0], 1), "baseline_items_per_s": round(base_rate, 1),
+                "ratio": round(results[best][0] / base_rate, 2),
+                "batch_latency_p50_ms": round(float(np.percentile(calls, 50)), 1),
+                "batch_latency_p99_ms": round(float(np.percentile(calls, 99)), 1), **quality_figures,
+                "device": str(encoder.device), "runtime": encoder.runtime, "batch_size": best, "items": n_items,
+                "mode": "encoder-only", "random_weights": bool(args.random_weights),
+                "sweep": {str(b): round(r[0], 1) for b, r in results.items()}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="400 items, 60 for the baseline")
@@ -134,8 +222,14 @@ def main() -> None:
     ap.add_argument("--baseline-items", type=int, default=200)
     ap.add_argument("--workers", type=int, help="pool size (default: one per GPU, else 1)")
     ap.add_argument("--batch-sizes", default="", help="comma-separated embed batch sizes to sweep")
+    ap.add_argument("--quality-items", type=int, default=2000, help="titles the quality figures are computed on")
+    ap.add_argument("--encoder-only", action="store_true", help="the encoder alone: no broker, no Redis")
+    ap.add_argument("--random-weights", action="store_true", help="with --encoder-only: random weights")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.encoder_only:
+        print(json.dumps(encoder_only(args)))
+        return
     n_items, n_base = (400, 60) if args.quick else (args.items, args.baseline_items)
     with tempfile.TemporaryDirectory(prefix="fusionrec-bench-") as tmp:
         services = EmbeddedServices(tmp)
@@ -155,13 +249,17 @@ def main() -> None:
             steady = texts[n_items: n_items + n_items // 4]
             _, lat = pool_run(fresh(base.replace(embed_batch_size=best)), steady, args.workers, rate=items_per_s / 2)
             base_rate = baseline(fresh(base), texts[n_items + n_items // 4:][:n_base])
-            device = str(TextEncoder.from_settings(base).device)
+            encoder = TextEncoder.from_settings(base)
+            device, runtime = str(encoder.device), encoder.runtime
+            quality_figures = quality(base.replace(embed_batch_size=best), encoder,
+                                      product_texts(args.quality_items))
         finally:
             services.down()
     out = {"items_per_s": round(items_per_s, 1), "baseline_items_per_s": round(base_rate, 1),
            "ratio": round(items_per_s / base_rate, 2), "latency_p50_ms": round(float(np.percentile(lat, 50)), 1),
            "latency_p99_ms": round(float(np.percentile(lat, 99)), 1), "latency_rate_items_per_s":
-           round(items_per_s / 2, 1), "device": device, "batch_size": best, "items": n_items,
+           round(items_per_s / 2, 1), **quality_figures, "device": device, "runtime": runtime,
+           "batch_size": best, "items": n_items,
            "sweep": {str(b): round(r[0], 1) for b, r in results.items()}}
     print(json.dumps(out))
 

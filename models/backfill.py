@@ -10,6 +10,7 @@ is resumed by the next one, and items already embedded are skipped by their cont
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import uuid
@@ -24,7 +25,7 @@ from fusionrec.core.metrics import Metrics
 from fusionrec.core.scripts import register
 from fusionrec.core.settings import Settings
 from fusionrec.models.embedder import CatalogEmbedder, EmbedMetrics
-from fusionrec.models.encoder import ModelSpec
+from fusionrec.models.encoder import RECIPES, ModelSpec, TextEncoder
 from fusionrec.models.text import TEMPLATE_VERSION
 from fusionrec.models.vectors import ModelVersion, VectorStore
 from fusionrec.streams.contract import CatalogEvent
@@ -44,6 +45,22 @@ def version_info(spec: ModelSpec, settings: Settings) -> ModelVersion:
     return ModelVersion(version=version, model_id=spec.model_id, revision=spec.revision, dim=spec.dim,
                         pooling=spec.pooling, normalize=spec.normalize, max_length=spec.max_length,
                         vector_dtype=settings.vectors.dtype)
+
+
+def encoder_for_version(settings: Settings, version: str) -> TextEncoder:
+    """The configured encoder, on whichever runtime makes ``version``'s vectors when the runtime is ``auto``.
+
+    A query encoder on a CPU host reading vectors a GPU pool wrote (torch) uses torch rather than its
+    own default (int8 ONNX), and the other way round. An explicit runtime is kept as configured.
+    """
+    spec = ModelSpec.from_settings(settings)
+    if settings.embed.runtime == "auto":
+        for runtime in (spec.runtime, *RECIPES):
+            candidate = dataclasses.replace(spec, runtime=runtime)
+            if version_info(candidate, settings).version == version:
+                spec = candidate
+                break
+    return TextEncoder.from_settings(settings, spec=spec, device=None if spec.runtime == "torch" else "cpu")
 
 
 def live_versions(store: VectorStore) -> list[str]:

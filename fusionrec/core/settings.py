@@ -230,6 +230,10 @@ class EmbedSettings:
     dtype: str = setting("auto", env="EMBED_DTYPE",
                          doc="auto (fp16 on CUDA, fp32 on CPU) | float32 | float16 | bfloat16")
     device: str = setting("auto", env="EMBED_DEVICE", doc="auto | cpu | cuda | cuda:N")
+    runtime: str = setting("auto", env="EMBED_RUNTIME",
+                           doc="auto (onnx-int8 on CPU for mean/cls encoders, else torch) | torch | onnx | onnx-int8")
+    export_dir: str | None = setting(None, env="EMBED_EXPORT_DIR",
+                                     doc="cached ONNX exports of the encoder; unset: <run dir>/encoders")
     threads: int = setting(0, env="EMBED_THREADS", doc="CPU threads per worker; 0: the machine's cores / workers")
     batch_size: int = setting(64, env="EMBED_BATCH_SIZE", doc="most texts per forward pass")
     max_wait_s: float = setting(0.05, env="EMBED_MAX_WAIT_S", doc="longest a worker waits to fill a batch")
@@ -387,6 +391,7 @@ class Settings:
         choices = {"embed_pooling": (self.embed.pooling, ("mean", "cls", "last")),
                    "vector_dtype": (self.vectors.dtype, ("float32", "float16")),
                    "embed_dtype": (self.embed.dtype, ("auto", "float32", "float16", "bfloat16")),
+                   "embed_runtime": (self.embed.runtime, ("auto", "torch", "onnx", "onnx-int8")),
                    "vector_quant": (self.vectors.quant, ("q8", "noquant", "bin")),
                    "vector_index": (self.vectors.index, ("auto", "redis", "local")),
                    "rec_ranker": (self.rec.ranker, ("fusion", "simple"))}

@@ -198,7 +198,7 @@ class Services:
     """
 
     def __init__(self, settings: Settings, client: redis.Redis, aclient: redis.asyncio.Redis,
-                 encoder: "TextEncoder | Callable[[], TextEncoder] | None" = None,
+                 encoder: "TextEncoder | Callable[[str], TextEncoder] | None" = None,
                  log_producer: EventProducer | None = None, registry: CollectorRegistry | None = None) -> None:
         self.settings = settings
         self.keys = Keys.for_settings(settings)
@@ -218,13 +218,13 @@ class Services:
     def searcher(self) -> Searcher:
         with self._search_lock:
             if self._searcher is None:
-                from fusionrec.models.encoder import TextEncoder
+                from fusionrec.models.backfill import encoder_for_version
                 from fusionrec.online.learning.checkpoints import ServingModel
                 from fusionrec.online.ranking.fusion import FusionRanker
 
                 settings = self.settings
                 ranker = FusionRanker(self.redis, settings, ServingModel(self.checkpoints, settings), self.keys)
-                encoder = self._encoder or (lambda: TextEncoder.from_settings(settings))
+                encoder = self._encoder or (lambda version: encoder_for_version(settings, version))
                 self._searcher = Searcher(self.redis, settings, ranker, encoder, self.keys, self.log_producer)
             return self._searcher
 

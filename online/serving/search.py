@@ -71,7 +71,7 @@ class Searcher:
     """Encodes queries, finds their nearest items and re-ranks them with the learned mix."""
 
     def __init__(self, client: redis.Redis, settings: Settings, ranker: FusionRanker,
-                 encoder: TextEncoder | Callable[[], TextEncoder], keys: Keys | None = None,
+                 encoder: TextEncoder | Callable[[str], TextEncoder], keys: Keys | None = None,
                  log_producer: EventProducer | None = None) -> None:
         self.redis = client
         self.settings = settings
@@ -79,17 +79,21 @@ class Searcher:
         self.ranker = ranker
         self.content = ContentIndex(client, settings, self.keys)
         self.candidates = CandidateReader(client, settings, self.keys, content=self.content)
-        self._encoder = encoder
+        self._factory = None if hasattr(encoder, "encode") else cast("Callable[[str], TextEncoder]", encoder)
+        self._encoder: TextEncoder | None = None if self._factory else cast("TextEncoder", encoder)
+        self._encoder_for = ""  # the active version the factory was last asked for
         self._encoder_lock = threading.Lock()
         self.producer = log_producer
         self.pseudonyms = Pseudonyms.for_settings(settings)
 
-    def encoder(self) -> TextEncoder:
-        """The query encoder (loaded on first use: a server without search traffic never loads it)."""
+    def encoder(self, version: str) -> TextEncoder:
+        """The query encoder for the active ``version``: built on first use (a server without search
+        traffic never loads one), and again once each time the active version changes."""
         with self._encoder_lock:
-            if not hasattr(self._encoder, "encode"):
-                self._encoder = self._encoder()
-            return cast("TextEncoder", self._encoder)
+            if self._factory is not None and version != self._encoder_for:
+                self._encoder, self._encoder_for = self._factory(version), version
+            assert self._encoder is not None
+            return self._encoder
 
     def search(self, query: str, user_id: str | None, k: int) -> SearchResult:
         version = self.content.active()
@@ -97,7 +101,7 @@ class Searcher:
             raise SearchUnavailableError("no item vectors are active yet (start the embedding workers)")
         from fusionrec.models.backfill import version_info
 
-        encoder = self.encoder()
+        encoder = self.encoder(version)
         mine = version_info(encoder.spec, self.settings).version
         if mine != version:
             raise SearchUnavailableError(f"the query encoder makes vectors of version {mine}, "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 import redis
 
@@ -27,6 +29,7 @@ from fusionrec.models.pool import EmbedPool, build_embedder
 from fusionrec.models.vectors import VectorStore
 from fusionrec.models.worker import EmbedWorker
 from fusionrec.online.serving.reader import RecommendationReader
+from fusionrec.streams import datasets
 from fusionrec.streams.producer import EventProducer
 from fusionrec.streams.topics import ensure_topics
 from tests.integration.helpers import (
@@ -306,6 +309,27 @@ def test_real_minilm_puts_related_products_nearer() -> None:
                                                 "usb car phone charger", "plain greek yogurt"])
     assert milk @ yogurt > milk @ charger and cheese @ yogurt > cheese @ charger
     assert milk @ cheese > milk @ charger
+
+
+def test_real_minilm_int8_keeps_the_fp32_vectors_and_neighbours() -> None:
+    """The CPU default (int8 on ONNX Runtime) against fp32 torch on real product titles."""
+    s = Settings.from_env({})
+    int8 = TextEncoder.from_settings(s, device="cpu")
+    assert int8.runtime == "onnx-int8"
+    fp32 = TextEncoder(dataclasses.replace(int8.spec, runtime="torch"), device="cpu", dtype="float32")
+    products = datasets._cj_items(pd.read_parquet(datasets._cj_file("products.parquet")))
+    texts = products.title.drop_duplicates().sample(n=600, random_state=3).tolist()
+    a, b = int8.encode(texts), fp32.encode(texts)
+    cos = (a * b).sum(1)
+    assert cos.mean() >= 0.99 and cos.min() >= 0.97, (cos.mean(), cos.min())
+
+    def top10(v: np.ndarray) -> np.ndarray:
+        sim = v @ v.T
+        np.fill_diagonal(sim, -np.inf)
+        return np.argsort(-sim, axis=1)[:, :10]
+
+    overlap = np.mean([len(set(x) & set(y)) / 10 for x, y in zip(top10(a), top10(b), strict=True)])
+    assert overlap >= 0.85, overlap
 
 
 def test_brand_new_item_is_recommended_through_content(embed_settings: Settings, worker: InProcessWorker,
