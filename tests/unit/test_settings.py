@@ -38,7 +38,7 @@ def test_groups_round_trip_through_the_environment_and_unknown_names_are_errors(
         k.removeprefix("FUSIONREC_") for k in Settings().to_env()} | {"KAFKA_BOOTSTRAP", "REDIS_URL",
                                                                       "SESSION_TIMEOUT_MS", "USER_ID_KEY",
                                                                       "EMBED_MODEL_PATH", "EMBED_MODEL_ID",
-                                                                      "SERVE_TOKEN", "MODEL_KEY"}
+                                                                      "EMBED_EXPORT_DIR", "SERVE_TOKEN", "MODEL_KEY"}
     with pytest.raises(ConfigError, match="FUSIONREC_REC_KK"):
         s.replace(rec_kk=3)
 
