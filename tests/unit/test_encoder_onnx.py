@@ -149,3 +149,20 @@ def test_a_query_encoder_follows_the_runtime_that_wrote_the_vectors(path: Path, 
     assert encoder_for_version(s, int8_version).runtime == "onnx-int8"
     assert encoder_for_version(s, "other-model-32d-00000000").runtime == "onnx-int8"  # search then says why not
     assert encoder_for_version(s.replace(embed_runtime="onnx-int8"), torch_version).runtime == "onnx-int8"
+
+
+def test_the_gpu_path_on_cpu_everything_but_the_device(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No GPU here: the CUDA plan, runtime and dtype choices, and the half-precision torch path on CPU."""
+    from fusionrec.models.encoder import resolve_dtype
+    from fusionrec.models.pool import plan
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    s = Settings.from_env({}, embed_model_path=str(path))
+    assert [(slot.device, slot.threads) for slot in plan(s)] == [("cuda:0", 0), ("cuda:1", 0)]  # one per GPU
+    assert [slot.device for slot in plan(s, workers=3)] == ["cuda:0", "cuda:1", "cuda:0"]
+    assert [slot.device for slot in plan(s.replace(embed_device="cpu"), workers=2)] == ["cpu", "cpu"]
+    assert resolve_runtime("auto", CUDA, "mean") == "torch" and resolve_dtype("auto", CUDA) == torch.float16
+    reference = TextEncoder(ModelSpec.load(path), device="cpu").encode(TEXTS, batch_size=4)
+    half = TextEncoder(ModelSpec.load(path), device="cpu", dtype="bfloat16")  # fp16 needs CUDA; same code path
+    vectors = half.encode(TEXTS, batch_size=4)
+    assert vectors.dtype == np.float32 and cosines(vectors, reference).min() > 0.99
