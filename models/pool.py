@@ -101,8 +101,8 @@ def worker_main(settings: Settings, slot: Slot, errors: Any) -> None:
         encoder.warmup()
         name = f"{socket.gethostname()}:{mp.current_process().pid}:{slot.index}"
         embedder = build_embedder(settings, encoder, metrics, worker=name)
-        log.info("worker %d on %s (%s threads): model %s, version %s", slot.index, slot.device,
-                 slot.threads or "-", encoder.spec.model_id, embedder.version)
+        log.info("worker %d on %s (%s threads, %s): model %s, version %s", slot.index, slot.device,
+                 slot.threads or "-", encoder.runtime, encoder.spec.model_id, embedder.version)
         parent = os.getppid()
 
         def orphaned() -> None:

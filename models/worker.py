@@ -141,6 +141,7 @@ class EmbedProcessor(BaseProcessor[CatalogEvent]):
     def _report(self) -> None:
         """Publish this worker's partitions, model version and counts under ``P:{m}:worker:<name>``."""
         status = {"version": self.embedder.version, "device": str(self.embedder.encoder.device),
+                  "runtime": self.embedder.encoder.runtime,
                   "partitions": sorted(p for _t, p in self.held), "consumed": self.consumed,
                   "embedded": self.result.embedded, "at": int(time.time() * 1000)}
         try:

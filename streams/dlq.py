@@ -11,25 +11,54 @@ Headers added to the original ones:
 ``fusionrec.dlq.ts``           when it was dead-lettered (ms)
 =============================  ====================================================
 
+A dead letter always fits. One larger than ``FUSIONREC_DLQ_MAX_BYTES`` (key, value and headers, 900 kB
+by default, below Kafka's default 1 MB limits: a message that just fitted the source topic no longer
+fits once the headers above are added) keeps the first bytes of its value and says so:
+
+=================================  ================================================
+``fusionrec.dlq.truncated``        ``1``
+``fusionrec.dlq.value_bytes``      the original value's size
+``fusionrec.dlq.value_sha256``     the original value's SHA-256 (hex)
+``fusionrec.dlq.key_bytes``        the original key's size, when the key was cut to 1 KiB
+``fusionrec.dlq.headers_dropped``  how many original headers were left out, when they
+                                   took more than a quarter of the room
+=================================  ================================================
+
+A letter the broker still refuses as too large (a DLQ topic with a lower limit) is sent again at
+64 KiB. A DLQ topic that does not exist is :class:`~fusionrec.core.errors.MissingTopicError`, which
+stops the consumer with the topic's name instead of retrying forever with every partition paused.
+
 Delivery is at-least-once: the consumer flushes the DLQ before it stores the batch's offsets, so a
 crash may repeat a dead letter but never loses one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from dataclasses import dataclass
 
-from confluent_kafka import KafkaError, Message, Producer
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
-from fusionrec.core.errors import DeliveryError
+from fusionrec.core.errors import DeliveryError, MissingTopicError
 from fusionrec.core.metrics import Metrics
 from fusionrec.core.settings import Settings
 from fusionrec.streams.metrics import StreamMetrics
 from fusionrec.streams.producer import kafka_config
 
 log = logging.getLogger(__name__)
+
+SMALL_LETTER_BYTES = 64 * 1024  # for a letter the broker refused as too large at the configured size
+KEY_BYTES = 1024
+_MISSING = (KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC, KafkaError.TOPIC_AUTHORIZATION_FAILED)
+_TOO_LARGE = (KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.INVALID_MSG_SIZE)
+Header = tuple[str, bytes]
+
+
+def _size(key: bytes | None, value: bytes | None, headers: list[Header]) -> int:
+    """Bytes a record takes against Kafka's size limits, with room for the record's own framing."""
+    return 64 + len(key or b"") + len(value or b"") + sum(len(n) + len(v) + 8 for n, v in headers)
 
 
 def position(msg: Message) -> tuple[str, int, int]:
@@ -60,14 +89,37 @@ class DeadLetter:
                    headers=[(k, v if isinstance(v, bytes) else str(v or "").encode()) for k, v in items],
                    reason=reason, detail=detail)
 
-    def dlq_headers(self) -> list[tuple[str, str | bytes | None]]:
-        return [*self.headers,
-                ("fusionrec.dlq.reason", self.reason.encode()),
+    def dlq_headers(self) -> list[Header]:
+        return [*self.headers, *self._own_headers()]
+
+    def _own_headers(self) -> list[Header]:
+        return [("fusionrec.dlq.reason", self.reason.encode()),
                 ("fusionrec.dlq.detail", self.detail.encode()[:500]),
                 ("fusionrec.source.topic", self.topic.encode()),
                 ("fusionrec.source.partition", str(self.partition).encode()),
                 ("fusionrec.source.offset", str(self.offset).encode()),
                 ("fusionrec.dlq.ts", str(int(time.time() * 1000)).encode())]
+
+    def fitted(self, max_bytes: int) -> tuple[bytes | None, bytes | None, list[Header]]:
+        """Key, value and headers within ``max_bytes``; a value that does not fit is cut and described."""
+        headers = self.dlq_headers()
+        if _size(self.key, self.value, headers) <= max_bytes:
+            return self.key, self.value, headers
+        value = self.value or b""
+        marks: list[Header] = [("fusionrec.dlq.truncated", b"1"),
+                               ("fusionrec.dlq.value_bytes", str(len(value)).encode()),
+                               ("fusionrec.dlq.value_sha256", hashlib.sha256(value).hexdigest().encode())]
+        key = self.key
+        if key is not None and len(key) > KEY_BYTES:
+            marks.append(("fusionrec.dlq.key_bytes", str(len(key)).encode()))
+            key = key[:KEY_BYTES]
+        originals = self.headers
+        if _size(None, None, originals) > max_bytes // 4:
+            marks.append(("fusionrec.dlq.headers_dropped", str(len(originals)).encode()))
+            originals = []
+        headers = [*originals, *self._own_headers(), *marks]
+        room = max(0, max_bytes - _size(key, None, headers))
+        return key, value[:room], headers
 
 
 class DeadLetterPublisher:
@@ -76,38 +128,73 @@ class DeadLetterPublisher:
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.settings = settings
         self.metrics = metrics.of(StreamMetrics)
+        # No auto-creation: a dead-letter topic is created at startup with the others (``ensure_topics``),
+        # so a missing one is a clear error rather than a topic the broker invents with its defaults.
         self._producer = Producer(kafka_config(settings, **{"enable.idempotence": True, "acks": "all",
-                                                            "linger.ms": 5}))
+                                                            "linger.ms": 5, "allow.auto.create.topics": False}))
         self._failed: list[DeadLetter] = []
+        self._missing: set[str] = set()
+        self._small: set[tuple[str, int, int]] = set()  # letters the broker refused at the configured size
 
     def publish(self, letters: list[DeadLetter], timeout: float = 30.0) -> None:
-        """Send and wait for acknowledgement of every letter; raises DeliveryError otherwise."""
+        """Send and wait for acknowledgement of every letter; raises DeliveryError otherwise (retried by
+        the caller), MissingTopicError when a DLQ topic does not exist."""
         if not letters:
             return
-        self._failed = []
+        self._failed, self._missing = [], set()
         for letter in letters:
             log.warning("dead letter %s[%d]@%d: %s (%s)", letter.topic, letter.partition, letter.offset,
                         letter.reason, letter.detail[:200])
             self._produce(letter)
         remaining = self._producer.flush(timeout)
+        if remaining:  # left queued, a retry would send them twice: drop them, the retry sends them again
+            self._producer.purge(in_queue=True, in_flight=False)
+            self._producer.poll(0)
+            self._missing |= self._absent({self.settings.dlq_topic(letter.topic) for letter in letters})
+        if self._missing:
+            raise MissingTopicError(f"dead-letter topic {', '.join(sorted(self._missing))} does not exist on the "
+                                    "broker: create it (fusionrec creates its topics at startup where it may)")
         if remaining or self._failed:
             raise DeliveryError(f"{len(self._failed)} dead letters failed, {remaining} undelivered")
         for letter in letters:
             self.metrics.dead_letters.labels(letter.topic, letter.reason).inc()
 
+    def _absent(self, topics: set[str]) -> set[str]:
+        try:
+            known = set(self._producer.list_topics(timeout=10).topics)
+        except KafkaException as exc:  # the broker is unreachable: a delivery problem, retried
+            log.debug("cannot list topics: %s", exc)
+            return set()
+        return topics - known
+
     def _produce(self, letter: DeadLetter) -> None:
+        topic = self.settings.dlq_topic(letter.topic)
+        where = (letter.topic, letter.partition, letter.offset)
+
         def on_delivery(err: KafkaError | None, _msg: Message) -> None:
             if err is not None:
                 self._failed.append(letter)
-                self.metrics.delivery_failures.labels(self.settings.dlq_topic(letter.topic)).inc()
+                self.metrics.delivery_failures.labels(topic).inc()
+                if err.code() in _MISSING:
+                    self._missing.add(topic)
+                elif err.code() in _TOO_LARGE:
+                    self._small.add(where)
 
+        budget = SMALL_LETTER_BYTES if where in self._small else self.settings.kafka.dlq_max_bytes
+        key, value, fitted = letter.fitted(budget)
+        headers: list[tuple[str, str | bytes | None]] = list(fitted)
         while True:
             try:
-                self._producer.produce(self.settings.dlq_topic(letter.topic), value=letter.value,
-                                       key=letter.key, headers=letter.dlq_headers(), on_delivery=on_delivery)
+                self._producer.produce(topic, value=value, key=key, headers=headers, on_delivery=on_delivery)
                 break
             except BufferError:
                 self._producer.poll(0.05)
+            except KafkaException as exc:  # refused before sending (larger than the producer's own limit)
+                self._failed.append(letter)
+                if exc.args[0].code() in _TOO_LARGE:
+                    self._small.add(where)
+                log.warning("dead letter %s[%d]@%d not produced: %s", *where, exc)
+                break
         self._producer.poll(0)
 
     def close(self) -> None:

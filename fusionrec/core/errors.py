@@ -26,5 +26,9 @@ class DeliveryError(FusionrecError):
     """Kafka did not acknowledge produced messages."""
 
 
+class MissingTopicError(FusionrecError):
+    """A topic fusionrec must write to does not exist on the broker (not retried: nothing would change)."""
+
+
 class StateStoreError(FusionrecError):
     """Redis rejected or could not apply a state update."""

@@ -70,6 +70,9 @@ class KafkaSettings:
     topic_item_deltas: str = setting("item-deltas", env="TOPIC_ITEM_DELTAS",
                                      doc="per-batch item count deltas for the trending windows")
     dlq_suffix: str = setting(".dlq", env="DLQ_SUFFIX", doc="a topic's dead letters go to the topic name + this")
+    dlq_max_bytes: int = setting(900_000, env="DLQ_MAX_BYTES",
+                                 doc="largest dead letter (key, value, headers); a larger one keeps a truncated "
+                                     "value with its size and SHA-256; keep it below the DLQ topic's limit")
     partitions: int = setting(4, env="TOPIC_PARTITIONS", doc="partitions of the topics fusionrec creates")
     replication: int = setting(1, env="TOPIC_REPLICATION", doc="replication factor of the topics fusionrec creates")
     session_timeout_ms: int | None = setting(None, env="SESSION_TIMEOUT_MS",
@@ -378,7 +381,8 @@ class Settings:
                     "rec_k": self.rec.k, "max_event_bytes": self.contract.max_event_bytes,
                     "user_ttl_s": self.state.user_ttl_s, "rec_ttl_s": self.rec.ttl_s,
                     "redis_buckets": self.redis.buckets, "state_flush_max_events": self.state.flush_max_events,
-                    "state_cache_users": self.state.cache_users}
+                    "state_cache_users": self.state.cache_users,
+                    "dlq_max_bytes": self.kafka.dlq_max_bytes}
         for name, value in positive.items():
             if value <= 0:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be > 0, got {value!r}")
