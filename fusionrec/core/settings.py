@@ -37,12 +37,17 @@ def _default_run_dir() -> str:
     return str(Path.home() / ".fusionrec")
 
 
+_SECRET_PARAMS = re.compile(r"(?i)(^|&)(password|passwd|pass|username|user|token|secret)=[^&]*")
+
+
 def masked_url(url: str) -> str:
-    """A URL with its credentials replaced by ``***``, for logs and printing."""
-    if "@" not in url or "://" not in url:
-        return url
-    scheme, rest = url.split("://", 1)
-    return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
+    """A URL with its credentials replaced by ``***``, for logs and printing: the user-info part and any
+    query parameter that carries one (``redis://host/0?password=…`` is valid for redis-py)."""
+    base, sep, query = url.partition("?")
+    if "@" in base and "://" in base:
+        scheme, rest = base.split("://", 1)
+        base = f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
+    return base + sep + _SECRET_PARAMS.sub(lambda m: f"{m.group(1)}{m.group(2)}=***", query)
 
 
 def setting(default: Any = dataclasses.MISSING, *, env: str, doc: str,

@@ -7,7 +7,7 @@ route                                      answer
 ``GET /v1/items/{item_id}/similar``          nearest items by content (404 while the item has no vector)
 ``GET /v1/search?q=&user_id=&k=``            query ranked by the learned mix (:mod:`fusionrec.online.serving.search`)
 ``GET /healthz``                             the process is up
-``GET /readyz``                              Redis answers and a fusion checkpoint exists (else 503)
+``GET /readyz``                              Redis answers (else 503); the served model's state reported
 ``GET /metrics``                             Prometheus metrics of this process
 ``GET /openapi.json``, ``/docs``             the OpenAPI spec and its browser
 =========================================  ===========================================================
@@ -246,6 +246,12 @@ class Services:
         return number
 
 
+def redis_unavailable(exc: redis.RedisError) -> HTTPException:
+    """A 503 that names the failure's kind, not its text: Redis errors carry internal host names and ports."""
+    log.warning("Redis unavailable: %s", exc)
+    return HTTPException(503, f"Redis unavailable ({type(exc).__name__})")
+
+
 def create_app(services: Services) -> FastAPI:
     settings = services.settings
     max_k = settings.serve.max_k
@@ -284,7 +290,7 @@ def create_app(services: Services) -> FastAPI:
         try:
             recs = await services.areader.top_k(user_id, k)
         except redis.RedisError as exc:
-            raise HTTPException(503, f"Redis unavailable: {exc}") from exc
+            raise redis_unavailable(exc) from exc
         return Response(_json.encode(recs), media_type="application/json")
 
     @app.get("/v1/items/{item_id}/similar", response_model=SimilarOut, dependencies=Auth,
@@ -294,7 +300,7 @@ def create_app(services: Services) -> FastAPI:
         try:
             found = await run_in_threadpool(services.reader.similar_items, item_id, k)
         except redis.RedisError as exc:
-            raise HTTPException(503, f"Redis unavailable: {exc}") from exc
+            raise redis_unavailable(exc) from exc
         if not found:
             raise HTTPException(404, f"item {item_id!r} has no vector (unknown, deleted, or not embedded yet)")
         body = {"item_id": item_id, "version": services.reader.content.active(),
@@ -314,27 +320,31 @@ def create_app(services: Services) -> FastAPI:
         except SearchUnavailableError as exc:
             raise HTTPException(503, str(exc)) from exc
         except redis.RedisError as exc:
-            raise HTTPException(503, f"Redis unavailable: {exc}") from exc
+            raise redis_unavailable(exc) from exc
         return Response(_json.encode(result), media_type="application/json")
 
     @app.get("/healthz", summary="Liveness: the process answers")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz", summary="Readiness: Redis answers and a fusion checkpoint exists",
+    @app.get("/readyz", summary="Readiness: the server can answer (Redis answers); the model's state",
              responses={503: {"description": "not ready, with the reasons"}})
     async def readyz() -> JSONResponse:
+        """Ready means "can answer": recommendations are lists in Redis (or the popular fallback) with or
+        without a fusion checkpoint, so only Redis decides; the model's state is reported beside it."""
         problems = []
         try:
             await services.aredis.ping()
         except redis.RedisError as exc:
-            problems.append(f"redis: {exc}")
+            log.warning("readiness: Redis does not answer: %s", exc)
+            problems.append(f"redis: unavailable ({type(exc).__name__})")
         number = 0
         if not problems:
             number = await run_in_threadpool(services.model_number)
-            if number == 0:
-                problems.append("model: no fusion checkpoint yet (is `fusionrec learner` running?)")
-        body = {"status": "ready" if not problems else "not ready", "model": number, "problems": problems}
+        state = (f"fusion checkpoint {number}" if number else "no fusion checkpoint yet: lists as the stream "
+                 "wrote them, search unavailable (is `fusionrec learner` running?)")
+        body = {"status": "ready" if not problems else "not ready", "model": number, "model_state": state,
+                "problems": problems}
         return JSONResponse(body, status_code=200 if not problems else 503)
 
     @app.get("/metrics", include_in_schema=False)

@@ -110,19 +110,21 @@ def checkpoint(stack: Settings, server: Server) -> int:
     """A fusion checkpoint (the server saw none at start)."""
     client = connect(stack)
     try:
-        first = server.http.get("/readyz")
-        assert first.status_code == 503 and "no fusion checkpoint" in first.json()["problems"][0]
+        first = server.http.get("/readyz")  # can answer without a model: the lists and the popular fallback
+        assert first.status_code == 200 and first.json()["model"] == 0
+        assert "no fusion checkpoint" in first.json()["model_state"]
         number = CheckpointStore(client, stack).save(Checkpoint(model=FusionModel(), learned_from_ms=0,
                                                                  learned_to_ms=0, examples=0, hit_rate=None))
     finally:
         client.close()
-    wait_for(lambda: server.http.get("/readyz").status_code == 200, 30, "readiness after the checkpoint")
+    wait_for(lambda: server.http.get("/readyz").json()["model"] == number, 30, "the checkpoint reported")
     return number
 
 
 def test_readyz_reports_the_loaded_checkpoint(server: Server, checkpoint: int):
     body = server.http.get("/readyz").json()
-    assert body == {"status": "ready", "model": checkpoint, "problems": []}
+    assert body == {"status": "ready", "model": checkpoint, "model_state": f"fusion checkpoint {checkpoint}",
+                    "problems": []}
     assert server.http.get("/healthz").json() == {"status": "ok"}
 
 
@@ -249,5 +251,7 @@ def test_redis_down_gives_503_not_500(stack: Settings, checkpoint: int):
         assert got.status_code == 503 and "Redis unavailable" in got.json()["detail"]
         ready = srv.http.get("/readyz")
         assert ready.status_code == 503 and ready.json()["problems"][0].startswith("redis")
+        for body in (got.text, ready.text, srv.http.get("/v1/items/i1/similar").text):
+            assert "127.0.0.1" not in body and "Connection refused" not in body, body  # no internal addresses
     finally:
         srv.close()

@@ -103,7 +103,8 @@ def test_the_whole_pipeline_on_a_cluster(services: RunningServices, redis_cluste
 
         def ready() -> bool:
             try:
-                return http.get("/readyz").status_code == 200
+                got = http.get("/readyz")
+                return got.status_code == 200 and got.json()["model"] > 0
             except httpx.TransportError:
                 return False
 

@@ -2,7 +2,7 @@ import pytest
 
 from fusionrec.core.errors import ConfigError
 from fusionrec.core.keys import Keys
-from fusionrec.core.settings import Settings
+from fusionrec.core.settings import Settings, masked_url
 
 
 def test_reads_prefixed_environment_and_types():
@@ -51,6 +51,10 @@ def test_secrets_are_masked():
     assert "hunter2" not in repr(masked)
     assert masked["kafka"]["options"]["acks"] == "all"
     assert masked["redis"]["url"].endswith("@host:6379/0")
+    in_query = Settings.from_env({"FUSIONREC_REDIS_URL": "redis://host:6379/0?password=hunter2&db=1&username=ops"})
+    assert in_query.masked()["redis"]["url"] == "redis://host:6379/0?password=***&db=1&username=***"
+    assert masked_url("redis+cluster://a:1,b:2?Token=hunter2") == "redis+cluster://a:1,b:2?Token=***"
+    assert masked_url("redis://host:6379/0?db=2") == "redis://host:6379/0?db=2"
 
 
 def test_user_keys_share_one_cluster_slot_and_buckets_are_stable():
