@@ -18,6 +18,7 @@ array in the caller's order.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.resources
 import importlib.util
@@ -83,16 +84,21 @@ def resolve_runtime(requested: str, device: torch.device, pooling: str) -> str:
 def checkpoint_digest(path: Path) -> str:
     """Digest of what the vectors depend on in a checkpoint directory: config, tokenizer and weight bytes.
 
-    Bytes, not names and sizes: a fine-tuned checkpoint of the same shape is a different model.
+    Bytes, not names and sizes: a fine-tuned checkpoint of the same shape is a different model. The
+    digest is remembered per process while the files' sizes and modification times stay the same.
     """
-    digest = hashlib.sha256()
     names = ("config.json", "tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
     files = [path / n for n in names] + sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin"))
-    for f in files:
-        if not f.is_file():
-            continue
-        digest.update(f.name.encode() + b"\0")
-        with f.open("rb") as fh:
+    present = [f for f in files if f.is_file()]
+    return _digest(tuple(str(f) for f in present), tuple((f.stat().st_size, f.stat().st_mtime_ns) for f in present))
+
+
+@functools.lru_cache(maxsize=32)
+def _digest(files: tuple[str, ...], _stats: tuple[tuple[int, int], ...]) -> str:
+    digest = hashlib.sha256()
+    for name in files:
+        digest.update(Path(name).name.encode() + b"\0")
+        with open(name, "rb") as fh:
             while block := fh.read(1 << 20):
                 digest.update(block)
     return digest.hexdigest()[:16]
