@@ -21,7 +21,7 @@ from fusionrec.apps.services import EmbeddedServices, resolve_endpoints
 from fusionrec.core.errors import FusionrecError
 from fusionrec.core.metrics import Metrics
 from fusionrec.core.redis_client import connect
-from fusionrec.core.settings import Settings
+from fusionrec.core.settings import Settings, masked_url
 from fusionrec.online.learning.loop import LearnerLoop
 from fusionrec.online.serving.reader import RecommendationReader
 from fusionrec.streams import datasets
@@ -74,7 +74,7 @@ def run_demo(settings: Settings, *, events: int, households: int, keep: bool) ->
     with contextlib.ExitStack() as stack:
         s = _ensure_services(settings, stack, keep)
         ensure_topics(s)
-        print(f"Kafka {s.kafka.bootstrap}   Redis {s.redis.url}")
+        print(f"Kafka {s.kafka.bootstrap}   Redis {masked_url(s.redis.url or '')}")
         ds = datasets.completejourney(households=households).head(events)
         total = len(ds.events) + len(ds.items)
         print(f"Complete Journey slice: {len(ds.events)} purchases by {ds.events.user_id.nunique()} households, "
