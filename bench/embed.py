@@ -189,8 +189,9 @@ def encoder_only(args: argparse.Namespace) -> dict[str, object]:
     """The encoder alone, on this process: no broker, no Redis."""
     with tempfile.TemporaryDirectory(prefix="fusionrec-bench-") as tmp:
         overrides: dict[str, object] = {}  # exports are cached in the run dir, as a worker's are
-        if args.random_weights:
+        if args.random_weights:  # a model of its own each run: its export is not worth keeping either
             overrides["embed_model_path"] = random_weights(tempfile.mkdtemp(dir=tmp))
+            overrides["embed_export_dir"] = f"{tmp}/encoders"
         s = Settings.from_env(**overrides)
         n_items, n_base = (1000, 100) if args.quick else (args.items, args.baseline_items)
         texts = product_texts(n_items + n_base)
