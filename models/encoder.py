@@ -45,6 +45,7 @@ DEFAULT_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Runtime -> what it adds to the vector version: runtimes whose vectors equal torch's add nothing, a
 # quantised one names its recipe (changing the recipe is a new version, backfilled like a new model).
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")  # what a forward pass is fed, when present
 RECIPES: dict[str, str | None] = {"torch": None, "onnx": None, "onnx-int8": "onnx-int8-pc-v1"}
 
 
@@ -212,7 +213,7 @@ class TextEncoder:
             return cast(torch.Tensor, self._onnx(batch))
         assert self.model is not None
         with torch.inference_mode():
-            inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+            inputs = {k: v for k, v in batch.items() if k in MODEL_INPUTS}
             return self.model(**inputs).last_hidden_state
 
     def pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
@@ -258,9 +259,7 @@ class TextEncoder:
         left = self.tokenizer.padding_side == "left"
         pad_id = self.tokenizer.pad_token_id or 0
         tensors = {}
-        for name in ("input_ids", "attention_mask", "token_type_ids"):
-            if name not in rows:
-                continue
+        for name in (n for n in MODEL_INPUTS if n in rows):
             block = np.full((len(idx), width), pad_id if name == "input_ids" else 0, dtype=np.int64)
             for r, i in enumerate(idx):
                 seq = rows[name][i]

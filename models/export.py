@@ -41,11 +41,10 @@ import numpy as np
 import torch
 
 from fusionrec.core.errors import ConfigError
-from fusionrec.models.encoder import checkpoint_digest
+from fusionrec.models.encoder import MODEL_INPUTS, checkpoint_digest
 
 log = logging.getLogger(__name__)
 
-INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 _EXAMPLES = ["an example item title", "a second, somewhat longer example of an item title with a brand"]
 
 
@@ -103,7 +102,7 @@ def export_fp32(checkpoint: Path, target: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(checkpoint, local_files_only=True)
     model = AutoModel.from_pretrained(checkpoint, local_files_only=True, dtype=torch.float32).eval()
     example = tokenizer(_EXAMPLES, padding=True, return_tensors="pt")
-    names = tuple(n for n in INPUTS if n in example)
+    names = tuple(n for n in MODEL_INPUTS if n in example)
     batch, length = torch.export.Dim("batch"), torch.export.Dim("length")
     tmp = _atomic(target)
     try:
@@ -136,7 +135,7 @@ def quantize_int8(source: Path, target: Path) -> None:
     tmp = _atomic(target)
     try:
         with _quiet():
-                quantize_dynamic(source, tmp, weight_type=QuantType.QInt8, per_channel=True,
+            quantize_dynamic(source, tmp, weight_type=QuantType.QInt8, per_channel=True,
                              op_types_to_quantize=["MatMul"], nodes_to_exclude=feed_forward_down_projections(source),
                              extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT})
         tmp.replace(target)
