@@ -67,21 +67,43 @@ class ContentIndex:
             return version
 
     def similar_items(self, item_id: str, k: int) -> Scored:
-        """The ``k`` items nearest to ``item_id`` (itself left out); [] when it has no vector."""
+        """The ``k`` items nearest to ``item_id``; [] when it has no vector.
+
+        The item itself and its exact-text twins (items embedded from the same text, which sit at
+        similarity 1.0) are left out, and of several twins among the results only the nearest stays:
+        a list of four identical catalog entries tells the reader nothing.
+        """
         version = self.active()
         if version is None or k <= 0:
             return []
+        want = 2 * k + 1
         if self.store.use_vector_sets:
             try:
                 flat = self.redis.execute_command("VSIM", self.keys.vector_set(version), "ELE", item_id,
-                                                  "COUNT", k + 1, "WITHSCORES")
+                                                  "COUNT", want, "WITHSCORES")
             except redis.ResponseError:  # element not in the set
                 return []
-            return [p for p in _pairs(flat) if p[0] != item_id][:k]
-        vec = self.local.vector(version, item_id)
-        if vec is None:
-            return []
-        return [p for p in self.local.search(version, vec, k + 1) if p[0] != item_id][:k]
+            found = _pairs(flat)
+        else:
+            vec = self.local.vector(version, item_id)
+            if vec is None:
+                return []
+            found = self.local.search(version, vec, want)
+        return self._distinct_texts(version, item_id, found)[:k]
+
+    def _distinct_texts(self, version: str, item_id: str, found: Scored) -> Scored:
+        found = [p for p in found if p[0] != item_id]
+        entries = self.store.entries(version, [item_id, *(i for i, _ in found)])
+        texts = {entries[item_id][0]} - {None}
+        out: Scored = []
+        for iid, score in found:
+            text = entries[iid][0]
+            if text is not None and text in texts:
+                continue
+            if text is not None:
+                texts.add(text)
+            out.append((iid, score))
+        return out
 
     def nearest(self, version: str, queries: Sequence[np.ndarray], k: int) -> list[Scored]:
         """The ``k`` nearest items to each query vector (one pipelined round trip with vector sets)."""

@@ -160,6 +160,25 @@ def test_vectors_without_vector_sets_use_the_local_index(services: RunningServic
     assert [i for i, _ in RecommendationReader(client, s).similar_items("7", 5)] == expected
 
 
+@pytest.mark.parametrize("index", ["redis", "local"])
+def test_similar_items_leave_out_exact_text_twins(services: RunningServices, tiny_bert: Callable[..., Path],
+                                                  index: str) -> None:
+    s = make_settings(services, embed_model_path=str(tiny_bert()), vector_index=index)
+    ensure_topics(s)
+    w = InProcessWorker(s, TextEncoder.from_settings(s, device="cpu", threads=1))
+    texts = ["bananas 40 lb", "bananas 40 lb", "bananas 40 lb", "organic bananas", "car battery", "car battery",
+             "greek yogurt"]
+    try:
+        publish(s, [(n + 1, text, 1000) for n, text in enumerate(texts)])
+        w.until(len(texts))
+    finally:
+        w.close()
+    similar = [i for i, _ in RecommendationReader(connect(s), s).similar_items("1", 5)]
+    assert not {"1", "2", "3"} & set(similar)  # the item and its twins: same text, similarity 1.0
+    assert len(similar) == 3 and {"4", "7"} <= set(similar)  # and only one of the two car batteries
+    assert len({"5", "6"} & set(similar)) == 1
+
+
 def test_pool_of_two_splits_partitions_and_embeds_each_item_once(embed_settings: Settings,
                                                                 rclient: redis.Redis) -> None:
     keys = Keys.for_settings(embed_settings)
