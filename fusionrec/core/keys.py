@@ -144,7 +144,11 @@ class Keys:
         return f"{self.prefix}:{{i:*}}:*:meta"
 
     def item_id_from_meta(self, key: str) -> str:
-        return key.rsplit(":", 2)[-2]
+        """The item id of an :meth:`item_meta` key; ids may hold ``:`` themselves (``sku:1``)."""
+        head = f"{self.prefix}:{{i:"
+        if not (key.startswith(head) and key.endswith(":meta")):
+            raise ValueError(f"not an item catalog key: {key!r}")
+        return key[key.index("}:", len(head)) + 2: -len(":meta")]
 
     def trending(self, category: str | None = None) -> str:
         return f"{self.prefix}:{{g}}:trend" + (f":c:{category}" if category else "")

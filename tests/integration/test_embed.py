@@ -368,3 +368,16 @@ def test_brand_new_item_is_recommended_through_content(embed_settings: Settings,
     assert rclient.zscore(Keys.for_settings(s).popularity(), "999") is None  # no interaction at all
     profile = RecommendationReader(rclient, s).content.profile("u1")
     assert profile is not None and profile[0] == worker.version and profile[1].shape == (32,)
+
+
+def test_backfill_reads_back_ids_that_hold_colons(embed_settings: Settings, rclient: redis.Redis) -> None:
+    from fusionrec.models.backfill import catalog_events
+    from fusionrec.streams.contract import CatalogEvent
+    from fusionrec.streams.state import StateStore
+
+    ids = ["sku:1", "a:b:meta", "plain", "x}:y"]
+    StateStore(rclient, embed_settings).apply_catalog(
+        [CatalogEvent(item_id=i, op="upsert", ts=1000, title=f"title of {i}") for i in ids])
+    got = [ev for chunk in catalog_events(rclient, Keys.for_settings(embed_settings)) for ev in chunk]
+    assert sorted(ev.item_id for ev in got) == sorted(ids)  # `sku:1` was read back as `1`
+    assert {ev.item_id: ev.title for ev in got}["sku:1"] == "title of sku:1"
