@@ -279,10 +279,19 @@ class ServeSettings:
     token: str | None = setting(None, env="SERVE_TOKEN",
                                 doc="bearer token every /v1 route requires (≥ 16 characters); unset: open")
     max_k: int = setting(100, env="SERVE_MAX_K", doc="largest `k` a request may ask for")
+    max_concurrency: int = setting(64, env="API_MAX_CONCURRENCY",
+                                   doc="/v1 requests served at once; more get 503 with Retry-After "
+                                       "(health, readiness and metrics are exempt)")
     search_candidates: int = setting(100, env="SEARCH_CANDIDATES",
                                      doc="items nearest to the query that the search mix re-ranks")
     search_log: bool = setting(True, env="SEARCH_LOG",
                                doc="log served search results to the feedback topic (the mix learns from them)")
+    search_log_queue: int = setting(10_000, env="SEARCH_LOG_QUEUE",
+                                    doc="served search lists waiting for the broker; past it they are dropped "
+                                        "and counted, never waited for")
+    search_log_timeout_s: float = setting(30.0, env="SEARCH_LOG_TIMEOUT_S",
+                                          doc="how long a search list may wait for the broker (librdkafka "
+                                              "`message.timeout.ms`) before it is dropped and counted")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -426,6 +435,8 @@ class Settings:
             raise ConfigError("trending window must be >= its step > 0")
         if not 0 < serve.port < 65536 or serve.max_k <= 0 or serve.search_candidates <= 0:
             raise ConfigError("serve port must be a TCP port; serve_max_k and search_candidates must be > 0")
+        if serve.max_concurrency <= 0 or serve.search_log_queue <= 0 or serve.search_log_timeout_s <= 0:
+            raise ConfigError("api_max_concurrency, search_log_queue and search_log_timeout_s must be > 0")
         if self.contract.user_id_key is not None and len(self.contract.user_id_key) < 16:
             raise ConfigError(f"{PREFIX}USER_ID_KEY must be at least 16 characters")
         if serve.token is not None and len(serve.token) < 16:

@@ -14,8 +14,17 @@ route                                      answer
 
 Recommendations are the hot path: one ``GET`` on an asyncio Redis client, the stored JSON passed
 through msgspec. Similar items and search run on the thread pool (a vector query, and for search
-an encoder forward pass). With ``FUSIONREC_SERVE_TOKEN`` set, every ``/v1`` route wants
-``Authorization: Bearer <token>``; health, readiness and metrics stay open for probes and scrapers.
+an encoder forward pass); nothing blocking runs on the event loop. With ``FUSIONREC_SERVE_TOKEN``
+set, every ``/v1`` route wants ``Authorization: Bearer <token>``; health, readiness and metrics
+stay open for probes and scrapers.
+
+Overload is answered, not queued: at most ``FUSIONREC_API_MAX_CONCURRENCY`` ``/v1`` requests are
+served at once and the next gets 503 with ``Retry-After`` (:class:`Admission`). Health, readiness
+and metrics are exempt, and the thread pool holds every admitted request plus a reserve for them,
+so a saturated server still says it is alive and ready: saturation is a reason to retry, not to
+take the server out of rotation, which would only move its load onto the others. Served search
+lists are logged off the request path (:class:`~fusionrec.online.serving.search.SearchLogQueue`):
+a broker outage drops and counts them and slows no request.
 """
 
 # no `from __future__ import annotations`: FastAPI reads the route signatures at runtime
@@ -30,6 +39,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Annotated, Any
 
+import anyio.to_thread
 import msgspec
 import redis
 import redis.asyncio
@@ -40,12 +50,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from pydantic import BaseModel
 
 from fusionrec.core.keys import ID_EXCLUDED, ID_REGEX, Keys
-from fusionrec.core.metrics import Metrics, MetricSet, counter, histogram
+from fusionrec.core.metrics import Metrics, MetricSet, counter, gauge, histogram
 from fusionrec.core.settings import Settings
 from fusionrec.online.learning.checkpoints import CheckpointStore, ModelMetrics
 from fusionrec.online.serving.reader import AsyncRecommendationReader, RecommendationReader
-from fusionrec.online.serving.search import Searcher, SearchUnavailableError
-from fusionrec.streams.producer import EventProducer
+from fusionrec.online.serving.search import Searcher, SearchLogQueue, SearchUnavailableError
 
 if TYPE_CHECKING:
     from fusionrec.models.encoder import TextEncoder
@@ -55,6 +64,11 @@ log = logging.getLogger(__name__)
 ID = ID_REGEX  # the contract's id rule (fusionrec.core.keys)
 _json = msgspec.json.Encoder()
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+_PROBE_THREADS = 8  # thread-pool reserve for readiness and metrics beyond the admitted /v1 requests
+_RETRY_AFTER_S = 1
+_FLUSH_S = 5.0  # how long shutdown waits for the broker to take the last search lists
+_BUSY: dict[int | str, dict[str, Any]] = {
+    503: {"description": "FUSIONREC_API_MAX_CONCURRENCY requests are in flight: retry after Retry-After seconds"}}
 
 
 # ---------------------------------------------------------------------------- response schemas (OpenAPI)
@@ -100,6 +114,46 @@ class ApiMetrics(MetricSet):
     requests = counter("fusionrec_api_requests_total", "HTTP requests by route and status", ("route", "status"))
     latency = histogram("fusionrec_api_request_seconds", "HTTP request latency by route", ("route",),
                         buckets=_LATENCY_BUCKETS)
+    in_flight = gauge("fusionrec_api_in_flight_requests", "/v1 requests being served now")
+    rejected = counter("fusionrec_api_rejected_total",
+                       "/v1 requests answered 503 because FUSIONREC_API_MAX_CONCURRENCY were in flight")
+    search_log_dropped = counter("fusionrec_api_search_log_dropped_total",
+                                 "Served search lists not logged to the feedback topic, by reason "
+                                 "(queue_full, buffer_full, produce_error, delivery_failed, shutdown)", ("reason",))
+
+
+class Admission:
+    """ASGI middleware: at most ``limit`` ``/v1`` requests at once; the next gets 503 with ``Retry-After``.
+
+    Everything else (health, readiness, metrics, the OpenAPI spec) is exempt: probes must see the
+    truth while the data routes are saturated. The count lives on the event loop's thread, so it
+    needs no lock.
+    """
+
+    def __init__(self, app: Callable[..., Awaitable[None]], limit: int, metrics: "ApiMetrics") -> None:
+        self.app = app
+        self.limit = limit
+        self.in_flight = 0
+        self.metrics = metrics
+        metrics.in_flight.set_function(lambda: self.in_flight)
+        self.busy_body = _json.encode({"detail": f"the server is serving its limit of {limit} requests; retry shortly"})
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            await self.app(scope, receive, send)
+            return
+        if self.in_flight >= self.limit:
+            self.metrics.rejected.inc()
+            await send({"type": "http.response.start", "status": 503,
+                        "headers": [(b"content-type", b"application/json"), (b"retry-after", b"%d" % _RETRY_AFTER_S),
+                                    (b"content-length", str(len(self.busy_body)).encode())]})
+            await send({"type": "http.response.body", "body": self.busy_body})
+            return
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
 
 
 class Timing:
@@ -199,7 +253,7 @@ class Services:
 
     def __init__(self, settings: Settings, client: redis.Redis, aclient: redis.asyncio.Redis,
                  encoder: "TextEncoder | Callable[[str], TextEncoder] | None" = None,
-                 log_producer: EventProducer | None = None, registry: CollectorRegistry | None = None) -> None:
+                 log_searches: bool = False, registry: CollectorRegistry | None = None) -> None:
         self.settings = settings
         self.keys = Keys.for_settings(settings)
         self.redis, self.aredis = client, aclient
@@ -209,7 +263,8 @@ class Services:
         self.reader = RecommendationReader(client, settings, self.keys)
         self.areader = AsyncRecommendationReader(aclient, self.keys, pseudonyms=self.reader.pseudonyms)
         self.checkpoints = CheckpointStore(client, settings, self.keys)
-        self.log_producer = log_producer
+        self.search_log = (SearchLogQueue.from_settings(settings, self.metrics.search_log_dropped)
+                           if log_searches else None)
         self._encoder = encoder
         self._searcher: Searcher | None = None
         self._head = 0
@@ -225,11 +280,15 @@ class Services:
                 settings = self.settings
                 ranker = FusionRanker(self.redis, settings, ServingModel(self.checkpoints, settings), self.keys)
                 encoder = self._encoder or (lambda version: encoder_for_version(settings, version))
-                self._searcher = Searcher(self.redis, settings, ranker, encoder, self.keys, self.log_producer)
+                self._searcher = Searcher(self.redis, settings, ranker, encoder, self.keys, self.search_log)
             return self._searcher
 
     def search(self, q: str, user_id: str | None, k: int) -> Any:
         return self.searcher().search(q, user_id, k)
+
+    def similar(self, item_id: str, k: int) -> tuple[list[tuple[str, float]], str | None]:
+        """The items nearest to ``item_id`` and the vector version they come from (both may read Redis)."""
+        return self.reader.similar_items(item_id, k), self.reader.content.active()
 
     def model_number(self) -> int:
         """The fusion checkpoint search serves once loaded; before that, the newest one stored."""
@@ -258,6 +317,9 @@ def create_app(services: Services) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        # Every admitted /v1 request may hold a pool thread; readiness and metrics still find one free.
+        threads = anyio.to_thread.current_default_thread_limiter()
+        threads.total_tokens = max(threads.total_tokens, settings.serve.max_concurrency + _PROBE_THREADS)
         await run_in_threadpool(services.model_number)
         # Everything imported so far (torch, transformers, …) lives as long as the process: move it out
         # of the collector's reach, or a full collection pauses a request for a few hundred ms.
@@ -265,8 +327,8 @@ def create_app(services: Services) -> FastAPI:
         gc.freeze()
         yield
         await services.aredis.aclose()
-        if services.log_producer is not None:
-            services.log_producer.flush(5.0)
+        if services.search_log is not None:
+            await run_in_threadpool(services.search_log.close, _FLUSH_S)
 
     app = FastAPI(title="fusionrec reader API", version="1", lifespan=lifespan,
                   description="Recommendations, similar items and personalised search, read from Redis.")
@@ -283,7 +345,7 @@ def create_app(services: Services) -> FastAPI:
     Auth = [Depends(authorised)]
     K = Annotated[int, Query(ge=1, le=max_k, description=f"how many items (1..{max_k})")]
 
-    @app.get("/v1/users/{user_id}/recommendations", response_model=RecListOut, dependencies=Auth,
+    @app.get("/v1/users/{user_id}/recommendations", response_model=RecListOut, dependencies=Auth, responses=_BUSY,
              summary="A user's current recommendations (popular items for an unknown user)")
     async def recommendations(user_id: Annotated[str, Path(pattern=ID, max_length=128)],
                               k: K = settings.rec.k) -> Response:
@@ -294,21 +356,23 @@ def create_app(services: Services) -> FastAPI:
         return Response(_json.encode(recs), media_type="application/json")
 
     @app.get("/v1/items/{item_id}/similar", response_model=SimilarOut, dependencies=Auth,
-             responses={404: {"description": "the item has no vector (unknown, deleted, or not embedded yet)"}},
+             responses={404: {"description": "the item has no vector (unknown, deleted, or not embedded yet)"},
+                        **_BUSY},
              summary="Items most similar to an item by content")
     async def similar(item_id: Annotated[str, Path(pattern=ID, max_length=128)], k: K = 10) -> Response:
         try:
-            found = await run_in_threadpool(services.reader.similar_items, item_id, k)
+            found, version = await run_in_threadpool(services.similar, item_id, k)
         except redis.RedisError as exc:
             raise redis_unavailable(exc) from exc
         if not found:
             raise HTTPException(404, f"item {item_id!r} has no vector (unknown, deleted, or not embedded yet)")
-        body = {"item_id": item_id, "version": services.reader.content.active(),
+        body = {"item_id": item_id, "version": version,
                 "similar": [{"item_id": i, "score": round(s, 6)} for i, s in found]}
         return Response(_json.encode(body), media_type="application/json")
 
     @app.get("/v1/search", response_model=SearchOut, dependencies=Auth,
-             responses={503: {"description": "no active item vectors, or the query encoder does not match them"}},
+             responses={503: {"description": "no active item vectors, or the query encoder does not match them; "
+                                             "or the server is at its limit of requests (Retry-After)"}},
              summary="Items for a text query, personalised for user_id when given")
     async def search(q: Annotated[str, Query(min_length=1, max_length=512, description="the query text")],
                      user_id: Annotated[str | None, Query(pattern=ID, max_length=128)] = None,
@@ -354,6 +418,7 @@ def create_app(services: Services) -> FastAPI:
 
     app.add_middleware(Timing, metrics=services.metrics)
     app.add_middleware(FastRecommendations, services=services)
+    app.add_middleware(Admission, limit=settings.serve.max_concurrency, metrics=services.metrics)  # outermost
     return app
 
 
@@ -363,10 +428,8 @@ def serve(settings: Settings, *, log_searches: bool | None = None) -> None:
 
     from fusionrec.core.redis_client import connect, connect_async
 
-    producer = None
-    if settings.serve.search_log if log_searches is None else log_searches:
-        producer = EventProducer(settings, producer_options={"linger.ms": 50})
-    services = Services(settings, connect(settings), connect_async(settings), log_producer=producer)
+    log_searches = settings.serve.search_log if log_searches is None else log_searches
+    services = Services(settings, connect(settings), connect_async(settings), log_searches=log_searches)
     config = uvicorn.Config(create_app(services), host=settings.serve.host, port=settings.serve.port,
                             loop="uvloop", http="httptools", access_log=False, log_level=settings.ops.log_level.lower(),
                             timeout_graceful_shutdown=10)

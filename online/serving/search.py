@@ -12,7 +12,7 @@
   logged to the feedback topic (header ``kind: search``); the learner labels it with the user's
   next clicks, carts and purchases of the shown items within the learning window (a list nobody
   acted on says nothing and is dropped) and checkpoints the mix with the fusion model, which
-  readers hot-reload.
+  readers hot-reload. Logging is best-effort and off the request path (:class:`SearchLogQueue`).
 
 >>> searcher = Searcher(client, settings, ranker, encoder)                  # doctest: +SKIP
 >>> [h.item_id for h in searcher.search("organic milk", user_id="42", k=5).items]  # doctest: +SKIP
@@ -21,14 +21,17 @@
 from __future__ import annotations
 
 import logging
+import math
+import queue
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import redis
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from fusionrec.core.errors import FusionrecError
 from fusionrec.core.keys import Keys
@@ -37,13 +40,16 @@ from fusionrec.core.settings import Settings
 from fusionrec.online.candidates.content import ContentIndex
 from fusionrec.online.candidates.context import CandidateReader
 from fusionrec.online.learning.search_feedback import KIND_HEADER, KIND_SEARCH, SearchLog, encode_search_log
-from fusionrec.streams.producer import EventProducer
+from fusionrec.streams.producer import kafka_config
 
 if TYPE_CHECKING:  # both import torch; a search server has them loaded by the time it searches
     from fusionrec.models.encoder import TextEncoder
     from fusionrec.online.ranking.fusion import FusionRanker
 
 log = logging.getLogger(__name__)
+
+_DROP_LOG_EVERY_S = 10.0  # at most one warning this often while search lists are being dropped
+
 
 class SearchUnavailableError(FusionrecError):
     """Search cannot answer now: no active item vectors, or the query encoder does not match them."""
@@ -72,7 +78,7 @@ class Searcher:
 
     def __init__(self, client: redis.Redis, settings: Settings, ranker: FusionRanker,
                  encoder: TextEncoder | Callable[[str], TextEncoder], keys: Keys | None = None,
-                 log_producer: EventProducer | None = None) -> None:
+                 search_log: SearchLogQueue | None = None) -> None:
         self.redis = client
         self.settings = settings
         self.keys = keys or Keys.for_settings(settings)
@@ -83,7 +89,7 @@ class Searcher:
         self._encoder: TextEncoder | None = None if self._factory else cast("TextEncoder", encoder)
         self._encoder_for = ""  # the active version the factory was last asked for
         self._encoder_lock = threading.Lock()
-        self.producer = log_producer
+        self.search_log = search_log
         self.pseudonyms = Pseudonyms.for_settings(settings)
 
     def encoder(self, version: str) -> TextEncoder:
@@ -121,8 +127,10 @@ class Searcher:
         order = sorted(range(len(items)), key=lambda r: (-scores[r], items[r]))[:k]
         hits = [SearchHit(items[r], round(float(scores[r]), 6), round(float(f_item[r]), 6),
                           round(float(f_query[r]), 6)) for r in order]
-        if stored_id and self.producer is not None:
-            self._log(stored_id, hits, number)
+        if stored_id and self.search_log is not None:
+            self.search_log.log(SearchLog(user_id=stored_id, ts=int(time.time() * 1000),
+                                          items=[h.item_id for h in hits], f_item=[h.f_item for h in hits],
+                                          f_query=[h.f_query for h in hits], model=number))
         return SearchResult(query, user_id, number, model.search.alpha, model.search.beta, hits)
 
     def _not_deleted(self, found: list[tuple[str, float]]) -> list[tuple[str, float]]:
@@ -131,12 +139,89 @@ class Searcher:
         flags = cast(list[int], self.redis.smismember(self.keys.deleted_items(), [i for i, _ in found]))
         return [pair for pair, gone in zip(found, flags, strict=True) if not gone]
 
-    def _log(self, user_id: str, hits: list[SearchHit], model: int) -> None:
-        assert self.producer is not None
-        entry = SearchLog(user_id=user_id, ts=int(time.time() * 1000), items=[h.item_id for h in hits],
-                          f_item=[h.f_item for h in hits], f_query=[h.f_query for h in hits], model=model)
+
+class SearchLogQueue:
+    """Served search lists on their way to the feedback topic, never on a request's path.
+
+    A request only enqueues (:meth:`log` is a ``put_nowait`` on a bounded queue); one thread hands the
+    lists to a producer of its own, whose buffer batches and retries. The lists are training data
+    for the search mix, not records anyone waits for, so nothing here blocks: a list that finds the
+    queue full, the producer's buffer full (``BufferError``, which elsewhere means poll and retry) or
+    the broker unreachable for ``search_log_timeout_s`` is dropped and counted in ``dropped`` by
+    reason, with one warning every ``_DROP_LOG_EVERY_S`` at most. :meth:`close` flushes for a bounded
+    time and counts what is left.
+
+    >>> logs = SearchLogQueue.from_settings(settings, dropped=counter)          # doctest: +SKIP
+    >>> logs.log(SearchLog(user_id="u1", ts=0, items=["7"], f_item=[0.1], f_query=[0.9], model=3))  # doctest: +SKIP
+    >>> logs.close(5.0)                                                         # doctest: +SKIP
+    """
+
+    def __init__(self, producer: Producer, topic: str, dropped: Any, *, maxsize: int) -> None:
+        self.producer = producer
+        self.topic = topic
+        self.dropped = dropped  # a Counter labelled by reason
+        self._queue: queue.Queue[SearchLog] = queue.Queue(maxsize)
+        self._closing = threading.Event()
+        self._lock = threading.Lock()
+        self._unreported = 0
+        self._reported_at = -math.inf
+        self._thread = threading.Thread(target=self._run, name="search-log", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_settings(cls, settings: Settings, dropped: Any) -> SearchLogQueue:
+        conf = kafka_config(settings, **{"linger.ms": 50, "compression.type": "lz4",
+                                         "message.timeout.ms": int(settings.serve.search_log_timeout_s * 1000)})
+        return cls(Producer(conf), settings.kafka.topic_feedback, dropped, maxsize=settings.serve.search_log_queue)
+
+    def log(self, entry: SearchLog) -> None:
+        """Queue one served list for the feedback topic; never blocks (a full queue drops it)."""
         try:
-            self.producer.produce(self.settings.kafka.topic_feedback, encode_search_log(entry), key=user_id,
-                                  headers=[(KIND_HEADER, KIND_SEARCH)])
-        except Exception as exc:  # a search is answered even when its feedback cannot be logged
-            log.warning("could not log search feedback: %s", exc)
+            self._queue.put_nowait(entry)
+        except queue.Full:
+            self._drop("queue_full")
+
+    def close(self, timeout: float) -> None:
+        """Hand over what is queued and wait at most ``timeout`` seconds for the broker to take it."""
+        deadline = time.monotonic() + timeout
+        self._closing.set()
+        self._thread.join(timeout)
+        left = self.producer.flush(max(0.0, deadline - time.monotonic())) + self._queue.qsize()
+        if left:
+            self._drop("shutdown", left)
+
+    def _run(self) -> None:
+        while not (self._closing.is_set() and self._queue.empty()):
+            try:
+                entry = self._queue.get(timeout=0.1)
+            except queue.Empty:
+                self.producer.poll(0)  # delivery reports
+                continue
+            self._produce(entry)
+
+    def _produce(self, entry: SearchLog) -> None:
+        try:
+            self.producer.produce(self.topic, encode_search_log(entry), key=entry.user_id,
+                                  headers=[(KIND_HEADER, KIND_SEARCH)], on_delivery=self._delivered)
+        except BufferError:
+            self._drop("buffer_full")
+        except KafkaException as exc:
+            log.debug("search list not produced: %s", exc)
+            self._drop("produce_error")
+        self.producer.poll(0)
+
+    def _delivered(self, err: KafkaError | None, _msg: Message) -> None:
+        if err is not None:
+            log.debug("search list not delivered: %s", err)
+            self._drop("delivery_failed")
+
+    def _drop(self, reason: str, n: int = 1) -> None:
+        self.dropped.labels(reason).inc(n)
+        with self._lock:
+            self._unreported += n
+            now = time.monotonic()
+            if now - self._reported_at < _DROP_LOG_EVERY_S:
+                return
+            n, self._unreported, self._reported_at = self._unreported, 0, now
+        log.warning("dropped %d served search lists since the last warning (latest: %s); searches are still "
+                    "answered, the search mix learns from fewer lists until the feedback topic takes them", n, reason)

@@ -6,24 +6,31 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import msgspec
 import pytest
+import uvicorn
+from fastapi import FastAPI
+from prometheus_client.parser import text_string_to_metric_families
 
 from fusionrec.apps.services import RunningServices, free_port
-from fusionrec.core.redis_client import connect
+from fusionrec.core.redis_client import connect, connect_async
 from fusionrec.core.settings import Settings
-from fusionrec.models.backfill import prepare, version_info
+from fusionrec.models.backfill import encoder_for_version, prepare, version_info
 from fusionrec.models.encoder import TextEncoder
 from fusionrec.models.pool import build_embedder
 from fusionrec.online.learning.checkpoints import Checkpoint, CheckpointStore
 from fusionrec.online.learning.model import FusionModel
 from fusionrec.online.learning.search_feedback import KIND_HEADER, KIND_SEARCH, decode_search_log
+from fusionrec.online.serving.api import Services, create_app
 from fusionrec.online.serving.reader import RecommendationReader
 from fusionrec.streams.contract import CatalogEvent
 from fusionrec.streams.producer import EventProducer
@@ -56,8 +63,34 @@ class Server:
     def close(self) -> str:
         self.http.close()
         self.proc.send_signal(signal.SIGTERM)
-        _, err = self.proc.communicate(timeout=30)
+        try:
+            _, err = self.proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.communicate()
+            raise
         return err.decode()
+
+    def metric(self, name: str, **labels: str) -> float:
+        """A sample of the server's /metrics, summed over the labels not named (0 when absent)."""
+        return sum(s.value for family in text_string_to_metric_families(self.http.get("/metrics").text)
+                   for s in family.samples if s.name == name and labels.items() <= s.labels.items())
+
+
+@contextmanager
+def in_process(app: FastAPI) -> Iterator[httpx.Client]:
+    """``app`` served by uvicorn on a thread of this process (so a test can hold a request inside it)."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="api", daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: server.started, 60, "the in-process server to start")
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+            yield http
+    finally:
+        server.should_exit = True
+        thread.join(30)
 
 
 def _catalog(settings: Settings) -> None:
@@ -255,3 +288,53 @@ def test_redis_down_gives_503_not_500(stack: Settings, checkpoint: int):
             assert "127.0.0.1" not in body and "Connection refused" not in body, body  # no internal addresses
     finally:
         srv.close()
+
+
+def test_a_broker_outage_drops_search_logs_and_slows_no_request(stack: Settings, checkpoint: int):
+    """The feedback topic's broker is gone, and the producer's buffer holds about three lists (a long outage,
+    compressed): searches, readiness and similar items all answer, and the lists not logged are counted."""
+    outage = stack.replace(kafka_bootstrap=f"127.0.0.1:{free_port()}",
+                           kafka_options={"queue.buffering.max.kbytes": 1, "log_level": 0})
+    srv = Server(outage)
+    try:
+        def search(n: int) -> int:
+            params = {"q": title(n), "user_id": f"u{n % USERS}", "k": 10}
+            return srv.http.get("/v1/search", params=params).status_code
+
+        with ThreadPoolExecutor(8) as pool:
+            assert list(pool.map(search, range(48))) == [200] * 48
+        assert srv.http.get("/readyz").status_code == 200
+        assert srv.http.get("/v1/items/3/similar", params={"k": 5}).status_code == 200
+        wait_for(lambda: srv.metric("fusionrec_api_search_log_dropped_total", reason="buffer_full") > 0, 30,
+                 "search lists dropped for the full buffer, and counted")
+    finally:
+        err = srv.close()
+    assert "Traceback" not in err, err[-4000:]  # shutdown gave up on the broker after a bounded flush
+
+
+def test_past_the_concurrency_limit_data_requests_get_503_while_probes_answer(stack: Settings, checkpoint: int):
+    """One request is held inside the search handler (its query encoder is still loading) with a limit of 1."""
+    settings = stack.replace(api_max_concurrency=1)
+    entered, release = threading.Event(), threading.Event()
+
+    def slow_encoder(version: str) -> TextEncoder:
+        entered.set()
+        release.wait(60)
+        return encoder_for_version(settings, version)
+
+    services = Services(settings, connect(settings), connect_async(settings), encoder=slow_encoder)
+    with in_process(create_app(services)) as http, ThreadPoolExecutor(1) as pool:
+        held = pool.submit(http.get, "/v1/search", params={"q": title(5)})
+        try:
+            assert entered.wait(60), "the search never reached its encoder"
+            busy = [http.get("/v1/users/u0/recommendations"), http.get("/v1/items/3/similar")]
+            probes = [http.get(path) for path in ("/healthz", "/readyz", "/metrics")]
+        finally:
+            release.set()
+        assert held.result().status_code == 200
+        for got in busy:
+            assert got.status_code == 503 and got.headers["retry-after"] == "1", got.text
+            assert "limit of 1 requests" in got.json()["detail"]
+        assert [got.status_code for got in probes] == [200, 200, 200]
+        assert http.get("/v1/users/u0/recommendations").status_code == 200  # the held request gave its place back
+        assert "fusionrec_api_rejected_total 2.0" in http.get("/metrics").text
