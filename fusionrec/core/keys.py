@@ -28,7 +28,8 @@ key                                type  content
 ``P:{m}:fusion:seq``               str   last checkpoint number handed out
 ``P:{m}:fusion:index``             zset  stored checkpoint numbers
 ``P:{m}:fusion:<n>``               str   checkpoint: signed pickled model (river, torch state_dict, fusion)
-``P:{m}:learner:lease``            str   held by the one active learner process
+``P:{m}:learner:lease``            str   ``<name>:<token>`` of the one active learner process (TTL)
+``P:{m}:learner:token``            str   last fencing token handed out with the lease
 ``P:{m}:active``                   str   the model version readers use
 ``P:{m}:versions``                 hash  version -> JSON (model id, dim, dtype, status, counts)
 ``P:{m}:backfill:<ver>``           str   lock held by the process re-embedding the catalog
@@ -163,6 +164,9 @@ class Keys:
 
     def learner_lease(self) -> str:
         return f"{self.prefix}:{{m}}:learner:lease"
+
+    def learner_token(self) -> str:
+        return f"{self.prefix}:{{m}}:learner:token"
 
     # --- model versions and vectors
     def active_model(self) -> str:

@@ -2,8 +2,14 @@
 
 A checkpoint is one pickled :class:`Checkpoint` (the model: river pickles, the torch head's
 ``state_dict`` and optimiser state, the fusion weights; plus metadata) under ``{m}:fusion:<n>``.
-``{m}:fusion:head`` names the one rankers serve; a save writes the blob and moves the head in one
-MULTI, and keeps the newest ``keep`` blobs. Rolling back moves the head to an older number.
+``{m}:fusion:head`` names the one rankers serve; a save writes the blob, moves the head and drops
+blobs beyond the newest ``keep`` in one script. Rolling back moves the head to an older number.
+
+One learner writes at a time: it holds the lease ``{m}:learner:lease`` (:class:`LearnerLease`), and
+taking the lease draws a *fencing token*. A store given the lease checks in the same script as every
+write that the lease still holds its token, and raises :class:`LeaseLostError` otherwise: a learner
+that was paused (GC, SIGSTOP) past its lease while another took over cannot overwrite the head. A
+store without a lease (an operator's tool, a benchmark) writes unfenced.
 
 Checkpoints are pickles, so each is signed: the stored value is ``FRCK1``, an HMAC-SHA256 of the
 pickle under the model key (``FUSIONREC_MODEL_KEY``, or the key generated once in the run dir), then
@@ -30,6 +36,7 @@ import redis
 from fusionrec.core.errors import FusionrecError
 from fusionrec.core.keys import Keys
 from fusionrec.core.metrics import Metrics, MetricSet, counter, gauge, histogram
+from fusionrec.core.scripts import LuaScript, register
 from fusionrec.core.secret_files import secret_in
 from fusionrec.core.settings import Settings
 
@@ -55,6 +62,105 @@ _DIGEST = hashlib.sha256().digest_size
 
 class CheckpointRefused(FusionrecError):
     """A stored checkpoint whose signature does not verify: planted, corrupt, or signed with another key."""
+
+
+class LeaseLostError(FusionrecError):
+    """A checkpoint write refused: the learner lease no longer holds the writer's token (another
+    learner took over; not retried)."""
+
+
+# Take the lease when it is free, with a new fencing token; renew it only while it still holds the
+# caller's name and token. Check and write are one call, so no other learner takes the lease between
+# them. KEYS: lease, token counter. ARGV: name, ttl ms, the token held ('' to take).
+# Returns {token (0 when not the caller's), the lease's value (false when free)}.
+_LEASE = """
+local held = redis.call('GET', KEYS[1])
+if ARGV[3] == '' then
+  if held then return {0, held} end
+  local token = redis.call('INCR', KEYS[2])
+  local value = ARGV[1] .. ':' .. token
+  redis.call('SET', KEYS[1], value, 'PX', ARGV[2])
+  return {token, value}
+end
+if held == ARGV[1] .. ':' .. ARGV[3] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return {tonumber(ARGV[3]), held}
+end
+return {0, held}
+"""
+
+# The fence every checkpoint write starts with: unless the lease (KEYS[1], ``<name>:<token>``) holds
+# the writer's token (ARGV[1]) nothing is written and {0, the lease's value (false when free)} is
+# returned; a write returns {1}. An empty token is an operator's write, not fenced.
+_FENCE = """
+if ARGV[1] ~= '' then
+  local held = redis.call('GET', KEYS[1])
+  if not held or string.match(held, ':(%d+)$') ~= ARGV[1] then return {0, held} end
+end
+"""
+
+# KEYS: lease, head, index, the new blob, then the old blobs to drop.
+# ARGV: token, number, signed blob, then the numbers of the old blobs.
+_SAVE = _FENCE + """
+redis.call('SET', KEYS[4], ARGV[3])
+redis.call('ZADD', KEYS[3], ARGV[2], ARGV[2])
+redis.call('SET', KEYS[2], ARGV[2])
+for k = 5, #KEYS do
+  redis.call('DEL', KEYS[k])
+  redis.call('ZREM', KEYS[3], ARGV[k - 1])
+end
+return {1}
+"""
+
+# KEYS: lease, head. ARGV: token, number.
+_SET_HEAD = _FENCE + """
+redis.call('SET', KEYS[2], ARGV[2])
+return {1}
+"""
+
+
+def _text(raw: bytes | str | None) -> str | None:
+    return raw.decode() if isinstance(raw, bytes) else raw
+
+
+class LearnerLease:
+    """The single-learner lease ``{m}:learner:lease``, valued ``<name>:<token>``.
+
+    :meth:`take` succeeds only on a free lease and draws a new token (``{m}:learner:token``, only ever
+    incremented); :meth:`renew` extends it only while it still holds that token. A lease that lapsed
+    is lost for good, even when nobody took it yet: another learner may have taken, written and
+    released it meanwhile. ``holder`` is the lease's value at the last call (None when free).
+
+    >>> lease = LearnerLease(client, keys, "learner-1", ttl_s=15)
+    >>> lease.take(), lease.token                     # doctest: +SKIP
+    (True, 7)
+    """
+
+    def __init__(self, client: redis.Redis, keys: Keys, name: str, ttl_s: float) -> None:
+        self.keys = keys
+        self.name = name
+        self.ttl_ms = int(ttl_s * 1000)
+        self.token: int | None = None
+        self.holder: str | None = None
+        self._script = register(client, _LEASE)
+
+    def take(self) -> bool:
+        """Take the lease if it is free, with a new token; False while another holds it."""
+        self.token = self._call("") or None
+        return self.token is not None
+
+    def renew(self) -> bool:
+        """Extend the lease; False (and the token is dropped) once it lapsed or another holds it."""
+        if self.token is None:
+            return False
+        self.token = self._call(str(self.token)) or None
+        return self.token is not None
+
+    def _call(self, token: str) -> int:
+        got, held = self._script(keys=[self.keys.learner_lease(), self.keys.learner_token()],
+                                 args=[self.name, self.ttl_ms, token])
+        self.holder = _text(held)
+        return int(got)
 
 
 def model_key(settings: Settings) -> bytes:
@@ -95,11 +201,19 @@ class Checkpoint:
 
 
 class CheckpointStore:
-    def __init__(self, client: redis.Redis, settings: Settings, keys: Keys | None = None) -> None:
+    """Signed checkpoints and the head. Given a ``lease``, every write (:meth:`save`, :meth:`set_head`)
+    is fenced by its token and raises :class:`LeaseLostError` once another learner holds it; without
+    one, writes are an operator's and are not fenced."""
+
+    def __init__(self, client: redis.Redis, settings: Settings, keys: Keys | None = None,
+                 lease: LearnerLease | None = None) -> None:
         self.redis = client
         self.keys = keys or Keys.for_settings(settings)
         self.keep = settings.learn.keep_checkpoints
         self.key = model_key(settings)
+        self.lease = lease
+        self._save = register(client, _SAVE)
+        self._set_head = register(client, _SET_HEAD)
 
     def head(self) -> int | None:
         raw = self.redis.get(self.keys.fusion("head"))
@@ -111,16 +225,19 @@ class CheckpointStore:
         return [int(n) for n in found]
 
     def save(self, ckpt: Checkpoint) -> int:
-        number = int(cast(int, self.redis.incr(self.keys.fusion("seq"))))
+        """Store ``ckpt`` under a new number and make it the head; returns the number."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.incr(self.keys.fusion("seq"))  # a number a refused save draws is skipped, never reused
+        pipe.zrange(self.keys.fusion("index"), 0, -1)
+        seq, stored = pipe.execute()
+        number = int(seq)
         ckpt.number = number
         ckpt.created_ms = int(time.time() * 1000)
         blob = sign(self.key, pickle.dumps(ckpt, protocol=pickle.HIGHEST_PROTOCOL))
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.set(self.keys.fusion(number), blob)
-        pipe.zadd(self.keys.fusion("index"), {str(number): number})
-        pipe.set(self.keys.fusion("head"), number)
-        pipe.execute()
-        self._trim()
+        older = [int(n) for n in stored]
+        drop = older[: max(0, len(older) + 1 - self.keep)]  # the new one is the newest: never dropped
+        self._fenced(self._save, [self.keys.fusion("head"), self.keys.fusion("index"), self.keys.fusion(number),
+                                  *(self.keys.fusion(n) for n in drop)], [number, blob, *drop])
         return number
 
     def load(self, number: int | None = None) -> Checkpoint | None:
@@ -159,17 +276,20 @@ class CheckpointStore:
         return older[-1] if older else None
 
     def set_head(self, number: int) -> None:
-        self.redis.set(self.keys.fusion("head"), number)
+        self._fenced(self._set_head, [self.keys.fusion("head")], [number])
 
-    def _trim(self) -> None:
-        numbers = self.numbers()
-        head = self.head()
-        drop = [n for n in numbers[: max(0, len(numbers) - self.keep)] if n != head]
-        if drop:
-            pipe = self.redis.pipeline(transaction=True)
-            pipe.delete(*(self.keys.fusion(n) for n in drop))
-            pipe.zrem(self.keys.fusion("index"), *(str(n) for n in drop))
-            pipe.execute()
+    def _fenced(self, script: LuaScript, keys: list[str], args: list[Any]) -> None:
+        """Run a write script behind the lease's fence (:data:`_FENCE`); :class:`LeaseLostError` if refused."""
+        if self.lease is None:
+            token = ""
+        elif self.lease.token is None:
+            raise LeaseLostError(f"{self.lease.name} holds no learner lease; checkpoint not written")
+        else:
+            token = str(self.lease.token)
+        reply = script(keys=[self.keys.learner_lease(), *keys], args=[token, *args])
+        if not reply[0]:
+            raise LeaseLostError(f"the learner lease is {_text(reply[1]) or 'free'}, not token {token}: "
+                                 "another learner took over; checkpoint not written")
 
 
 class ServingModel:

@@ -7,15 +7,18 @@ the examples its model has seen, neither relearning nor skipping any; the group'
 Decisions still waiting for their outcome when the process stops are not checkpointed; their users'
 next decision starts a new wait.
 
-Only one learner trains at a time: it holds ``{m}:learner:lease`` (renewed every loop) and a second
-process waits as a standby until the lease expires.
+Only one learner trains at a time: it holds ``{m}:learner:lease`` (renewed at every tick) and a
+second process waits as a standby until the lease expires. Taking the lease draws a fencing token
+that every checkpoint write checks (:class:`~fusionrec.online.learning.checkpoints.LearnerLease`): a
+learner that finds its lease lapsed or taken (it was paused past it) stops without writing, since
+another learner may own the head now; a restarted process stands by until the lease is free.
 
 It runs on the consume runtime (:mod:`fusionrec.streams.runtime`) with the *checkpoint* offset
 policy: nothing is stored per batch; after each checkpoint its offsets are stored for the group
 (lag monitoring). Transient Redis errors (a vector lookup, the lease, a checkpoint write) and
-dead-letter delivery failures are retried with back-off like in every other stage; a checkpoint
-that cannot be written at shutdown loses nothing, since the next learner resumes from the previous
-checkpoint's offsets.
+dead-letter delivery failures are retried with back-off like in every other stage (a lost lease is
+not); a checkpoint that cannot be written at shutdown loses nothing, since the next learner resumes
+from the previous checkpoint's offsets.
 
 Messages that fail to decode go to the feedback topic's dead-letter topic with their reason
 (``empty``, ``undecodable``, ``too_deep``, ``invalid_value``).
@@ -36,7 +39,7 @@ from fusionrec.core.metrics import Metrics
 from fusionrec.core.redis_client import connect
 from fusionrec.core.settings import Settings
 from fusionrec.models.vectors import VectorStore
-from fusionrec.online.learning.checkpoints import CheckpointStore
+from fusionrec.online.learning.checkpoints import CheckpointStore, LearnerLease, LeaseLostError
 from fusionrec.online.learning.feedback import FeedbackJoiner, Group, Snapshot, decode_snapshot
 from fusionrec.online.learning.learner import Learner, LearnerMetrics
 from fusionrec.online.learning.model import VectorLookup
@@ -71,13 +74,15 @@ class LearnerLoop(BaseProcessor[Feedback]):
 
     stage = "learn"
 
-    def __init__(self, settings: Settings, metrics: Metrics | None = None, name: str | None = None) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics | None = None, name: str | None = None,
+                 lease_s: float = LEASE_S) -> None:
         self.settings = settings
         self.metrics = metrics or Metrics()
         self.name = name or f"learner-{uuid.uuid4().hex[:8]}"
         self.redis = connect(settings)
         self.keys = Keys.for_settings(settings)
-        store = CheckpointStore(self.redis, settings, self.keys)
+        self.lease = LearnerLease(self.redis, self.keys, self.name, lease_s)
+        store = CheckpointStore(self.redis, settings, self.keys, lease=self.lease)
         lookup = VectorLookup(VectorStore(self.redis, settings, self.keys).vectors, settings.learn.vector_cache_items)
         self.learner = Learner(settings, store, lookup, self.metrics)
         self.joiner = FeedbackJoiner(settings.learn.window_s * 1000, settings.learn.sampled_negatives,
@@ -88,26 +93,24 @@ class LearnerLoop(BaseProcessor[Feedback]):
         self._lost_lease = False
 
     # ------------------------------------------------------------------ lease
-    def _lease(self, stop: threading.Event) -> bool:
-        """Take or renew the single-learner lease; waits as a standby while another process holds it."""
+    def _take_lease(self, stop: threading.Event) -> bool:
+        """Take the single-learner lease; waits as a standby while another process holds it."""
         while not stop.is_set():
-            if self._renew():
+            if self.lease.take():
+                log.info("took the learner lease as %s (fencing token %d)", self.name, self.lease.token)
                 return True
-            log.info("another learner holds the lease; standing by")
+            log.info("%s holds the learner lease; standing by", self.lease.holder)
             stop.wait(2.0)
         return False
 
-    def _renew(self) -> bool:
-        key = self.keys.learner_lease()
-        if self.redis.set(key, self.name, nx=True, ex=LEASE_S) or \
-                self.redis.get(key) in (self.name.encode(), self.name):
-            self.redis.expire(key, LEASE_S)
-            return True
-        return False
+    def _lose_lease(self, why: str) -> None:
+        """Another learner may own the head now: stop, and never retry a write."""
+        log.error("%s; stopping without writing (a restart stands by until the lease is free)", why)
+        self._lost_lease = True
 
     # ------------------------------------------------------------------ run
     def run(self, stop: threading.Event, until: Callable[[LearnerLoop], bool] | None = None) -> None:
-        if not self._lease(stop):
+        if not self._take_lease(stop):
             return
         ckpt = self.learner.resume()
         self.offsets = dict(ckpt.offsets) if ckpt else {}
@@ -155,11 +158,14 @@ class LearnerLoop(BaseProcessor[Feedback]):
         return {}  # the checkpoint holds the position (see tick)
 
     def tick(self) -> Offsets:
-        if not self._renew():
-            log.error("another learner took the lease; stopping (a restart stands by until it is free)")
-            self._lost_lease = True
+        if not self.lease.renew():
+            self._lose_lease(f"the learner lease is {self.lease.holder or 'free'}, no longer {self.name}'s")
             return {}
-        return self._checkpoint() if self.learner.due() else {}
+        try:
+            return self._checkpoint() if self.learner.due() else {}
+        except LeaseLostError as exc:  # it lapsed after the renewal (a pause between the two)
+            self._lose_lease(str(exc))
+            return {}
 
     def finished(self) -> bool:
         return self._lost_lease
@@ -171,8 +177,13 @@ class LearnerLoop(BaseProcessor[Feedback]):
                 tp.offset = saved
 
     def drain(self) -> Offsets:
+        if self._lost_lease:
+            return {}
         try:
             return self._checkpoint(force=True)
+        except LeaseLostError as exc:
+            self._lose_lease(str(exc))
+            return {}
         except TRANSIENT as exc:
             log.error("final checkpoint failed (%s: %s); the next learner resumes from the previous one",
                       type(exc).__name__, exc)

@@ -1,4 +1,4 @@
-"""The learner on the real broker and Redis: end to end, rollback, crash + resume, hot reload."""
+"""The learner on the real broker and Redis: end to end, rollback, crash + resume, the fenced lease, hot reload."""
 
 from __future__ import annotations
 
@@ -9,13 +9,15 @@ import time
 
 import msgspec
 import numpy as np
+import pytest
 import redis
 
 from fusionrec.apps.pipeline import StatePipeline
+from fusionrec.core.keys import Keys
 from fusionrec.core.metrics import Metrics
 from fusionrec.core.settings import Settings
 from fusionrec.online.candidates.features import INDEX
-from fusionrec.online.learning.checkpoints import CheckpointStore, ServingModel
+from fusionrec.online.learning.checkpoints import CheckpointStore, LearnerLease, LeaseLostError, ServingModel
 from fusionrec.online.learning.feedback import Group, Snapshot, encode_snapshot
 from fusionrec.online.learning.learner import Learner, LearnerMetrics
 from fusionrec.online.learning.loop import LearnerLoop
@@ -107,6 +109,73 @@ def test_learner_killed_and_restarted_resumes_from_its_checkpoint(settings: Sett
     assert at_kill.model.examples < final.model.examples <= 50 * 59 * (20 + 1 + 5)
     # the second half was learned: the resumed learner went on from the checkpoint's offsets
     assert final.model.examples - at_kill.model.examples > 0.8 * at_kill.model.examples
+
+
+def _lapsed(client: redis.Redis, keys: Keys) -> bool:
+    return not client.exists(keys.learner_lease())
+
+
+@on_one_redis_and_a_cluster
+def test_a_learner_that_lost_its_lease_cannot_write_a_checkpoint(services, redis_target: dict[str, str]):
+    """A learner paused past its lease (here: a short lease left to lapse) while another took over wakes
+    up mid-checkpoint: the write is refused, the new owner's head stays, and the loop stops."""
+    s = make_settings(services, learn_vectors=False, **redis_target)
+    paused = LearnerLoop(s, name="paused", lease_s=0.2)
+    successor = LearnerLoop(s, name="successor", lease_s=600)
+    try:
+        assert paused.lease.take()
+        paused.learner.learn(_groups(50, seed=1))
+        wait_for(lambda: _lapsed(paused.redis, paused.keys), 30, "the paused learner's lease to lapse")
+        with pytest.raises(LeaseLostError, match="is free"):  # lapsed is lost, even before anyone takes it
+            paused.learner.maybe_checkpoint(force=True)
+        assert successor.lease.take()
+        successor.learner.learn(_groups(50, seed=2))
+        first = successor.learner.maybe_checkpoint(force=True)
+        successor.learner.learn(_groups(50, seed=3))
+        theirs = successor.learner.maybe_checkpoint(force=True)
+        assert first is not None and theirs is not None
+        with pytest.raises(LeaseLostError):
+            paused.learner.maybe_checkpoint(force=True)
+        with pytest.raises(LeaseLostError):  # nor move the head back
+            paused.learner.store.set_head(first)
+        store = CheckpointStore(successor.redis, s)
+        assert store.head() == theirs and store.numbers() == [first, theirs]  # no blob of the refused save
+        assert paused.tick() == {} and paused.finished() and paused.drain() == {}
+        assert store.head() == theirs
+        store.set_head(first)  # an operator's store has no lease: its writes are not fenced
+        assert store.head() == first
+    finally:
+        paused.close()
+        successor.close()
+
+
+@pytest.mark.parametrize("successor", ["other", "learner"], ids=["another learner", "a restart of the same name"])
+def test_renewing_does_not_extend_a_lease_another_learner_took(settings: Settings, rclient: redis.Redis,
+                                                               successor: str):
+    keys = Keys.for_settings(settings)
+    paused = LearnerLease(rclient, keys, "learner", ttl_s=0.2)
+    taker = LearnerLease(rclient, keys, successor, ttl_s=600)
+    assert paused.take()
+    wait_for(lambda: _lapsed(rclient, keys), 30, "the first lease to lapse")
+    assert taker.take()
+    assert not paused.renew() and paused.token is None
+    assert rclient.get(keys.learner_lease()) == f"{successor}:{taker.token}".encode()
+    assert rclient.pttl(keys.learner_lease()) > 60_000  # a renewal by the paused learner would set 200 ms
+    assert taker.renew()
+
+
+def test_every_take_of_the_lease_draws_a_greater_token(settings: Settings, rclient: redis.Redis):
+    keys = Keys.for_settings(settings)
+    tokens: list[int] = []
+    for name in ("a", "b", "a"):
+        lease = LearnerLease(rclient, keys, name, ttl_s=600)
+        assert lease.take() and lease.token is not None
+        assert rclient.get(keys.learner_lease()) == f"{name}:{lease.token}".encode()
+        standby = LearnerLease(rclient, keys, "standby", ttl_s=600)
+        assert not standby.take() and standby.token is None and standby.holder == f"{name}:{lease.token}"
+        tokens.append(lease.token)
+        rclient.delete(keys.learner_lease())  # the lease lapses
+    assert tokens[0] < tokens[1] < tokens[2]
 
 
 def test_hot_reload_reaches_the_writer_within_the_interval(settings: Settings, rclient: redis.Redis):
