@@ -10,8 +10,10 @@ next decision starts a new wait.
 Only one learner trains at a time: it holds ``{m}:learner:lease`` (renewed at every tick) and a
 second process waits as a standby until the lease expires. Taking the lease draws a fencing token
 that every checkpoint write checks (:class:`~fusionrec.online.learning.checkpoints.LearnerLease`): a
-learner that finds its lease lapsed or taken (it was paused past it) stops without writing, since
-another learner may own the head now; a restarted process stands by until the lease is free.
+learner that finds its lease lapsed or taken (it was paused past it, or Redis was away longer than
+the lease) writes nothing more, since another learner may own the head now: it drops what it learned
+since its last checkpoint and stands by again, and when it next holds the lease it resumes from the
+head checkpoint, whoever wrote it.
 
 It runs on the consume runtime (:mod:`fusionrec.streams.runtime`) with the *checkpoint* offset
 policy: nothing is stored per batch; after each checkpoint its offsets are stored for the group
@@ -82,14 +84,19 @@ class LearnerLoop(BaseProcessor[Feedback]):
         self.redis = connect(settings)
         self.keys = Keys.for_settings(settings)
         self.lease = LearnerLease(self.redis, self.keys, self.name, lease_s)
-        store = CheckpointStore(self.redis, settings, self.keys, lease=self.lease)
-        lookup = VectorLookup(VectorStore(self.redis, settings, self.keys).vectors, settings.learn.vector_cache_items)
-        self.learner = Learner(settings, store, lookup, self.metrics)
-        self.joiner = FeedbackJoiner(settings.learn.window_s * 1000, settings.learn.sampled_negatives,
-                                     seed=settings.learn.seed)
-        self.searches = SearchJoiner(settings.learn.window_s * 1000)
-        self.offsets: dict[str, int] = {}
+        self.store = CheckpointStore(self.redis, settings, self.keys, lease=self.lease)
+        self.lookup = VectorLookup(VectorStore(self.redis, settings, self.keys).vectors,
+                                   settings.learn.vector_cache_items)
         self.decisions = 0
+        self._start_over()
+
+    def _start_over(self) -> None:
+        """A fresh model and joins: what the next lease resumes from is the head checkpoint alone."""
+        s = self.settings
+        self.learner = Learner(s, self.store, self.lookup, self.metrics)
+        self.joiner = FeedbackJoiner(s.learn.window_s * 1000, s.learn.sampled_negatives, seed=s.learn.seed)
+        self.searches = SearchJoiner(s.learn.window_s * 1000)
+        self.offsets: dict[str, int] = {}
         self._lost_lease = False
 
     # ------------------------------------------------------------------ lease
@@ -105,18 +112,22 @@ class LearnerLoop(BaseProcessor[Feedback]):
 
     def _lose_lease(self, why: str) -> None:
         """Another learner may own the head now: stop, and never retry a write."""
-        log.error("%s; stopping without writing (a restart stands by until the lease is free)", why)
+        log.error("%s; dropping what was learned since the last checkpoint and standing by", why)
         self._lost_lease = True
 
     # ------------------------------------------------------------------ run
     def run(self, stop: threading.Event, until: Callable[[LearnerLoop], bool] | None = None) -> None:
-        if not self._take_lease(stop):
-            return
-        ckpt = self.learner.resume()
-        self.offsets = dict(ckpt.offsets) if ckpt else {}
-        runtime = ConsumeRuntime(self.settings, self, self.metrics, group_id=self.settings.learn.group,
-                                 topics=[self.settings.kafka.topic_feedback])
-        runtime.run(stop, until=(lambda: until(self)) if until else None)
+        """Learn while holding the lease; a lost lease (a long pause, a Redis outage past the lease)
+        drops everything learned since the last checkpoint and goes back to standing by."""
+        while self._take_lease(stop):
+            ckpt = self.learner.resume()
+            self.offsets = dict(ckpt.offsets) if ckpt else {}
+            runtime = ConsumeRuntime(self.settings, self, self.metrics, group_id=self.settings.learn.group,
+                                     topics=[self.settings.kafka.topic_feedback])
+            runtime.run(stop, until=(lambda: until(self)) if until else None)
+            if not self._lost_lease or stop.is_set() or (until is not None and until(self)):
+                return
+            self._start_over()
 
     # ------------------------------------------------------------------ runtime hooks
     def decode(self, msg: Message) -> Feedback:

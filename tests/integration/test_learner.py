@@ -149,6 +149,27 @@ def test_a_learner_that_lost_its_lease_cannot_write_a_checkpoint(services, redis
         successor.close()
 
 
+def test_a_learner_whose_lease_was_taken_stands_by_and_resumes_from_the_head(settings: Settings):
+    """Losing the lease (a pause, a Redis outage past it) is not the end: the loop drops what it learned
+    since its checkpoint, stands by while another holds the lease, then takes it with a new token."""
+    loop = LearnerLoop(settings, name="learner", lease_s=600)
+    stop = threading.Event()
+    runner = threading.Thread(target=loop.run, args=(stop,), daemon=True)
+    runner.start()
+    try:
+        wait_for(lambda: loop.lease.token is not None, 60, "the lease to be taken")
+        first = loop.lease.token
+        loop.redis.set(loop.keys.learner_lease(), "other:0", px=2000)  # another learner, gone in 2 s
+        wait_for(lambda: loop.lease.token is not None and loop.lease.token > first, 60,
+                 "the lease to be taken again")
+        assert runner.is_alive() and loop.redis.get(loop.keys.learner_lease()) == f"learner:{loop.lease.token}".encode()
+    finally:
+        stop.set()
+        runner.join(60)
+        loop.close()
+    assert not runner.is_alive()
+
+
 @pytest.mark.parametrize("successor", ["other", "learner"], ids=["another learner", "a restart of the same name"])
 def test_renewing_does_not_extend_a_lease_another_learner_took(settings: Settings, rclient: redis.Redis,
                                                                successor: str):
