@@ -210,7 +210,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     report = run_evaluation(_settings(), source=args.dataset or "files", events=args.events, items=args.items,
                             preset=args.preset, limit=args.limit, households=args.households,
-                            plot_path=args.plot, progress=not args.json, content=not args.no_content)
+                            plot_path=args.plot, progress=not args.json or sys.stderr.isatty(),
+                            content=not args.no_content)
     if args.json:
         print(json.dumps(report))
     else:
@@ -219,13 +220,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _table(report: dict[str, Any]) -> str:
-    lines = [f"{report['dataset']}: {report['events']} events, {report['evaluated']} evaluated baskets",
-             f"{'method':14s} {'HitRate@10':>10s} {'Recall@20':>10s} {'NDCG@10':>10s}"]
+    head = (f"{'method':19s} {'HitRate@10':>10s} {'Recall@20':>10s} {'NDCG@10':>10s} {'NDCG@10b':>10s}"
+            f" {'HR@10 rep':>10s} {'HR@10 exp':>10s}")
+    lines = [f"{report['dataset']}: {report['events']} events, {report['evaluated']} evaluated baskets "
+             "(NDCG@10b: ideal DCG over the whole basket; rep/exp: the basket's repeat and explore items)", head]
     for name, m in report["methods"].items():
-        lines.append(f"{name:14s} {m['hit_rate@10']:10.4f} {m['recall@20']:10.4f} {m['ndcg@10']:10.4f}")
+        lines.append(f"{name:19s} {m['hit_rate@10']:10.4f} {m['recall@20']:10.4f} {m['ndcg@10']:10.4f}"
+                     f" {m['ndcg@10_basket']:10.4f} {m['repeat']['hit_rate@10']:10.4f}"
+                     f" {m['explore']['hit_rate@10']:10.4f}")
     lines.append(f"cold start (items with < 5 prior interactions): {report['cold_start_evaluated']} baskets")
     for name, m in report["cold_start"].items():
-        lines.append(f"{name:14s} {m['hit_rate@10']:10.4f} {m['recall@20']:10.4f} {m['ndcg@10']:10.4f}")
+        lines.append(f"{name:19s} {m['hit_rate@10']:10.4f} {m['recall@20']:10.4f} {m['ndcg@10']:10.4f}"
+                     f" {m['ndcg@10_basket']:10.4f}")
     return "\n".join(lines)
 
 

@@ -19,12 +19,20 @@ def test_evaluate_reports_every_method_as_json_and_plots(settings, tmp_path, tin
     assert report["evaluated"] > 300
     assert set(report["methods"]) == set(report["cold_start"]) == {
         "system", "river", "torch_head", "fusion_no_llm", "covisitation", "content", "served", "popularity",
-        "most_bought"}
+        "most_bought", "tifu_knn", "tifu_knn_dunnhumby", "upcf", "repurchase"}
     assert report["learner"]["examples"] > 0 and report["learner"]["decisions"]["labelled"] > 0
     assert 0 < report["cold_start_evaluated"] < report["evaluated"]
+    figures = {"hit_rate@10", "recall@20", "ndcg@10", "ndcg@10_basket"}
+    for m in report["methods"].values():
+        assert set(m) == figures | {"repeat", "explore"}
+        for split in (m["repeat"], m["explore"]):
+            assert set(split) == figures | {"baskets", "items", "found@20"}
+            assert split["baskets"] > 0
+        assert m["ndcg@10_basket"] <= m["ndcg@10"]
+    for m in report["cold_start"].values():
+        assert set(m) == figures
     for m in [*report["methods"].values(), *report["cold_start"].values()]:
-        assert set(m) == {"hit_rate@10", "recall@20", "ndcg@10"}
-        assert all(0.0 <= v <= 1.0 for v in m.values())
+        assert all(0.0 <= v <= 1.0 for k, v in m.items() if k in figures)
     assert report["methods"]["content"]["recall@20"] > 0  # profile vectors were built and searched
     assert report["methods"]["system"]["hit_rate@10"] > report["methods"]["popularity"]["hit_rate@10"]
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -4,7 +4,7 @@ from collections import Counter
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fusionrec.apps.evaluation.evaluator import MethodScore, TopCounter
+from fusionrec.apps.evaluation.metrics import MethodScore, TopCounter
 
 
 def test_metrics_of_one_basket():
@@ -19,7 +19,7 @@ def test_metrics_of_one_basket():
 def test_miss_scores_zero():
     m = MethodScore()
     m.add(["x"] * 10, {"a"}, ts=0)
-    assert m.summary() == {"hit_rate@10": 0.0, "recall@20": 0.0, "ndcg@10": 0.0}
+    assert m.summary() == {"hit_rate@10": 0.0, "recall@20": 0.0, "ndcg@10": 0.0, "ndcg@10_basket": 0.0}
 
 
 @given(st.lists(st.sampled_from("abcdefghijklmnop"), max_size=300), st.integers(1, 6))

@@ -19,28 +19,38 @@ stream consumer runs; the writer's logged decisions go through the same
 * ``popularity``: the globally most interacted-with items so far;
 * ``most_bought``: the user's own most purchased items so far (empty for a first basket);
 * ``content``: the items nearest to the user's profile vector (the content source alone), when the
-  catalog has been embedded (:meth:`Evaluator.embed_catalog`).
+  catalog has been embedded (:meth:`Evaluator.embed_catalog`);
+* ``tifu_knn``, ``tifu_knn_dunnhumby``, ``upcf``: published next-basket methods
+  (:mod:`~fusionrec.apps.evaluation.published`), the first with the paper's Complete Journey
+  settings, the second with its Dunnhumby settings; ``repurchase``: a time-aware repurchase model
+  (:mod:`~fusionrec.apps.evaluation.repurchase`). They keep their own state in process, see the
+  same baskets in the same order (each unit's items, impressions aside) and are never tuned on the
+  scored part.
 
 Without an embedded catalog, ``torch_head`` and ``fusion_no_llm`` are left out (there are no vectors).
 
-Every method is also scored on the *cold-start* subset: purchases of items with fewer than
-``COLD_START_BELOW`` prior interactions, reported under ``cold_start``.
+Every method is also scored on the basket's *repeat* and *explore* parts and on its *cold-start*
+items (:mod:`~fusionrec.apps.evaluation.metrics`), reported under ``methods.<name>.repeat``,
+``methods.<name>.explore`` and ``cold_start``.
 
-Metrics per unit: HitRate@10 (any purchased item in the top 10), Recall@20, NDCG@10 (binary).
+Metrics per unit: HitRate@10 (any purchased item in the top 10), Recall@20, NDCG@10 (binary) with
+two ideal DCGs (``ndcg@10``, ``ndcg@10_basket``).
 """
 
 from __future__ import annotations
 
-import math
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import redis
 from tqdm import tqdm
 
+from fusionrec.apps.evaluation.metrics import RECALL_K, SplitScores, TopCounter, basket_parts
+from fusionrec.apps.evaluation.published import TifuKnn, UpCf
+from fusionrec.apps.evaluation.repurchase import Repurchase
 from fusionrec.core.settings import Settings
 from fusionrec.models.backfill import version_info
 from fusionrec.models.embedder import CatalogEmbedder
@@ -56,64 +66,6 @@ from fusionrec.online.serving.reader import RecommendationReader
 from fusionrec.streams.contract import UserEvent
 from fusionrec.streams.datasets import Dataset
 from fusionrec.streams.state import Positioned, StateStore
-
-HIT_K, RECALL_K, NDCG_K = 10, 20, 10
-COLD_START_BELOW = 5
-
-
-@dataclass
-class MethodScore:
-    hits: float = 0.0
-    recall: float = 0.0
-    ndcg: float = 0.0
-    n: int = 0
-    timeline: list[tuple[int, int]] = field(default_factory=list)  # (ts, hit)
-
-    def add(self, ranked: list[str], targets: set[str], ts: int) -> None:
-        top_hit = ranked[:HIT_K]
-        hit = int(any(i in targets for i in top_hit))
-        self.hits += hit
-        self.recall += len(targets.intersection(ranked[:RECALL_K])) / len(targets)
-        dcg = sum(1.0 / math.log2(r + 2) for r, i in enumerate(ranked[:NDCG_K]) if i in targets)
-        ideal = sum(1.0 / math.log2(r + 2) for r in range(min(len(targets), NDCG_K)))
-        self.ndcg += dcg / ideal
-        self.n += 1
-        self.timeline.append((ts, hit))
-
-    def summary(self) -> dict[str, float]:
-        n = max(self.n, 1)
-        return {"hit_rate@10": round(self.hits / n, 4), "recall@20": round(self.recall / n, 4),
-                "ndcg@10": round(self.ndcg / n, 4)}
-
-
-class TopCounter:
-    """Item counts that only grow, with the current top-k kept incrementally."""
-
-    def __init__(self, k: int) -> None:
-        self.k = k
-        self.counts: Counter[str] = Counter()
-        self.top: dict[str, int] = {}
-        self._min: tuple[int, str] | None = None
-
-    def add(self, item: str, n: int = 1) -> None:
-        c = self.counts[item] = self.counts[item] + n
-        if item in self.top:
-            self.top[item] = c
-            if self._min is not None and self._min[1] == item:
-                self._min = None
-        elif len(self.top) < self.k:
-            self.top[item] = c
-            self._min = None
-        else:
-            if self._min is None:
-                self._min = min((v, i) for i, v in self.top.items())
-            if c > self._min[0]:
-                del self.top[self._min[1]]
-                self.top[item] = c
-                self._min = None
-
-    def ranked(self) -> list[str]:
-        return [i for i, _ in sorted(self.top.items(), key=lambda x: (-x[1], x[0]))]
 
 
 @dataclass
@@ -153,6 +105,12 @@ class LiveModel:
 BASE_METHODS = ("system", "river", "covisitation", "served", "popularity", "most_bought")
 
 
+def published_methods() -> dict[str, TifuKnn | UpCf | Repurchase]:
+    """The published next-basket methods every run compares with, by report name."""
+    return {"tifu_knn": TifuKnn(), "tifu_knn_dunnhumby": TifuKnn(**TifuKnn.DUNNHUMBY), "upcf": UpCf(),
+            "repurchase": Repurchase()}
+
+
 class Evaluator:
     """Runs one prequential pass of the system and the baselines over a dataset."""
 
@@ -168,11 +126,12 @@ class Evaluator:
         self._logged: list[Snapshot] = []
         self.writer = RecommendationWriter(client, settings, ranker=self.ranker, sink=self._logged.extend)
         self.reader = RecommendationReader(client, settings)
-        self.methods = {name: MethodScore() for name in BASE_METHODS}
-        self.cold = {name: MethodScore() for name in self.methods}
+        self.published = published_methods()
+        self.scores = {name: SplitScores() for name in (*BASE_METHODS, *self.published)}
         self.content: ContentIndex | None = None
         self.popular = TopCounter(RECALL_K)
         self.bought: dict[str, Counter[str]] = defaultdict(Counter)
+        self.seen: dict[str, set[str]] = defaultdict(set)  # items each user interacted with so far
 
     def run(self, ds: Dataset, *, chunk_events: int = 2000, progress: bool = True,
             on_chunk: Callable[[int], None] | None = None) -> dict[str, Any]:
@@ -211,8 +170,7 @@ class Evaluator:
         store.activate(info.version)
         self.content = ContentIndex(self.store.redis, self.settings)
         for name in ("content", "torch_head", "fusion_no_llm"):
-            self.methods[name] = MethodScore()
-            self.cold[name] = MethodScore()
+            self.scores[name] = SplitScores()
         return info.version
 
     def _load_catalog(self, ds: Dataset, batch: int = 5000) -> None:
@@ -226,13 +184,15 @@ class Evaluator:
         pools = self.ranker.pools(contexts)
         pred = self.learner.model.predict(Rows.of_pools(pools, self.ranker.lookup))
         scores = {"system": pred.fused, "river": pred.scorers["river"]}
-        if "torch_head" in self.methods:
+        if "torch_head" in self.scores:
             scores["torch_head"] = pred.scorers.get("torch_head", np.full(len(pred.fused), 0.5))
             scores["fusion_no_llm"] = self.no_llm.model.predict(Rows.of_pools(pools, None)).fused
         served = self.reader.many([u.user for u in scored], k=RECALL_K)
+        published = {name: m.rank([u.user for u in scored], [u.ts for u in scored], RECALL_K)
+                     for name, m in self.published.items()}
         out: dict[str, dict[str, list[str]]] = {}
         start = 0
-        for u, pool in zip(scored, pools, strict=True):
+        for n, (u, pool) in enumerate(zip(scored, pools, strict=True)):
             end = start + len(pool)
             ranked = {name: _top(pool.items, s[start:end]) for name, s in scores.items()}
             covis = pool.column("covis")
@@ -243,6 +203,7 @@ class Evaluator:
             ranked["most_bought"] = [i for i, _ in self.bought[u.user].most_common(RECALL_K)]
             if self.content is not None:
                 ranked["content"] = [i for i, _ in self.content.for_user(u.user, RECALL_K)]
+            ranked.update((name, lists[n]) for name, lists in published.items())
             out[u.user] = ranked
             start = end
         return out
@@ -251,7 +212,7 @@ class Evaluator:
         groups = self.joiner.add(self._logged)
         self._logged.clear()
         self.learner.learn(groups)
-        if "fusion_no_llm" in self.methods:
+        if "fusion_no_llm" in self.scores:
             self.no_llm.learn(groups)
 
     def _flush(self, chunk: list[Unit], rows: list[dict[str, Any]]) -> None:
@@ -259,29 +220,42 @@ class Evaluator:
         if scored:
             rankings = self._rankings(scored)
             for u in scored:
-                cold = {t for t in u.targets if self.popular.counts[t] < COLD_START_BELOW}
+                parts = basket_parts(u.targets, self.seen[u.user], self.popular.counts)
                 for name, items in rankings[u.user].items():
-                    self.methods[name].add(items, u.targets, u.ts)
-                    if cold:
-                        self.cold[name].add(items, cold, u.ts)
+                    self.scores[name].add(items, parts, u.ts)
         batch: list[Positioned] = []
         for u in chunk:
+            basket = set()
             for j in range(u.start, u.stop):
                 row = rows[j]
                 if row["type"] != "impression":
                     self.popular.add(row["item_id"])
+                    basket.add(row["item_id"])
                 if row["type"] == "purchase":
                     self.bought[u.user][row["item_id"]] += 1
                 batch.append(Positioned(0, j, _event(row, j)))
+            self._observe(u, basket)
         result = self.store.apply(batch)
         self.writer(result)
         self._learn()
 
+    def _observe(self, u: Unit, basket: set[str]) -> None:
+        """The unit, after it has been scored, into the published methods' state (learning first)."""
+        if not basket:
+            return
+        self.seen[u.user] |= basket
+        for method in self.published.values():
+            if u.targets and isinstance(method, Repurchase):
+                method.learn(u.user, u.targets, u.ts)
+            method.observe(u.user, basket, u.ts)
+
     def report(self, name: str, n_events: int) -> dict[str, Any]:
-        return {"dataset": name, "events": n_events, "evaluated": self.methods["system"].n,
-                "methods": {m: s.summary() for m, s in self.methods.items()},
-                "cold_start_evaluated": self.cold["system"].n,
-                "cold_start": {m: s.summary() for m, s in self.cold.items()},
+        overall = {m: s.splits["overall"] for m, s in self.scores.items()}
+        cold = {m: s.splits["cold_start"] for m, s in self.scores.items()}
+        return {"dataset": name, "events": n_events, "evaluated": overall["system"].n,
+                "methods": {m: s.report() for m, s in self.scores.items()},
+                "cold_start_evaluated": cold["system"].n,
+                "cold_start": {m: s.summary() for m, s in cold.items()},
                 "learner": {"examples": self.learner.model.examples,
                             "decisions": dict(sorted(self.joiner.outcomes.items()))}}
 
@@ -294,32 +268,3 @@ def _top(items: list[str], scores: np.ndarray) -> list[str]:
 def _event(row: dict[str, Any], n: int) -> UserEvent:
     return UserEvent(event_id=str(n), type=row["type"], user_id=row["user_id"], item_id=row["item_id"],
                      ts=int(row["ts"]))
-
-
-def plot(methods: dict[str, MethodScore], path: str, title: str) -> None:
-    """HitRate@10 over event time (weekly buckets when the data spans weeks, else hourly)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(9, 4.5))
-    for name, score in methods.items():
-        if not score.timeline:
-            continue
-        ts = np.array([t for t, _ in score.timeline], dtype=np.int64)
-        hits = np.array([h for _, h in score.timeline], dtype=float)
-        span = ts.max() - ts.min()
-        bucket = 7 * 86_400_000 if span > 21 * 86_400_000 else 3_600_000 if span > 6 * 3_600_000 else 600_000
-        b = (ts - ts.min()) // bucket
-        means = np.bincount(b, weights=hits) / np.maximum(np.bincount(b), 1)
-        x = (ts.min() + np.arange(len(means)) * bucket).astype("datetime64[ms]")
-        ax.plot(x, means, label=f"{name} ({score.summary()['hit_rate@10']:.3f})")
-    ax.set_ylabel("HitRate@10")
-    ax.set_title(title)
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.autofmt_xdate()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

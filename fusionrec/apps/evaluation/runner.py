@@ -11,7 +11,8 @@ from typing import Any
 
 import redis
 
-from fusionrec.apps.evaluation.evaluator import Evaluator, plot
+from fusionrec.apps.evaluation.evaluator import Evaluator
+from fusionrec.apps.evaluation.plots import plot
 from fusionrec.apps.services import EmbeddedServices
 from fusionrec.core.redis_client import connect
 from fusionrec.core.settings import Settings
@@ -69,6 +70,6 @@ def run_evaluation(settings: Settings, *, source: str, events: str | None = None
             evaluator.embed_catalog(ds, encoder or TextEncoder.from_settings(settings), progress=progress)
         report = evaluator.run(ds, progress=progress)
     if plot_path:
-        plot(evaluator.methods, plot_path, f"Prequential HitRate@10 on {ds.name}")
+        plot(evaluator.scores, plot_path, f"Prequential HitRate@10 on {ds.name}")
         log.info("wrote %s", plot_path)
     return report

@@ -1,0 +1,44 @@
+"""Splits and the two NDCG@10 definitions of the prequential evaluation."""
+
+import math
+from collections import Counter
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fusionrec.apps.evaluation.metrics import MethodScore, SplitScores, basket_parts
+
+
+def test_basket_ndcg_divides_by_every_item_of_the_basket():
+    m = MethodScore()
+    basket = {f"t{i}" for i in range(12)}
+    m.add(["t0", "x", "t1"] + [f"f{i}" for i in range(20)], basket, ts=0)
+    dcg = 1 + 1 / math.log2(4)
+    top_k = sum(1 / math.log2(r + 2) for r in range(10))
+    whole = sum(1 / math.log2(r + 2) for r in range(12))
+    s = m.summary()
+    assert s["ndcg@10"] == round(dcg / top_k, 4)
+    assert s["ndcg@10_basket"] == round(dcg / whole, 4)
+    assert s["ndcg@10_basket"] < s["ndcg@10"]
+
+
+def test_parts_split_a_basket_into_repeat_and_explore():
+    parts = basket_parts({"a", "b", "c"}, seen={"a", "z"}, interactions=Counter({"a": 9, "b": 4, "c": 5}))
+    assert parts == {"overall": {"a", "b", "c"}, "repeat": {"a"}, "explore": {"b", "c"}, "cold_start": {"b"}}
+
+
+items = st.sampled_from([f"i{n}" for n in range(30)])
+
+
+@given(st.lists(st.tuples(st.lists(items, max_size=25), st.sets(items, min_size=1, max_size=8),
+                          st.sets(items, max_size=15)), min_size=1, max_size=30))
+def test_splits_add_up_to_the_whole(baskets):
+    s = SplitScores()
+    for ranked, targets, seen in baskets:
+        s.add(list(dict.fromkeys(ranked)), basket_parts(targets, seen, Counter()), ts=0)
+    overall, repeat, explore = (s.splits[k] for k in ("overall", "repeat", "explore"))
+    assert repeat.targets + explore.targets == overall.targets
+    assert repeat.found + explore.found == overall.found
+    assert overall.n == len(baskets) and repeat.n <= overall.n and explore.n <= overall.n
+    report = s.report()
+    assert report["repeat"]["found@20"] + report["explore"]["found@20"] == overall.found  # type: ignore[index]
