@@ -5,7 +5,11 @@ item id. Both are JSON objects decoded by msgspec into typed structs; anything t
 or decodes but breaks a rule below, raises :class:`InvalidEventError` with a low-cardinality
 ``reason`` that becomes the DLQ reason header and metric label.
 
->>> v = Validator(max_bytes=65536, max_future_skew_ms=86_400_000, max_items_shown=200)
+User and catalog events alike may be stamped at most ``max_future_skew_ms`` ahead of the validating
+process's clock (``FUSIONREC_MAX_FUTURE_SKEW_S``, reason ``future_ts``): state guarded by event time
+would otherwise hold a far-future event's values until then. Past timestamps are never refused.
+
+>>> v = Validator(max_bytes=65536, max_future_skew_ms=300_000, max_items_shown=200)
 >>> e = v.user_event(b'{"event_id":"e1","type":"view","user_id":"u1","item_id":"i9","ts":1700000000000}')
 >>> (e.type, e.user_id, e.item_id)
 ('view', 'u1', 'i9')

@@ -48,7 +48,7 @@ import redis
 from fusionrec.core.errors import StateStoreError
 from fusionrec.core.keys import Keys
 from fusionrec.core.scripts import CATALOG_APPLY, MULTI_HMGET, USER_APPLY, USER_READ, ZSET_APPLY, register
-from fusionrec.core.settings import Settings
+from fusionrec.core.settings import DECAY_MAX_EXPONENT, Settings
 from fusionrec.streams.contract import CatalogEvent, UserEvent
 
 _msgpack = msgspec.msgpack.Encoder()
@@ -113,14 +113,24 @@ class BatchResult:
 
 
 class Decay:
-    """Forward-decay weights: ``w * 2 ** ((ts - epoch) / half_life)``."""
+    """Forward-decay weights: ``w * 2 ** ((ts - epoch) / half_life)``, finite whatever ``ts``.
+
+    The exponent is capped at :data:`~fusionrec.core.settings.DECAY_MAX_EXPONENT`, which no valid
+    event reaches: settings are refused unless an event ten years from now stays under it, and the
+    contract dead-letters events more than ``FUSIONREC_MAX_FUTURE_SKEW_S`` ahead of now. The cap
+    only guarantees that ``math.exp`` never raises here: this runs after validation, where an
+    exception would stop the consumer instead of dead-lettering the event.
+
+    >>> Decay(epoch_ms=0, half_life_s=60).weight(3.0, 120_000)
+    12.0
+    """
 
     def __init__(self, epoch_ms: int, half_life_s: float) -> None:
         self.epoch_ms = epoch_ms
         self.rate = math.log(2) / (half_life_s * 1000.0)
 
     def weight(self, w: float, ts_ms: int) -> float:
-        return w * math.exp(self.rate * (ts_ms - self.epoch_ms))
+        return w * math.exp(min(self.rate * (ts_ms - self.epoch_ms), DECAY_MAX_EXPONENT))
 
 
 @dataclass

@@ -9,7 +9,11 @@ counts: a replayed batch publishes its deltas again, and the faust app counts on
 newest it has counted from that source partition for that item group (:func:`fresh_counts`, kept in
 a table), so every interaction is counted once. A delta's
 Kafka timestamp is the event time of the newest event it counts; the windows follow it (faust's
-``relative_to_stream``), so a replay of old data trends as it did then. On a broker with time-based
+``relative_to_stream``), so a replay of old data trends as it did then. That time is at most the
+publisher's clock: an event stamped ahead of now (the contract lets one through up to
+``FUSIONREC_MAX_FUTURE_SKEW_S`` ahead) would otherwise put its whole batch's counts into windows
+that have not started, and a flush whose newest delta it was would query those windows instead of
+the last ``trending_window_s``. On a broker with time-based
 retention, replayed deltas with old timestamps are retained only briefly; live ones are current.
 
 ``fusionrec trending`` runs the faust worker (:func:`build_app`): two hopping-window tables keyed by
@@ -27,6 +31,7 @@ import logging
 import time
 import zlib
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +49,7 @@ CATEGORIES_KEPT = 50  # categories whose own top list is written each flush
 
 
 class ItemDelta(msgspec.Struct, frozen=True):
-    ts: float  # seconds: event time of the newest event counted (faust windows use seconds)
+    ts: float  # seconds: event time of the newest event counted, at most the publisher's clock (faust uses seconds)
     items: dict[str, int]
     categories: dict[str, str]
     source: int = -1  # the events partition counted (-1: not de-duplicated)
@@ -85,8 +90,9 @@ class ItemDeltaPublisher:
     """``after_apply`` hook of the user-state stream: the batch's item counts to the deltas topic."""
 
     def __init__(self, settings: Settings, metrics: Metrics | None = None,
-                 producer: EventProducer | None = None) -> None:
+                 producer: EventProducer | None = None, clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
+        self.clock = clock  # seconds since the epoch: the latest event time a delta is given
         self.metrics = metrics.of(TrendingMetrics) if metrics is not None else None
         self.topic = settings.kafka.topic_item_deltas
         # uncompressed: faust's client (aiokafka) has no lz4 codec without an extra library
@@ -98,17 +104,18 @@ class ItemDeltaPublisher:
         if not result.item_offsets:
             return
         n = self.settings.kafka.partitions
+        ts_ms = min(result.max_ts, int(self.clock() * 1000))
         published = 0
         for source, items in result.item_offsets.items():
             parts: dict[int, dict[str, list[int]]] = defaultdict(dict)
             for item, item_offsets in items.items():
                 parts[zlib.crc32(item.encode()) % n][item] = item_offsets
             for target, group in parts.items():
-                delta = ItemDelta(ts=result.max_ts / 1000.0, items={i: len(o) for i, o in group.items()},
+                delta = ItemDelta(ts=ts_ms / 1000.0, items={i: len(o) for i, o in group.items()},
                                   categories={i: c for i in group if (c := result.categories.get(i))},
                                   source=source, target=target, offsets=group)
                 self.producer.produce(self.topic, self._encoder.encode(delta), key=f"p{target}",
-                                      timestamp=result.max_ts)
+                                      timestamp=ts_ms)
                 published += len(group)
         self.producer.flush()
         if self.metrics is not None:

@@ -19,8 +19,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 import re
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
@@ -31,6 +33,13 @@ PREFIX = "FUSIONREC_"
 _SECRET_WORDS = ("password", "secret", "token", "sasl.oauthbearer", "key")
 
 DAY_S = 86_400
+
+# Forward-decay weights (fusionrec.streams.state.Decay) are exp(exponent) with the exponent kept at most this,
+# far under float64's exp limit of ~709.78: sums of up to ~1e46 weights (of at most 8 each) stay finite, and
+# the inverse exp(-exponent) that brings a weight back to a point in time stays a normal float (> 2.2e-308).
+DECAY_MAX_EXPONENT = 600.0
+# Settings whose weights would pass DECAY_MAX_EXPONENT within this long after now are refused.
+DECAY_HORIZON_S = 10 * 365 * DAY_S
 
 
 def _default_run_dir() -> str:
@@ -115,7 +124,12 @@ class ContractSettings:
 
     title: ClassVar[str] = "Event contract"
     max_event_bytes: int = setting(65_536, env="MAX_EVENT_BYTES", doc="larger messages are dead letters")
-    max_future_skew_s: int = setting(DAY_S, env="MAX_FUTURE_SKEW_S", doc="how far ahead of now `ts` may be")
+    # One event this far ahead holds its item's catalog entry and its user's last-seen (event-time guarded) until
+    # then and weighs 2 ** (skew / half-life) more: 1.0003 at 5 min and 7 days. Trending clamps it to the clock.
+    max_future_skew_s: int = setting(300, env="MAX_FUTURE_SKEW_S",
+                                     doc="how far ahead of the consumer's clock an event's `ts` may be (further: a "
+                                         "`future_ts` dead letter); producer clocks differ by seconds and replayed "
+                                         "history is in the past, so minutes suffice")
     max_items_shown: int = setting(200, env="MAX_ITEMS_SHOWN", doc="most `items_shown` of one impression")
     user_id_key: str | None = setting(None, env="USER_ID_KEY",
                                       doc="HMAC key for pseudonymous user ids (≥ 16 characters); unset: ids as given")
@@ -144,10 +158,10 @@ class StateSettings:
     cache_users: int = setting(200_000, env="STATE_CACHE_USERS",
                                doc="users whose recent items the consumer keeps in process (least recently "
                                    "touched evicted first)")
-    # Weights are exp(ln2 * (ts - epoch) / half_life), which stays finite for ~1000 half-lives after the
-    # landmark (19 years at a 7-day half-life).
-    decay_epoch_ms: int = setting(1_483_228_800_000, env="DECAY_EPOCH_MS",
-                                  doc="forward-decay landmark, ms since epoch (2017-01-01)")
+    # weights are exp(ln2 * (ts - epoch) / half_life): see DECAY_MAX_EXPONENT
+    decay_epoch_ms: int = setting(1_767_225_600_000, env="DECAY_EPOCH_MS",
+                                  doc="forward-decay landmark, ms since epoch (2026-01-01); changing it rescales every "
+                                      "decayed weight: change it with a new `FUSIONREC_REDIS_PREFIX` (and a replay)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -389,7 +403,9 @@ class Settings:
             out[PREFIX + field.metadata["env"]] = text
         return out
 
-    def validate(self) -> None:
+    def validate(self, now_ms: int | None = None) -> None:
+        """Raise :class:`ConfigError` naming the first bad setting; ``now_ms`` (default: the clock) is when
+        the forward-decay horizon starts."""
         positive = {"batch_size": self.stream.batch_size, "topic_partitions": self.kafka.partitions,
                     "recent_items_cap": self.state.recent_items_cap, "covis_cap": self.state.covis_cap,
                     "rec_k": self.rec.k, "max_event_bytes": self.contract.max_event_bytes,
@@ -406,6 +422,9 @@ class Settings:
             raise ConfigError(f"{PREFIX}REDIS_PERSISTENCE must be 'aof' or 'none', got {self.redis.persistence!r}")
         if self.state.popularity_half_life_s <= 0 or self.state.affinity_half_life_s <= 0:
             raise ConfigError("half-lives must be > 0")
+        if self.contract.max_future_skew_s < 0:
+            raise ConfigError(f"{PREFIX}MAX_FUTURE_SKEW_S must be >= 0, got {self.contract.max_future_skew_s!r}")
+        self._validate_decay(int(time.time() * 1000) if now_ms is None else now_ms)
         choices = {"embed_pooling": (self.embed.pooling, ("mean", "cls", "last")),
                    "vector_dtype": (self.vectors.dtype, ("float32", "float16")),
                    "embed_dtype": (self.embed.dtype, ("auto", "float32", "float16", "bfloat16")),
@@ -417,6 +436,21 @@ class Settings:
             if chosen not in allowed:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be one of {', '.join(allowed)}, got {chosen!r}")
         self._validate_ranges()
+
+    def _validate_decay(self, now_ms: int) -> None:
+        """An event up to ``DECAY_HORIZON_S`` after now must weigh at most ``exp(DECAY_MAX_EXPONENT)``."""
+        st = self.state
+        for name, half_life_s in (("POPULARITY_HALF_LIFE_S", st.popularity_half_life_s),
+                                  ("AFFINITY_HALF_LIFE_S", st.affinity_half_life_s)):
+            # the event time at which the exponent ln2 * (ts - epoch) / half_life reaches the cap, from now
+            left_ms = st.decay_epoch_ms + DECAY_MAX_EXPONENT / math.log(2) * half_life_s * 1000 - now_ms
+            if left_ms < DECAY_HORIZON_S * 1000:
+                years = left_ms / (365 * DAY_S * 1000)
+                when = f"{years:.1f} years from now" if years >= 0 else f"{-years:.1f} years ago"
+                raise ConfigError(
+                    f"{PREFIX}DECAY_EPOCH_MS={st.decay_epoch_ms} with {PREFIX}{name}={half_life_s:g}: decayed weights "
+                    f"pass exp({DECAY_MAX_EXPONENT:g}) {when}, within {DECAY_HORIZON_S // (365 * DAY_S)} years; "
+                    f"move {PREFIX}DECAY_EPOCH_MS forward (to about now) or lengthen the half-life")
 
     def _validate_ranges(self) -> None:
         e, learn, serve = self.embed, self.learn, self.serve

@@ -5,6 +5,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fusionrec.core.errors import InvalidEventError
+from fusionrec.core.settings import Settings
+from fusionrec.streams.consumer import validator_for
 from fusionrec.streams.contract import Validator
 
 NOW = 1_700_000_000_000
@@ -119,3 +121,16 @@ def test_whatever_a_message_makes_validation_raise_is_an_invalid_event():
     with pytest.raises(InvalidEventError) as caught:
         strict.user_event(b'{"event_id": "e", "type": "view", "user_id": "u", "item_id": "i", "ts": 1}', now_ms=NOW)
     assert caught.value.reason == "invalid_value" and "ValueError: cannot map u" in caught.value.detail
+
+
+@pytest.mark.parametrize("decode, raw", [
+    ("user_event", lambda ts: ev(ts=ts)),
+    ("catalog_event", lambda ts: json.dumps({"item_id": "i1", "op": "upsert", "ts": ts, "title": "t"}).encode()),
+])
+def test_the_default_skew_bound_admits_ts_up_to_five_minutes_ahead_for_user_and_catalog_events(decode, raw):
+    validate = getattr(validator_for(Settings()), decode)
+    assert validate(raw(NOW + 300_000), now_ms=NOW).ts == NOW + 300_000
+    assert validate(raw(NOW - 10 * 365 * 86_400_000), now_ms=NOW)  # replayed history: never too old
+    with pytest.raises(InvalidEventError) as caught:
+        validate(raw(NOW + 300_001), now_ms=NOW)
+    assert caught.value.reason == "future_ts"

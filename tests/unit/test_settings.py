@@ -1,8 +1,14 @@
+import dataclasses
+import math
+
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from fusionrec.core.errors import ConfigError
 from fusionrec.core.keys import Keys
-from fusionrec.core.settings import Settings, masked_url
+from fusionrec.core.settings import DECAY_HORIZON_S, DECAY_MAX_EXPONENT, Settings, StateSettings, masked_url
+from fusionrec.streams.state import Decay
 
 
 def test_reads_prefixed_environment_and_types():
@@ -64,3 +70,62 @@ def test_user_keys_share_one_cluster_slot_and_buckets_are_stable():
     assert keys.bucket("42") == Keys("other", buckets=64).bucket("42")
     assert keys.item_covis("7").startswith(keys.item_tag(keys.bucket("7")))
     assert len({keys.bucket(str(i)) for i in range(5000)}) == 64
+
+
+NOW = 1_800_000_000_000  # 2027-01-15
+WEEK_MS = 7 * 86_400_000
+
+
+def at(now_ms: int, **changes) -> None:
+    """Validate settings with ``changes`` to the state group as if the clock read ``now_ms``."""
+    groups = {"state": dataclasses.replace(StateSettings(), **changes)}
+    dataclasses.replace(Settings(), **groups).validate(now_ms=now_ms)
+
+
+def test_future_skew_is_minutes_and_the_shipped_landmark_is_good_for_ten_years_from_today():
+    assert Settings().contract.max_future_skew_s == 300
+    Settings().validate()  # on the wall clock
+    with pytest.raises(ConfigError, match="MAX_FUTURE_SKEW_S"):
+        Settings.from_env({"FUSIONREC_MAX_FUTURE_SKEW_S": "-1"})
+
+
+def test_decay_weights_are_exact_and_capped_instead_of_overflowing():
+    decay = Decay(epoch_ms=0, half_life_s=60)
+    assert (decay.weight(3.0, 120_000), decay.weight(3.0, 0), decay.weight(3.0, -60_000)) == (12.0, 3.0, 1.5)
+    assert decay.weight(2.0, 10**15) == 2.0 * math.exp(DECAY_MAX_EXPONENT)  # math.exp alone raises OverflowError
+    assert decay.weight(2.0, -(10**15)) == 0.0
+    assert DECAY_MAX_EXPONENT < 709.78 - 100  # room for sums of weights, and exp(-cap) a normal float
+    # the ranker brings a weight to decision time with weight(1, -ts) from the negated landmark
+    written, at_decision = Decay(1_000, 60).weight(1.0, 61_000), Decay(-1_000, 60).weight(1.0, -121_000)
+    assert (written, at_decision, written * at_decision) == (2.0, 0.25, 0.5)
+
+
+def test_a_landmark_whose_weights_overflow_within_ten_years_is_refused_with_the_way_out():
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({"FUSIONREC_DECAY_EPOCH_MS": "1483228800000"})  # 2017: overflows in 2036
+    message = str(caught.value)
+    assert "FUSIONREC_DECAY_EPOCH_MS=1483228800000" in message and "FUSIONREC_POPULARITY_HALF_LIFE_S" in message
+    assert "move FUSIONREC_DECAY_EPOCH_MS forward" in message and "lengthen the half-life" in message
+    with pytest.raises(ConfigError, match="FUSIONREC_AFFINITY_HALF_LIFE_S=60"):
+        Settings.from_env({"FUSIONREC_AFFINITY_HALF_LIFE_S": "60"})  # one minute: the cap 14 hours after the landmark
+
+
+def test_the_decay_horizon_edge_is_ten_years_at_the_limit_exponent():
+    # the landmark whose weights reach exp(DECAY_MAX_EXPONENT) exactly ten years after NOW, at a 7-day half-life
+    edge = NOW + DECAY_HORIZON_S * 1000 - DECAY_MAX_EXPONENT / math.log(2) * WEEK_MS
+    at(NOW, decay_epoch_ms=math.ceil(edge) + 1, popularity_half_life_s=WEEK_MS / 1000)
+    with pytest.raises(ConfigError, match="FUSIONREC_POPULARITY_HALF_LIFE_S=604800"):
+        at(NOW, decay_epoch_ms=math.floor(edge) - 1, popularity_half_life_s=WEEK_MS / 1000)
+
+
+@given(epoch_ms=st.integers(min_value=0, max_value=NOW), half_life_s=st.floats(min_value=1.0, max_value=1e10))
+def test_settings_that_validate_leave_every_event_within_the_horizon_under_the_cap(epoch_ms, half_life_s):
+    try:
+        at(NOW, decay_epoch_ms=epoch_ms, popularity_half_life_s=half_life_s)
+    except ConfigError:
+        return
+    latest = NOW + DECAY_HORIZON_S * 1000  # later than any event the contract lets through for ten years
+    decay = Decay(epoch_ms, half_life_s)
+    exponent = math.log(2) * (latest - epoch_ms) / (half_life_s * 1000)
+    assert exponent <= DECAY_MAX_EXPONENT
+    assert decay.weight(8.0, latest) == pytest.approx(8.0 * math.exp(exponent), rel=1e-9)
