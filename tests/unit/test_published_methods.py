@@ -78,6 +78,13 @@ def test_tifu_unknown_user_gets_nothing_and_state_is_before_the_basket() -> None
     assert tifu.rank(["u"], [3], 3) == [["a", "b"]]  # equal scores: ties by first seen
 
 
+def test_tifu_ties_go_to_the_item_seen_first() -> None:
+    # Three baskets, no decay, one group: z, y, a all at 1/3; first seen z, then y, then a.
+    tifu = TifuKnn(m=1, r_b=1.0, r_g=1.0, alpha=1.0)
+    feed(tifu, [("u", {"z"}), ("u", {"y"}), ("u", {"a"})])
+    assert tifu.rank(["u"], [0], 2) == [["z", "y"]]
+
+
 def test_tifu_published_settings() -> None:
     tifu = TifuKnn()
     assert (tifu.m, tifu.r_b, tifu.r_g, tifu.k, tifu.alpha) == (3, 1.0, 0.1, 100, 0.8)

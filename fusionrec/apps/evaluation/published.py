@@ -59,10 +59,12 @@ class _Rows:
     def stacked(self, width: int) -> sparse.csr_array:
         """Users x items."""
         if self._stacked is None or self._stacked.shape[1] != width:
-            indptr = np.zeros(len(self._cols) + 1, dtype=np.int64)
-            np.cumsum([len(c) for c in self._cols], out=indptr[1:])
-            self._stacked = sparse.csr_array(
-                (np.concatenate(self._vals), np.concatenate(self._cols), indptr), shape=(len(self._cols), width))
+            lengths = [len(c) for c in self._cols]
+            index = _index_dtype(sum(lengths), width, len(self._cols))  # int32 halves the products' index traffic
+            indptr = np.zeros(len(self._cols) + 1, dtype=index)
+            np.cumsum(lengths, out=indptr[1:])
+            cols = np.concatenate(self._cols).astype(index, copy=False)
+            self._stacked = sparse.csr_array((np.concatenate(self._vals), cols, indptr), shape=(len(self._cols), width))
             self._transposed = None
         return self._stacked
 
@@ -80,6 +82,16 @@ class _Rows:
     def spread(self, weights: sparse.csr_array, width: int) -> sparse.csc_array:
         """``weights @ rows`` (chunk x users times users x items), as items x chunk, one column per user."""
         return sparse.csc_array(self.transposed(width) @ weights.T.tocsr())
+
+
+def _index_dtype(*sizes: int) -> type[np.signedinteger]:
+    return np.int32 if max(sizes) < np.iinfo(np.int32).max else np.int64
+
+
+def _user_weights(data: np.ndarray, cols: np.ndarray, indptr: np.ndarray, n_users: int) -> sparse.csr_array:
+    """Chunk x users weights in CSR, with the narrowest index type (products then stay in it)."""
+    index = _index_dtype(len(data), n_users)
+    return sparse.csr_array((data, cols.astype(index), indptr.astype(index)), shape=(len(indptr) - 1, n_users))
 
 
 def _largest(score: np.ndarray, k: int) -> np.ndarray:
@@ -118,9 +130,9 @@ class _NeighbourMethod:
         return {self._ids[c]: float(v) for c, v in zip(p.indices, p.data, strict=True) if v != 0}
 
     def _columns(self, items: Collection[str]) -> np.ndarray:
-        """The basket's distinct items as sorted columns, registering new ones."""
+        """The basket's distinct items as sorted columns, registering new ones (in id order: reproducible ties)."""
         cols = []
-        for item in set(items):
+        for item in sorted(set(items)):
             c = self._index.get(item)
             if c is None:
                 c = self._index[item] = len(self._ids)
@@ -137,8 +149,10 @@ class _NeighbourMethod:
         lo, hi = scores.indptr[j], scores.indptr[j + 1]
         cols, vals = scores.indices[lo:hi], scores.data[lo:hi]
         if len(vals) > k:
-            part = np.argpartition(-vals, k - 1)[:k]
-            cols, vals = cols[part], vals[part]
+            kth = np.partition(vals, len(vals) - k)[len(vals) - k]  # the k-th largest score
+            above, tied = np.flatnonzero(vals > kth), np.flatnonzero(vals == kth)
+            keep = np.concatenate([above, tied[np.argsort(cols[tied])][:k - len(above)]])
+            cols, vals = cols[keep], vals[keep]
         order = np.lexsort((cols, -vals))
         return cols[order][vals[order] > 0]
 
@@ -250,9 +264,8 @@ class TifuKnn(_NeighbourMethod):
         n_near = near.shape[1]
         cols = np.concatenate([rows[:, None], near], axis=1).ravel()
         weights = np.tile(np.r_[self.alpha, np.full(n_near, (1.0 - self.alpha) / max(n_near, 1))], len(rows))
-        blend = sparse.csr_array((weights, cols, np.arange(len(rows) + 1) * (n_near + 1)),
-                                 shape=(len(rows), len(norms)))
-        return self._vectors.spread(blend, width)
+        indptr = np.arange(len(rows) + 1) * (n_near + 1)
+        return self._vectors.spread(_user_weights(weights, cols, indptr, len(norms)), width)
 
 
 # ---------------------------------------------------------------------------------------- UP-CF@r
@@ -336,5 +349,4 @@ class UpCf(_NeighbourMethod):
         weights = np.take_along_axis(sim, near, axis=1)
         keep = weights > 0
         indptr = np.r_[0, np.cumsum(keep.sum(axis=1))]
-        spread = sparse.csr_array((weights[keep] ** self.q, near[keep], indptr), shape=(len(rows), len(sizes)))
-        return self._popularity.spread(spread, width)
+        return self._popularity.spread(_user_weights(weights[keep] ** self.q, near[keep], indptr, len(sizes)), width)
