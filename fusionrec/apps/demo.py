@@ -117,7 +117,7 @@ def run_demo(settings: Settings, *, events: int, households: int, keep: bool) ->
         report = run_evaluation(s, source="completejourney", households=households, limit=40_000, progress=False,
                                 content=False)
         for name, m in report["methods"].items():
-            print(f"  {name:12s} HitRate@10 {m['hit_rate@10']:.3f}  Recall@20 {m['recall@20']:.3f}  "
+            print(f"  {name:19s} HitRate@10 {m['hit_rate@10']:.3f}  Recall@20 {m['recall@20']:.3f}  "
                   f"NDCG@10 {m['ndcg@10']:.3f}")
         if keep:
             print("\nservices left running: try `fusionrec recommend <household>`; stop with `fusionrec down`")
