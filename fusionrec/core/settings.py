@@ -30,6 +30,7 @@ from typing import Any, ClassVar
 from fusionrec.core.errors import ConfigError
 
 PREFIX = "FUSIONREC_"
+_PLACEHOLDER = "change-me"  # what the example manifests in deploy/ put where a secret goes
 _SECRET_WORDS = ("password", "secret", "token", "sasl.oauthbearer", "key")
 
 DAY_S = 86_400
@@ -435,7 +436,19 @@ class Settings:
         for name, (chosen, allowed) in choices.items():
             if chosen not in allowed:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be one of {', '.join(allowed)}, got {chosen!r}")
+        self._validate_secrets()
         self._validate_ranges()
+
+    def _validate_secrets(self) -> None:
+        """Refuse a secret that still holds the example manifests' placeholder (it would pass for one)."""
+        secrets = {"SERVE_TOKEN": self.serve.token, "USER_ID_KEY": self.contract.user_id_key,
+                   "MODEL_KEY": self.learn.model_key, "REDIS_URL": self.redis.url,
+                   **{f"KAFKA_OPTIONS[{k!r}]": str(v) for k, v in self.kafka.options.items()
+                      if any(w in k.lower() for w in _SECRET_WORDS)}}
+        for name, value in secrets.items():
+            if value is not None and _PLACEHOLDER in value.lower():
+                raise ConfigError(f"{PREFIX}{name} still holds the placeholder {_PLACEHOLDER.upper()}: "
+                                  "set it from your secret store")
 
     def _validate_decay(self, now_ms: int) -> None:
         """An event up to ``DECAY_HORIZON_S`` after now must weigh at most ``exp(DECAY_MAX_EXPONENT)``."""

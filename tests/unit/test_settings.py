@@ -1,7 +1,9 @@
 import dataclasses
 import math
+from pathlib import Path
 
 import pytest
+import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -129,3 +131,23 @@ def test_settings_that_validate_leave_every_event_within_the_horizon_under_the_c
     exponent = math.log(2) * (latest - epoch_ms) / (half_life_s * 1000)
     assert exponent <= DECAY_MAX_EXPONENT
     assert decay.weight(8.0, latest) == pytest.approx(8.0 * math.exp(exponent), rel=1e-9)
+
+
+@pytest.mark.parametrize("env", [
+    {"FUSIONREC_SERVE_TOKEN": "CHANGE-ME-to-32-random-characters"},
+    {"FUSIONREC_REDIS_URL": "rediss+cluster://fusionrec:CHANGE-ME@redis-cluster:6379/0"},
+    {"FUSIONREC_KAFKA_OPTIONS": '{"sasl.username": "fusionrec", "sasl.password": "CHANGE-ME"}'},
+    {"FUSIONREC_MODEL_KEY": "change-me-please-0123456789"},
+])
+def test_the_example_manifests_placeholders_are_refused(env):
+    with pytest.raises(ConfigError, match="placeholder CHANGE-ME"):
+        Settings.from_env(env)
+
+
+def test_the_committed_kubernetes_secret_does_not_validate_as_it_is():
+    docs = list(yaml.safe_load_all((Path(__file__).parents[2] / "deploy/k8s/config.yaml").read_text()))
+    secret = next(d for d in docs if d and d.get("kind") == "Secret")
+    values = {**secret.get("stringData", {}), **secret.get("data", {})}
+    assert "FUSIONREC_SERVE_TOKEN" in values
+    with pytest.raises(ConfigError, match="placeholder"):
+        Settings.from_env(values)
