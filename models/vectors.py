@@ -112,11 +112,15 @@ class ModelVersion:
         return cls(**json.loads(raw))
 
 
-def supports_vector_sets(client: redis.Redis) -> bool:
-    """True when the server has Redis 8 vector sets (VADD/VSIM)."""
+def supports_vector_sets(client: redis.Redis, probe_key: str) -> bool:
+    """True when the server has Redis 8 vector sets (VADD/VSIM): ``VCARD`` of ``probe_key``, a key never
+    written (:meth:`Keys.probe`), which an ACL user limited to fusionrec's keys may read. A refusal
+    (``NOPERM``) is raised, not taken for "no vector sets": that would switch a reader to a full SCAN."""
     try:
-        client.execute_command("VCARD", "fusionrec-probe-nonexistent")
+        client.execute_command("VCARD", probe_key)
         return True
+    except redis.exceptions.NoPermissionError:
+        raise
     except redis.ResponseError:
         return False
 
@@ -138,7 +142,7 @@ class VectorStore:
     @property
     def use_vector_sets(self) -> bool:
         if self._vsets is None:
-            self._vsets = self.settings.vectors.index != "local" and supports_vector_sets(self.redis)
+            self._vsets = self.settings.vectors.index != "local" and supports_vector_sets(self.redis, self.keys.probe())
             if not self._vsets:
                 log.info("vector sets %s: writing vector blobs only",
                          "disabled" if self.settings.vectors.index == "local" else "not supported by this server")

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections import Counter
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from confluent_kafka import Message, TopicPartition
+from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
 
 from fusionrec.core.metrics import Metrics
 from fusionrec.core.pseudonyms import Pseudonyms
@@ -26,6 +27,8 @@ from fusionrec.core.settings import Settings
 from fusionrec.streams.contract import CatalogEvent, UserEvent, Validator
 from fusionrec.streams.dlq import DeadLetter
 from fusionrec.streams.metrics import StreamMetrics
+from fusionrec.streams.positions import AppliedPositions, PositionMetrics, reconcile
+from fusionrec.streams.producer import kafka_config
 from fusionrec.streams.runtime import (
     TRANSIENT,
     BaseProcessor,
@@ -42,6 +45,10 @@ Event = UserEvent | CatalogEvent
 # How long deferred outputs may take to finish before offsets are committed; what is left is derived
 # again by whoever replays from the committed offsets (a rebalance callback must stay short).
 REVOKE_FLUSH_S = 3.0
+# How long an assignment retries reading Redis' applied positions before the consumer gives up, and
+# how long it waits for the message at an offset the broker says it does not have.
+ASSIGN_RETRY_S = 60.0
+PROBE_S = 5.0
 SHUTDOWN_FLUSH_S = 30.0
 # Offsets are committed once a second; recomputing the floor (a pass over the pending users) more
 # often than this would only cost the ingest path.
@@ -69,6 +76,7 @@ class BatchHandler(Protocol):
     def flush(self, timeout_s: float | None = None) -> None: ...  # finish everything pending now
     def forget(self, partitions: Collection[int]) -> None: ...  # revoked events partitions: drop their pending
     def drop(self) -> None: ...  # the partitions were lost: drop everything pending
+    def settle(self, done: dict[int, int]) -> None: ...  # events partition -> last offset no replay goes back to
 
 
 def validator_for(settings: Settings) -> Validator:
@@ -83,11 +91,18 @@ class EventsProcessor(BaseProcessor[Event]):
 
     stage = "apply"
 
-    def __init__(self, settings: Settings, handler: BatchHandler, metrics: StreamMetrics) -> None:
+    def __init__(self, settings: Settings, handler: BatchHandler, metrics: StreamMetrics,
+                 positions: AppliedPositions | None = None, position_metrics: PositionMetrics | None = None) -> None:
         self.settings = settings
         self.handler = handler
         self.metrics = metrics
+        # where the stream stands in Redis (fusionrec.streams.positions), and the consumer to reconcile
+        # it with on assignment (set by BatchConsumer once it exists)
+        self.positions = positions
+        self.position_metrics = position_metrics
+        self.broker: KafkaConsumer | None = None
         self.validator = validator_for(settings)
+        self.pseudonyms = Pseudonyms.for_settings(settings)  # the validator's function, for dead letters
         self.catalog_topic = settings.kafka.topic_catalog
         self.events_topic = settings.kafka.topic_events
         self.consumed: Offsets = {}  # next offset per partition whose batch the handler applied
@@ -98,6 +113,13 @@ class EventsProcessor(BaseProcessor[Event]):
         if msg.topic() == self.catalog_topic:
             return self.validator.catalog_event(msg.value())
         return self.validator.user_event(msg.value())
+
+    def dead_letter(self, letter: DeadLetter) -> DeadLetter:
+        """With pseudonyms on, a user events letter leaves without a raw user id
+        (:meth:`DeadLetter.pseudonymised`); catalog letters carry item ids only."""
+        if letter.topic == self.catalog_topic or not self.pseudonyms.enabled:
+            return letter
+        return letter.pseudonymised(self.pseudonyms, self.validator.max_bytes)
 
     def process(self, polled: Polled[Event]) -> None:
         if polled.scratch is None:  # first attempt: build the handler's batch once
@@ -114,6 +136,86 @@ class EventsProcessor(BaseProcessor[Event]):
 
     def accepting(self) -> bool:
         return self.handler.accepting()
+
+    def assigned(self, partitions: list[TopicPartition]) -> None:
+        """Start each events partition where Redis and Kafka agree it stands (see
+        :mod:`fusionrec.streams.positions`); transient errors retried for up to ``ASSIGN_RETRY_S``."""
+        events = [tp for tp in partitions if tp.topic == self.events_topic]
+        if not events or self.positions is None or self.broker is None:
+            return
+        deadline = time.monotonic() + ASSIGN_RETRY_S
+        backoff = 0.1
+        while True:
+            try:
+                self._reconcile(events)
+                return
+            except TRANSIENT as exc:
+                if time.monotonic() + backoff > deadline:
+                    raise
+                log.warning("reconciling %s failed (%s: %s); retrying in %.1fs",
+                            ", ".join(f"{tp.topic}[{tp.partition}]" for tp in events), type(exc).__name__, exc,
+                            backoff)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, self.settings.stream.retry_max_backoff_s)
+
+    def _reconcile(self, events: list[TopicPartition]) -> None:
+        assert self.positions is not None and self.broker is not None
+        committed = {tp.partition: tp.offset for tp in self.broker.committed(events, timeout=30) if tp.offset >= 0}
+        applied, guarded = self.positions.read([tp.partition for tp in events])
+        resets: list[int] = []
+        for tp in events:
+            low, high = self.broker.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), timeout=30,
+                                                          cached=False)
+            done = applied[tp.partition]
+            if done is not None and done >= high:
+                high = max(high, self._log_end(tp.topic, tp.partition, done))
+            found = reconcile(tp.topic, tp.partition, committed=committed.get(tp.partition),
+                              applied=applied[tp.partition], low=low, high=high, has_guards=guarded[tp.partition],
+                              policy=self.settings.stream.offset_mismatch)
+            if self.position_metrics is not None:
+                self.position_metrics.reconciled.labels(found.outcome).inc()
+                self.position_metrics.unrecoverable.inc(found.unrecoverable)
+            if found.start is not None:
+                tp.offset = found.start
+            if found.outcome == "topic_reset":
+                resets.append(tp.partition)
+            if found.outcome not in ("in_step", "fresh"):
+                (log.info if found.outcome == "redis_ahead" else log.warning)(
+                    "%s[%d]: %s (committed %s, applied in Redis %s, topic [%d, %d)): starting at %s%s", tp.topic,
+                    tp.partition, found.outcome, committed.get(tp.partition), applied[tp.partition], low, high,
+                    found.start, f"; {found.unrecoverable} events are no longer in the topic"
+                    if found.unrecoverable else "")
+        if resets:
+            self.positions.reset(resets)
+            self.handler.forget(resets)
+            self.handler.settle({p: -1 for p in resets})
+
+    def _log_end(self, topic: str, partition: int, offset: int) -> int:
+        """``offset + 1`` if the partition holds a message at ``offset``, else 0: read, not asked.
+
+        A broker's end offset (ListOffsets) is what decides that a topic lost data, and one wrong answer
+        would stop the consumer. Some Kafka-compatible brokers answer the base offset of the last record
+        batch plus one (the embedded broker does), so before trusting an end offset below what Redis
+        applied, the message itself is fetched with a throwaway consumer."""
+        probe = Consumer(kafka_config(self.settings, **{
+            "group.id": f"fusionrec-probe-{uuid.uuid4().hex}", "enable.auto.commit": False,
+            "auto.offset.reset": "error", "enable.partition.eof": True}), logger=log)
+        try:
+            probe.assign([TopicPartition(topic, partition, offset)])
+            deadline = time.monotonic() + PROBE_S
+            while (left := deadline - time.monotonic()) > 0:
+                msg = probe.poll(min(left, 0.5))
+                if msg is None:
+                    continue
+                err = msg.error()
+                if err is None:
+                    return offset + 1 if (msg.offset() or -1) >= offset else 0
+                if err.code() in (KafkaError._PARTITION_EOF, KafkaError.OFFSET_OUT_OF_RANGE,
+                                  KafkaError._AUTO_OFFSET_RESET):
+                    return 0
+            return 0
+        finally:
+            probe.close()
 
     def revoked(self, partitions: list[TopicPartition]) -> Offsets:
         self._flush("revoke", REVOKE_FLUSH_S)
@@ -150,7 +252,17 @@ class EventsProcessor(BaseProcessor[Event]):
             if topic == self.events_topic and partition in floor:
                 nxt = min(nxt, floor[partition])
             if self.stored.get((topic, partition), -1) < nxt:
-                out[(topic, partition)] = self.stored[(topic, partition)] = nxt
+                out[(topic, partition)] = nxt
+        done = {p: nxt - 1 for (topic, p), nxt in out.items() if topic == self.events_topic}
+        if done and self.positions is not None:
+            try:
+                self.positions.mark(done)  # in Redis before Kafka: a replay never starts past it
+            except TRANSIENT as exc:
+                log.warning("could not record applied positions (%s: %s); offsets are stored once it is",
+                            type(exc).__name__, exc)
+                return {}
+            self.handler.settle(done)
+        self.stored.update(out)
         return out
 
     def _forget(self, partitions: list[TopicPartition]) -> None:
@@ -180,9 +292,13 @@ class BatchConsumer(ConsumeRuntime[Event]):
 
     def __init__(self, settings: Settings, handler: BatchHandler, metrics: Metrics, *,
                  group_id: str | None = None, topics: Sequence[str] | None = None,
-                 consumer_options: dict[str, Any] | None = None, consumer: KafkaConsumer | None = None) -> None:
+                 consumer_options: dict[str, Any] | None = None, consumer: KafkaConsumer | None = None,
+                 positions: AppliedPositions | None = None) -> None:
         self.handler = handler
-        super().__init__(settings, EventsProcessor(settings, handler, metrics.of(StreamMetrics)), metrics,
+        processor = EventsProcessor(settings, handler, metrics.of(StreamMetrics), positions,
+                                    metrics.of(PositionMetrics))
+        super().__init__(settings, processor, metrics,
                          group_id=group_id or settings.stream.group,
                          topics=topics or (settings.kafka.topic_events, settings.kafka.topic_catalog),
                          consumer_options=consumer_options, consumer=consumer)
+        processor.broker = self._consumer

@@ -8,7 +8,8 @@ polled batch, in this order (the labels ``Step 1`` … ``Step 5`` in :meth:`Cons
    raised; partition EOF is not reported (``enable.partition.eof`` is off).
 2. **Decode** each message with :meth:`Processor.decode`. :class:`InvalidEventError` becomes a dead
    letter with its reason; *any other exception* a message causes becomes a dead letter with reason
-   ``invalid_value``. A message never crashes a loop.
+   ``invalid_value``. A message never crashes a loop. :meth:`Processor.dead_letter` may rewrite
+   each letter (the user-state stage pseudonymises user ids in its events topic's letters).
 3. **Process** the decoded batch (:meth:`Processor.process`). Errors in :data:`TRANSIENT` are retried
    with exponential back-off while every assigned partition is paused, so the member keeps its group
    membership and nothing newer is fetched. A retry that is abandoned (stopping, or the partitions
@@ -99,6 +100,7 @@ class Processor(Protocol[T]):
     stage: str  # label of the retry metric
 
     def decode(self, msg: Message) -> T: ...
+    def dead_letter(self, letter: DeadLetter) -> DeadLetter: ...
     def process(self, batch: Polled[T]) -> None: ...
     def completed(self, batch: Polled[T]) -> Offsets: ...
     def tick(self) -> Offsets: ...
@@ -118,6 +120,10 @@ class BaseProcessor(Generic[T]):
 
     def decode(self, msg: Message) -> T:
         raise NotImplementedError
+
+    def dead_letter(self, letter: DeadLetter) -> DeadLetter:
+        """What a message that failed :meth:`decode` carries to the DLQ: by default, what came."""
+        return letter
 
     def process(self, batch: Polled[T]) -> None:
         raise NotImplementedError
@@ -208,7 +214,9 @@ class KafkaConsumer(Protocol):
     def incremental_assign(self, partitions: list[TopicPartition]) -> None: ...
     def store_offsets(self, *, offsets: list[TopicPartition]) -> None: ...
     def commit(self, *, asynchronous: bool = ...) -> Any: ...
-    def get_watermark_offsets(self, partition: TopicPartition, cached: bool = ...) -> tuple[int, int]: ...
+    def get_watermark_offsets(self, partition: TopicPartition, timeout: float = ...,
+                              cached: bool = ...) -> tuple[int, int]: ...
+    def committed(self, partitions: list[TopicPartition], timeout: float = ...) -> list[TopicPartition]: ...
     def close(self) -> None: ...
 
 
@@ -332,10 +340,11 @@ class ConsumeRuntime(Generic[T]):
             try:
                 value = self.processor.decode(msg)
             except InvalidEventError as exc:
-                batch.dead.append(DeadLetter.of(msg, exc.reason, exc.detail))
+                batch.dead.append(self.processor.dead_letter(DeadLetter.of(msg, exc.reason, exc.detail)))
                 continue
             except Exception as exc:  # whatever a message makes the decoder raise is bad input
-                batch.dead.append(DeadLetter.of(msg, "invalid_value", f"{type(exc).__name__}: {exc}"[:500]))
+                detail = f"{type(exc).__name__}: {exc}"[:500]
+                batch.dead.append(self.processor.dead_letter(DeadLetter.of(msg, "invalid_value", detail)))
                 continue
             batch.records.append(Record(topic, partition, offset, msg.timestamp()[1], value))
         return batch

@@ -9,8 +9,8 @@ Per batch, in three pipelined round trips of at most one script call per hash-ta
    (one guarded call). Contributions are computed from the users' state *before* this batch, so a
    replay recomputes exactly the same contributions; each guard skips what it already has.
 3. **users**: recent items, counters, decayed item weights and category/brand affinity, last-seen,
-   one guarded call per user bucket. Written after the items: a user guard past an offset means that
-   event's item contributions are in Redis too.
+   remembered event ids, one guarded call per user bucket. Written after the items: a user guard past
+   an offset means that event's item contributions are in Redis too.
 
 The consumer that owns a partition is the only writer of the users keyed to it, so the store keeps
 what the read step would return in process: each bucket's guards, each user's recent items (at most
@@ -19,6 +19,14 @@ what the read step would return in process: each bucket's guards, each user's re
 acknowledged the write; any failure forgets all of it (:meth:`StateStore.reset`), so a retry or a
 replay starts again from what Redis holds. Recent items are written as the items pushed, not as the
 whole list, so a user whose events arrive on two partitions owned by two consumers loses no update.
+
+Producer duplicates: a user event whose ``event_id`` the same user sent before is dropped (no
+state, no outputs) while its first copy is remembered (:class:`Seen`: ``state.dedupe_window_s`` of
+event time, at most ``state.dedupe_ids`` ids per user). The remembered ids are written with the
+user's state in the same guarded script call, each with the position of the event that carried it,
+so a replay decides every duplicate as the first pass did. That holds for keyed producers (one
+user's events on one partition, in order); a user whose events arrive on two partitions is
+de-duplicated per consumer, best effort.
 
 The caller commits Kafka offsets only after all three succeeded. A crash anywhere in between followed
 by a replay from the last committed offset converges to the state of one clean pass.
@@ -34,11 +42,12 @@ order without ever rewriting old members.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import math
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -50,6 +59,7 @@ from fusionrec.core.keys import Keys
 from fusionrec.core.scripts import CATALOG_APPLY, MULTI_HMGET, USER_APPLY, USER_READ, ZSET_APPLY, register
 from fusionrec.core.settings import DECAY_MAX_EXPONENT, Settings
 from fusionrec.streams.contract import CatalogEvent, UserEvent
+from fusionrec.streams.positions import AppliedPositions
 
 _msgpack = msgspec.msgpack.Encoder()
 # How long an item's category/brand is used from process memory; catalog events this process applies
@@ -98,6 +108,7 @@ class BatchResult:
 
     applied: int = 0
     skipped: int = 0
+    duplicates: int = 0  # producer duplicates (an event id the user sent before): no state, no outputs
     users: dict[str, UserTouch] = field(default_factory=dict)
     # source partition -> item -> offsets of its interactions (not impressions), and the items' categories
     item_offsets: dict[int, dict[str, list[int]]] = field(default_factory=dict)
@@ -133,6 +144,109 @@ class Decay:
         return w * math.exp(min(self.rate * (ts_ms - self.epoch_ms), DECAY_MAX_EXPONENT))
 
 
+class Seen:
+    """One user's remembered event ids: the producer-duplicate window (``state.dedupe_*``).
+
+    An entry is ``(ts, partition, offset, event_id, last partition, last offset)``: an applied event
+    and the position of the newest copy of it dropped since (its own position while there is none).
+    :meth:`forget` drops the entries more than ``window_ms`` of event time older than the newest, then
+    the oldest beyond ``cap``, but only those whose last position is *settled*: at or below an offset
+    whose outputs are done and recorded in Redis, which no replay goes back to (see
+    :mod:`fusionrec.streams.positions`). So any event a replay meets finds the entry its first pass
+    made or used, and is decided again the same way: applied once, dropped as a copy, or neither.
+    What the window promises is a minimum: a copy within it is always dropped; one older than the
+    window is dropped if its first is still remembered.
+
+    >>> seen = Seen(window_ms=1000, cap=2)
+    >>> seen.add("a", 0, 0, 100); seen.add("b", 0, 1, 200); seen.copied("a", 0, 2); seen.add("c", 0, 3, 5000)
+    >>> seen.forget({0: 1}); sorted(seen.members())  # "a" was copied at offset 2, not settled yet
+    ['0:0:0:2:a', '0:3:0:3:c']
+    >>> seen.forget({0: 3}); sorted(seen.members())
+    ['0:3:0:3:c']
+    """
+
+    __slots__ = ("cap", "window_ms", "_by_id", "_order")
+
+    def __init__(self, window_ms: int, cap: int, entries: Iterable[tuple[int, int, int, str, int, int]] = ()) -> None:
+        self.window_ms = window_ms
+        self.cap = cap
+        self._order = sorted(entries)
+        self._by_id = {e[3]: e for e in self._order}
+
+    def first(self, event_id: str) -> tuple[int, int] | None:
+        """(partition, offset) of the remembered event with this id."""
+        e = self._by_id.get(event_id)
+        return None if e is None else (e[1], e[2])
+
+    def add(self, event_id: str, partition: int, offset: int, ts: int) -> None:
+        """Remember an applied event (whose id is not remembered)."""
+        entry = (ts, partition, offset, event_id, partition, offset)
+        bisect.insort(self._order, entry)
+        self._by_id[event_id] = entry
+
+    def copied(self, event_id: str, partition: int, offset: int) -> None:
+        """A copy of a remembered event was dropped at this position: keep the entry until it settles."""
+        e = self._by_id[event_id]
+        if (partition, offset) > (e[4], e[5]):
+            i = bisect.bisect_left(self._order, e)
+            self._order[i] = self._by_id[event_id] = (*e[:4], partition, offset)
+
+    def forget(self, settled: Mapping[int, int]) -> None:
+        """Drop what is out of the window or over the cap, of the entries whose last position is settled."""
+        order = self._order
+        if not order:
+            return
+        cutoff = order[-1][0] - self.window_ms
+        excess = len(order) - self.cap
+        kept: list[tuple[int, int, int, str, int, int]] = []
+        for i, e in enumerate(order):
+            if e[0] >= cutoff and excess <= 0:
+                kept.extend(order[i:])
+                break
+            if e[5] <= settled.get(e[4], -1):
+                del self._by_id[e[3]]
+                excess -= 1
+            else:
+                kept.append(e)
+        self._order = kept
+
+    def copy(self) -> Seen:
+        return Seen(self.window_ms, self.cap, self._order)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Seen) and (self.window_ms, self.cap, self._order) == (
+            other.window_ms, other.cap, other._order)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Seen({self.window_ms}, {self.cap}, {self._order!r})"
+
+    def members(self) -> dict[str, int]:
+        """Redis zset members (``<partition>:<offset>:<last partition>:<last offset>:<event_id>``) with
+        their event times."""
+        return {f"{p}:{o}:{lp}:{lo}:{eid}": ts for ts, p, o, eid, lp, lo in self._order}
+
+    @classmethod
+    def from_redis(cls, window_ms: int, cap: int, flat: Sequence[Any]) -> Seen:
+        entries = []
+        for member, score in zip(flat[::2], flat[1::2], strict=True):
+            p, o, lp, lo, eid = _s(member).split(":", 4)
+            entries.append((int(float(score)), int(p), int(o), eid, int(lp), int(lo)))
+        return cls(window_ms, cap, entries)
+
+
+@dataclass
+class Kept:
+    """What the store keeps in process of one user, as Redis holds it after the last write."""
+
+    recent: list[str]
+    seen: Seen
+
+    def copy(self) -> Kept:
+        return Kept(list(self.recent), self.seen.copy())
+
+
 @dataclass
 class ZsetCall:
     """Sorted-set contributions for one guard (an item bucket, or popularity) and one partition.
@@ -146,6 +260,7 @@ class ZsetCall:
     partition: int
     cap: int
     aggregate: bool
+    ttl_s: int = 0  # the sets expire this long after their last update (0: never)
     entries: dict[str, list[tuple[int, str, float]]] = field(default_factory=lambda: defaultdict(list))
 
     def args(self, floor: int) -> tuple[list[str], Args] | None:
@@ -163,7 +278,7 @@ class ZsetCall:
             payload.append(self._records(fresh))
         if lo is None:
             return None
-        return [self.guard, *keys], [self.partition, self.cap, lo, hi, _msgpack.encode(payload)]
+        return [self.guard, *keys], [self.partition, self.cap, lo, hi, _msgpack.encode(payload), self.ttl_s]
 
     def _records(self, fresh: list[tuple[int, str, float]]) -> list[list[Any]]:
         if self.aggregate:
@@ -194,21 +309,30 @@ class StateStore:
         self._user_read = register(client, USER_READ)
         self._zset_apply = register(client, ZSET_APPLY)
         self._catalog_apply = register(client, CATALOG_APPLY)
+        self.positions = AppliedPositions(client, self.keys, settings.kafka.topic_events)
         self._hmget = register(client, MULTI_HMGET)
         # Kept in process (see the module docstring): changed only after Redis acknowledged a write.
         self._guards: dict[tuple[int, int], int] = {}  # (user bucket, partition) -> applied offset
-        self._recent: dict[str, list[str]] = {}  # user -> recent items, least recently touched first
+        self._kept: dict[str, Kept] = {}  # user -> recent items and event ids, least recently touched first
+        self._settled: dict[int, int] = {}  # events partition -> offset no replay goes back to (inclusive)
+        self._window_ms = settings.state.dedupe_window_s * 1000
+        self._dedupe_ids = settings.state.dedupe_ids if self._window_ms > 0 else 0
         self._meta: dict[str, tuple[str | None, str | None, float]] = {}  # item -> category, brand, until
 
     def reset(self) -> None:
         """Forget what is kept in process; the next batch reads it from Redis again."""
         self._guards.clear()
-        self._recent.clear()
+        self._kept.clear()
         self._meta.clear()
+
+    def settle(self, done: Mapping[int, int]) -> None:
+        """Events partition -> last offset whose outputs are done and recorded in Redis: no replay goes
+        back to it, so remembered event ids up to it may be forgotten (-1: none, after a reset)."""
+        self._settled.update(done)
 
     @property
     def cached_users(self) -> int:
-        return len(self._recent)
+        return len(self._kept)
 
     # ------------------------------------------------------------------ user events
     def apply(self, batch: Sequence[Positioned]) -> BatchResult:
@@ -225,23 +349,40 @@ class StateStore:
         for pe in batch:
             uid = str(pe.event.user_id)  # validated ids are already str; this tells the type checker
             by_bucket[self.keys.bucket(uid)][uid].append(pe)
-        guards, recents, meta = self._read(by_bucket, batch)
+        guards, kepts, meta = self._read(by_bucket, batch)
         result = BatchResult()
         items: dict[tuple[str, int], ZsetCall] = {}
         users: dict[tuple[int, int], tuple[list[str], list[Any], list[int]]] = {}
         for bucket, group in by_bucket.items():
             for uid, events in group.items():
-                fresh = [pe for pe in events if pe.offset > guards.get((bucket, pe.partition), -1)]
-                result.skipped += len(events) - len(fresh)
-                recent = recents[uid] = list(recents[uid])  # a copy: the kept list changes only once written
-                for partition, evs in _by_partition(fresh).items():
+                before = kepts[uid]
+                kept = kepts[uid] = before.copy()  # the kept state changes only once written
+                new = [pe for pe in events if pe.offset > guards.get((bucket, pe.partition), -1)]
+                result.skipped += len(events) - len(new)
+                if self._dedupe_ids:
+                    fresh, outputs = self._dedupe(bucket, events, guards, kept.seen)
+                    if new:  # (forgetting is a change to write: only with a write of the user)
+                        kept.seen.forget(self._settled)
+                else:
+                    fresh, outputs = new, events
+                result.duplicates += len(events) - len(outputs)
+                remembered, forgotten = _diff(before.seen.members(), kept.seen.members())
+                applying = {(pe.partition, pe.offset) for pe in fresh}
+                # one record per partition with new events, copies included: the guard moves past a
+                # copy, and the first record carries the remembered ids' changes
+                for partition, evs in _by_partition(new).items():
                     keys, payload, offsets = users.setdefault((bucket, partition), ([], [], []))
                     keys.extend(self.keys.user_keys(uid))
-                    payload.append(self._user_record(partition, evs, recent, meta, items))
+                    applied = [pe for pe in evs if (pe.partition, pe.offset) in applying]
+                    payload.append([*self._user_record(partition, applied, kept.recent, meta, items),
+                                    remembered, forgotten])
+                    remembered, forgotten = [], []
                     offsets.extend(pe.offset for pe in evs)
                 result.applied += len(fresh)
-                # outputs cover every event, the skipped ones too: a replay reproduces them
-                result.users[uid] = touch = _touch(recent, events)
+                if not outputs:
+                    continue
+                # outputs cover every event but duplicates, the skipped ones too: a replay reproduces them
+                result.users[uid] = touch = _touch(kept.recent, outputs)
                 for (_kind, item, _ts), (partition, offset) in zip(touch.actions, touch.positions, strict=True):
                     result.item_offsets.setdefault(partition, {}).setdefault(item, []).append(offset)
                     category = meta.get(item, (None, None))[0]
@@ -250,27 +391,53 @@ class StateStore:
                 result.max_ts = max(result.max_ts, touch.last_ts)
         self._apply_zsets(list(items.values()))
         self._apply_users(users)
-        self._keep(users, recents)
+        self._keep(users, kepts)
         return result
 
+    @staticmethod
+    def _dedupe(bucket: int, events: list[Positioned], guards: dict[tuple[int, int], int],
+                seen: Seen) -> tuple[list[Positioned], list[Positioned]]:
+        """(events to apply, events with outputs): copies of an event ``seen`` remembers are neither.
+        ``seen`` learns the applied events and the dropped copies' positions.
+
+        An id remembered at the event's own position is the event itself: applied by an earlier pass
+        (the guards skip it), or remembered by a write of the user's events on another partition that
+        landed before this one's (it is applied now)."""
+        fresh: list[Positioned] = []
+        outputs: list[Positioned] = []
+        for pe in sorted(events, key=lambda x: (x.partition, x.offset)):
+            ev = pe.event
+            first = seen.first(ev.event_id)
+            applied_before = pe.offset <= guards.get((bucket, pe.partition), -1)
+            if first is not None and first != (pe.partition, pe.offset):
+                if not applied_before:
+                    seen.copied(ev.event_id, pe.partition, pe.offset)
+                continue
+            outputs.append(pe)
+            if not applied_before:
+                fresh.append(pe)
+                if first is None:
+                    seen.add(ev.event_id, pe.partition, pe.offset, ev.ts)
+        return fresh, outputs
+
     def _keep(self, users: dict[tuple[int, int], tuple[list[str], list[Any], list[int]]],
-              recents: dict[str, list[str]]) -> None:
-        """After an acknowledged write: the buckets' new guards and the users' recent items."""
+              kepts: dict[str, Kept]) -> None:
+        """After an acknowledged write: the buckets' new guards and the users' recent items and ids."""
         for (bucket, partition), (_keys, _payload, offsets) in users.items():
             self._guards[(bucket, partition)] = max(offsets)
-        kept = self._recent
-        for uid, recent in recents.items():
+        kept = self._kept
+        for uid, state in kepts.items():
             kept.pop(uid, None)
-            kept[uid] = recent  # re-inserted: the dict is in least-recently-touched order
+            kept[uid] = state  # re-inserted: the dict is in least-recently-touched order
         over = len(kept) - self.settings.state.cache_users
         if over > 0:
             for uid in list(itertools.islice(kept, over)):
                 del kept[uid]
 
     def _read(self, by_bucket: dict[int, dict[str, list[Positioned]]], batch: Sequence[Positioned]) -> tuple[
-            dict[tuple[int, int], int], dict[str, list[str]], dict[str, tuple[str | None, str | None]]]:
-        """Guards, recent items and item metadata of a batch: from process memory where kept, the rest
-        in one pipelined round trip."""
+            dict[tuple[int, int], int], dict[str, Kept], dict[str, tuple[str | None, str | None]]]:
+        """Guards, users' recent items and event ids, and item metadata of a batch: from process memory
+        where kept, the rest in one pipelined round trip."""
         partitions = sorted({pe.partition for pe in batch})
         now = time.monotonic()
         meta: dict[str, tuple[str | None, str | None]] = {}
@@ -282,7 +449,7 @@ class StateStore:
             else:
                 items_by_bucket[self.keys.bucket(iid)].append(iid)
         guards: dict[tuple[int, int], int] = {}
-        recents: dict[str, list[str]] = {}
+        kepts: dict[str, Kept] = {}
         reads: list[tuple[int, list[int], list[str]]] = []
         for bucket, users in by_bucket.items():
             missing = []
@@ -294,18 +461,19 @@ class StateStore:
                     guards[(bucket, p)] = g
             unknown = []
             for uid in users:
-                kept = self._recent.get(uid)
+                kept = self._kept.get(uid)
                 if kept is None:
                     unknown.append(uid)
                 else:
-                    recents[uid] = kept
+                    kepts[uid] = kept
             if missing or unknown:
                 reads.append((bucket, missing, unknown))
         if not reads and not items_by_bucket:
-            return guards, recents, meta
+            return guards, kepts, meta
         pipe = self.redis.pipeline(transaction=False)
         for bucket, missing, unknown in reads:
-            self._user_read(keys=[self.keys.user_guard(bucket), *(self.keys.user_recent(u) for u in unknown)],
+            per_user = (k for u in unknown for k in (self.keys.user_recent(u), self.keys.user_event_ids(u)))
+            self._user_read(keys=[self.keys.user_guard(bucket), *per_user],
                             args=[self.settings.state.recent_items_cap, *missing], client=pipe)
         for iids in items_by_bucket.values():
             self._hmget(keys=[self.keys.item_meta(i) for i in iids], args=["category", "brand"], client=pipe)
@@ -313,8 +481,8 @@ class StateStore:
         for (bucket, missing, unknown), reply in zip(reads, replies, strict=False):
             for p, raw in zip(missing, reply[0], strict=True):
                 guards[(bucket, p)] = self._guards[(bucket, p)] = int(raw) if raw else -1
-            for uid, lst in zip(unknown, reply[1:], strict=True):
-                recents[uid] = [_s(x) for x in lst]
+            for uid, lst, ids in zip(unknown, reply[1::2], reply[2::2], strict=True):
+                kepts[uid] = Kept([_s(x) for x in lst], Seen.from_redis(self._window_ms, self._dedupe_ids, ids))
         until = now + META_TTL_S
         if len(self._meta) > META_CACHE_ITEMS:
             self._meta.clear()
@@ -322,7 +490,7 @@ class StateStore:
             for iid, (category, brand) in zip(iids, reply, strict=True):
                 meta[iid] = known_meta = (_opt(category), _opt(brand))
                 self._meta[iid] = (*known_meta, until)
-        return guards, recents, meta
+        return guards, kepts, meta
 
     def _user_record(self, partition: int, events: list[Positioned], recent: list[str],
                      meta: dict[str, tuple[str | None, str | None]],
@@ -332,7 +500,7 @@ class StateStore:
         counts: dict[str, int] = defaultdict(int)
         weights: dict[str, float] = defaultdict(float)
         affinity: dict[str, float] = defaultdict(float)
-        pop = _call(items, k.popularity_guard(), partition, 0, True)
+        pop = _call(items, k.popularity_guard(), partition, s.state.popularity_cap, True)
         last_seen = -1
         pushed: dict[str, None] = {}  # items pushed to the recent list, oldest push first
         for pe in sorted(events, key=lambda x: x.offset):
@@ -353,7 +521,8 @@ class StateStore:
             pop.entries[k.popularity()].append((pe.offset, item, self.popularity_decay.weight(w, ev.ts)))
             # Directional co-visitation: what users went on to interact with after each recent item.
             for other in _window(recent, item, s.state.covis_window):
-                call = _call(items, k.item_guard(k.bucket(other)), partition, s.state.covis_cap, False)
+                call = _call(items, k.item_guard(k.bucket(other)), partition, s.state.covis_cap, False,
+                             s.state.item_ttl_s)
                 call.entries[k.item_covis(other)].append((pe.offset, item, w))
             _push_recent(recent, item, s.state.recent_items_cap)
             pushed.pop(item, None)
@@ -446,11 +615,17 @@ def _catalog_fields(ev: CatalogEvent) -> list[str]:
 
 
 def _call(calls: dict[tuple[str, int], ZsetCall], guard: str, partition: int, cap: int,
-          aggregate: bool) -> ZsetCall:
+          aggregate: bool, ttl_s: int = 0) -> ZsetCall:
     call = calls.get((guard, partition))
     if call is None:
-        call = calls[(guard, partition)] = ZsetCall(guard, partition, cap, aggregate)
+        call = calls[(guard, partition)] = ZsetCall(guard, partition, cap, aggregate, ttl_s)
     return call
+
+
+def _diff(before: dict[str, int], after: dict[str, int]) -> tuple[list[Any], list[str]]:
+    """Zset members to add (flat member, score) and to remove, from ``before`` to ``after``."""
+    added = [x for member, ts in after.items() if member not in before for x in (member, ts)]
+    return added, [member for member in before if member not in after]
 
 
 def _by_partition(events: list[Positioned]) -> dict[int, list[Positioned]]:

@@ -58,6 +58,8 @@ class StateMetrics(MetricSet):
                                   "Kafka message timestamp to the state it changes visible in Redis")
     replay_skipped = counter("fusionrec_state_replay_skipped_total",
                              "Events skipped because their offset was already applied")
+    duplicates = counter("fusionrec_state_duplicate_events_total",
+                         "User events dropped as producer duplicates (an event id the user sent before)")
 
 
 class UserStateHandler:
@@ -110,6 +112,9 @@ class UserStateHandler:
             self._last = {p: o for p, o in self._last.items() if p not in gone}
         self.store.reset()  # their guards and users' recent items are the new owner's to change
 
+    def settle(self, done: dict[int, int]) -> None:
+        self.store.settle(done)
+
     def drop(self) -> None:
         self._waiting, self._stamps, self._first, self._last = [], [], {}, {}
         self.store.reset()
@@ -149,6 +154,8 @@ class UserStateHandler:
         for hook in self.after_apply:
             hook(result)
         self._waiting, self._first, self._last = [], {}, {}
+        if result.duplicates:
+            self.metrics.duplicates.inc(result.duplicates)
         if result.skipped:
             self.metrics.replay_skipped.inc(result.skipped)
             log.info("skipped %d already-applied events", result.skipped)

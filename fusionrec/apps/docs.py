@@ -20,7 +20,9 @@ from fusionrec.core.settings import DAY_S, GROUPS, PREFIX
 
 # Every module that declares a MetricSet; importing them registers their sets as subclasses.
 METRIC_MODULES = (
-    "fusionrec.streams.metrics", "fusionrec.streams.user_state", "fusionrec.streams.trending",
+    "fusionrec.streams.metrics", "fusionrec.streams.positions", "fusionrec.streams.user_state",
+    "fusionrec.core.redis_memory",
+    "fusionrec.streams.trending",
     "fusionrec.models.embedder", "fusionrec.online.learning.learner", "fusionrec.online.learning.checkpoints",
     "fusionrec.online.ranking.writer", "fusionrec.online.ranking.scheduler", "fusionrec.online.serving.api",
 )

@@ -9,6 +9,7 @@ from typing import Any
 from fusionrec.core.keys import Keys
 from fusionrec.core.metrics import Metrics
 from fusionrec.core.redis_client import connect
+from fusionrec.core.redis_memory import RedisMemoryMonitor
 from fusionrec.core.settings import Settings
 from fusionrec.online.learning.feedback import FeedbackPublisher
 from fusionrec.online.ranking.scheduler import RankScheduler
@@ -40,9 +41,13 @@ class StatePipeline:
         self.deltas = ItemDeltaPublisher(settings, self.metrics)
         self.handler = UserStateHandler(self.store, self.metrics, after_apply=[self.ranking, self.deltas])
         self.consumer = BatchConsumer(settings, self.handler, self.metrics, group_id=group_id,
+                                      positions=self.store.positions,
                                       consumer_options=consumer_options)
+        # Redis memory against maxmemory, for the alert before writes are refused: only where it is scraped
+        self.redis_memory = RedisMemoryMonitor(self.redis, self.metrics, settings.redis.memory_poll_s)
         if serve_metrics:
             self.metrics.serve(settings.ops.metrics_host, settings.ops.metrics_port)
+            self.redis_memory.start()
         masked = settings.masked()
         log.info("user-state pipeline: kafka %s, redis %s, group %s, topic %s, batch %d",
                  masked["kafka"]["bootstrap"], masked["redis"]["url"], settings.stream.group,
@@ -53,6 +58,7 @@ class StatePipeline:
 
     def __exit__(self, *exc: object) -> None:
         try:
+            self.redis_memory.close()
             self.ranking.close()
             for producer in (self.feedback, self.deltas):
                 if producer is not None:

@@ -30,5 +30,9 @@ class MissingTopicError(FusionrecError):
     """A topic fusionrec must write to does not exist on the broker (not retried: nothing would change)."""
 
 
+class OffsetMismatchError(FusionrecError):
+    """Redis holds state of offsets the topic no longer has (a recreated or truncated topic)."""
+
+
 class StateStoreError(FusionrecError):
     """Redis rejected or could not apply a state update."""

@@ -12,6 +12,8 @@ key                                type  content
 ``P:{u:B}:<uid>:recent``           list  most recent distinct item ids, newest first (capped)
 ``P:{u:B}:<uid>:items``            zset  decayed interaction weight per item (repeat candidates)
 ``P:{u:B}:<uid>:aff``              zset  decayed affinity, members ``c:<category>``/``b:<brand>``
+``P:{u:B}:<uid>:eids``             zset  event ids remembered against producer duplicates, members
+                                         ``<partition>:<offset>:<event_id>``, score event time (ms)
 ``P:{u:B}:<uid>:rec``              str   JSON top-K recommendations with scores and sources
 ``P:{u:B}:<uid>:pv``               str   profile vector: msgpack ``[version, float32 bytes]``
 ``P:{u:B}:o``                      hash  offset guard per source partition for the bucket's users
@@ -21,6 +23,8 @@ key                                type  content
 ``P:{g}:pop``                      zset  decayed item popularity
 ``P:{g}:o``                        hash  offset guard per source partition for popularity
 ``P:{g}:deleted``                  set   deleted item ids (excluded from candidates)
+``P:{g}:applied``                  hash  ``<topic>:<partition>`` -> last events offset whose state and outputs
+                                         are done (reconciled with Kafka's offsets on assignment)
 ``P:{g}:trend``                    zset  trending items (faust hopping window counts)
 ``P:{g}:trend:c:<category>``       zset  trending items per category
 ``P:{g}:trend:categories``         zset  trending categories (window interaction counts)
@@ -34,6 +38,7 @@ key                                type  content
 ``P:{m}:versions``                 hash  version -> JSON (model id, dim, dtype, status, counts)
 ``P:{m}:backfill:<ver>``           str   lock held by the process re-embedding the catalog
 ``P:{m}:worker:<name>``            str   JSON status of a live embedding worker (partitions, counts)
+``P:{m}:probe``                    —     never written: what feature probes read (``VCARD``)
 ``P:{v:<ver>}:e:<iid>``            hash  item vector ``v`` (bytes), text hash ``h``, event ``ts``,
                                          written ``at`` (ms), worker ``w``, embeddings ``n``; ``del``
 ``P:{v:<ver>}:set``                vset  Redis 8 vector set of the version (VADD/VSIM)
@@ -89,7 +94,7 @@ class Keys:
         return f"{self.prefix}:{{u:{bucket}}}"
 
     def user(self, uid: str, kind: str) -> str:
-        """``kind`` is one of ``s``, ``recent``, ``items``, ``aff``, ``rec``."""
+        """``kind`` is one of ``s``, ``recent``, ``items``, ``aff``, ``eids``, ``rec``."""
         return f"{self.user_tag(self.bucket(uid))}:{uid}:{kind}"
 
     def user_state(self, uid: str) -> str:
@@ -107,9 +112,12 @@ class Keys:
     def user_rec(self, uid: str) -> str:
         return self.user(uid, "rec")
 
+    def user_event_ids(self, uid: str) -> str:
+        return self.user(uid, "eids")
+
     def user_keys(self, uid: str) -> list[str]:
-        """The four keys the user-state script writes for one user, in script order."""
-        return [self.user(uid, k) for k in ("s", "recent", "items", "aff")]
+        """The five keys the user-state script writes for one user, in script order."""
+        return [self.user(uid, k) for k in ("s", "recent", "items", "aff", "eids")]
 
     def user_profile(self, uid: str) -> str:
         return self.user(uid, "pv")
@@ -139,6 +147,9 @@ class Keys:
 
     def deleted_items(self) -> str:
         return f"{self.prefix}:{{g}}:deleted"
+
+    def applied_positions(self) -> str:
+        return f"{self.prefix}:{{g}}:applied"
 
     def item_meta_pattern(self) -> str:
         """A SCAN pattern matching every item's catalog hash."""
@@ -180,6 +191,11 @@ class Keys:
 
     def worker_status(self, name: str) -> str:
         return f"{self.prefix}:{{m}}:worker:{name}"
+
+    def probe(self) -> str:
+        """A key nothing writes, under the prefix: probes of what the server supports read it, so a
+        user whose ACL allows only this prefix may run them."""
+        return f"{self.prefix}:{{m}}:probe"
 
     def vec_tag(self, version: str) -> str:
         return f"{self.prefix}:{{v:{version}}}"

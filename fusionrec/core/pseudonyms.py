@@ -34,6 +34,14 @@ class Pseudonyms:
     def __call__(self, user_id: str) -> str:
         return self._cached(user_id) if self._key is not None else user_id
 
+    def digest_of(self, data: bytes) -> str:
+        """HMAC-SHA256(key, data) in hex: a keyed fingerprint of bytes that may hold a raw user id (a
+        dead letter's withheld value or undecodable key), where a plain hash would let anyone confirm a
+        guessed id. Only with a key."""
+        if self._key is None:
+            raise ValueError("no user-id key: nothing to fingerprint with")
+        return hmac.new(self._key, data, hashlib.sha256).hexdigest()
+
     def _digest(self, user_id: str) -> str:
         assert self._key is not None
         return "p" + hmac.new(self._key, user_id.encode(), hashlib.sha256).hexdigest()[:32]

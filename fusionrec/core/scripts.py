@@ -47,10 +47,11 @@ def register(client: redis.Redis, source: str) -> LuaScript:
 # the caller can drop what is in and send the rest. Otherwise everything is applied, the guard moves
 # to the payload's highest offset, and -1 is returned.
 
-# KEYS: bucket guard, then per user: state, recent, items, aff
+# KEYS: bucket guard, then per user: state, recent, items, aff, event ids
 # ARGV: partition, ttl_s, min_offset, max_offset, msgpack([per user:
 #       [last_seen, [type, count, ...], [items pushed to recent, oldest push first], [item, weight, ...],
-#        [member, weight, ...]]]), recent cap
+#        [member, weight, ...], [event-id member, event ts, ...] (remembered), [event-id member, ...]
+#        (forgotten)]]), recent cap
 # Recent items are pushed (moved to the front) rather than replaced, so two writers of one user
 # (events of one user on two partitions) both keep their items.
 USER_APPLY = """
@@ -59,9 +60,9 @@ if g and tonumber(g) >= tonumber(ARGV[3]) then return tonumber(g) end
 local ttl = ARGV[2]
 local users = cmsgpack.unpack(ARGV[5])
 for u = 1, #users do
-  local ks, kr, ki, ka = KEYS[4 * u - 2], KEYS[4 * u - 1], KEYS[4 * u], KEYS[4 * u + 1]
+  local ks, kr, ki, ka, ke = KEYS[5 * u - 3], KEYS[5 * u - 2], KEYS[5 * u - 1], KEYS[5 * u], KEYS[5 * u + 1]
   local rec = users[u]
-  local counts, recent, items, aff = rec[2], rec[3], rec[4], rec[5]
+  local counts, recent, items, aff, seen, forgot = rec[2], rec[3], rec[4], rec[5], rec[6], rec[7]
   for a = 1, #counts, 2 do redis.call('HINCRBY', ks, 'n:' .. counts[a], counts[a + 1]) end
   local prev = tonumber(redis.call('HGET', ks, 'last_seen') or '-1')
   if rec[1] > prev then redis.call('HSET', ks, 'last_seen', rec[1]) end
@@ -74,10 +75,13 @@ for u = 1, #users do
   end
   for a = 1, #items, 2 do redis.call('ZINCRBY', ki, items[a + 1], items[a]) end
   for a = 1, #aff, 2 do redis.call('ZINCRBY', ka, aff[a + 1], aff[a]) end
+  for a = 1, #seen, 2 do redis.call('ZADD', ke, seen[a + 1], seen[a]) end
+  if #forgot > 0 then redis.call('ZREM', ke, unpack(forgot)) end
   redis.call('EXPIRE', ks, ttl)
   redis.call('EXPIRE', kr, ttl)
   redis.call('EXPIRE', ki, ttl)
   redis.call('EXPIRE', ka, ttl)
+  redis.call('EXPIRE', ke, ttl)
 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[4])
 return -1
@@ -89,7 +93,7 @@ return -1
 # tracked from ZINCRBY replies (a reply equal to the increment means a new member; weights are > 0).
 # KEYS: bucket guard, then the zsets
 # ARGV: partition, cap (0 = uncapped), min_offset, max_offset,
-#       msgpack([per zset: [per record: [member, weight, member, weight, ...]]])
+#       msgpack([per zset: [per record: [member, weight, member, weight, ...]]]), ttl_s (0 = none)
 ZSET_APPLY = """
 local g = redis.call('HGET', KEYS[1], ARGV[1])
 if g and tonumber(g) >= tonumber(ARGV[3]) then return tonumber(g) end
@@ -112,6 +116,7 @@ for k = 2, #KEYS do
       card = cap
     end
   end
+  if tonumber(ARGV[6]) > 0 then redis.call('EXPIRE', key, ARGV[6]) end
 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[4])
 return -1
@@ -142,15 +147,19 @@ end
 return out
 """
 
-# Read the bucket's guards and each user's recent list.
-# KEYS: bucket guard, then recent lists. ARGV: cap, then the partitions whose guards to return.
-# Returns {guards (false where unset), list1, list2, ...}
+# Read the bucket's guards and each user's recent list and remembered event ids.
+# KEYS: bucket guard, then per user: recent list, event-id zset. ARGV: cap, then the partitions whose
+# guards to return. Returns {guards (false where unset), recent1, ids1, recent2, ids2, ...}; ids are
+# {member, score, ...}.
 USER_READ = """
 local guards = {}
 for p = 2, #ARGV do guards[p - 1] = redis.call('HGET', KEYS[1], ARGV[p]) end
 local out = {guards}
 local cap = tonumber(ARGV[1])
-for k = 2, #KEYS do out[k] = redis.call('LRANGE', KEYS[k], 0, cap - 1) end
+for k = 2, #KEYS, 2 do
+  out[k] = redis.call('LRANGE', KEYS[k], 0, cap - 1)
+  out[k + 1] = redis.call('ZRANGE', KEYS[k + 1], 0, -1, 'WITHSCORES')
+end
 return out
 """
 
@@ -192,4 +201,14 @@ MULTI_SETEX = """
 local ttl = ARGV[1]
 for k = 1, #KEYS do redis.call('SET', KEYS[k], ARGV[k + 1], 'EX', ttl) end
 return #KEYS
+"""
+
+# KEYS: one hash. ARGV: field, value, field, value, ... Each field becomes the larger of what it holds
+# and the value (a writer that lost its partitions and writes late never moves a position back).
+HASH_MAX = """
+for a = 1, #ARGV, 2 do
+  local cur = redis.call('HGET', KEYS[1], ARGV[a])
+  if not cur or tonumber(cur) < tonumber(ARGV[a + 1]) then redis.call('HSET', KEYS[1], ARGV[a], ARGV[a + 1]) end
+end
+return 0
 """

@@ -105,6 +105,9 @@ class RedisSettings:
     buckets: int = setting(64, env="REDIS_BUCKETS",
                            doc="hash-tag buckets per entity kind; fixed for a deployment's lifetime")
     persistence: str = setting("aof", env="REDIS_PERSISTENCE", doc="aof | none (embedded redis-server only)")
+    memory_poll_s: float = setting(5.0, env="REDIS_MEMORY_POLL_S",
+                                   doc="how often the user-state consumer reads Redis' `INFO memory` (every primary "
+                                       "of a cluster) for the fusionrec_redis_* memory metrics; 0: never")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,6 +120,10 @@ class StreamSettings:
     batch_timeout_s: float = setting(0.1, env="BATCH_TIMEOUT_S", doc="longest wait to fill a batch")
     retry_max_backoff_s: float = setting(10.0, env="RETRY_MAX_BACKOFF_S",
                                          doc="longest back-off between retries of a batch after a transient error")
+    offset_mismatch: str = setting("stop", env="OFFSET_MISMATCH",
+                                   doc="when an events partition ends at or before an offset Redis already applied "
+                                       "(the topic was recreated or lost data): `stop` with an error, or `reset` that "
+                                       "partition's offset guards and consume it from its start")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,6 +154,11 @@ class StateSettings:
     covis_window: int = setting(3, env="COVIS_WINDOW",
                                 doc="an item co-occurs with this many of the user's previous items")
     covis_cap: int = setting(100, env="COVIS_CAP", doc="co-visitation neighbours kept per item")
+    item_ttl_s: int = setting(90 * DAY_S, env="ITEM_TTL_S",
+                              doc="an item's co-visitation set expires this long after it last changed (0: never)")
+    popularity_cap: int = setting(200_000, env="POPULARITY_CAP",
+                                  doc="items kept in the popularity set, most popular first (0: all); over it, the "
+                                      "least popular are dropped at each write")
     popularity_half_life_s: float = setting(7 * DAY_S, env="POPULARITY_HALF_LIFE_S",
                                             doc="half-life of item popularity")
     affinity_half_life_s: float = setting(30 * DAY_S, env="AFFINITY_HALF_LIFE_S",
@@ -156,6 +168,13 @@ class StateSettings:
                                 "written to Redis in one compare-and-set per bucket (0: every batch)")
     flush_max_events: int = setting(20_000, env="STATE_FLUSH_MAX_EVENTS",
                                     doc="events waiting in process beyond which their state is written at once")
+    dedupe_window_s: int = setting(3600, env="DEDUPE_WINDOW_S",
+                                   doc="a user event whose `event_id` that user already sent within this much event "
+                                       "time (before the user's newest remembered event) is a producer duplicate "
+                                       "and is dropped (0: no duplicate suppression)")
+    dedupe_ids: int = setting(200, env="DEDUPE_IDS",
+                              doc="event ids remembered per user for duplicate suppression, at most (the oldest by "
+                                  "event time are forgotten first)")
     cache_users: int = setting(200_000, env="STATE_CACHE_USERS",
                                doc="users whose recent items the consumer keeps in process (least recently "
                                    "touched evicted first)")
@@ -421,6 +440,8 @@ class Settings:
             raise ConfigError(f"{PREFIX}STATE_FLUSH_MS must be >= 0, got {self.state.flush_ms!r}")
         if self.redis.persistence not in ("aof", "none"):
             raise ConfigError(f"{PREFIX}REDIS_PERSISTENCE must be 'aof' or 'none', got {self.redis.persistence!r}")
+        if self.redis.memory_poll_s < 0:
+            raise ConfigError(f"{PREFIX}REDIS_MEMORY_POLL_S must be >= 0, got {self.redis.memory_poll_s!r}")
         if self.state.popularity_half_life_s <= 0 or self.state.affinity_half_life_s <= 0:
             raise ConfigError("half-lives must be > 0")
         if self.contract.max_future_skew_s < 0:
@@ -478,6 +499,12 @@ class Settings:
         rec = self.rec
         if rec.debounce_ms < 0 or rec.cycle_ms <= 0 or rec.budget_ms <= 0 or rec.max_dirty <= 0:
             raise ConfigError("rec debounce must be >= 0; ranking cycle, budget and max dirty users must be > 0")
+        if self.stream.offset_mismatch not in ("stop", "reset"):
+            raise ConfigError(f"{PREFIX}OFFSET_MISMATCH must be stop or reset, got {self.stream.offset_mismatch!r}")
+        if self.state.item_ttl_s < 0 or self.state.popularity_cap < 0:
+            raise ConfigError("item TTL and popularity cap must be >= 0")
+        if self.state.dedupe_window_s < 0 or self.state.dedupe_ids < 0:
+            raise ConfigError("dedupe window and remembered event ids must be >= 0")
         if self.trending.step_s <= 0 or self.trending.window_s < self.trending.step_s:
             raise ConfigError("trending window must be >= its step > 0")
         if not 0 < serve.port < 65536 or serve.max_k <= 0 or serve.search_candidates <= 0:

@@ -81,6 +81,8 @@ class ContentIndex:
             try:
                 flat = self.redis.execute_command("VSIM", self.keys.vector_set(version), "ELE", item_id,
                                                   "COUNT", want, "WITHSCORES")
+            except redis.exceptions.NoPermissionError:  # an ACL refusal is an error, not a missing item
+                raise
             except redis.ResponseError:  # element not in the set
                 return []
             found = _pairs(flat)

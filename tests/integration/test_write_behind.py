@@ -57,7 +57,7 @@ def test_kept_state_saves_the_reads_and_changes_nothing(services, events):
             # and what was kept equals what Redis holds
             fresh = StateStore(client, s)
             for uid in {pe.event.user_id for pe in again}:
-                assert store._recent[uid] == fresh._read({store.keys.bucket(uid): {uid: []}}, [])[1][uid]
+                assert store._kept[uid] == fresh._read({store.keys.bucket(uid): {uid: []}}, [])[1][uid]
     assert dumps[0] == dumps[1]
 
 

@@ -79,3 +79,36 @@ def test_compose_and_k8s_files_parse_and_agree_on_the_services():
     assert {"fusionrec-consumer", "fusionrec-embed-workers", "fusionrec-learner", "fusionrec-trending",
             "fusionrec-reader"} <= set(kinds["Deployment"])
     assert "fusionrec-reader" in kinds["HorizontalPodAutoscaler"]
+
+
+def _acl_rules(text: str) -> list[str]:
+    return " ".join(line for line in text.splitlines() if not line.startswith("#")).split()
+
+
+def test_the_readers_redis_acl_is_one_rule_file_that_compose_and_k8s_both_use():
+    """deploy/redis/reader.acl holds rules only (no user state or password), read-only single commands on
+    fusionrec's keys; compose starts Redis with it and gives the reader that user; the Kubernetes ACL line
+    holds the same rules. tests/integration/test_reader_acl.py runs the API over both."""
+    rules = _acl_rules((DEPLOY / "redis/reader.acl").read_text())
+    assert rules[:4] == ["resetkeys", "~fr:*", "resetchannels", "-@all"]
+    assert all(re.fullmatch(r"\+[a-z_]+(\|[a-z_]+)?", rule) for rule in rules[4:]), rules
+    services = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]
+    redis = services["redis"]
+    assert "./redis/reader.acl:/etc/redis/reader.acl:ro" in redis["volumes"]
+    script = redis["command"][2]
+    assert script.startswith("set -f; exec redis-server ")
+    assert script.endswith(' --user reader on ">$$REDIS_READER_PASSWORD" $$(grep -v "^#" /etc/redis/reader.acl)')
+    assert redis["environment"]["REDIS_READER_PASSWORD"].startswith("${FUSIONREC_REDIS_READER_PASSWORD:?")
+    for name in ("consumer", "embed-workers", "learner", "trending", "reader"):
+        url = services[name]["environment"]["FUSIONREC_REDIS_URL"]
+        user = "reader:${FUSIONREC_REDIS_READER_PASSWORD:?" if name == "reader" else ":${FUSIONREC_REDIS_PASSWORD:?"
+        assert url.startswith("redis://" + user), (name, url)
+    docs = {(d["kind"], d["metadata"]["name"]): d for path in sorted((DEPLOY / "k8s").glob("*.yaml"))
+            for d in yaml.safe_load_all(path.read_text()) if d}
+    line = docs[("ConfigMap", "fusionrec-redis-acl")]["data"]["users.acl"].split()
+    assert line == ["user", "fusionrec-reader", "on", *rules]
+    reader_url = docs[("Secret", "fusionrec-reader")]["stringData"]["FUSIONREC_REDIS_URL"]
+    assert reader_url.startswith("rediss+cluster://fusionrec-reader:")
+    [container] = docs[("Deployment", "fusionrec-reader")]["spec"]["template"]["spec"]["containers"]
+    secret = {"secretKeyRef": {"name": "fusionrec-reader", "key": "FUSIONREC_REDIS_URL"}}
+    assert {"name": "FUSIONREC_REDIS_URL", "valueFrom": secret} in container["env"]
