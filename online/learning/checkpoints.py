@@ -251,7 +251,11 @@ class CheckpointStore:
         if raw is None:
             return None
         payload = verified(self.key, cast(bytes, raw), name)
-        ckpt = pickle.loads(payload)  # noqa: S301 - signed by a holder of the model key (module docstring)
+        try:
+            ckpt = pickle.loads(payload)  # noqa: S301 - signed by a holder of the model key (module docstring)
+        except Exception as exc:  # signed but unreadable here: written by another release, or cut short
+            raise CheckpointRefused(f"{name} is signed but cannot be loaded by this release "
+                                    f"({type(exc).__name__}: {str(exc)[:200]})") from exc
         if not isinstance(ckpt, Checkpoint):
             raise CheckpointRefused(f"{name} does not hold a fusion checkpoint")
         return ckpt

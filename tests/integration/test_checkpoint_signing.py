@@ -92,3 +92,24 @@ def test_without_a_configured_key_the_run_dir_holds_one(services, tmp_path):
     assert len(key) >= 32 and model_key(s) == key
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     assert os.listdir(tmp_path / "run") == ["model.key"]
+
+
+def test_a_signed_checkpoint_this_release_cannot_load_is_skipped(setup):
+    """An incompatible checkpoint (a class another release had) or one cut short: refused, counted,
+    and the rankers keep serving what they served; a resuming learner takes the older one."""
+    from fusionrec.online.learning.checkpoints import sign
+
+    s, client, store, good, _marker = setup
+    metrics = Metrics()
+    serving = ServingModel(store, s, metrics)
+    assert serving.current()[0] == good
+    key = store.key
+    incompatible = b"\x80\x04cfusionrec_old_release.model\nFusionModelV0\n)\x81."  # an unknown class
+    truncated = pickle.dumps(Checkpoint(model=FusionModel(use_vectors=False, seed=2), examples=9))[:-20]
+    for number, payload in ((good + 1, incompatible), (good + 2, truncated)):
+        _plant(client, store, number, sign(key, payload))
+        with pytest.raises(CheckpointRefused, match="cannot be loaded by this release"):
+            store.load()
+        assert serving.current()[0] == good
+    assert metrics.of(ModelMetrics).refused._value.get() == 2
+    assert Learner(s, store, None).resume().number == good
