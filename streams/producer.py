@@ -1,8 +1,9 @@
 """``EventProducer``: how applications publish user actions and catalog changes.
 
 Idempotent librdkafka producer (no duplicates or reordering from its own retries), a delivery callback
-that counts failures, back-pressure on a full local queue (``BufferError`` -> poll and retry), and a
-flush on close.
+that counts failures, back-pressure on a full local queue (``BufferError`` -> poll and retry, for at
+most ``max_block_s``: a broker that takes nothing ends in :class:`DeliveryError`, which the consume
+runtime retries like any transient error, instead of a caller blocked for ever), and a flush on close.
 
 >>> with EventProducer(settings) as producer:                         # doctest: +SKIP
 ...     producer.user_event({"event_id": "e1", "type": "view", "user_id": "u1",
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -41,7 +43,7 @@ class EventProducer:
     """Publishes contract events (dicts or structs) as JSON, keyed by user id / item id."""
 
     def __init__(self, settings: Settings, *, producer_options: Mapping[str, Any] | None = None,
-                 on_delivery_failure: Any = None) -> None:
+                 on_delivery_failure: Any = None, max_block_s: float = 60.0) -> None:
         conf = kafka_config(
             settings,
             **{"enable.idempotence": True, "acks": "all", "linger.ms": 20, "compression.type": "lz4",
@@ -56,6 +58,7 @@ class EventProducer:
         self.last_error: KafkaError | None = None
         self._failed_at_flush = 0
         self._on_failure = on_delivery_failure
+        self.max_block_s = max_block_s
 
     # ------------------------------------------------------------------ delivery
     def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
@@ -72,13 +75,20 @@ class EventProducer:
     # ------------------------------------------------------------------ produce
     def produce(self, topic: str, value: bytes, key: bytes | str | None = None,
                 headers: Headers | None = None, timestamp: int = 0) -> None:
-        """Queue one message (``timestamp`` ms, 0: now); blocks while the local queue is full."""
+        """Queue one message (``timestamp`` ms, 0: now); blocks while the local queue is full, for at
+        most ``max_block_s`` (then :class:`DeliveryError`)."""
+        deadline = None
         while True:
             try:
                 self._producer.produce(topic, value=value, key=key, headers=headers, timestamp=timestamp,
                                        on_delivery=self._on_delivery)
                 break
-            except BufferError:
+            except BufferError as exc:
+                now = time.monotonic()
+                deadline = deadline or now + self.max_block_s
+                if now >= deadline:
+                    raise DeliveryError(f"the local queue for {topic} stayed full for {self.max_block_s:g}s: "
+                                        f"the broker is not taking messages ({len(self._producer)} queued)") from exc
                 self._producer.poll(0.05)
         self._producer.poll(0)
 
