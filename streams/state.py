@@ -211,7 +211,16 @@ class Seen:
         self._order = kept
 
     def copy(self) -> Seen:
-        return Seen(self.window_ms, self.cap, self._order)
+        new = Seen(self.window_ms, self.cap)
+        new._order = list(self._order)
+        new._by_id = dict(self._by_id)
+        return new
+
+    def changes(self, before: Seen) -> tuple[list[Any], list[str]]:
+        """Zset members to add (flat member, score) and to remove, from ``before`` to this."""
+        old, new = set(before._order), set(self._order)
+        added = [x for e in self._order if e not in old for x in (_member(e), e[0])]
+        return added, [_member(e) for e in before._order if e not in new]
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Seen) and (self.window_ms, self.cap, self._order) == (
@@ -225,7 +234,7 @@ class Seen:
     def members(self) -> dict[str, int]:
         """Redis zset members (``<partition>:<offset>:<last partition>:<last offset>:<event_id>``) with
         their event times."""
-        return {f"{p}:{o}:{lp}:{lo}:{eid}": ts for ts, p, o, eid, lp, lo in self._order}
+        return {_member(e): e[0] for e in self._order}
 
     @classmethod
     def from_redis(cls, window_ms: int, cap: int, flat: Sequence[Any]) -> Seen:
@@ -234,6 +243,10 @@ class Seen:
             p, o, lp, lo, eid = _s(member).split(":", 4)
             entries.append((int(float(score)), int(p), int(o), eid, int(lp), int(lo)))
         return cls(window_ms, cap, entries)
+
+
+def _member(e: tuple[int, int, int, str, int, int]) -> str:
+    return f"{e[1]}:{e[2]}:{e[4]}:{e[5]}:{e[3]}"
 
 
 @dataclass
@@ -366,7 +379,7 @@ class StateStore:
                 else:
                     fresh, outputs = new, events
                 result.duplicates += len(events) - len(outputs)
-                remembered, forgotten = _diff(before.seen.members(), kept.seen.members())
+                remembered, forgotten = kept.seen.changes(before.seen)
                 applying = {(pe.partition, pe.offset) for pe in fresh}
                 # one record per partition with new events, copies included: the guard moves past a
                 # copy, and the first record carries the remembered ids' changes
@@ -620,12 +633,6 @@ def _call(calls: dict[tuple[str, int], ZsetCall], guard: str, partition: int, ca
     if call is None:
         call = calls[(guard, partition)] = ZsetCall(guard, partition, cap, aggregate, ttl_s)
     return call
-
-
-def _diff(before: dict[str, int], after: dict[str, int]) -> tuple[list[Any], list[str]]:
-    """Zset members to add (flat member, score) and to remove, from ``before`` to ``after``."""
-    added = [x for member, ts in after.items() if member not in before for x in (member, ts)]
-    return added, [member for member in before if member not in after]
 
 
 def _by_partition(events: list[Positioned]) -> dict[int, list[Positioned]]:
