@@ -107,6 +107,8 @@ def decode_feedback(decoder: msgspec.msgpack.Decoder[T], raw: bytes | None) -> T
         raise InvalidEventError("undecodable", str(exc)[:300]) from exc
     except RecursionError as exc:
         raise InvalidEventError("too_deep", "msgpack nested too deeply") from exc
+    except UnicodeDecodeError as exc:  # msgspec raises it, not DecodeError, for a msgpack str of invalid UTF-8
+        raise InvalidEventError("undecodable", f"invalid UTF-8: {exc}"[:300]) from exc
 
 
 @dataclass
