@@ -36,6 +36,13 @@ class Dataset:
     # columns: item_id (str), title, description, category, brand, price
     items: pd.DataFrame
 
+    def __post_init__(self) -> None:
+        # Each event's id is fixed when the dataset is loaded (its row there), so a slice or a part of
+        # it replayed later sends the same ids: the consumer tells a resent event from a new one by it.
+        if "event_id" not in self.events.columns:
+            ids = self.name + "-" + pd.Series(range(len(self.events)), index=self.events.index).astype(str)
+            self.events = self.events.assign(event_id=ids)
+
     def head(self, limit: int | None) -> Dataset:
         """The first ``limit`` events in time order, with the catalog restricted to their items."""
         if limit is None or limit >= len(self.events):
@@ -45,11 +52,9 @@ class Dataset:
         return Dataset(self.name, events.reset_index(drop=True), items.reset_index(drop=True))
 
     def user_events(self) -> Iterator[dict[str, Any]]:
-        cols = [c for c in EVENT_COLUMNS if c in self.events.columns]
-        for n, row in enumerate(self.events[cols].itertuples(index=False, name=None)):
-            ev = {k: v for k, v in zip(cols, row, strict=True) if not _missing(v)}
-            ev["event_id"] = f"{self.name}-{n}"
-            yield ev
+        cols = [c for c in (*EVENT_COLUMNS, "event_id") if c in self.events.columns]
+        for row in self.events[cols].itertuples(index=False, name=None):
+            yield {k: v for k, v in zip(cols, row, strict=True) if not _missing(v)}
 
     def catalog_events(self, ts: int) -> Iterator[dict[str, Any]]:
         cols = [c for c in ITEM_COLUMNS if c in self.items.columns]

@@ -35,8 +35,11 @@ from tests.integration.helpers import (
 def _state(settings: Settings) -> dict[str, object]:
     client = connect(settings)
     try:
-        prefix = settings.redis.prefix
-        return {key.removeprefix(prefix): value for key, value in dump_state(client, prefix).items()}
+        prefix, topic = settings.redis.prefix, settings.kafka.topic_events
+        state = {key.removeprefix(prefix): value for key, value in dump_state(client, prefix).items()}
+        # the applied positions name the events topic, which differs between the two runs
+        state[":{g}:applied"] = {f.removeprefix(topic): v for f, v in state.get(":{g}:applied", {}).items()}
+        return state
     finally:
         client.close()
 
