@@ -253,7 +253,7 @@ class EventsProcessor(BaseProcessor[Event]):
                 nxt = min(nxt, floor[partition])
             if self.stored.get((topic, partition), -1) < nxt:
                 out[(topic, partition)] = nxt
-        done = {p: nxt - 1 for (topic, p), nxt in out.items() if topic == self.events_topic}
+        done = {p: nxt - 1 for (topic, p), nxt in out.items() if topic == self.events_topic and nxt > 0}
         if done and self.positions is not None:
             try:
                 self.positions.mark(done)  # in Redis before Kafka: a replay never starts past it

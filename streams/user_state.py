@@ -156,6 +156,7 @@ class UserStateHandler:
         self._waiting, self._first, self._last = [], {}, {}
         if result.duplicates:
             self.metrics.duplicates.inc(result.duplicates)
+            log.info("dropped %d producer duplicates (event ids their users sent before)", result.duplicates)
         if result.skipped:
             self.metrics.replay_skipped.inc(result.skipped)
             log.info("skipped %d already-applied events", result.skipped)

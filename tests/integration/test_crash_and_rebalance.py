@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 import signal
 import subprocess
 import time
@@ -70,8 +71,13 @@ def test_sigkill_at_random_points_then_restart_equals_one_clean_pass(services, t
         assert proc.wait(60) == 0, (tmp_path / "crashy.log").read_text()[-3000:]
 
     # what the stream derived (recommendations, feedback decisions, item deltas): exactly once in effect
-    out = assert_outputs_exactly_once(crashy, client, ds)
-    assert out.logged_actions > len(ds.events), "no kill fell between a state write and its offsets"
+    assert_outputs_exactly_once(crashy, client, ds)
+    # Not vacuous: some kill fell between a state write and the point where its outputs were done
+    # (recorded in Redis' applied positions), so a restart consumed events whose state was written,
+    # skipped them in the state and derived their outputs again.
+    replayed = sum(int(n) for n in re.findall(r"skipped (\d+) already-applied events",
+                                                   (tmp_path / "crashy.log").read_text()))
+    assert replayed > 0, "no kill fell between a state write and its outputs"
 
     clean = crashy.replace(redis_prefix=crashy.redis.prefix + "c", group_state=crashy.stream.group + "-clean")
     store_catalog(clean, ds)

@@ -81,7 +81,7 @@ def test_copies_change_nothing_and_a_replay_decides_them_again(services, with_co
         else:
             results = _run(store, evs, size)
             outputs = _outputs(results)
-        runs.append((_state(client, s.redis.prefix), dump_state(client, s.redis.prefix), outputs,
+        runs.append((_state(client, s.redis.prefix), dump_state(client, s.redis.prefix, event_ids=True), outputs,
                      sum(r.duplicates for r in results)))
     (clean_state, _, clean_out, clean_dups), (a_state, a_dump, a_out, a_dups), (b_state, b_dump, b_out, _) = runs
     assert clean_dups == 0 and a_dups == len(stream) - len(clean) == 400
