@@ -53,7 +53,8 @@ from fusionrec.online.learning.search_feedback import (
     SearchLog,
     decode_search_log,
 )
-from fusionrec.streams.runtime import TRANSIENT, BaseProcessor, ConsumeRuntime, Offsets, Polled
+from fusionrec.streams.metrics import StreamMetrics
+from fusionrec.streams.runtime import TRANSIENT, BaseProcessor, ConsumeRuntime, Offsets, Polled, retrying
 
 log = logging.getLogger(__name__)
 
@@ -101,14 +102,34 @@ class LearnerLoop(BaseProcessor[Feedback]):
 
     # ------------------------------------------------------------------ lease
     def _take_lease(self, stop: threading.Event) -> bool:
-        """Take the single-learner lease; waits as a standby while another process holds it."""
+        """Take the single-learner lease; waits as a standby while another process holds it, and
+        while Redis is unreachable or loading (transient errors retried like every other loop's)."""
+        backoff = 0.1
         while not stop.is_set():
-            if self.lease.take():
+            try:
+                taken = self.lease.take()
+            except TRANSIENT as exc:
+                log.warning("could not take the learner lease (%s: %s); retrying in %.1fs", type(exc).__name__, exc,
+                            backoff)
+                stop.wait(backoff)
+                backoff = min(backoff * 2, self.settings.stream.retry_max_backoff_s)
+                continue
+            backoff = 0.1
+            if taken:
                 log.info("took the learner lease as %s (fencing token %d)", self.name, self.lease.token)
                 return True
             log.info("%s holds the learner lease; standing by", self.lease.holder)
             stop.wait(2.0)
         return False
+
+    def _resume(self, stop: threading.Event) -> bool:
+        """The head checkpoint (or a fresh model), read with transient errors retried; False if stopped."""
+        def step() -> None:
+            ckpt = self.learner.resume()
+            self.offsets = dict(ckpt.offsets) if ckpt else {}
+
+        return retrying(step, stage="resume", stop=stop, max_backoff_s=self.settings.stream.retry_max_backoff_s,
+                        metrics=self.metrics.of(StreamMetrics))
 
     def _lose_lease(self, why: str) -> None:
         """Another learner may own the head now: stop, and never retry a write."""
@@ -120,8 +141,8 @@ class LearnerLoop(BaseProcessor[Feedback]):
         """Learn while holding the lease; a lost lease (a long pause, a Redis outage past the lease)
         drops everything learned since the last checkpoint and goes back to standing by."""
         while self._take_lease(stop):
-            ckpt = self.learner.resume()
-            self.offsets = dict(ckpt.offsets) if ckpt else {}
+            if not self._resume(stop):
+                return
             runtime = ConsumeRuntime(self.settings, self, self.metrics, group_id=self.settings.learn.group,
                                      topics=[self.settings.kafka.topic_feedback])
             runtime.run(stop, until=(lambda: until(self)) if until else None)

@@ -81,3 +81,28 @@ def test_learner_survives_a_redis_restart_and_checkpoints_everything(services, t
         stop.set()
         worker.join(30)
         _stop(redis_info)
+
+
+def test_a_learner_starting_while_redis_is_down_waits_for_it(services, tmp_path):
+    """A learner (re)started during a Redis restart retries taking the lease instead of exiting."""
+    redis_info = start_redis(tmp_path, "aof")
+    s = make_settings(services, redis_url=redis_url(redis_info), batch_size=100,
+                      retry_max_backoff_s=1.0, learn_vectors=False, learn_checkpoint_s=0.2)
+    ensure_topics(s)
+    SnapshotLog(s, users=20).publish(5)
+    loop = LearnerLoop(s, Metrics(CollectorRegistry()))
+    _stop(redis_info)
+    stop = threading.Event()
+    worker = threading.Thread(target=loop.run, args=(stop,))
+    worker.start()
+    try:
+        time.sleep(3)
+        assert worker.is_alive(), "the learner exited while Redis was down"
+        redis_info = start_redis(tmp_path, "aof", port=redis_info.port)
+        client = connect(s)
+        wait_for(lambda: covers(s, client, 5 * 20), 60, "a checkpoint once Redis is back")
+        assert worker.is_alive()
+    finally:
+        stop.set()
+        worker.join(30)
+        _stop(redis_info)
