@@ -134,7 +134,8 @@ class Backfill:
         while not stop.is_set():
             if self.store.active() == self.version:
                 return True
-            if self.redis.set(lock, self.token, nx=True, px=LOCK_MS):
+            # (or still ours: a fill interrupted by a Redis restart that kept the lock resumes at once)
+            if self.redis.set(lock, self.token, nx=True, px=LOCK_MS) or self.redis.get(lock) == self.token.encode():
                 try:
                     return self._fill(stop)
                 finally:

@@ -45,6 +45,7 @@ from fusionrec.models.embedder import CatalogEmbedder, EmbedMetrics
 from fusionrec.models.encoder import ModelSpec, TextEncoder, cpu_threads
 from fusionrec.models.vectors import VectorStore
 from fusionrec.models.worker import EmbedWorker
+from fusionrec.streams.runtime import TRANSIENT
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +224,18 @@ class EmbedPool:
             encoder = TextEncoder.from_settings(self.settings, device=self.slots[0].device,
                                                 threads=self.slots[0].threads)
             embedder = build_embedder(self.settings, encoder, self.metrics, worker="backfill")
-            self.backfill_done = Backfill(embedder, self.settings, self.metrics, progress=self.progress).run(stop)
+            backfill = Backfill(embedder, self.settings, self.metrics, progress=self.progress)
+            backoff = 0.1
+            while True:
+                try:
+                    self.backfill_done = backfill.run(stop)  # resumable: what is embedded is skipped
+                    return
+                except TRANSIENT as exc:  # Redis restarting, a failover: wait it out like every loop
+                    log.warning("backfill interrupted (%s: %s); resuming in %.1fs", type(exc).__name__, exc, backoff)
+                    if stop.wait(backoff):
+                        self.backfill_done = False
+                        return
+                    backoff = min(backoff * 2, self.settings.stream.retry_max_backoff_s)
         except Exception:
             log.exception("backfill failed; the next pool start resumes it")
             self.backfill_done = False

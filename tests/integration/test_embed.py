@@ -381,3 +381,32 @@ def test_backfill_reads_back_ids_that_hold_colons(embed_settings: Settings, rcli
     got = [ev for chunk in catalog_events(rclient, Keys.for_settings(embed_settings)) for ev in chunk]
     assert sorted(ev.item_id for ev in got) == sorted(ids)  # `sku:1` was read back as `1`
     assert {ev.item_id: ev.title for ev in got}["sku:1"] == "title of sku:1"
+
+
+def test_a_backfill_interrupted_by_redis_resumes_instead_of_giving_up(embed_settings: Settings,
+                                                                      rclient: redis.Redis, monkeypatch) -> None:
+    """A Redis restart in the middle of a model-switch backfill: the pool's backfill thread waits it
+    out and finishes, instead of leaving the new version inactive until the pool restarts."""
+    from fusionrec.models.embedder import CatalogEmbedder
+    from fusionrec.models.encoder import ModelSpec
+    from fusionrec.streams.contract import CatalogEvent
+    from fusionrec.streams.state import StateStore
+
+    StateStore(rclient, embed_settings).apply_catalog(
+        [CatalogEvent(item_id=str(n), op="upsert", ts=1000, title=title(n)) for n in range(300)])
+    store = VectorStore(rclient, embed_settings)
+    assert prepare(store, version_info(ModelSpec.from_settings(embed_settings), embed_settings))
+    process, calls = CatalogEmbedder.process, []
+
+    def flaky(self, events):
+        calls.append(len(events))
+        if len(calls) == 2:
+            raise redis.ConnectionError("Redis is restarting")
+        return process(self, events)
+
+    monkeypatch.setattr(CatalogEmbedder, "process", flaky)
+    pool = EmbedPool(embed_settings.replace(retry_max_backoff_s=0.2), 1, progress=False)
+    pool._backfill(threading.Event())
+    assert pool.backfill_done is True and len(calls) > 2
+    version = store.active()
+    assert version is not None and store.count(version) == 300
