@@ -59,8 +59,9 @@ def _state(settings: Settings, partitioner: str) -> dict[str, Any]:
     client = connect(settings)
     try:
         prefix = settings.redis.prefix
-        # offset guards name partitions, so they differ by construction
-        return {k.removeprefix(prefix): v for k, v in dump_state(client, prefix).items() if not k.endswith(":o")}
+        # offset guards and applied positions name partitions, so they differ by construction
+        return {k.removeprefix(prefix): v for k, v in dump_state(client, prefix).items()
+                if not k.endswith((":o", ":applied"))}
     finally:
         client.close()
 
