@@ -50,27 +50,42 @@ def test_consumer_survives_a_redis_restart_without_loss(services, tmp_path):
         _stop(redis_info)
 
 
-def test_learner_survives_a_redis_restart_and_checkpoints_everything(services, tmp_path):
+def _learner_on_its_own_redis(services, tmp_path):
+    """A Redis (AOF) of the test's own, and learner settings on it."""
     redis_info = start_redis(tmp_path, "aof")
     s = make_settings(services, redis_url=redis_url(redis_info), batch_size=100,
                       retry_max_backoff_s=1.0, learn_vectors=False, learn_checkpoint_s=0.2)
     ensure_topics(s)
-    log = SnapshotLog(s, users=40)
-    log.publish(10)
-    metrics = Metrics(CollectorRegistry())
-    loop = LearnerLoop(s, metrics)
+    return redis_info, s
+
+
+def _running(loop: LearnerLoop) -> tuple[threading.Event, threading.Thread]:
     stop = threading.Event()
     worker = threading.Thread(target=loop.run, args=(stop,))
     worker.start()
+    return stop, worker
+
+
+def _back_after(seconds: float, tmp_path, redis_info, worker: threading.Thread):
+    """Redis stays down ``seconds`` (the learner must outlive it), then restarts on its port."""
+    time.sleep(seconds)
+    assert worker.is_alive(), "the learner exited while Redis was down"
+    return start_redis(tmp_path, "aof", port=redis_info.port)
+
+
+def test_learner_survives_a_redis_restart_and_checkpoints_everything(services, tmp_path):
+    redis_info, s = _learner_on_its_own_redis(services, tmp_path)
+    log = SnapshotLog(s, users=40)
+    log.publish(10)
+    metrics = Metrics(CollectorRegistry())
+    stop, worker = _running(LearnerLoop(s, metrics))
     client = connect(s)
     try:
         wait_for(lambda: covers(s, client, 10 * 40), 60, "a checkpoint of the first rounds")
         # Redis goes away for longer than the client's own retries while decisions keep arriving
         _stop(redis_info)
         log.publish(10)
-        time.sleep(4)
-        assert worker.is_alive(), "the learner died with Redis"
-        redis_info = start_redis(tmp_path, "aof", port=redis_info.port)
+        redis_info = _back_after(4, tmp_path, redis_info, worker)
         client = connect(s)
         wait_for(lambda: covers(s, client, 20 * 40), 60, "a checkpoint of every round after Redis came back")
         assert worker.is_alive()
@@ -85,20 +100,13 @@ def test_learner_survives_a_redis_restart_and_checkpoints_everything(services, t
 
 def test_a_learner_starting_while_redis_is_down_waits_for_it(services, tmp_path):
     """A learner (re)started during a Redis restart retries taking the lease instead of exiting."""
-    redis_info = start_redis(tmp_path, "aof")
-    s = make_settings(services, redis_url=redis_url(redis_info), batch_size=100,
-                      retry_max_backoff_s=1.0, learn_vectors=False, learn_checkpoint_s=0.2)
-    ensure_topics(s)
+    redis_info, s = _learner_on_its_own_redis(services, tmp_path)
     SnapshotLog(s, users=20).publish(5)
     loop = LearnerLoop(s, Metrics(CollectorRegistry()))
     _stop(redis_info)
-    stop = threading.Event()
-    worker = threading.Thread(target=loop.run, args=(stop,))
-    worker.start()
+    stop, worker = _running(loop)
     try:
-        time.sleep(3)
-        assert worker.is_alive(), "the learner exited while Redis was down"
-        redis_info = start_redis(tmp_path, "aof", port=redis_info.port)
+        redis_info = _back_after(3, tmp_path, redis_info, worker)
         client = connect(s)
         wait_for(lambda: covers(s, client, 5 * 20), 60, "a checkpoint once Redis is back")
         assert worker.is_alive()
