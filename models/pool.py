@@ -45,7 +45,8 @@ from fusionrec.models.embedder import CatalogEmbedder, EmbedMetrics
 from fusionrec.models.encoder import ModelSpec, TextEncoder, cpu_threads
 from fusionrec.models.vectors import VectorStore
 from fusionrec.models.worker import EmbedWorker
-from fusionrec.streams.runtime import TRANSIENT
+from fusionrec.streams.metrics import StreamMetrics
+from fusionrec.streams.runtime import TRANSIENT, retrying
 
 log = logging.getLogger(__name__)
 
@@ -158,10 +159,18 @@ class EmbedPool:
         client = connect(self.settings)
         store = VectorStore(client, self.settings)
         backfill_thread = None
-        if prepare(store, info):
+        prepared: list[tuple[bool, str | None]] = []
+        # registering the version waits out Redis restarting, like every other loop
+        if not retrying(lambda: prepared.append((prepare(store, info), store.active())), stage="prepare", stop=stop,
+                        max_backoff_s=self.settings.stream.retry_max_backoff_s,
+                        metrics=self.metrics.of(StreamMetrics)):
+            client.close()
+            return
+        fill, active = prepared[-1]
+        if fill:
             backfill_thread = threading.Thread(target=self._backfill, args=(stop,), name="backfill", daemon=True)
         log.info("embedding pool: %d workers (%s), model %s, version %s, active %s", len(self.slots),
-                 ", ".join(s.device for s in self.slots), spec.model_id, info.version, store.active())
+                 ", ".join(s.device for s in self.slots), spec.model_id, info.version, active)
         client.close()
         if self.metrics_dir is not None:
             try:

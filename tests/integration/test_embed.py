@@ -410,3 +410,38 @@ def test_a_backfill_interrupted_by_redis_resumes_instead_of_giving_up(embed_sett
     assert pool.backfill_done is True and len(calls) > 2
     version = store.active()
     assert version is not None and store.count(version) == 300
+
+
+def test_a_pool_starting_while_redis_is_down_waits_for_it(services: RunningServices, tiny_bert: Callable[..., Path],
+                                                          tmp_path: Path) -> None:
+    """The pool registers its model version in Redis before it starts workers: started during a Redis
+    restart, it waits instead of exiting (found by bench/chaos.py)."""
+    from fusionrec.apps.services import _stop, redis_url, start_redis
+
+    info = start_redis(tmp_path, "aof")
+    s = make_settings(services, redis_url=redis_url(info), embed_model_path=str(tiny_bert()), embed_threads=1,
+                      embed_metrics_port=0, retry_max_backoff_s=0.5)
+    ensure_topics(s)
+    _stop(info)
+    pool, stop, errors = EmbedPool(s, 1, progress=False), threading.Event(), []
+
+    def run() -> None:
+        try:
+            pool.run(stop)
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        time.sleep(2)
+        assert thread.is_alive() and not errors, errors
+        info = start_redis(tmp_path, "aof", port=info.port)
+        client = connect(s)
+        wait_for(lambda: VectorStore(client, s).active() is not None, 60, "the model version registered")
+        wait_for(lambda: bool(worker_statuses(client, Keys.for_settings(s))), 120, "a worker up")
+    finally:
+        stop.set()
+        thread.join(60)
+        _stop(info)
+    assert not errors, errors
