@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import redis
+
 from fusionrec.core.errors import ServiceError
 from fusionrec.core.secret_files import secret_in
 from fusionrec.core.settings import Settings
@@ -33,6 +35,8 @@ from fusionrec.core.settings import Settings
 log = logging.getLogger(__name__)
 
 STATE_FILE = "services.json"
+# How long ``start_redis`` waits for Redis to load its AOF before it answers commands.
+REDIS_LOAD_TIMEOUT_S = 300.0
 
 
 @dataclasses.dataclass
@@ -151,7 +155,29 @@ def start_redis(run_dir: Path, persistence: str, port: int | None = None) -> Ser
     argv = [redis_binary(), str(conf), "--bind", "127.0.0.1", "--port", str(port), "--dir", str(data),
             "--save", "", "--appendonly", "yes" if persistence == "aof" else "no",
             "--protected-mode", "yes", "--daemonize", "no"]
-    return dataclasses.replace(_spawn("redis", argv, run_dir, port), password_file=str(password_file))
+    info = dataclasses.replace(_spawn("redis", argv, run_dir, port), password_file=str(password_file))
+    _wait_loaded(info, REDIS_LOAD_TIMEOUT_S)
+    return info
+
+
+def _wait_loaded(info: ServiceInfo, timeout: float) -> None:
+    """Until Redis answers commands: it accepts connections while it still loads its AOF, and answers
+    ``LOADING`` until it is done (a large run dir takes seconds)."""
+    password = Path(str(info.password_file)).read_text().strip()
+    client = redis.Redis(host="127.0.0.1", port=info.port, password=password, socket_timeout=5)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            try:
+                client.ping()
+                return
+            except redis.BusyLoadingError:
+                if time.monotonic() > deadline:
+                    raise ServiceError(f"redis on port {info.port} still loading its data after {timeout:.0f}s; "
+                                       f"see {info.log_file}") from None
+                time.sleep(0.2)
+    finally:
+        client.close()
 
 
 class RedisClusterServices:

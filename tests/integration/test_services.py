@@ -96,3 +96,26 @@ def _cluster_processes(run_dir):
                     yield int(proc.name)
             except OSError:
                 continue
+
+
+def test_start_redis_returns_once_its_aof_is_loaded(tmp_path: Path):
+    """A run dir with a large AOF: Redis accepts connections while it still loads, answering LOADING;
+    start_redis returns only once it answers commands (the demo's first SCAN raised BusyLoadingError)."""
+    from fusionrec.apps.services import _stop, redis_url, start_redis
+
+    info = start_redis(tmp_path, "aof")
+    client = redis.Redis.from_url(redis_url(info))
+    pipe = client.pipeline(transaction=False)
+    for n in range(20_000):
+        pipe.set(f"k{n}", os.urandom(8_000))
+        if n % 1000 == 999:
+            pipe.execute()
+    client.close()
+    _stop(info)  # SIGTERM: the AOF stays, about 160 MB
+    info = start_redis(tmp_path, "aof", port=info.port)
+    client = redis.Redis.from_url(redis_url(info))
+    try:
+        assert client.dbsize() == 20_000  # no BusyLoadingError
+    finally:
+        client.close()
+        _stop(info)
