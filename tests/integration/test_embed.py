@@ -179,12 +179,9 @@ def test_similar_items_leave_out_exact_text_twins(services: RunningServices, tin
     assert len({"5", "6"} & set(similar)) == 1
 
 
-def test_pool_of_two_splits_partitions_and_embeds_each_item_once(embed_settings: Settings,
-                                                                rclient: redis.Redis) -> None:
-    keys = Keys.for_settings(embed_settings)
-    pool = EmbedPool(embed_settings, 2, progress=False)
-    stop = threading.Event()
-    errors: list[BaseException] = []
+def _started(pool: EmbedPool) -> tuple[threading.Event, threading.Thread, list[BaseException]]:
+    """The pool running in a thread: its stop event, the thread, and what it raised."""
+    stop, errors = threading.Event(), []
 
     def run() -> None:
         try:
@@ -194,6 +191,14 @@ def test_pool_of_two_splits_partitions_and_embeds_each_item_once(embed_settings:
 
     thread = threading.Thread(target=run)
     thread.start()
+    return stop, thread, errors
+
+
+def test_pool_of_two_splits_partitions_and_embeds_each_item_once(embed_settings: Settings,
+                                                                rclient: redis.Redis) -> None:
+    keys = Keys.for_settings(embed_settings)
+    pool = EmbedPool(embed_settings, 2, progress=False)
+    stop, thread, errors = _started(pool)
     try:
         wait_for(lambda: sum(1 for st in worker_statuses(rclient, keys) if st["partitions"]) == 2, 120,
                  "two workers holding partitions")
@@ -423,16 +428,7 @@ def test_a_pool_starting_while_redis_is_down_waits_for_it(services: RunningServi
                       embed_metrics_port=0, retry_max_backoff_s=0.5)
     ensure_topics(s)
     _stop(info)
-    pool, stop, errors = EmbedPool(s, 1, progress=False), threading.Event(), []
-
-    def run() -> None:
-        try:
-            pool.run(stop)
-        except BaseException as exc:
-            errors.append(exc)
-
-    thread = threading.Thread(target=run)
-    thread.start()
+    stop, thread, errors = _started(EmbedPool(s, 1, progress=False))
     try:
         time.sleep(2)
         assert thread.is_alive() and not errors, errors
