@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from fusionrec.online.candidates.context import UserContext, normalised, spread
+from fusionrec.online.candidates.context import Scored, UserContext, normalised
 
 SOURCES = ("repeat", "covis", "content", "popular", "trending")
 PRICE_BANDS = (1.0, 3.0, 10.0, 30.0)  # upper bounds; the last band is open
@@ -61,10 +61,6 @@ class CandidatePool:
         return self.X[:, INDEX[name]]
 
 
-def _ranks(pairs: list[tuple[str, float]]) -> dict[str, float]:
-    return {item: 1.0 / (1.0 + r) for r, (item, _) in enumerate(pairs)}
-
-
 def covis_scores(ctx: UserContext) -> dict[str, float]:
     """Co-visitation neighbours of the user's recent items; neighbours of newer items weigh more."""
     raw: dict[str, float] = defaultdict(float)
@@ -88,77 +84,320 @@ def daypart(ts_ms: int) -> int:
     return int((ts_ms // 3_600_000) % 24) // 6
 
 
-def build_pool(ctx: UserContext, info: Mapping[str, ItemInfo], size: int,
+# Item metadata: a mapping, or a function that returns it for the items asked (only the pools' items)
+ItemInfos = Mapping[str, ItemInfo] | Callable[[list[str]], Mapping[str, ItemInfo]]
+
+
+def build_pool(ctx: UserContext, info: ItemInfos, size: int,
                has_vector: frozenset[str] | set[str] = frozenset(), decay_now: float = 0.0,
                only: list[str] | None = None) -> CandidatePool:
-    """Candidates of one user with their features, the ``size`` best by the prior blend.
+    """One user's pool: :func:`build_pools` of one context."""
+    return build_pools([ctx], info, size, has_vector, [decay_now], only)[0]
 
-    ``decay_now`` turns the user's forward-decayed item weights into their value at decision time
+
+def build_pools(contexts: Sequence[UserContext], info: ItemInfos, size: int,
+                has_vector: frozenset[str] | set[str] = frozenset(), decay_now: Sequence[float] | None = None,
+                only: list[str] | None = None) -> list[CandidatePool]:
+    """Each user's candidates with their features, the ``size`` best by the prior blend.
+
+    ``decay_now[u]`` turns user u's forward-decayed item weights into their value at decision time
     (``exp(-rate * (ts - epoch))``); 0 leaves ``repeat_strength`` out. ``only`` gives the rows
-    instead (search results, say): the user's features for exactly those items, in that order.
+    instead (search results, say): the users' features for exactly those items, in that order.
+    ``info`` is the items' catalog metadata, or a function giving it for the items the pools hold.
+
+    Per candidate source: every score is ``normalised`` (divided by the user's largest) except
+    content similarity, which is ``spread`` (min-max); co-visitation is each recent item's
+    normalised neighbours weighted ``1 / (1 + position)``, summed, normalised. The prior is the
+    :data:`PRIOR`-weighted sum; a pool is its user's candidates by (-prior, item id).
+
+    All users are built at once, as flat (user, item) columns: the Python work is one pass over
+    the entries the contexts hold, the rest is numpy. The shared lists of a batch (popular,
+    trending, a recent item's neighbours) are normalised once.
     """
-    scores = {
-        "repeat": normalised(ctx.items),
-        "covis": covis_scores(ctx),
-        "content": spread(ctx.content),
-        "popular": normalised(ctx.popular),
-        "trending": normalised(ctx.trending),
-    }
-    prior: dict[str, float] = defaultdict(float)
-    for source, per_item in scores.items():
-        for item, s in per_item.items():
-            prior[item] += PRIOR[source] * s
-    for item in ctx.excluded:
-        prior.pop(item, None)
-    items = list(dict.fromkeys(only)) if only is not None else sorted(prior, key=lambda i: (-prior[i], i))[:size]
-    X = np.zeros((len(items), len(FEATURES)), dtype=np.float32)
-    row = {item: r for r, item in enumerate(items)}
-    _fill(X, row, scores, ctx, decay_now)
-    _fill_item(X, items, ctx, info, has_vector)
-    return CandidatePool(user_id=ctx.user_id, ts=ctx.ts, items=items, X=X, profile=ctx.profile)
+    if not contexts:
+        return []
+    return _PoolBuilder(contexts, info, has_vector, list(decay_now or [0.0] * len(contexts))).build(size, only)
 
 
-def _fill(X: np.ndarray, row: dict[str, int], scores: dict[str, dict[str, float]], ctx: UserContext,
-          decay_now: float) -> None:
-    columns = {
-        # absolute interest: decayed weight now, on a log scale where 1.0 is ~50 purchases' worth
-        "repeat_strength": {i: min(1.0, math.log1p(w * decay_now / 8.0) / math.log1p(50.0))
-                            for i, w in ctx.items} if decay_now > 0 else {},
-        "repeat": scores["repeat"], "covis": scores["covis"], "content": scores["content"],
-        "popular": scores["popular"], "trending": scores["trending"],
-        "repeat_rank": _ranks(ctx.items), "pop_rank": _ranks(ctx.popular),
-        "covis_rank": _ranks(sorted(scores["covis"].items(), key=lambda kv: -kv[1])),
-        "content_sim": dict(ctx.content),
-        "recent": {item: 1.0 / (1.0 + p) for p, item in reversed(list(enumerate(ctx.recent)))},
-    }
-    for name, values in columns.items():
-        col = INDEX[name]
-        for item, v in values.items():
-            r = row.get(item)
-            if r is not None:
-                X[r, col] = v
-    for source in SOURCES:
-        col = INDEX[f"src_{source}"]
-        for item in scores[source]:
-            r = row.get(item)
-            if r is not None:
-                X[r, col] = 1.0
-    X[:, INDEX[f"hour_{DAYPARTS[daypart(ctx.ts)]}"]] = 1.0
+class _Entries:
+    """Flat (user, item id, value) entries of one source, in the order the contexts hold them."""
+
+    __slots__ = ("users", "items", "values")
+
+    def __init__(self, users: list[int], items: list[int], values: list[float]) -> None:
+        self.users = np.asarray(users, dtype=np.int64)
+        self.items = np.asarray(items, dtype=np.int64)
+        self.values = np.asarray(values, dtype=np.float64)
 
 
-def _fill_item(X: np.ndarray, items: list[str], ctx: UserContext, info: Mapping[str, ItemInfo],
-               has_vector: frozenset[str] | set[str]) -> None:
-    top_aff = max(ctx.affinity.values(), default=0.0)
-    aff = {k: v / top_aff for k, v in ctx.affinity.items()} if top_aff > 0 else {}
-    c_cat, c_brand, c_vec, c_none = INDEX["aff_category"], INDEX["aff_brand"], INDEX["has_vector"], INDEX["price_none"]
-    for r, item in enumerate(items):
-        meta = info.get(item)
-        if meta is not None:
+class _PoolBuilder:
+    """The flat-column build behind :func:`build_pools`; item ids are given in first-seen order."""
+
+    def __init__(self, contexts: Sequence[UserContext], info: ItemInfos,
+                 has_vector: frozenset[str] | set[str], decay_now: list[float]) -> None:
+        self.contexts = contexts
+        self.info = info
+        self.has_vector = has_vector
+        self.decay_now = decay_now
+        self.vocab: dict[str, int] = {}
+
+    def _ids(self, items: Sequence[str]) -> list[int]:
+        vocab = self.vocab
+        return [vocab.setdefault(i, len(vocab)) for i in items]
+
+    def _per_user(self, lists: list[Scored]) -> _Entries:
+        """Entries of a per-user scored list; one shared list object is read once."""
+        users: list[int] = []
+        items: list[int] = []
+        values: list[float] = []
+        done: dict[int, tuple[list[int], list[float]]] = {}
+        for u, pairs in enumerate(lists):
+            if not pairs:
+                continue
+            known = done.get(id(pairs))
+            if known is None:
+                known = done[id(pairs)] = (self._ids([i for i, _ in pairs]), [float(v) for _, v in pairs])
+            users.extend([u] * len(pairs))
+            items.extend(known[0])
+            values.extend(known[1])
+        return _Entries(users, items, values)
+
+    def build(self, size: int, only: list[str] | None) -> list[CandidatePool]:
+        ctxs = self.contexts
+        n_users = len(ctxs)
+        repeat = self._per_user([c.items for c in ctxs])
+        content = self._per_user([c.content for c in ctxs])
+        popular = self._per_user([c.popular for c in ctxs])
+        trending = self._per_user([c.trending for c in ctxs])
+        covis_raw = self._covis_entries()
+        recent = self._per_user([[(i, 1.0 / (1.0 + p)) for p, i in enumerate(c.recent)] for c in ctxs])
+        only_ids = self._ids(list(dict.fromkeys(only))) if only is not None else None
+        n_items = max(1, len(self.vocab))
+
+        def key(e: _Entries) -> np.ndarray:
+            return e.users * n_items + e.items
+
+        scores = {
+            "repeat": _normalised(*_last(key(repeat), repeat.values), n_items),
+            "covis": _normalised(*_summed(key(covis_raw), covis_raw.values), n_items),
+            "content": _spread(*_last(key(content), content.values), n_items),
+            "popular": _normalised(*_last(key(popular), popular.values), n_items),
+            "trending": _normalised(*_last(key(trending), trending.values), n_items),
+        }
+        names = [""] * len(self.vocab)
+        for item, i in self.vocab.items():
+            names[i] = item
+        order = np.argsort(np.array(names, dtype=object), kind="stable") if names else np.zeros(0, np.int64)
+        by_name = np.empty(len(names), dtype=np.int64)
+        by_name[order] = np.arange(len(names))  # item id -> its rank in string order (the tie-break)
+        if only_ids is None:
+            rows = self._select(scores, size, n_items, by_name)
+        else:
+            rows = (np.repeat(np.arange(n_users, dtype=np.int64), len(only_ids)) * n_items
+                    + np.tile(np.asarray(only_ids, dtype=np.int64), n_users))
+        X = np.zeros((len(rows), len(FEATURES)), dtype=np.float32)
+        row_users = rows // n_items
+        row_items = rows % n_items
+        look = _Lookup(rows)
+        for source, (k, v) in scores.items():
+            look.fill(X, INDEX[source], k, v)
+            look.fill(X, INDEX[f"src_{source}"], k, np.ones(len(k)))
+        look.fill(X, INDEX["repeat_rank"], *_last(key(repeat), 1.0 / (1.0 + _positions(repeat.users))))
+        look.fill(X, INDEX["pop_rank"], *_last(key(popular), 1.0 / (1.0 + _positions(popular.users))))
+        look.fill(X, INDEX["content_sim"], *_last(key(content), content.values))
+        look.fill(X, INDEX["recent"], *_first(key(recent), recent.values))
+        k, v = scores["covis"]
+        look.fill(X, INDEX["covis_rank"], k, 1.0 / (1.0 + _covis_ranks(k, v, key(covis_raw), n_items)))
+        decay = np.asarray(self.decay_now, dtype=np.float64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            rk, rw = _last(key(repeat), repeat.values * decay[repeat.users])
+            strength = np.minimum(1.0, np.log1p(rw / 8.0) / math.log1p(50.0))
+        live = decay[rk // n_items] > 0
+        look.fill(X, INDEX["repeat_strength"], rk[live], strength[live])
+        hours = np.asarray([INDEX[f"hour_{DAYPARTS[daypart(c.ts)]}"] for c in ctxs], dtype=np.int64)
+        X[np.arange(len(rows)), hours[row_users]] = 1.0
+        self._fill_items(X, row_users, row_items, names)
+        bounds = np.searchsorted(row_users, np.arange(n_users + 1))
+        return [CandidatePool(user_id=c.user_id, ts=c.ts, items=[names[i] for i in row_items[lo:hi]],
+                              X=X[lo:hi], profile=c.profile)
+                for c, lo, hi in zip(ctxs, bounds[:-1], bounds[1:], strict=True)]
+
+    def _covis_entries(self) -> _Entries:
+        """Each user's recent items' normalised neighbours, weighted ``1 / (1 + position)``."""
+        users: list[int] = []
+        items: list[int] = []
+        values: list[float] = []
+        done: dict[int, tuple[list[int], list[float]]] = {}
+        for u, c in enumerate(self.contexts):
+            for pos, anchor in enumerate(c.recent):
+                pairs = c.covis.get(anchor)
+                if not pairs:
+                    continue
+                known = done.get(id(pairs))
+                if known is None:
+                    normal = normalised(pairs)
+                    known = done[id(pairs)] = (self._ids(list(normal)), list(normal.values()))
+                users.extend([u] * len(known[0]))
+                items.extend(known[0])
+                w = 1.0 + pos
+                values.extend([x / w for x in known[1]])
+        return _Entries(users, items, values)
+
+    def _select(self, scores: dict[str, tuple[np.ndarray, np.ndarray]], size: int, n_items: int,
+                by_name: np.ndarray) -> np.ndarray:
+        """Row keys of each user's ``size`` best candidates by (-prior, item), users in order."""
+        keys = np.concatenate([k for k, _ in scores.values()])
+        weighted = np.concatenate([PRIOR[s] * v for s, (_, v) in scores.items()])
+        pairs, inverse = np.unique(keys, return_inverse=True)
+        prior = np.bincount(inverse, weights=weighted, minlength=len(pairs))
+        excluded = self._excluded(pairs, n_items)
+        pairs, prior = pairs[~excluded], prior[~excluded]
+        users = pairs // n_items
+        ranked = np.lexsort((by_name[pairs % n_items], -prior, users))
+        pairs, users = pairs[ranked], users[ranked]
+        return pairs[_positions(users) < size]
+
+    def _excluded(self, pairs: np.ndarray, n_items: int) -> np.ndarray:
+        out = np.zeros(len(pairs), dtype=bool)
+        groups: dict[int, tuple[frozenset[str], list[int]]] = {}
+        for u, c in enumerate(self.contexts):
+            if c.excluded:
+                groups.setdefault(id(c.excluded), (c.excluded, []))[1].append(u)
+        for excluded, users in groups.values():
+            ids = [self.vocab[i] for i in excluded if i in self.vocab]
+            if ids:
+                out |= np.isin(pairs // n_items, users) & np.isin(pairs % n_items, ids)
+        return out
+
+    def _fill_items(self, X: np.ndarray, row_users: np.ndarray, row_items: np.ndarray, names: list[str]) -> None:
+        """Category/brand affinity (the user's, relative to their strongest), price band, has_vector."""
+        aff_ids: dict[str, int] = {}
+        a_users: list[int] = []
+        a_ids: list[int] = []
+        a_values: list[float] = []
+        for u, c in enumerate(self.contexts):
+            top = max(c.affinity.values(), default=0.0)
+            if top > 0:
+                for member, v in c.affinity.items():
+                    a_users.append(u)
+                    a_ids.append(aff_ids.setdefault(member, len(aff_ids)))
+                    a_values.append(v / top)
+        distinct = np.unique(row_items).tolist()
+        wanted = [names[i] for i in distinct]
+        info = self.info(wanted) if callable(self.info) else self.info
+        categories = {m[2:]: a for m, a in aff_ids.items() if m.startswith("c:")}
+        brands = {m[2:]: a for m, a in aff_ids.items() if m.startswith("b:")}
+        bands: dict[float | None, int] = {}
+        n_aff = len(aff_ids) + 1
+        cat = np.full(len(names), -1, dtype=np.int64)
+        brand = np.full(len(names), -1, dtype=np.int64)
+        band = np.full(len(names), -1, dtype=np.int64)
+        for i, name in zip(distinct, wanted, strict=True):
+            meta = info.get(name)
+            if meta is None:
+                continue
             if meta.category:
-                X[r, c_cat] = aff.get(f"c:{meta.category}", 0.0)
+                cat[i] = categories.get(meta.category, -1)
             if meta.brand:
-                X[r, c_brand] = aff.get(f"b:{meta.brand}", 0.0)
-        band = price_band(meta.price if meta else None)
-        X[r, c_none + 1 + band] = 1.0  # band -1 lands on price_none
-        if item in has_vector:
-            X[r, c_vec] = 1.0
+                brand[i] = brands.get(meta.brand, -1)
+            b = bands.get(meta.price)
+            if b is None:
+                b = bands[meta.price] = price_band(meta.price)
+            band[i] = b
+        vec = np.zeros(len(names), dtype=np.float32)
+        if self.has_vector:
+            vec[[i for i, name in zip(distinct, wanted, strict=True) if name in self.has_vector]] = 1.0
+        aff = _Lookup(np.asarray(a_users, dtype=np.int64) * n_aff + np.asarray(a_ids, dtype=np.int64))
+        values = np.asarray(a_values, dtype=np.float32)
+        for col, codes in ((INDEX["aff_category"], cat), (INDEX["aff_brand"], brand)):
+            m = codes[row_items]
+            known = m >= 0
+            hit, at = aff.find(row_users[known] * n_aff + m[known])
+            X[np.flatnonzero(known)[hit], col] = values[at]
+        X[np.arange(len(row_items)), INDEX["price_none"] + 1 + band[row_items]] = 1.0  # band -1 lands on price_none
+        X[:, INDEX["has_vector"]] = vec[row_items]
+
+
+class _Lookup:
+    """Positions of keys among sorted-or-not ``keys`` (unique), by binary search."""
+
+    def __init__(self, keys: np.ndarray) -> None:
+        self.order = np.argsort(keys, kind="stable")
+        self.sorted = keys[self.order]
+
+    def find(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(mask of ``keys`` found, their positions in the original ``keys``)."""
+        if not len(self.sorted):
+            return np.zeros(len(keys), dtype=bool), np.zeros(0, dtype=np.int64)
+        pos = np.minimum(np.searchsorted(self.sorted, keys), len(self.sorted) - 1)
+        hit = self.sorted[pos] == keys
+        return hit, self.order[pos[hit]]
+
+    def fill(self, X: np.ndarray, col: int, keys: np.ndarray, values: np.ndarray) -> None:
+        hit, rows = self.find(keys)
+        X[rows, col] = values[hit]
+
+
+def _positions(users: np.ndarray) -> np.ndarray:
+    """Each entry's position within its run of equal (sorted or grouped) users."""
+    if not len(users):
+        return np.zeros(0, dtype=np.int64)
+    starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
+    lengths = np.diff(np.r_[starts, len(users)])
+    return np.arange(len(users)) - np.repeat(starts, lengths)
+
+
+def _last(keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Unique keys with the value of their last entry (a dict built from the entries)."""
+    uniq, idx = np.unique(keys[::-1], return_index=True)
+    return uniq, values[::-1][idx]
+
+
+def _first(keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    uniq, idx = np.unique(keys, return_index=True)
+    return uniq, values[idx]
+
+
+def _summed(keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    uniq, inverse = np.unique(keys, return_inverse=True)
+    return uniq, np.bincount(inverse, weights=values, minlength=len(uniq))
+
+
+def _normalised(keys: np.ndarray, values: np.ndarray, n_items: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per user, values over the user's largest; a user whose largest is not positive has none."""
+    if not len(keys):
+        return keys, values
+    users = keys // n_items
+    top = np.full(int(users.max()) + 1, -np.inf)
+    np.maximum.at(top, users, values)
+    t = top[users]
+    keep = t > 0
+    return keys[keep], values[keep] / t[keep]
+
+
+def _spread(keys: np.ndarray, values: np.ndarray, n_items: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per user, min-max scaled to [0, 1]; all 1.0 where the user's values are (nearly) equal."""
+    if not len(keys):
+        return keys, values
+    users = keys // n_items
+    n = int(users.max()) + 1
+    lo, hi = np.full(n, np.inf), np.full(n, -np.inf)
+    np.minimum.at(lo, users, values)
+    np.maximum.at(hi, users, values)
+    width = (hi - lo)[users]
+    flat = width <= 1e-12
+    out = np.ones(len(values))
+    out[~flat] = (values[~flat] - lo[users][~flat]) / width[~flat]
+    return keys, out
+
+
+def _covis_ranks(keys: np.ndarray, values: np.ndarray, raw_keys: np.ndarray, n_items: int) -> np.ndarray:
+    """Rank of each user's co-visitation candidate by score, ties in order of first appearance."""
+    if not len(keys):
+        return np.zeros(0)
+    first_keys, first_at = _first(raw_keys, np.arange(len(raw_keys)))
+    appeared = first_at[np.searchsorted(first_keys, keys)]
+    order = np.lexsort((appeared, -values, keys // n_items))
+    ranks = np.empty(len(keys))
+    ranks[order] = _positions((keys // n_items)[order])
+    return ranks

@@ -1,6 +1,6 @@
 """The learned ranker: candidate pools scored by the fused model the learner keeps training.
 
-Per writer batch: every touched user's pool is built (:func:`~fusionrec.online.candidates.features.build_pool`),
+Per writer batch: every touched user's pool is built (:func:`~fusionrec.online.candidates.features.build_pools`),
 all pools are scored in one go by the served checkpoint
 (:class:`~fusionrec.online.learning.checkpoints.ServingModel`), and each user's top-K is stored
 with the scorers that contributed most to each item's score. The pool, in ranked order, is what the
@@ -21,7 +21,7 @@ from fusionrec.core.scripts import MULTI_HMGET, register
 from fusionrec.core.settings import Settings
 from fusionrec.models.vectors import VectorStore
 from fusionrec.online.candidates.context import UserContext
-from fusionrec.online.candidates.features import CandidatePool, ItemInfo, build_pool
+from fusionrec.online.candidates.features import CandidatePool, ItemInfo, build_pools
 from fusionrec.online.learning.checkpoints import ServingModel
 from fusionrec.online.learning.model import Rows, VectorLookup, explain
 from fusionrec.online.ranking.ranker import Ranked, Recommendation
@@ -83,11 +83,8 @@ class FusionRanker:
 
     def pools(self, contexts: Sequence[UserContext], only: list[str] | None = None) -> list[CandidatePool]:
         """Each user's candidate pool (``only``: the user's features for exactly these items)."""
-        candidates = set(only) if only is not None else {i for c in contexts for i in _candidate_ids(c)}
-        info = self.info.get(sorted(candidates))
-        return [build_pool(c, info, self.settings.rec.pool, decay_now=self.decay.weight(1.0, -c.ts) if c.ts else 0.0,
-                           only=only)
-                for c in contexts]
+        return build_pools(contexts, self.info.get, self.settings.rec.pool,
+                           decay_now=[self.decay.weight(1.0, -c.ts) if c.ts else 0.0 for c in contexts], only=only)
 
     def personal_scores(self, ctx: UserContext, items: list[str]) -> tuple[int, np.ndarray]:
         """The served model's fused probability of each item for this user (checkpoint number, scores)."""
@@ -101,26 +98,33 @@ class FusionRanker:
         pools = self.pools(contexts)
         rows = Rows.of_pools(pools, self.lookup if model.use_vectors else None)
         pred = model.predict(rows)
+        orders = ranked_orders(pools, pred.fused)
+        tops = [order[:k] for order in orders]
+        starts = np.cumsum([0, *(len(p) for p in pools)])
+        explained = iter(explain(pred, [int(start) + r for start, top in zip(starts, tops, strict=False) for r in top]))
         out: list[Ranked] = []
-        start = 0
-        for pool in pools:
-            fused = pred.fused[start: start + len(pool)]
-            order = sorted(range(len(pool)), key=lambda r: (-fused[r], pool.items[r]))
-            top = order[:k]
-            items = [Recommendation(item_id=pool.items[r], score=round(float(fused[r]), 6), sources=sources)
-                     for r, sources in zip(top, explain(pred, [start + r for r in top]), strict=True)]
+        for pool, start, order, top in zip(pools, starts, orders, tops, strict=False):
+            items = [Recommendation(item_id=pool.items[r], score=round(float(pred.fused[start + r]), 6),
+                                    sources=next(explained)) for r in top]
             out.append(Ranked(items=items, pool=pool, order=order, model=number))
-            start += len(pool)
         return out
 
     def rank(self, ctx: UserContext, k: int) -> list[Recommendation]:
         return self.rank_many([ctx], k)[0].items
 
 
-def _candidate_ids(c: UserContext) -> list[str]:
-    ids = [i for i, _ in (*c.items, *c.content, *c.popular, *c.trending)]
-    ids.extend(i for ns in c.covis.values() for i, _ in ns)
-    return ids
+def ranked_orders(pools: Sequence[CandidatePool], fused: np.ndarray) -> list[list[int]]:
+    """Each pool's rows by (-score, item id): ``fused`` holds the pools' scores one after another."""
+    items = [i for p in pools for i in p.items]
+    if not items:
+        return [[] for _ in pools]
+    names = sorted(set(items))
+    rank = {name: r for r, name in enumerate(names)}
+    codes = np.fromiter((rank[i] for i in items), dtype=np.int64, count=len(items))
+    owner = np.repeat(np.arange(len(pools)), [len(p) for p in pools])
+    order = np.lexsort((codes, -np.asarray(fused, dtype=np.float64), owner))
+    starts = np.cumsum([0, *(len(p) for p in pools)])
+    return [(order[lo:hi] - lo).tolist() for lo, hi in zip(starts[:-1], starts[1:], strict=True)]
 
 
 def _text(raw: bytes | str | None) -> str | None:
