@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import msgspec
@@ -74,14 +74,16 @@ class EventProducer:
 
     # ------------------------------------------------------------------ produce
     def produce(self, topic: str, value: bytes, key: bytes | str | None = None,
-                headers: Headers | None = None, timestamp: int = 0) -> None:
+                headers: Headers | None = None, timestamp: int = 0,
+                on_delivery: Callable[[KafkaError | None, Message], None] | None = None) -> None:
         """Queue one message (``timestamp`` ms, 0: now); blocks while the local queue is full, for at
-        most ``max_block_s`` (then :class:`DeliveryError`)."""
+        most ``max_block_s`` (then :class:`DeliveryError`). ``on_delivery`` is also told its outcome."""
         deadline = None
+        report = self._on_delivery if on_delivery is None else _both(self._on_delivery, on_delivery)
         while True:
             try:
                 self._producer.produce(topic, value=value, key=key, headers=headers, timestamp=timestamp,
-                                       on_delivery=self._on_delivery)
+                                       on_delivery=report)
                 break
             except BufferError as exc:
                 now = time.monotonic()
@@ -103,6 +105,10 @@ class EventProducer:
     def poll(self, timeout: float = 0) -> int:
         return int(self._producer.poll(timeout))
 
+    def drain(self, timeout: float = 30.0) -> int:
+        """Wait up to ``timeout`` for the queued messages' outcomes; how many are still queued."""
+        return int(self._producer.flush(timeout))
+
     def flush(self, timeout: float = 30.0) -> None:
         """Wait for every queued message; raise if any is still undelivered or failed since last flush."""
         remaining = self._producer.flush(timeout)
@@ -121,6 +127,14 @@ class EventProducer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _both(first: Callable[[KafkaError | None, Message], None],
+          then: Callable[[KafkaError | None, Message], None]) -> Callable[[KafkaError | None, Message], None]:
+    def report(err: KafkaError | None, msg: Message) -> None:
+        first(err, msg)
+        then(err, msg)
+    return report
 
 
 def _encode(event: msgspec.Struct | Mapping[str, Any], key_field: str) -> tuple[bytes, str]:

@@ -17,7 +17,8 @@ partitions' offsets back (:meth:`UserStateHandler.floor`); a revocation writes t
 and what a revocation could not write, or a lost partition's, is forgotten: the new owner replays it.
 
 A hook may finish its outputs later (:class:`DeferredOutput`: ranking off the ingest path, see
-:mod:`fusionrec.online.ranking.scheduler`). The consumer then stores an events offset only once every
+:mod:`fusionrec.online.ranking.scheduler`; item deltas acknowledged after their produce, see
+:class:`fusionrec.streams.trending.ItemDeltaPublisher`). The consumer then stores an events offset only once every
 deferred output of the events before it is done (:meth:`UserStateHandler.floor`), finishes them all
 before a revocation commits (:meth:`UserStateHandler.flush`), and forgets them when partitions are lost.
 """
