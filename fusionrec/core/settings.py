@@ -210,6 +210,9 @@ class RecSettings:
     budget_ms: int = setting(15, env="REC_BUDGET_MS",
                              doc="ranking time per cycle before the thread yields to ingest (over budget: ranks "
                                  "wait, merging further events)")
+    rank_on_read: bool = setting(False, env="REC_RANK_ON_READ",
+                                 doc="readers (the API, RecommendationReader) rank a user whose state is newer "
+                                     "than their stored list, with the served fusion model, instead of serving it")
     max_dirty: int = setting(50_000, env="REC_MAX_DIRTY",
                              doc="users waiting to be ranked beyond which the stream stops fetching")
 

@@ -38,6 +38,7 @@ class RecList(msgspec.Struct, frozen=True):
     event_ts: int  # ms, event time of the newest event applied for this user
     fallback: bool = False
     v: int = REC_SCHEMA_VERSION
+    on_read: bool = False  # ranked by the reader that answers, from state newer than the stored list
 
 
 @dataclass

@@ -53,7 +53,7 @@ from fusionrec.core.keys import ID_EXCLUDED, ID_REGEX, Keys
 from fusionrec.core.metrics import Metrics, MetricSet, counter, gauge, histogram
 from fusionrec.core.settings import Settings
 from fusionrec.online.learning.checkpoints import CheckpointStore, ModelMetrics
-from fusionrec.online.serving.reader import AsyncRecommendationReader, RecommendationReader
+from fusionrec.online.serving.reader import AsyncRecommendationReader, OnReadRanker, RecommendationReader
 from fusionrec.online.serving.search import Searcher, SearchLogQueue, SearchUnavailableError
 
 if TYPE_CHECKING:
@@ -84,6 +84,7 @@ class RecListOut(BaseModel):
     generated_at: int
     event_ts: int
     fallback: bool
+    on_read: bool = False
     items: list[RecommendationOut]
 
 
@@ -117,6 +118,9 @@ class ApiMetrics(MetricSet):
     in_flight = gauge("fusionrec_api_in_flight_requests", "/v1 requests being served now")
     rejected = counter("fusionrec_api_rejected_total",
                        "/v1 requests answered 503 because FUSIONREC_API_MAX_CONCURRENCY were in flight")
+    ranked_on_read = counter("fusionrec_api_ranked_on_read_total",
+                             "Recommendation lists ranked by the API because the user's state was newer than "
+                             "their stored list (FUSIONREC_REC_RANK_ON_READ)")
     search_log_dropped = counter("fusionrec_api_search_log_dropped_total",
                                  "Served search lists not logged to the feedback topic, by reason "
                                  "(queue_full, buffer_full, produce_error, delivery_failed, shutdown)", ("reason",))
@@ -260,8 +264,11 @@ class Services:
         self.process_metrics = Metrics(registry or CollectorRegistry())
         self.metrics = self.process_metrics.of(ApiMetrics)
         self.model_metrics = self.process_metrics.of(ModelMetrics)
-        self.reader = RecommendationReader(client, settings, self.keys)
-        self.areader = AsyncRecommendationReader(aclient, self.keys, pseudonyms=self.reader.pseudonyms)
+        on_read = (OnReadRanker(client, settings, self.keys, counted=self.metrics.ranked_on_read.inc)
+                   if settings.rec.rank_on_read else None)
+        self.reader = RecommendationReader(client, settings, self.keys, on_read=on_read)
+        self.areader = AsyncRecommendationReader(aclient, self.keys, pseudonyms=self.reader.pseudonyms,
+                                                 on_read=on_read)
         self.checkpoints = CheckpointStore(client, settings, self.keys)
         self.search_log = (SearchLogQueue.from_settings(settings, self.metrics.search_log_dropped)
                            if log_searches else None)

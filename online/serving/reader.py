@@ -3,6 +3,14 @@
 One GET per user; users without a stored list (unknown, or expired) get the currently popular items,
 marked ``fallback=True``.
 
+Rank on read (``FUSIONREC_REC_RANK_ON_READ``): the stream ranks a touched user off its ingest path,
+at most every ``FUSIONREC_REC_DEBOUNCE_MS``, so for a moment after an event the user's state is
+newer than their stored list. With the setting on, the reader also reads the state's newest event
+time (``last_seen``) and, where it is newer than the list's ``event_ts`` (or there is state but no
+list yet), ranks the user itself with the served fusion model (:class:`OnReadRanker`) and answers
+that list, marked ``on_read=True``. It writes nothing: the reader may hold a read-only Redis account,
+and the stream's own ranking writes the list (and logs the decision for the learner) moments later.
+
 >>> reader = RecommendationReader(redis.Redis.from_url(url), settings)   # doctest: +SKIP
 >>> [r.item_id for r in reader.top_k("42", k=5).items]                    # doctest: +SKIP
 """
@@ -10,8 +18,10 @@ marked ``fallback=True``.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
-from typing import cast
+from collections.abc import Callable
+from typing import Any, cast
 
 import msgspec
 import redis
@@ -42,22 +52,83 @@ def popular_list(user_id: str, ranked: list[tuple[bytes, float]], deleted: list[
                                          for m, s in items])
 
 
+class OnReadRanker:
+    """Ranks one user from their state now, with the served fusion model (see the module docstring).
+
+    Built on first use: only then does the process load the model (and import torch). Rankings are
+    serialised (the item and vector caches are shared); each takes about a millisecond.
+    """
+
+    def __init__(self, client: redis.Redis, settings: Settings, keys: Keys,
+                 counted: Callable[[], None] | None = None) -> None:
+        self.redis = client
+        self.settings = settings
+        self.keys = keys
+        self.counted = counted
+        self._lock = threading.Lock()
+        self._ranker: Any = None
+        self._candidates: Any = None
+
+    @staticmethod
+    def stale(recs: RecList | None, last_seen: bytes | str | None) -> bool:
+        """Whether the state (newest event time ``last_seen``) is newer than the stored list."""
+        if last_seen is None:
+            return False
+        try:
+            seen = int(last_seen)
+        except ValueError:
+            return False
+        return recs is None or seen > recs.event_ts
+
+    def rank(self, user_id: str, stored_id: str, last_seen: bytes | str, k: int) -> RecList:
+        """``user_id``'s list from the state stored under ``stored_id`` (its pseudonym, where used)."""
+        with self._lock:
+            if self._ranker is None:
+                from fusionrec.online.candidates.context import CandidateReader
+                from fusionrec.online.learning.checkpoints import CheckpointStore, ServingModel
+                from fusionrec.online.ranking.fusion import FusionRanker
+
+                serving = ServingModel(CheckpointStore(self.redis, self.settings, self.keys), self.settings)
+                self._ranker = FusionRanker(self.redis, self.settings, serving, self.keys)
+                self._candidates = CandidateReader(self.redis, self.settings, self.keys)
+            ts = int(last_seen)
+            [ctx] = self._candidates.for_stored_users({stored_id: ts})
+            [ranked] = self._ranker.rank_many([ctx], k)
+        if self.counted is not None:
+            self.counted()
+        name = self._ranker.name
+        model = f"{name}-{ranked.model}" if ranked.model else name
+        return RecList(user_id=user_id, items=ranked.items[:k], model=model, generated_at=int(time.time() * 1000),
+                       event_ts=ts, on_read=True)
+
+
 class RecommendationReader:
-    def __init__(self, client: redis.Redis, settings: Settings, keys: Keys | None = None) -> None:
+    def __init__(self, client: redis.Redis, settings: Settings, keys: Keys | None = None,
+                 on_read: OnReadRanker | None = None) -> None:
         self.redis = client
         self.settings = settings
         self.keys = keys or Keys.for_settings(settings)
         self.pseudonyms = Pseudonyms.for_settings(settings)
         self.content = ContentIndex(client, settings, self.keys)
+        self.on_read = on_read or (OnReadRanker(client, settings, self.keys) if settings.rec.rank_on_read else None)
 
     def top_k(self, user_id: str | int, k: int | None = None) -> RecList:
         k = self.settings.rec.k if k is None else k
         if k <= 0:
             raise ValueError(f"k must be positive, got {k}")
-        raw = self.redis.get(self.keys.user_rec(self.pseudonyms(str(user_id))))
-        if raw is not None:
-            return stored_list(cast(bytes, raw), k, str(user_id))
-        return self.popular(str(user_id), k)
+        uid = str(user_id)
+        stored_id = self.pseudonyms(uid)
+        if self.on_read is None:
+            raw = self.redis.get(self.keys.user_rec(stored_id))
+            return stored_list(cast(bytes, raw), k, uid) if raw is not None else self.popular(uid, k)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.get(self.keys.user_rec(stored_id))
+        pipe.hget(self.keys.user_state(stored_id), "last_seen")
+        raw, last_seen = pipe.execute()
+        recs = stored_list(raw, k, uid) if raw is not None else None
+        if last_seen is not None and self.on_read.stale(recs, last_seen):
+            return self.on_read.rank(uid, stored_id, last_seen, k)
+        return recs if recs is not None else self.popular(uid, k)
 
     def many(self, user_ids: list[str], k: int | None = None) -> dict[str, RecList]:
         """``top_k`` for many users in one round trip (plus one for the fallback if needed)."""
@@ -111,10 +182,12 @@ class AsyncRecommendationReader:
     """
 
     def __init__(self, client: redis.asyncio.Redis, keys: Keys, popular_ttl_s: float = 1.0,
-                 max_batch: int = 256, pseudonyms: Pseudonyms | None = None) -> None:
+                 max_batch: int = 256, pseudonyms: Pseudonyms | None = None,
+                 on_read: OnReadRanker | None = None) -> None:
         self.redis = client
         self.keys = keys
         self.pseudonyms = pseudonyms or Pseudonyms(None)
+        self.on_read = on_read  # ranks in a worker thread; one more round trip per read (last_seen)
         self.popular_ttl_s = popular_ttl_s
         self.max_batch = max_batch
         self._pending: dict[str, list[asyncio.Future[bytes | None]]] = {}
@@ -122,9 +195,15 @@ class AsyncRecommendationReader:
         self.batches = 0
 
     async def top_k(self, user_id: str, k: int) -> RecList:
-        raw = await self._get(self.keys.user_rec(self.pseudonyms(user_id)))
-        if raw is not None:
-            return stored_list(raw, k, user_id)
+        stored_id = self.pseudonyms(user_id)
+        raw = await self._get(self.keys.user_rec(stored_id))
+        recs = stored_list(raw, k, user_id) if raw is not None else None
+        if self.on_read is not None:
+            last_seen = await self.redis.hget(self.keys.user_state(stored_id), "last_seen")
+            if last_seen is not None and self.on_read.stale(recs, last_seen):
+                return await asyncio.to_thread(self.on_read.rank, user_id, stored_id, last_seen, k)
+        if recs is not None:
+            return recs
         return msgspec.structs.replace(await self.popular(k), user_id=user_id)
 
     async def popular(self, k: int) -> RecList:
