@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import zlib
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -64,10 +65,13 @@ class Snapshot(msgspec.Struct, frozen=True, array_like=True):
     @classmethod
     def of(cls, pool: CandidatePool, order: list[int], shown: int, actions: list[tuple[str, str, int]],
            impressions: list[str], model: int, logged_at: int, positions: list[tuple[int, int]] | None = None,
-           upto: dict[int, int] | None = None) -> Snapshot:
+           upto: dict[int, int] | None = None, features: bytes | None = None) -> Snapshot:
+        """``features``: the pool's rows in ``order`` as float16 bytes, where the caller converted many
+        pools at once (:func:`ordered_features`)."""
         version, profile = (pool.profile[0], pool.profile[1].astype("<f4").tobytes()) if pool.profile else (None, None)
+        X = features if features is not None else np.ascontiguousarray(pool.X[order], dtype="<f2").tobytes()
         return cls(user_id=pool.user_id, ts=pool.ts, items=[pool.items[r] for r in order], shown=shown,
-                   X=np.ascontiguousarray(pool.X[order], dtype="<f2").tobytes(), n_features=pool.X.shape[1],
+                   X=X, n_features=pool.X.shape[1],
                    version=version, profile=profile, actions=actions, impressions=impressions, model=model,
                    logged_at=logged_at, positions=list(positions or []), upto=dict(upto or {}))
 
@@ -76,6 +80,19 @@ class Snapshot(msgspec.Struct, frozen=True, array_like=True):
         profile = (self.version, np.frombuffer(self.profile, dtype="<f4")) \
             if self.version is not None and self.profile is not None else None
         return CandidatePool(user_id=self.user_id, ts=self.ts, items=list(self.items), X=X, profile=profile)
+
+
+def ordered_features(pools: Sequence[CandidatePool], orders: Sequence[list[int]]) -> list[bytes]:
+    """Each pool's feature rows in its order, as the float16 bytes a :class:`Snapshot` holds: one
+    conversion for all the pools."""
+    if not pools:
+        return []
+    starts = np.cumsum([0, *(len(p) for p in pools)])
+    X = np.concatenate([p.X for p in pools])
+    rows = np.concatenate([np.asarray(o, dtype=np.int64) + start for o, start in zip(orders, starts, strict=False)])
+    half = np.ascontiguousarray(X[rows], dtype="<f2")
+    ends = np.cumsum([0, *(len(o) for o in orders)])
+    return [half[lo:hi].tobytes() for lo, hi in zip(ends[:-1], ends[1:], strict=True)]
 
 
 encode_snapshot = msgspec.msgpack.Encoder().encode

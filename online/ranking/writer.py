@@ -23,7 +23,7 @@ from fusionrec.core.scripts import MULTI_SETEX, NEWER_RECS, register
 from fusionrec.core.settings import Settings
 from fusionrec.online.candidates.context import CandidateReader
 from fusionrec.online.learning.checkpoints import CheckpointStore, ServingModel
-from fusionrec.online.learning.feedback import Snapshot
+from fusionrec.online.learning.feedback import Snapshot, ordered_features
 from fusionrec.online.ranking.ranker import Ranked, Ranker, RecList, SimpleRanker
 from fusionrec.streams.state import BatchResult, UserTouch
 
@@ -74,13 +74,13 @@ class RecommendationWriter:
             self.refresh(result.users)
 
     def _snapshots(self, users: dict[str, UserTouch], ranked: list[Ranked], now: int) -> list[Snapshot]:
+        logged = [r for r in ranked if r.pool is not None and r.order is not None]
+        features = ordered_features([r.pool for r in logged], [r.order for r in logged if r.order is not None])
         out = []
-        for r in ranked:
-            if r.pool is None or r.order is None:
-                continue
+        for r, X in zip(logged, features, strict=True):
             touch = users[r.pool.user_id]
-            out.append(Snapshot.of(r.pool, r.order, len(r.items), touch.actions, touch.shown, r.model, now,
-                                   positions=touch.positions, upto=touch.upto))
+            out.append(Snapshot.of(r.pool, r.order or [], len(r.items), touch.actions, touch.shown, r.model, now,
+                                   positions=touch.positions, upto=touch.upto, features=X))
         return out
 
     def refresh(self, users: dict[str, UserTouch]) -> int:

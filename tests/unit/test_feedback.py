@@ -149,3 +149,14 @@ def test_positions_must_match_the_actions():
     snap = _positioned("u1", 1000, ["a"], [("view", "a", 900)], [(0, 1), (0, 2)], {0: 2})
     with pytest.raises(InvalidEventError):
         decode_snapshot(encode_snapshot(snap))
+
+
+def test_features_converted_for_many_pools_equal_one_at_a_time():
+    from fusionrec.online.learning.feedback import ordered_features
+
+    pools = [build_pool(_ctx(user_id=u, ts=1_700_000_000_000 + n), INFO, size=50) for n, u in enumerate("abc")]
+    orders = [list(reversed(range(len(p)))) for p in pools]
+    orders[1] = orders[1][:2]  # a logged pool may hold fewer rows than were built
+    for pool, order, X in zip(pools, orders, ordered_features(pools, orders), strict=True):
+        assert X == Snapshot.of(pool, order, 1, [], [], 0, 0).X  # the pool converted alone
+    assert ordered_features([], []) == []
