@@ -81,8 +81,8 @@ class EmbedProcessor(BaseProcessor[CatalogEvent]):
         self._encoder.start()
 
     # ------------------------------------------------------------------ consumer thread (runtime hooks)
-    def decode(self, msg: Message) -> CatalogEvent:
-        return self.validator.catalog_event(msg.value())
+    def decode(self, msg: Message, now_ms: int) -> CatalogEvent:
+        return self.validator.catalog_event(msg.value(), now_ms)
 
     def process(self, batch: Polled[CatalogEvent]) -> None:
         work = Work(events=[r.value for r in batch.records], timestamps=[r.timestamp for r in batch.records],

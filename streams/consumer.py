@@ -109,10 +109,10 @@ class EventsProcessor(BaseProcessor[Event]):
         self.stored: Offsets = {}
         self._done_at = 0.0
 
-    def decode(self, msg: Message) -> Event:
+    def decode(self, msg: Message, now_ms: int) -> Event:
         if msg.topic() == self.catalog_topic:
-            return self.validator.catalog_event(msg.value())
-        return self.validator.user_event(msg.value())
+            return self.validator.catalog_event(msg.value(), now_ms)
+        return self.validator.user_event(msg.value(), now_ms)
 
     def dead_letter(self, letter: DeadLetter) -> DeadLetter:
         """With pseudonyms on, a user events letter leaves without a raw user id

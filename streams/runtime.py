@@ -6,7 +6,8 @@ polled batch, in this order (the labels ``Step 1`` … ``Step 5`` in :meth:`Cons
 
 1. **Poll** ``consume(max_messages, timeout)``. Transport errors are logged and skipped, fatal ones
    raised; partition EOF is not reported (``enable.partition.eof`` is off).
-2. **Decode** each message with :meth:`Processor.decode`. :class:`InvalidEventError` becomes a dead
+2. **Decode** each message with :meth:`Processor.decode`, given the batch's one clock read (the
+   contract's future-skew bound is checked against it). :class:`InvalidEventError` becomes a dead
    letter with its reason; *any other exception* a message causes becomes a dead letter with reason
    ``invalid_value``. A message never crashes a loop. :meth:`Processor.dead_letter` may rewrite
    each letter (the user-state stage pseudonymises user ids in its events topic's letters).
@@ -99,7 +100,7 @@ class Processor(Protocol[T]):
 
     stage: str  # label of the retry metric
 
-    def decode(self, msg: Message) -> T: ...
+    def decode(self, msg: Message, now_ms: int) -> T: ...  # now_ms: the batch's one clock read
     def dead_letter(self, letter: DeadLetter) -> DeadLetter: ...
     def process(self, batch: Polled[T]) -> None: ...
     def completed(self, batch: Polled[T]) -> Offsets: ...
@@ -118,7 +119,7 @@ class BaseProcessor(Generic[T]):
 
     stage = "process"
 
-    def decode(self, msg: Message) -> T:
+    def decode(self, msg: Message, now_ms: int) -> T:
         raise NotImplementedError
 
     def dead_letter(self, letter: DeadLetter) -> DeadLetter:
@@ -333,12 +334,13 @@ class ConsumeRuntime(Generic[T]):
 
     def _decode(self, msgs: list[Message]) -> Polled[T]:
         batch: Polled[T] = Polled(size=len(msgs))
+        now_ms = int(time.time() * 1000)  # one clock read per batch: the contract's future-skew bound
         for msg in delivered(msgs):
             topic, partition, offset = position(msg)
             batch.first.setdefault((topic, partition), offset)
             batch.next[(topic, partition)] = offset + 1
             try:
-                value = self.processor.decode(msg)
+                value = self.processor.decode(msg, now_ms)
             except InvalidEventError as exc:
                 batch.dead.append(self.processor.dead_letter(DeadLetter.of(msg, exc.reason, exc.detail)))
                 continue

@@ -151,7 +151,7 @@ class LearnerLoop(BaseProcessor[Feedback]):
             self._start_over()
 
     # ------------------------------------------------------------------ runtime hooks
-    def decode(self, msg: Message) -> Feedback:
+    def decode(self, msg: Message, now_ms: int) -> Feedback:
         if (KIND_HEADER, KIND_SEARCH) in (msg.headers() or []):
             return decode_search_log(msg.value() or b"")
         return decode_snapshot(msg.value() or b"")

@@ -719,7 +719,7 @@ def feedback_outcome(msg: Message) -> tuple[str | None, Any, str]:
 @given(feedback_messages, feedback_headers)
 def test_the_learner_decodes_what_its_decoders_decode(raw: bytes | None, headers: list[tuple[str, bytes]]) -> None:
     msg = Message(SETTINGS.kafka.topic_feedback, 0, 0, raw, headers)
-    got = outcome(lambda: learner().decode(msg), FEEDBACK_REASONS)
+    got = outcome(lambda: learner().decode(msg, 0), FEEDBACK_REASONS)
     assert got == feedback_outcome(msg)
     if got[0] is None:
         check_feedback(got[1])

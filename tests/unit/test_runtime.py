@@ -183,7 +183,7 @@ class Recorder(BaseProcessor[str]):
         self.revoked_calls: list[list[int]] = []
         self.lost_calls: list[list[int]] = []
 
-    def decode(self, msg: Any) -> str:
+    def decode(self, msg: Any, now_ms: int) -> str:
         raw = msg.value()
         if raw == b"deep":
             raise RecursionError("maximum recursion depth exceeded")
