@@ -53,6 +53,9 @@ class CandidatePool:
     items: list[str]
     X: np.ndarray  # (len(items), len(FEATURES)) float32
     profile: tuple[str, np.ndarray] | None = None  # (vector version, unit vector)
+    # the items' ranks in id order among the items of the build that made the pool: ties in a
+    # ranking break by it (None: compare the ids themselves)
+    codes: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.items)
@@ -218,8 +221,9 @@ class _PoolBuilder:
         X[np.arange(len(rows)), hours[row_users]] = 1.0
         self._fill_items(X, row_users, row_items, names)
         bounds = np.searchsorted(row_users, np.arange(n_users + 1))
+        codes = by_name[row_items]
         return [CandidatePool(user_id=c.user_id, ts=c.ts, items=[names[i] for i in row_items[lo:hi]],
-                              X=X[lo:hi], profile=c.profile)
+                              X=X[lo:hi], profile=c.profile, codes=codes[lo:hi])
                 for c, lo, hi in zip(ctxs, bounds[:-1], bounds[1:], strict=True)]
 
     def _covis_entries(self) -> _Entries:

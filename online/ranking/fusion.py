@@ -115,12 +115,14 @@ class FusionRanker:
 
 def ranked_orders(pools: Sequence[CandidatePool], fused: np.ndarray) -> list[list[int]]:
     """Each pool's rows by (-score, item id): ``fused`` holds the pools' scores one after another."""
-    items = [i for p in pools for i in p.items]
-    if not items:
+    if not any(len(p) for p in pools):
         return [[] for _ in pools]
-    names = sorted(set(items))
-    rank = {name: r for r, name in enumerate(names)}
-    codes = np.fromiter((rank[i] for i in items), dtype=np.int64, count=len(items))
+    if all(p.codes is not None for p in pools):
+        codes = np.concatenate([p.codes for p in pools if p.codes is not None])
+    else:
+        items = [i for p in pools for i in p.items]
+        rank = {name: r for r, name in enumerate(sorted(set(items)))}
+        codes = np.fromiter((rank[i] for i in items), dtype=np.int64, count=len(items))
     owner = np.repeat(np.arange(len(pools)), [len(p) for p in pools])
     order = np.lexsort((codes, -np.asarray(fused, dtype=np.float64), owner))
     starts = np.cumsum([0, *(len(p) for p in pools)])

@@ -6,6 +6,7 @@ builder must give the same pools, row for row and feature for feature, for any m
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from collections import defaultdict
@@ -154,6 +155,7 @@ def test_batch_pools_equal_the_reference_row_for_row(seed):
         assert pool.items == ref.items
         np.testing.assert_array_equal(pool.X, ref.X)
         assert (pool.ts, pool.profile) == (ref.ts, ref.profile)
+        assert pool.codes is not None and np.argsort(pool.codes).tolist() == np.argsort(pool.items).tolist()
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -180,7 +182,7 @@ def test_ranked_orders_break_ties_by_item_id():
 
     rng = random.Random(7)
     contexts, info = _random_batch(rng, 25)
-    pools = build_pools(contexts, info, 30)
+    pools = build_pools(contexts[:12], info, 30) + build_pools(contexts[12:], info, 30)  # two builds' codes
     fused = np.array([rng.choice([0.1, 0.2, 0.3]) for p in pools for _ in p.items], dtype=np.float32)
     orders = ranked_orders(pools, fused)
     start = 0
@@ -188,4 +190,6 @@ def test_ranked_orders_break_ties_by_item_id():
         scores = fused[start: start + len(pool)]
         assert order == sorted(range(len(pool)), key=lambda r: (-scores[r], pool.items[r]))
         start += len(pool)
+    # pools without codes (a logged decision's pool, say) are ordered by the ids themselves
+    assert ranked_orders([dataclasses.replace(p, codes=None) for p in pools], fused) == orders
     assert ranked_orders([build_pool(UserContext(user_id="x", recent=[]), {}, 5)], np.zeros(0)) == [[]]
