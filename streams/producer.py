@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 from confluent_kafka import KafkaError, Message, Producer
@@ -127,6 +127,133 @@ class EventProducer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _Sent(NamedTuple):
+    """A message produced and not yet acknowledged: enough to produce it again."""
+
+    first: dict[int, int]  # source partition -> the smallest source offset it derives from
+    value: bytes
+    key: str | None
+    timestamp: int
+
+
+class AcknowledgedOutput:
+    """Messages derived from source offsets, produced without waiting; each holds its source offsets
+    back until the broker acknowledges it.
+
+    What a stream needs to produce an output off its ingest path and still store offsets only past
+    outputs that are durable: :meth:`send` returns at once, :meth:`floor` is the first source offset
+    per partition whose output is not acknowledged yet (the stream stores no offset past it),
+    :meth:`flush` waits for all of them (a revocation, shutdown), :meth:`drop` forgets them (lost
+    partitions: their new owner derives them again).
+
+    Consumers that count each source partition's offsets in order (trending) or join a user's
+    decisions in order (the learner) need the messages of one key to arrive in order and without
+    gaps. The producer is idempotent with librdkafka's gapless guarantee, so a message that fails
+    fails those queued behind it too; after a failure, once every outcome is in, every message still
+    unacknowledged is produced again, in its order, by a new producer (an idempotent producer's
+    failure may be fatal to it).
+    """
+
+    def __init__(self, settings: Settings, topic: str, *, producer_options: Mapping[str, Any] | None = None,
+                 producer: EventProducer | None = None, max_pending: int = 10_000) -> None:
+        self.settings = settings
+        self.topic = topic
+        self.max_pending = max_pending
+        self._options = {**(producer_options or {}), "enable.gapless.guarantee": True}
+        self._own_producer = producer is None
+        self.producer = producer or EventProducer(settings, producer_options=self._options)
+        self._lock = threading.RLock()  # delivery reports arrive in whichever thread polls
+        self._pending: dict[int, _Sent] = {}  # produce sequence -> message, in produce order
+        self._seq = 0
+        self._failed: KafkaError | str | None = None
+        self.delivered = 0  # messages acknowledged (a message produced again counts once)
+
+    def send(self, value: bytes, key: str | None, first: Mapping[int, int], timestamp: int = 0) -> None:
+        """Produce one message derived from source offsets ``first`` (partition -> smallest offset) on."""
+        self.recover(timeout_s=0, strict=False)
+        self._send(_Sent(dict(first), value, key, timestamp))
+
+    def _send(self, sent: _Sent) -> None:
+        with self._lock:  # produce order is sequence order, and no send goes to a replaced producer
+            seq = self._seq
+            self._seq += 1
+            self._pending[seq] = sent
+            self.producer.produce(self.topic, sent.value, key=sent.key, timestamp=sent.timestamp,
+                                  on_delivery=lambda err, _msg: self._delivered(seq, err))
+
+    def _delivered(self, seq: int, err: KafkaError | None) -> None:
+        with self._lock:
+            if err is None:
+                if self._pending.pop(seq, None) is not None:
+                    self.delivered += 1
+            elif self._failed is None:
+                self._failed = err
+
+    def recover(self, timeout_s: float = 30.0, strict: bool = True) -> None:
+        """After a failed delivery: once every outcome is in (waiting up to ``timeout_s``), produce the
+        unacknowledged messages again, in order. ``strict``: raise :class:`DeliveryError` when the
+        outcomes are not all in yet; otherwise try again at the next call."""
+        with self._lock:
+            self.producer.poll(0)
+            if self._failed is None:
+                return
+            if self.producer.drain(timeout_s):
+                if strict:
+                    raise DeliveryError(f"{self.topic}: a delivery failed ({self._failed}) and others are "
+                                        f"still undelivered after {timeout_s:g}s")
+                return
+            log.warning("%s: a delivery failed (%s); producing the %d unacknowledged messages again",
+                        self.topic, self._failed, len(self._pending))
+            if self._own_producer:
+                self.producer = EventProducer(self.settings, producer_options=self._options)
+            again = list(self._pending.values())
+            self._pending.clear()
+            self._failed = None
+            for sent in again:
+                self._send(sent)
+
+    def floor(self) -> dict[int, int]:
+        """First source offset per partition that an unacknowledged message derives from."""
+        self.recover(timeout_s=0, strict=False)
+        out: dict[int, int] = {}
+        with self._lock:
+            for sent in self._pending.values():
+                for p, offset in sent.first.items():
+                    if offset < out.get(p, offset + 1):
+                        out[p] = offset
+        return out
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def accepting(self) -> bool:
+        return len(self._pending) < self.max_pending
+
+    def flush(self, timeout_s: float | None = None) -> None:
+        """Wait until every message is acknowledged (producing failed ones again); raise if not in time."""
+        timeout = 30.0 if timeout_s is None else timeout_s
+        self.recover(timeout)
+        self.producer.drain(timeout)
+        self.recover(timeout)
+        if self._pending:
+            raise DeliveryError(f"{len(self._pending)} messages to {self.topic} still unacknowledged "
+                                f"after {timeout:g}s")
+
+    def drop(self) -> None:
+        """Forget every pending message: the source partitions were lost, their new owner derives them
+        again (the consumers count them once)."""
+        with self._lock:
+            self._pending.clear()
+            self._failed = None
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            self.producer.drain(0)
 
 
 def _both(first: Callable[[KafkaError | None, Message], None],

@@ -28,22 +28,19 @@ from __future__ import annotations
 
 import heapq
 import logging
-import threading
 import time
 import zlib
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import msgspec
-from confluent_kafka import KafkaError
 
-from fusionrec.core.errors import DeliveryError
 from fusionrec.core.keys import Keys
 from fusionrec.core.metrics import Metrics, MetricSet, counter, gauge, histogram
 from fusionrec.core.settings import Settings
-from fusionrec.streams.producer import EventProducer
+from fusionrec.streams.producer import AcknowledgedOutput, EventProducer
 from fusionrec.streams.state import BatchResult
 
 log = logging.getLogger(__name__)
@@ -89,27 +86,16 @@ class TrendingMetrics(MetricSet):
                                multiprocess_mode="livemax")
 
 
-class _Sent(NamedTuple):
-    """A delta produced and not yet acknowledged: enough to produce it again."""
-
-    source: int  # events partition it counts
-    first: int  # the smallest source offset it counts
-    value: bytes
-    key: str
-    timestamp: int
-
-
 class ItemDeltaPublisher:
     """``after_apply`` hook of the user-state stream: the batch's item counts to the deltas topic.
 
-    Produced without waiting (a :class:`~fusionrec.streams.user_state.DeferredOutput`): the stream
-    stores an events offset only once every delta counting an offset before it is acknowledged
-    (:meth:`floor`), waits for them all before a revocation commits (:meth:`flush`), and stops
-    fetching while ``max_pending`` wait. The faust app counts each (source partition, item group)
-    past the newest offset it has counted, so the deltas of one group must arrive in order and
-    without gaps: the producer is idempotent with librdkafka's gapless guarantee (a message that
-    fails fails those queued behind it too), and a failed delta is produced again by a new producer,
-    with every delta still unacknowledged behind it, in their order.
+    Produced without waiting (a :class:`~fusionrec.streams.user_state.DeferredOutput`, through
+    :class:`~fusionrec.streams.producer.AcknowledgedOutput`): the stream stores an events offset
+    only once every delta counting an offset before it is acknowledged, waits for them all before a
+    revocation commits, and stops fetching while ``max_pending`` wait. The faust app counts each
+    (source partition, item group) past the newest offset it has counted, so the deltas of one group
+    arrive in order and without gaps: a failed delta is produced again with every unacknowledged
+    one behind it, in order.
     """
 
     def __init__(self, settings: Settings, metrics: Metrics | None = None,
@@ -118,23 +104,14 @@ class ItemDeltaPublisher:
         self.settings = settings
         self.clock = clock  # seconds since the epoch: the latest event time a delta is given
         self.metrics = metrics.of(TrendingMetrics) if metrics is not None else None
-        self.topic = settings.kafka.topic_item_deltas
-        self.max_pending = max_pending
-        self._own_producer = producer is None
-        self.producer = producer or self._new_producer()
-        self._encoder = msgspec.json.Encoder()
-        self._lock = threading.Lock()
-        self._pending: dict[int, _Sent] = {}  # produce sequence -> delta, in produce order
-        self._seq = 0
-        self._failed: KafkaError | None = None
-
-    def _new_producer(self) -> EventProducer:
         # uncompressed: faust's client (aiokafka) has no lz4 codec without an extra library
-        return EventProducer(self.settings, producer_options={"linger.ms": 5, "compression.type": "none",
-                                                              "enable.gapless.guarantee": True})
+        self.output = AcknowledgedOutput(settings, settings.kafka.topic_item_deltas, producer=producer,
+                                         producer_options={"linger.ms": 5, "compression.type": "none"},
+                                         max_pending=max_pending)
+        self._encoder = msgspec.json.Encoder()
 
     def __call__(self, result: BatchResult) -> None:
-        self._recover()
+        self.output.recover()
         if not result.item_offsets:
             return
         n = self.settings.kafka.partitions
@@ -149,84 +126,26 @@ class ItemDeltaPublisher:
                                   categories={i: c for i in group if (c := result.categories.get(i))},
                                   source=source, target=target, offsets=group)
                 first = min(o for offs in group.values() for o in offs)
-                self._send(_Sent(source, first, self._encoder.encode(delta), f"p{target}", ts_ms))
+                self.output.send(self._encoder.encode(delta), f"p{target}", {source: first}, timestamp=ts_ms)
                 published += len(group)
         if self.metrics is not None:
             self.metrics.trending_deltas.inc(published)
 
-    def _send(self, sent: _Sent) -> None:
-        with self._lock:
-            seq = self._seq
-            self._seq += 1
-            self._pending[seq] = sent
-        self.producer.produce(self.topic, sent.value, key=sent.key, timestamp=sent.timestamp,
-                              on_delivery=lambda err, _msg: self._delivered(seq, err))
-
-    def _delivered(self, seq: int, err: KafkaError | None) -> None:
-        with self._lock:
-            if err is None:
-                self._pending.pop(seq, None)
-            elif self._failed is None:
-                self._failed = err
-
-    def _recover(self, timeout_s: float = 30.0) -> None:
-        """After a failed delivery: once every outcome is in, produce the unacknowledged deltas
-        again, in order, with a new producer (an idempotent producer's failure may be fatal)."""
-        self.producer.poll(0)
-        if self._failed is None:
-            return
-        if self.producer.drain(timeout_s):
-            raise DeliveryError(f"item deltas: a delivery failed ({self._failed}) and others are still "
-                                f"undelivered after {timeout_s:g}s")
-        log.warning("an item delta failed (%s); producing the %d unacknowledged again", self._failed,
-                    len(self._pending))
-        if self._own_producer:
-            self.producer = self._new_producer()
-        with self._lock:
-            again = list(self._pending.values())
-            self._pending.clear()
-            self._failed = None
-        for sent in again:
-            self._send(sent)
-
-    # ------------------------------------------------------------------ DeferredOutput
+    # DeferredOutput: the acknowledgements hold the events offsets
     def floor(self) -> dict[int, int]:
-        """First source offset per events partition that an unacknowledged delta counts (a failed
-        delta is produced again here too once every outcome is in, so an idle stream recovers)."""
-        try:
-            self._recover(timeout_s=0)
-        except DeliveryError as exc:
-            log.debug("item deltas not produced again yet: %s", exc)
-        out: dict[int, int] = {}
-        with self._lock:
-            for sent in self._pending.values():
-                if sent.first < out.get(sent.source, sent.first + 1):
-                    out[sent.source] = sent.first
-        return out
+        return self.output.floor()
 
     def accepting(self) -> bool:
-        return len(self._pending) < self.max_pending
+        return self.output.accepting()
 
     def flush(self, timeout_s: float | None = None) -> None:
-        """Wait until every delta is acknowledged (producing failed ones again); raise if not in time."""
-        timeout = 30.0 if timeout_s is None else timeout_s
-        self._recover(timeout)
-        self.producer.drain(timeout)
-        self._recover(timeout)
-        if self._pending:
-            raise DeliveryError(f"{len(self._pending)} item deltas still unacknowledged after {timeout:g}s")
+        self.output.flush(timeout_s)
 
     def drop(self) -> None:
-        """The partitions were lost: their new owner derives the deltas again (counted once)."""
-        with self._lock:
-            self._pending.clear()
-            self._failed = None
+        self.output.drop()
 
     def close(self) -> None:
-        try:
-            self.flush()
-        finally:
-            self.producer.drain(0)
+        self.output.close()
 
 
 def top_by_category(counts: dict[str, float], categories: dict[str, str], per_category: int,

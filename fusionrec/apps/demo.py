@@ -138,7 +138,7 @@ def _start_learner(s: Settings, stack: contextlib.ExitStack) -> tuple[LearnerLoo
 def _finish_learner(learner: tuple[LearnerLoop, threading.Thread, threading.Event], pipeline: StatePipeline) -> None:
     """Let the learner read the whole feedback log, checkpoint, and the writer serve that checkpoint."""
     loop, thread, stop = learner
-    logged = pipeline.feedback.producer.delivered if pipeline.feedback else 0
+    logged = pipeline.feedback.delivered if pipeline.feedback else 0
     deadline = time.monotonic() + 60
     while loop.decisions < logged and thread.is_alive() and time.monotonic() < deadline:
         time.sleep(0.5)

@@ -37,7 +37,8 @@ class StatePipeline:
         self.writer = RecommendationWriter(self.redis, settings, metrics=self.metrics, keys=keys,
                                            sink=self.feedback)
         # ranking leaves the ingest path: touched users are ranked by the scheduler's thread
-        self.ranking = RankScheduler(self.writer, settings, self.metrics)
+        self.ranking = RankScheduler(self.writer, settings, self.metrics,
+                                     outputs=[self.feedback] if self.feedback is not None else [])
         self.deltas = ItemDeltaPublisher(settings, self.metrics)
         self.handler = UserStateHandler(self.store, self.metrics, after_apply=[self.ranking, self.deltas])
         self.consumer = BatchConsumer(settings, self.handler, self.metrics, group_id=group_id,

@@ -37,7 +37,7 @@ import numpy as np
 from fusionrec.core.errors import InvalidEventError
 from fusionrec.core.settings import Settings
 from fusionrec.online.candidates.features import FEATURES, CandidatePool
-from fusionrec.streams.producer import EventProducer
+from fusionrec.streams.producer import AcknowledgedOutput, EventProducer
 
 T = TypeVar("T")
 
@@ -224,20 +224,50 @@ def unseen_part(snap: Snapshot, seen: dict[int, int]) -> Snapshot | None:
 class FeedbackPublisher:
     """The writer's feedback sink in production: snapshots to the feedback topic, keyed by user.
 
-    ``__call__`` returns once every snapshot is acknowledged, so the consumer stores its offsets only
-    after the feedback of the batch is durable (a replayed batch logs its decisions again; the joiner
-    treats a repeated decision like any other).
+    Produced without waiting (:class:`~fusionrec.streams.producer.AcknowledgedOutput`): each
+    snapshot holds back the events offsets of what it logs (its actions' positions, or the newest
+    offset of an impression-only user) until the broker acknowledges it. The ranking scheduler adds
+    that to its floor, so the consumer stores its offsets only past durable feedback, and a replay
+    logs the decisions again (the joiner treats a repeated decision like any other). A failed
+    snapshot is produced again with every unacknowledged one behind it, in order: the joiner labels
+    a user's decision with the next one.
     """
 
-    def __init__(self, settings: Settings, producer: EventProducer | None = None) -> None:
+    def __init__(self, settings: Settings, producer: EventProducer | None = None, max_pending: int = 50_000) -> None:
         self.topic = settings.kafka.topic_feedback
-        self.producer = producer or EventProducer(settings, producer_options={"linger.ms": 5})
+        self.output = AcknowledgedOutput(settings, self.topic, producer=producer, producer_options={"linger.ms": 5},
+                                         max_pending=max_pending)
 
     def __call__(self, snapshots: list[Snapshot]) -> None:
+        self.output.recover()
         for snap in snapshots:
-            self.producer.produce(self.topic, encode_snapshot(snap), key=snap.user_id)
-        if snapshots:
-            self.producer.flush()
+            self.output.send(encode_snapshot(snap), snap.user_id, _first_offsets(snap))
+
+    @property
+    def delivered(self) -> int:
+        return self.output.delivered
+
+    # what the ranking scheduler's floor, flush and drop add (fusionrec.online.ranking.scheduler)
+    def floor(self) -> dict[int, int]:
+        return self.output.floor()
+
+    def accepting(self) -> bool:
+        return self.output.accepting()
+
+    def flush(self, timeout_s: float | None = None) -> None:
+        self.output.flush(timeout_s)
+
+    def drop(self) -> None:
+        self.output.drop()
 
     def close(self) -> None:
-        self.producer.close()
+        self.output.close()
+
+
+def _first_offsets(snap: Snapshot) -> dict[int, int]:
+    first: dict[int, int] = {}
+    for p, offset in snap.positions:
+        first[p] = min(offset, first.get(p, offset))
+    for p, offset in snap.upto.items():
+        first.setdefault(p, offset)
+    return first

@@ -9,8 +9,9 @@ for all of them, and ranking yields the interpreter to ingest between chunks.
 
 Exactly once in effect, as in the synchronous path: the consumer stores an events offset only when
 every output derived from the events before it is written (the list) and acknowledged (the feedback
-decision). :meth:`floor` is the first offset per events partition whose output is still pending; the
-stream stores ``min(consumed, floor)``. A crash replays from there and the replayed events' outputs
+decision, produced without waiting: ``outputs`` add their unacknowledged offsets). :meth:`floor` is
+the first offset per events partition whose output is still pending; the stream stores
+``min(consumed, floor)``. A crash replays from there and the replayed events' outputs
 are derived again (see :mod:`fusionrec.streams.state`). On revocation and shutdown :meth:`flush`
 ranks everything pending before the offsets are committed; lost partitions are dropped
 (:meth:`drop`), since their new owner replays them. Transient failures in the thread put the users
@@ -23,7 +24,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from fusionrec.core.metrics import Metrics, MetricSet, gauge, histogram
 from fusionrec.core.settings import Settings
@@ -35,6 +38,15 @@ from fusionrec.streams.state import BatchResult, UserTouch
 log = logging.getLogger(__name__)
 
 CHUNK = 256  # users ranked in one go (one candidate read and one write round trip)
+
+
+class PendingOutput(Protocol):
+    """What a ranking produces without waiting (the feedback log): held back until acknowledged."""
+
+    def floor(self) -> dict[int, int]: ...  # events partition -> first offset whose output is unacknowledged
+    def accepting(self) -> bool: ...
+    def flush(self, timeout_s: float | None = None) -> None: ...
+    def drop(self) -> None: ...
 
 
 class SchedulerMetrics(MetricSet):
@@ -78,8 +90,10 @@ def _first_offsets(touch: UserTouch) -> dict[int, int]:
 class RankScheduler:
     """``after_apply`` hook that defers ranking to a background thread (see the module docstring)."""
 
-    def __init__(self, writer: RecommendationWriter, settings: Settings, metrics: Metrics | None = None) -> None:
+    def __init__(self, writer: RecommendationWriter, settings: Settings, metrics: Metrics | None = None,
+                 outputs: Sequence[PendingOutput] = ()) -> None:
         self.writer = writer
+        self.outputs = list(outputs)  # what a ranking produces without waiting (the feedback log)
         self.settings = settings
         registry = metrics or Metrics()
         self.metrics = registry.of(SchedulerMetrics)
@@ -129,10 +143,14 @@ class RankScheduler:
                 for p, offset in entry.first.items():
                     if offset < out.get(p, offset + 1):
                         out[p] = offset
+        for output in self.outputs:
+            for p, offset in output.floor().items():
+                if offset < out.get(p, offset + 1):
+                    out[p] = offset
         return out
 
     def accepting(self) -> bool:
-        return len(self._pending) < self.max_dirty
+        return len(self._pending) < self.max_dirty and all(o.accepting() for o in self.outputs)
 
     def flush(self, timeout_s: float | None = None) -> None:
         """Rank pending users now (revocation, shutdown), for at most ``timeout_s``; transient errors
@@ -144,14 +162,18 @@ class RankScheduler:
                     batch = {uid: self._pending.pop(uid) for uid in list(self._pending)[:CHUNK]}
                     self._inflight.update(batch)
                 if not batch:
-                    return
+                    break
                 self._rank(batch)
+        for output in self.outputs:  # what the rankings produced, acknowledged
+            output.flush(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
     def drop(self) -> None:
         """Forget what is pending: the partitions were lost and their new owner replays them."""
         with self._rank_lock, self._lock:
             self._pending.clear()
             self.metrics.recs_dirty.set(0)
+        for output in self.outputs:
+            output.drop()
 
     def close(self) -> None:
         self._stop.set()

@@ -160,3 +160,34 @@ def test_features_converted_for_many_pools_equal_one_at_a_time():
     for pool, order, X in zip(pools, orders, ordered_features(pools, orders), strict=True):
         assert X == Snapshot.of(pool, order, 1, [], [], 0, 0).X  # the pool converted alone
     assert ordered_features([], []) == []
+
+
+def test_a_logged_decision_holds_the_offsets_of_what_it_logs():
+    from fusionrec.core.settings import Settings
+    from fusionrec.online.learning.feedback import FeedbackPublisher
+
+    class Producer:  # keeps each message's delivery report for the test to give
+        def __init__(self):
+            self.reports = []
+
+        def produce(self, topic, value, key=None, headers=None, timestamp=0, on_delivery=None):
+            self.reports.append(on_delivery)
+
+        def poll(self, timeout=0):
+            return 0
+
+        def drain(self, timeout=30.0):
+            return 0
+
+    producer = Producer()
+    publisher = FeedbackPublisher(Settings(), producer=producer)  # type: ignore[arg-type]
+    pool = build_pool(_ctx(), INFO, size=50)
+    acted = Snapshot.of(pool, [0, 1], 2, [("view", "a", 1), ("purchase", "b", 2)], [], 0, 0,
+                        positions=[(0, 12), (1, 4)], upto={0: 12, 1: 4})
+    shown_only = Snapshot.of(pool, [0], 1, [], ["a"], 0, 0, upto={0: 10})
+    publisher([acted, shown_only])
+    assert publisher.floor() == {0: 10, 1: 4}
+    producer.reports[1](None, None)
+    assert publisher.floor() == {0: 12, 1: 4} and publisher.delivered == 1
+    producer.reports[0](None, None)
+    assert publisher.floor() == {} and publisher.delivered == 2

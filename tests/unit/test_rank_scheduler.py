@@ -127,3 +127,46 @@ def test_a_ranking_thread_that_dies_fails_the_stream():
     with pytest.raises(RuntimeError, match="ranking thread failed"):
         sch(result(u2=[("a", 0, 2)]))
     sch.close()
+
+
+class HeldOutput:
+    """A pending output (the feedback log) whose messages the test acknowledges."""
+
+    def __init__(self) -> None:
+        self.held: dict[int, int] = {}
+        self.flushed = self.dropped = 0
+
+    def floor(self) -> dict[int, int]:
+        return dict(self.held)
+
+    def accepting(self) -> bool:
+        return len(self.held) < 2
+
+    def flush(self, timeout_s: float | None = None) -> None:
+        self.flushed += 1
+        self.held.clear()
+
+    def drop(self) -> None:
+        self.dropped += 1
+        self.held.clear()
+
+
+def test_unacknowledged_feedback_holds_the_offsets_after_the_ranking():
+    w = FakeWriter()
+    out = HeldOutput()
+    sch = RankScheduler(w, Settings.from_env({}, rec_debounce_ms=0, rec_cycle_ms=5, rec_budget_ms=50),  # type: ignore[arg-type]
+                        outputs=[out])
+    try:
+        sch(result(a=[("x", 0, 7)]))
+        wait(lambda: len(w.calls) == 1 and not sch._inflight)
+        out.held = {0: 7}  # the decision for "a" is produced, not acknowledged
+        assert sch.floor() == {0: 7}
+        out.held[1] = 3
+        assert not sch.accepting()
+        sch.flush(1.0)  # a revocation waits for the acknowledgements too
+        assert out.flushed == 1 and sch.floor() == {} and sch.accepting()
+        out.held = {0: 9}
+        sch.drop()
+        assert out.dropped == 1 and sch.floor() == {}
+    finally:
+        sch.close()

@@ -81,7 +81,7 @@ def test_unacknowledged_deltas_hold_the_offsets_they_count():
     assert publisher.floor() == {0: 5} and not publisher.accepting()
     producer.settle(None)
     assert publisher.floor() == {0: 9} and publisher.accepting()
-    with pytest.raises(DeliveryError, match="1 item deltas still unacknowledged"):
+    with pytest.raises(DeliveryError, match="1 messages to .* still unacknowledged"):
         publisher.flush(0.1)
     producer.settle(None)
     publisher.flush(0.1)
