@@ -256,6 +256,32 @@ class AcknowledgedOutput:
             self.producer.drain(0)
 
 
+class AcknowledgedPublisher:
+    """Base of the hooks that publish through an :class:`AcknowledgedOutput` (``self.output``): what
+    the stream asks of a deferred output, passed on to it."""
+
+    output: AcknowledgedOutput
+
+    def floor(self) -> dict[int, int]:
+        return self.output.floor()
+
+    def accepting(self) -> bool:
+        return self.output.accepting()
+
+    def flush(self, timeout_s: float | None = None) -> None:
+        self.output.flush(timeout_s)
+
+    def drop(self) -> None:
+        self.output.drop()
+
+    def close(self) -> None:
+        self.output.close()
+
+    @property
+    def delivered(self) -> int:
+        return self.output.delivered
+
+
 def _both(first: Callable[[KafkaError | None, Message], None],
           then: Callable[[KafkaError | None, Message], None]) -> Callable[[KafkaError | None, Message], None]:
     def report(err: KafkaError | None, msg: Message) -> None:

@@ -40,7 +40,7 @@ import msgspec
 from fusionrec.core.keys import Keys
 from fusionrec.core.metrics import Metrics, MetricSet, counter, gauge, histogram
 from fusionrec.core.settings import Settings
-from fusionrec.streams.producer import AcknowledgedOutput, EventProducer
+from fusionrec.streams.producer import AcknowledgedOutput, AcknowledgedPublisher, EventProducer
 from fusionrec.streams.state import BatchResult
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ class TrendingMetrics(MetricSet):
                                multiprocess_mode="livemax")
 
 
-class ItemDeltaPublisher:
+class ItemDeltaPublisher(AcknowledgedPublisher):
     """``after_apply`` hook of the user-state stream: the batch's item counts to the deltas topic.
 
     Produced without waiting (a :class:`~fusionrec.streams.user_state.DeferredOutput`, through
@@ -130,22 +130,6 @@ class ItemDeltaPublisher:
                 published += len(group)
         if self.metrics is not None:
             self.metrics.trending_deltas.inc(published)
-
-    # DeferredOutput: the acknowledgements hold the events offsets
-    def floor(self) -> dict[int, int]:
-        return self.output.floor()
-
-    def accepting(self) -> bool:
-        return self.output.accepting()
-
-    def flush(self, timeout_s: float | None = None) -> None:
-        self.output.flush(timeout_s)
-
-    def drop(self) -> None:
-        self.output.drop()
-
-    def close(self) -> None:
-        self.output.close()
 
 
 def top_by_category(counts: dict[str, float], categories: dict[str, str], per_category: int,

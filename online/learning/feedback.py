@@ -37,7 +37,7 @@ import numpy as np
 from fusionrec.core.errors import InvalidEventError
 from fusionrec.core.settings import Settings
 from fusionrec.online.candidates.features import FEATURES, CandidatePool
-from fusionrec.streams.producer import AcknowledgedOutput, EventProducer
+from fusionrec.streams.producer import AcknowledgedOutput, AcknowledgedPublisher, EventProducer
 
 T = TypeVar("T")
 
@@ -221,7 +221,7 @@ def unseen_part(snap: Snapshot, seen: dict[int, int]) -> Snapshot | None:
                                    positions=[snap.positions[i] for i in keep], upto=upto)
 
 
-class FeedbackPublisher:
+class FeedbackPublisher(AcknowledgedPublisher):
     """The writer's feedback sink in production: snapshots to the feedback topic, keyed by user.
 
     Produced without waiting (:class:`~fusionrec.streams.producer.AcknowledgedOutput`): each
@@ -242,26 +242,6 @@ class FeedbackPublisher:
         self.output.recover()
         for snap in snapshots:
             self.output.send(encode_snapshot(snap), snap.user_id, _first_offsets(snap))
-
-    @property
-    def delivered(self) -> int:
-        return self.output.delivered
-
-    # what the ranking scheduler's floor, flush and drop add (fusionrec.online.ranking.scheduler)
-    def floor(self) -> dict[int, int]:
-        return self.output.floor()
-
-    def accepting(self) -> bool:
-        return self.output.accepting()
-
-    def flush(self, timeout_s: float | None = None) -> None:
-        self.output.flush(timeout_s)
-
-    def drop(self) -> None:
-        self.output.drop()
-
-    def close(self) -> None:
-        self.output.close()
 
 
 def _first_offsets(snap: Snapshot) -> dict[int, int]:
