@@ -46,7 +46,7 @@ from fusionrec.models.encoder import ModelSpec, TextEncoder, cpu_threads
 from fusionrec.models.vectors import VectorStore
 from fusionrec.models.worker import EmbedWorker
 from fusionrec.streams.metrics import StreamMetrics
-from fusionrec.streams.runtime import TRANSIENT, retrying
+from fusionrec.streams.runtime import retrying
 
 log = logging.getLogger(__name__)
 
@@ -234,17 +234,12 @@ class EmbedPool:
                                                 threads=self.slots[0].threads)
             embedder = build_embedder(self.settings, encoder, self.metrics, worker="backfill")
             backfill = Backfill(embedder, self.settings, self.metrics, progress=self.progress)
-            backoff = 0.1
-            while True:
-                try:
-                    self.backfill_done = backfill.run(stop)  # resumable: what is embedded is skipped
-                    return
-                except TRANSIENT as exc:  # Redis restarting, a failover: wait it out like every loop
-                    log.warning("backfill interrupted (%s: %s); resuming in %.1fs", type(exc).__name__, exc, backoff)
-                    if stop.wait(backoff):
-                        self.backfill_done = False
-                        return
-                    backoff = min(backoff * 2, self.settings.stream.retry_max_backoff_s)
+            done: list[bool] = []
+            # resumable (what is embedded is skipped): a Redis restart or failover is waited out like every loop
+            finished = retrying(lambda: done.append(backfill.run(stop)), stage="backfill", stop=stop,
+                                max_backoff_s=self.settings.stream.retry_max_backoff_s,
+                                metrics=self.metrics.of(StreamMetrics))
+            self.backfill_done = finished and done[-1]
         except Exception:
             log.exception("backfill failed; the next pool start resumes it")
             self.backfill_done = False

@@ -171,8 +171,8 @@ class AcknowledgedOutput:
         self.delivered = 0  # messages acknowledged (a message produced again counts once)
 
     def send(self, value: bytes, key: str | None, first: Mapping[int, int], timestamp: int = 0) -> None:
-        """Produce one message derived from source offsets ``first`` (partition -> smallest offset) on."""
-        self.recover(timeout_s=0, strict=False)
+        """Produce one message derived from source offsets ``first`` (partition -> smallest offset) on
+        (callers :meth:`recover` once per batch of sends)."""
         self._send(_Sent(dict(first), value, key, timestamp))
 
     def _send(self, sent: _Sent) -> None:

@@ -241,13 +241,15 @@ class FeedbackPublisher(AcknowledgedPublisher):
     def __call__(self, snapshots: list[Snapshot]) -> None:
         self.output.recover()
         for snap in snapshots:
-            self.output.send(encode_snapshot(snap), snap.user_id, _first_offsets(snap))
+            self.output.send(encode_snapshot(snap), snap.user_id, first_offsets(snap.positions, snap.upto))
 
 
-def _first_offsets(snap: Snapshot) -> dict[int, int]:
+def first_offsets(positions: list[tuple[int, int]], upto: dict[int, int]) -> dict[int, int]:
+    """Events partition -> the first offset a decision's events hold back: its actions' positions, or
+    for a partition with none (impressions only) the newest offset covered."""
     first: dict[int, int] = {}
-    for p, offset in snap.positions:
+    for p, offset in positions:
         first[p] = min(offset, first.get(p, offset))
-    for p, offset in snap.upto.items():
+    for p, offset in upto.items():
         first.setdefault(p, offset)
     return first

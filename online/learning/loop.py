@@ -104,18 +104,13 @@ class LearnerLoop(BaseProcessor[Feedback]):
     def _take_lease(self, stop: threading.Event) -> bool:
         """Take the single-learner lease; waits as a standby while another process holds it, and
         while Redis is unreachable or loading (transient errors retried like every other loop's)."""
-        backoff = 0.1
+        took: list[bool] = []
         while not stop.is_set():
-            try:
-                taken = self.lease.take()
-            except TRANSIENT as exc:
-                log.warning("could not take the learner lease (%s: %s); retrying in %.1fs", type(exc).__name__, exc,
-                            backoff)
-                stop.wait(backoff)
-                backoff = min(backoff * 2, self.settings.stream.retry_max_backoff_s)
-                continue
-            backoff = 0.1
-            if taken:
+            if not retrying(lambda: took.append(self.lease.take()), stage="lease", stop=stop,
+                            max_backoff_s=self.settings.stream.retry_max_backoff_s,
+                            metrics=self.metrics.of(StreamMetrics)):
+                return False
+            if took[-1]:
                 log.info("took the learner lease as %s (fencing token %d)", self.name, self.lease.token)
                 return True
             log.info("%s holds the learner lease; standing by", self.lease.holder)

@@ -51,6 +51,11 @@ class Ranked:
     model: int = 0  # fusion checkpoint number that ranked (0: none)
 
 
+def model_label(ranker: str, checkpoint: int) -> str:
+    """What a list's ``model`` says: the ranker, and the fusion checkpoint that ranked (when one did)."""
+    return f"{ranker}-{checkpoint}" if checkpoint else ranker
+
+
 class Ranker(Protocol):
     name: str
 

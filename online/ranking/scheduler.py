@@ -30,6 +30,7 @@ from typing import Protocol
 
 from fusionrec.core.metrics import Metrics, MetricSet, gauge, histogram
 from fusionrec.core.settings import Settings
+from fusionrec.online.learning.feedback import first_offsets
 from fusionrec.online.ranking.writer import RecommendationWriter
 from fusionrec.streams.metrics import StreamMetrics
 from fusionrec.streams.runtime import TRANSIENT
@@ -78,15 +79,6 @@ class Pending:
         t.recent, t.last_ts = touch.recent, max(t.last_ts, touch.last_ts)
 
 
-def _first_offsets(touch: UserTouch) -> dict[int, int]:
-    first: dict[int, int] = {}
-    for p, offset in touch.positions:
-        first[p] = min(offset, first.get(p, offset))
-    for p, offset in touch.upto.items():  # impression-only users have no action positions
-        first.setdefault(p, offset)
-    return first
-
-
 class RankScheduler:
     """``after_apply`` hook that defers ranking to a background thread (see the module docstring)."""
 
@@ -126,10 +118,10 @@ class RankScheduler:
                     self._pending[uid] = Pending(UserTouch(recent=touch.recent, last_ts=touch.last_ts,
                                                            actions=list(touch.actions), shown=list(touch.shown),
                                                            positions=list(touch.positions), upto=dict(touch.upto)),
-                                                 first=_first_offsets(touch), since=now)
+                                                 first=first_offsets(touch.positions, touch.upto), since=now)
                 else:
                     entry.merge(touch)
-                    for p, offset in _first_offsets(touch).items():
+                    for p, offset in first_offsets(touch.positions, touch.upto).items():
                         entry.first[p] = min(offset, entry.first.get(p, offset))
             self.metrics.recs_dirty.set(len(self._pending))
         if result.users:

@@ -24,7 +24,7 @@ from fusionrec.core.settings import Settings
 from fusionrec.online.candidates.context import CandidateReader
 from fusionrec.online.learning.checkpoints import CheckpointStore, ServingModel
 from fusionrec.online.learning.feedback import Snapshot, ordered_features
-from fusionrec.online.ranking.ranker import Ranked, Ranker, RecList, SimpleRanker
+from fusionrec.online.ranking.ranker import Ranked, Ranker, RecList, SimpleRanker, model_label
 from fusionrec.streams.state import BatchResult, UserTouch
 
 log = logging.getLogger(__name__)
@@ -95,9 +95,8 @@ class RecommendationWriter:
                 pkeys, pvalues = profiles[self.keys.bucket(ctx.user_id)]
                 pkeys.append(self.keys.user_profile(ctx.user_id))
                 pvalues.append(_msgpack.encode([ctx.profile[0], ctx.profile[1].astype("<f4").tobytes()]))
-            model = self.ranker.name if not r.model else f"{self.ranker.name}-{r.model}"
-            recs = RecList(user_id=ctx.user_id, items=r.items, model=model, generated_at=now,
-                           event_ts=users[ctx.user_id].last_ts)
+            recs = RecList(user_id=ctx.user_id, items=r.items, model=model_label(self.ranker.name, r.model),
+                           generated_at=now, event_ts=users[ctx.user_id].last_ts)
             keys, values = per_bucket[self.keys.bucket(ctx.user_id)]
             keys.append(self.keys.user_rec(ctx.user_id))
             values.extend((recs.event_ts, _encoder.encode(recs)))

@@ -31,7 +31,7 @@ from fusionrec.core.keys import Keys
 from fusionrec.core.pseudonyms import Pseudonyms
 from fusionrec.core.settings import Settings
 from fusionrec.online.candidates.content import ContentIndex
-from fusionrec.online.ranking.ranker import RecList, Recommendation
+from fusionrec.online.ranking.ranker import RecList, Recommendation, model_label
 
 _decoder = msgspec.json.Decoder(RecList)
 
@@ -96,10 +96,8 @@ class OnReadRanker:
             [ranked] = self._ranker.rank_many([ctx], k)
         if self.counted is not None:
             self.counted()
-        name = self._ranker.name
-        model = f"{name}-{ranked.model}" if ranked.model else name
-        return RecList(user_id=user_id, items=ranked.items[:k], model=model, generated_at=int(time.time() * 1000),
-                       event_ts=ts, on_read=True)
+        return RecList(user_id=user_id, items=ranked.items, model=model_label(self._ranker.name, ranked.model),
+                       generated_at=int(time.time() * 1000), event_ts=ts, on_read=True)
 
 
 class RecommendationReader:

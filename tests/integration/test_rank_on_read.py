@@ -78,5 +78,7 @@ def test_the_api_ranks_on_read_in_a_worker_thread_and_counts_it(settings: Settin
     recs, counted = asyncio.run(read())
     assert recs.on_read and recs.event_ts == T0 + 5 and "bread" in [r.item_id for r in recs.items]  # type: ignore[attr-defined]
     assert counted == 1
-    off = Services(settings, rclient, connect_async(settings), registry=CollectorRegistry())
+    aclient = connect_async(settings)
+    off = Services(settings, rclient, aclient, registry=CollectorRegistry())
     assert off.reader.on_read is None and off.areader.on_read is None
+    asyncio.run(aclient.aclose())
