@@ -141,3 +141,33 @@ def test_upcf_zero_similarity_is_never_a_neighbour() -> None:
     feed(upcf, [("u", {"a"}), ("v", {"a", "b"}), ("w", {"z"})])
     assert upcf.scores("u") == pytest.approx({"a": 2.0, "b": 1.0}, rel=1e-12)
     assert upcf.rank(["nobody", "w", "u"], [0, 0, 0], 5) == [[], ["z"], ["a", "b"]]
+
+
+# ------------------------------------------------------------------- incremental user matrices
+@pytest.mark.parametrize("make", [lambda: TifuKnn(k=3, alpha=0.6), lambda: UpCf(r=3, q=2, alpha=0.3, k=4)],
+                         ids=["tifu_knn", "upcf"])
+def test_products_between_rebuilds_equal_a_fresh_build(make) -> None:  # type: ignore[no-untyped-def]
+    # One instance rebuilds its user matrices after every change (the plain product); the other only
+    # after 5 changed users, answering in between from the old build plus the changed rows. Users come
+    # back with new items and new users appear between rankings, so both paths are taken.
+    import random
+
+    rnd = random.Random(7)
+    fresh, incremental = make(), make()
+    for m, (share, least) in ((fresh, (0.0, 0)), (incremental, (0.0, 5))):
+        for rows in vars(m).values():
+            if type(rows).__name__ == "_Rows":
+                rows.rebuild_share, rows.min_rebuild = share, least
+    users = [f"u{i}" for i in range(12)]
+    from_changed = 0
+    for step in range(60):
+        chunk = rnd.sample(users[: 4 + step // 5], 3)
+        assert fresh.rank(chunk, [step] * 3, 6) == incremental.rank(chunk, [step] * 3, 6)
+        pending = [len(r._changed) for r in vars(incremental).values() if type(r).__name__ == "_Rows"]
+        from_changed += any(0 < p for p in pending)  # this ranking used the old build plus changed rows
+        for u in chunk:
+            assert fresh.scores(u) == pytest.approx(incremental.scores(u), rel=1e-12, abs=1e-15)
+            basket = {f"i{rnd.randrange(15 + step)}" for _ in range(rnd.randint(1, 4))}
+            fresh.observe(u, basket, step)
+            incremental.observe(u, basket, step)
+    assert from_changed > 30

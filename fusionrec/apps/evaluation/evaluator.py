@@ -23,9 +23,10 @@ stream consumer runs; the writer's logged decisions go through the same
 * ``tifu_knn``, ``tifu_knn_dunnhumby``, ``upcf``: published next-basket methods
   (:mod:`~fusionrec.apps.evaluation.published`), the first with the paper's Complete Journey
   settings, the second with its Dunnhumby settings; ``repurchase``: a time-aware repurchase model
-  (:mod:`~fusionrec.apps.evaluation.repurchase`). They keep their own state in process, see the
-  same baskets in the same order (each unit's items, impressions aside) and are never tuned on the
-  scored part.
+  (:mod:`~fusionrec.apps.evaluation.repurchase`). They keep their own state, see the same baskets
+  in the same order (each unit's items, impressions aside) and are never tuned on the scored part.
+  They need nothing from the system's pass, so they run beside it in a worker process
+  (:mod:`~fusionrec.apps.evaluation.published_pass`), their scores collected at the end.
 
 Without an embedded catalog, ``torch_head`` and ``fusion_no_llm`` are left out (there are no vectors).
 
@@ -49,8 +50,7 @@ import redis
 from tqdm import tqdm
 
 from fusionrec.apps.evaluation.metrics import RECALL_K, SplitScores, TopCounter, basket_parts
-from fusionrec.apps.evaluation.published import TifuKnn, UpCf
-from fusionrec.apps.evaluation.repurchase import Repurchase
+from fusionrec.apps.evaluation.published_pass import Observed, PublishedPass, PublishedProcess, Scored
 from fusionrec.core.settings import Settings
 from fusionrec.models.backfill import version_info
 from fusionrec.models.embedder import CatalogEmbedder
@@ -105,16 +105,12 @@ class LiveModel:
 BASE_METHODS = ("system", "river", "covisitation", "served", "popularity", "most_bought")
 
 
-def published_methods() -> dict[str, TifuKnn | UpCf | Repurchase]:
-    """The published next-basket methods every run compares with, by report name."""
-    return {"tifu_knn": TifuKnn(), "tifu_knn_dunnhumby": TifuKnn(**TifuKnn.DUNNHUMBY), "upcf": UpCf(),
-            "repurchase": Repurchase()}
-
-
 class Evaluator:
     """Runs one prequential pass of the system and the baselines over a dataset."""
 
-    def __init__(self, client: redis.Redis, settings: Settings) -> None:
+    def __init__(self, client: redis.Redis, settings: Settings, *, published_worker: bool = True) -> None:
+        # every unit's events get distinct ids (their row numbers): nothing to drop as a producer's copy
+        settings = settings.replace(dedupe_ids=0)
         self.settings = settings
         self.store = StateStore(client, settings)
         self.learner = Learner(settings, None, None)
@@ -126,8 +122,9 @@ class Evaluator:
         self._logged: list[Snapshot] = []
         self.writer = RecommendationWriter(client, settings, ranker=self.ranker, sink=self._logged.extend)
         self.reader = RecommendationReader(client, settings)
-        self.published = published_methods()
-        self.scores = {name: SplitScores() for name in (*BASE_METHODS, *self.published)}
+        # the published methods run beside the system's pass, in a worker process unless told otherwise
+        self.published: PublishedPass | PublishedProcess = PublishedProcess() if published_worker else PublishedPass()
+        self.scores = {name: SplitScores() for name in BASE_METHODS}
         self.content: ContentIndex | None = None
         self.popular = TopCounter(RECALL_K)
         self.bought: dict[str, Counter[str]] = defaultdict(Counter)
@@ -154,6 +151,7 @@ class Evaluator:
         self._flush(chunk, rows)
         bar.update(size)
         bar.close()
+        self.scores.update(self.published.results())
         return self.report(ds.name, len(rows))
 
     def embed_catalog(self, ds: Dataset, encoder: TextEncoder, progress: bool = True) -> str:
@@ -188,11 +186,9 @@ class Evaluator:
             scores["torch_head"] = pred.scorers.get("torch_head", np.full(len(pred.fused), 0.5))
             scores["fusion_no_llm"] = self.no_llm.model.predict(Rows.of_pools(pools, None)).fused
         served = self.reader.many([u.user for u in scored], k=RECALL_K)
-        published = {name: m.rank([u.user for u in scored], [u.ts for u in scored], RECALL_K)
-                     for name, m in self.published.items()}
         out: dict[str, dict[str, list[str]]] = {}
         start = 0
-        for n, (u, pool) in enumerate(zip(scored, pools, strict=True)):
+        for u, pool in zip(scored, pools, strict=True):
             end = start + len(pool)
             ranked = {name: _top(pool.items, s[start:end]) for name, s in scores.items()}
             covis = pool.column("covis")
@@ -203,7 +199,6 @@ class Evaluator:
             ranked["most_bought"] = [i for i, _ in self.bought[u.user].most_common(RECALL_K)]
             if self.content is not None:
                 ranked["content"] = [i for i, _ in self.content.for_user(u.user, RECALL_K)]
-            ranked.update((name, lists[n]) for name, lists in published.items())
             out[u.user] = ranked
             start = end
         return out
@@ -217,12 +212,13 @@ class Evaluator:
 
     def _flush(self, chunk: list[Unit], rows: list[dict[str, Any]]) -> None:
         scored = [u for u in chunk if u.targets]
+        parts = {u.user: basket_parts(u.targets, self.seen[u.user], self.popular.counts) for u in scored}
         if scored:
             rankings = self._rankings(scored)
             for u in scored:
-                parts = basket_parts(u.targets, self.seen[u.user], self.popular.counts)
                 for name, items in rankings[u.user].items():
-                    self.scores[name].add(items, parts, u.ts)
+                    self.scores[name].add(items, parts[u.user], u.ts)
+        observed: list[Observed] = []
         batch: list[Positioned] = []
         for u in chunk:
             basket = set()
@@ -234,20 +230,16 @@ class Evaluator:
                 if row["type"] == "purchase":
                     self.bought[u.user][row["item_id"]] += 1
                 batch.append(Positioned(0, j, _event(row, j)))
-            self._observe(u, basket)
+            self.seen[u.user] |= basket
+            observed.append(Observed(u.user, basket, u.targets, u.ts))
+        self.published.step([Scored(u.user, u.ts, parts[u.user]) for u in scored], observed)
         result = self.store.apply(batch)
         self.writer(result)
         self._learn()
 
-    def _observe(self, u: Unit, basket: set[str]) -> None:
-        """The unit, after it has been scored, into the published methods' state (learning first)."""
-        if not basket:
-            return
-        self.seen[u.user] |= basket
-        for method in self.published.values():
-            if u.targets and isinstance(method, Repurchase):
-                method.learn(u.user, u.targets, u.ts)
-            method.observe(u.user, basket, u.ts)
+    def close(self) -> None:
+        """Stop the published methods' worker (it has stopped already after :meth:`run`)."""
+        self.published.close()
 
     def report(self, name: str, n_events: int) -> dict[str, Any]:
         overall = {m: s.splits["overall"] for m, s in self.scores.items()}

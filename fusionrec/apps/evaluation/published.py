@@ -40,13 +40,22 @@ from scipy import sparse
 
 
 class _Rows:
-    """One sparse row per user; the stacked matrix and its transpose are rebuilt only after a change."""
+    """One sparse row per user, for products against every user's current row.
 
-    def __init__(self) -> None:
+    The stacked matrix (users x items) and its transpose are rebuilt only once the rows changed since
+    the last build exceed ``max(min_rebuild, users * rebuild_share)``; until then a product takes the
+    unchanged users from the built matrices and the changed ones (new users included) from their
+    current rows. Every product sums exactly the terms of a product against a fresh build.
+    """
+
+    def __init__(self, rebuild_share: float = 0.125, min_rebuild: int = 256) -> None:
         self._cols: list[np.ndarray] = []
         self._vals: list[np.ndarray] = []
-        self._stacked: sparse.csr_array | None = None
-        self._transposed: sparse.csr_array | None = None
+        self.rebuild_share, self.min_rebuild = rebuild_share, min_rebuild
+        self._built: sparse.csr_array | None = None  # users x items, of the first ``_n_built`` users
+        self._built_t: sparse.csr_array | None = None  # its transpose
+        self._n_built = 0
+        self._changed: dict[int, None] = {}  # rows put since the build, in order
 
     def put(self, row: int, cols: np.ndarray, vals: np.ndarray) -> None:
         if row == len(self._cols):
@@ -54,34 +63,62 @@ class _Rows:
             self._vals.append(vals)
         else:
             self._cols[row], self._vals[row] = cols, vals
-        self._stacked = self._transposed = None
+        self._changed[row] = None
 
-    def stacked(self, width: int) -> sparse.csr_array:
-        """Users x items."""
-        if self._stacked is None or self._stacked.shape[1] != width:
-            lengths = [len(c) for c in self._cols]
-            index = _index_dtype(sum(lengths), width, len(self._cols))  # int32 halves the products' index traffic
-            indptr = np.zeros(len(self._cols) + 1, dtype=index)
-            np.cumsum(lengths, out=indptr[1:])
-            cols = np.concatenate(self._cols).astype(index, copy=False)
-            self._stacked = sparse.csr_array((np.concatenate(self._vals), cols, indptr), shape=(len(self._cols), width))
-            self._transposed = None
-        return self._stacked
+    def matrix(self, rows: Sequence[int] | np.ndarray, width: int) -> sparse.csr_array:
+        """The given users' current rows (len(rows) x items)."""
+        lengths = [len(self._cols[r]) for r in rows]
+        index = _index_dtype(sum(lengths), width, len(lengths))  # int32 halves the products' index traffic
+        indptr = np.zeros(len(lengths) + 1, dtype=index)
+        np.cumsum(lengths, out=indptr[1:])
+        if len(lengths):
+            cols = np.concatenate([self._cols[r] for r in rows]).astype(index, copy=False)
+            vals = np.concatenate([self._vals[r] for r in rows]).astype(np.float64, copy=False)
+        else:
+            cols, vals = np.empty(0, index), np.empty(0)
+        return sparse.csr_array((vals, cols, indptr), shape=(len(lengths), width))
 
-    def transposed(self, width: int) -> sparse.csr_array:
-        """Items x users."""
-        stacked = self.stacked(width)
-        if self._transposed is None:
-            self._transposed = sparse.csr_array(stacked.T.tocsr())
-        return self._transposed
+    def _build(self, width: int) -> tuple[sparse.csr_array, sparse.csr_array, np.ndarray]:
+        """(built rows, their transpose, changed rows), rebuilt first when too many changed."""
+        n = len(self._cols)
+        if self._built is None or len(self._changed) > max(self.min_rebuild, n * self.rebuild_share):
+            self._built = self.matrix(range(n), width)
+            self._built_t = sparse.csr_array(self._built.T.tocsr())
+            self._n_built = n
+            self._changed = {}
+        assert self._built_t is not None
+        built, built_t = self._built, self._built_t
+        if built.shape[1] != width:  # items registered since: only changed rows can hold them
+            built = sparse.csr_array((built.data, built.indices, built.indptr), shape=(self._n_built, width))
+            grown = np.full(width + 1, built_t.indptr[-1], dtype=built_t.indptr.dtype)
+            grown[:len(built_t.indptr)] = built_t.indptr
+            built_t = sparse.csr_array((built_t.data, built_t.indices, grown), shape=(width, self._n_built))
+        return built, built_t, np.fromiter(self._changed, dtype=np.int64, count=len(self._changed))
 
     def overlap(self, rows: np.ndarray, width: int) -> np.ndarray:
         """Dense inner products of the given users' rows with every user's row (chunk x users)."""
-        return (self.stacked(width)[rows] @ self.transposed(width)).toarray()
+        built, built_t, changed = self._build(width)
+        query = self.matrix(rows, width)
+        out = np.zeros((len(rows), len(self._cols)))
+        out[:, :self._n_built] = (query @ built_t).toarray()
+        if len(changed):
+            out[:, changed] = (query @ self.matrix(changed, width).T).toarray()
+        return out
 
     def spread(self, weights: sparse.csr_array, width: int) -> sparse.csc_array:
         """``weights @ rows`` (chunk x users times users x items), as items x chunk, one column per user."""
-        return sparse.csc_array(self.transposed(width) @ weights.T.tocsr())
+        built, built_t, changed = self._build(width)
+        weights = sparse.csr_array(weights)
+        if not len(changed):
+            return sparse.csc_array(built_t @ sparse.csr_array(weights[:, :self._n_built].T))
+        is_changed = np.zeros(weights.shape[1], dtype=bool)
+        is_changed[changed] = True
+        kept = weights.copy()
+        kept.data[is_changed[kept.indices]] = 0.0
+        kept.eliminate_zeros()
+        kept = sparse.csr_array((kept.data, kept.indices, kept.indptr), shape=(weights.shape[0], self._n_built))
+        moved = self.matrix(changed, width).T @ sparse.csr_array(weights[:, changed].T)
+        return sparse.csc_array(built_t @ sparse.csr_array(kept.T) + moved)
 
 
 def _index_dtype(*sizes: int) -> type[np.signedinteger]:

@@ -105,7 +105,7 @@ class Repurchase:
         """Append one basket to the user's history, adding its repeat intervals to the items' cycles."""
         h = self._users.setdefault(user, _History())
         h.baskets += 1
-        for item in items:
+        for item in sorted(items):  # a set's order varies between processes: ties must not
             i = self._id(item)
             seen = h.items.get(i)
             if seen is None:

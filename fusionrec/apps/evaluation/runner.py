@@ -64,11 +64,14 @@ def run_evaluation(settings: Settings, *, source: str, events: str | None = None
     ds = datasets.load(source, events=events, items=items, preset=preset, households=households).head(limit)
     with scratch_redis(settings) as (client, scoped):
         evaluator = Evaluator(client, scoped)
-        if content:
-            from fusionrec.models.encoder import TextEncoder
+        try:
+            if content:
+                from fusionrec.models.encoder import TextEncoder
 
-            evaluator.embed_catalog(ds, encoder or TextEncoder.from_settings(settings), progress=progress)
-        report = evaluator.run(ds, progress=progress)
+                evaluator.embed_catalog(ds, encoder or TextEncoder.from_settings(settings), progress=progress)
+            report = evaluator.run(ds, progress=progress)
+        finally:
+            evaluator.close()
     if plot_path:
         plot(evaluator.scores, plot_path, f"Prequential HitRate@10 on {ds.name}")
         log.info("wrote %s", plot_path)
