@@ -135,6 +135,10 @@ class Group:
     pool: CandidatePool
     y: np.ndarray  # (len(pool),) 0/1
     shown: int  # rows [0, shown) were shown
+    # the decision's whole pool, in logged order, and which of its rows are positive (for the
+    # learned share of new items, which replays whole lists: see fusionrec.online.learning.explore)
+    full: CandidatePool | None = None
+    positive: np.ndarray | None = None
 
 
 class FeedbackJoiner:
@@ -194,7 +198,9 @@ class FeedbackJoiner:
         y = np.array([1.0 if r in hit_rows else 0.0 for r in rows])
         sub = CandidatePool(user_id=pool.user_id, ts=pool.ts, items=[pool.items[r] for r in rows], X=pool.X[rows],
                    profile=pool.profile)
-        return Group(pool=sub, y=y, shown=sum(1 for r in rows if r < prev.shown))
+        positive = np.zeros(len(prev.items))
+        positive[hits] = 1.0
+        return Group(pool=sub, y=y, shown=sum(1 for r in rows if r < prev.shown), full=pool, positive=positive)
 
     def _expire(self) -> None:
         """Forget decisions whose window closed without an outcome (and the oldest past ``max_users``)."""

@@ -110,6 +110,8 @@ class Learner:
             rows, y = rows.take(np.array(keep_rows, dtype=np.int64)), y[keep_rows]
         if not kept:
             return []
+        whole = [g for g in kept if g.full is not None and g.positive is not None]
+        self.model.learn_explore([g.full for g in whole], [g.positive for g in whole], self.lookup)  # type: ignore[misc]
         before = self.model.learn(rows, y)
         hits = group_hits(kept, before)
         self._record(hits, len(y))

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fusionrec.online.candidates.features import FEATURES, VECTOR_FEATURES, CandidatePool
+from fusionrec.online.candidates.features import FEATURES, INDEX, VECTOR_FEATURES, CandidatePool
+from fusionrec.online.learning.explore import ExploreShare, new_items
 from fusionrec.online.learning.scorers import SCORERS, FusionStacker, RiverScorer, SearchMix, TorchScorer, scorer_inputs
 
 VectorFetch = Callable[[str, Sequence[str]], dict[str, np.ndarray]]
@@ -120,11 +121,32 @@ class FusionModel:
         self.torch = TorchScorer(hidden=hidden, seed=seed) if use_vectors else None
         self.fusion = FusionStacker(scorers)
         self.search = SearchMix()
+        self.explore = ExploreShare()
         self.examples = 0
 
     def __setstate__(self, state: dict[str, object]) -> None:
         self.__dict__.update(state)
         self.__dict__.setdefault("search", SearchMix())  # checkpoints written before search existed
+        self.__dict__.setdefault("explore", ExploreShare())  # ... and before the learned share of new items
+
+    def arrange(self, pool: CandidatePool, order: Sequence[int]) -> list[int]:
+        """A pool's score order with the learned share of new items among its first places."""
+        return self.explore.arrange(order, new_items(pool.X, INDEX["src_repeat"]))
+
+    def learn_explore(self, pools: Sequence[CandidatePool], positives: Sequence[np.ndarray],
+                      lookup: VectorLookup | None) -> None:
+        """Replay whole labelled pools, scored by the model as it is (call before :meth:`learn`)."""
+        if not pools:
+            return
+        fused = self.predict(Rows.of_pools(pools, lookup if self.use_vectors else None)).fused
+        start = 0
+        for pool, positive in zip(pools, positives, strict=True):
+            scores = fused[start: start + len(pool)]
+            start += len(pool)
+            if not np.isfinite(scores).all():
+                continue
+            order = np.lexsort((np.arange(len(pool)), -scores.astype(np.float64))).tolist()
+            self.explore.learn(order, new_items(pool.X, INDEX["src_repeat"]), positive)
 
     def predict(self, rows: Rows) -> Prediction:
         river_p = self.river.predict_pool_rows(rows.X)

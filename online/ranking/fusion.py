@@ -98,7 +98,8 @@ class FusionRanker:
         pools = self.pools(contexts)
         rows = Rows.of_pools(pools, self.lookup if model.use_vectors else None)
         pred = model.predict(rows)
-        orders = ranked_orders(pools, pred.fused)
+        orders = [model.arrange(pool, order) for pool, order in zip(pools, ranked_orders(pools, pred.fused),
+                                                                    strict=True)]
         tops = [order[:k] for order in orders]
         starts = np.cumsum([0, *(len(p) for p in pools)])
         explained = iter(explain(pred, [int(start) + r for start, top in zip(starts, tops, strict=False) for r in top]))

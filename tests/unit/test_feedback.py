@@ -72,6 +72,9 @@ def test_the_next_decision_labels_the_previous_one():
     # shown a, c; positive t (unshown); one sampled negative from p/e; the view is not a positive
     assert g.pool.items[:2] == ["a", "c"] and "t" in g.pool.items and len(g.pool.items) == 4
     assert dict(zip(g.pool.items, g.y, strict=True))["t"] == 1 and g.y.sum() == 1 and g.shown == 2
+    # the whole pool goes along, in logged order, with its positives: what the share of new items replays
+    assert g.full is not None and g.full.items == ["a", "c", "p", "t", "e"]
+    assert g.positive is not None and g.positive.tolist() == [0, 0, 0, 1, 0]
 
 
 def test_outcomes_outside_the_window_or_pool_label_nothing():

@@ -57,6 +57,7 @@ from fusionrec.models.embedder import CatalogEmbedder
 from fusionrec.models.encoder import TextEncoder
 from fusionrec.models.vectors import VectorStore
 from fusionrec.online.candidates.content import ContentIndex
+from fusionrec.online.candidates.features import CandidatePool
 from fusionrec.online.learning.feedback import FeedbackJoiner, Snapshot
 from fusionrec.online.learning.learner import Learner
 from fusionrec.online.learning.model import FusionModel, Rows
@@ -186,11 +187,13 @@ class Evaluator:
             scores["torch_head"] = pred.scorers.get("torch_head", np.full(len(pred.fused), 0.5))
             scores["fusion_no_llm"] = self.no_llm.model.predict(Rows.of_pools(pools, None)).fused
         served = self.reader.many([u.user for u in scored], k=RECALL_K)
+        # the fused models serve their lists with the share of new items they learned, as the ranker does
+        fused = {"system": self.learner.model, "fusion_no_llm": self.no_llm.model}
         out: dict[str, dict[str, list[str]]] = {}
         start = 0
         for u, pool in zip(scored, pools, strict=True):
             end = start + len(pool)
-            ranked = {name: _top(pool.items, s[start:end]) for name, s in scores.items()}
+            ranked = {name: _top(pool, s[start:end], fused.get(name)) for name, s in scores.items()}
             covis = pool.column("covis")
             ranked["covisitation"] = [pool.items[r] for r in np.argsort(-covis, kind="stable")[:RECALL_K]
                                       if covis[r] > 0]
@@ -249,12 +252,17 @@ class Evaluator:
                 "cold_start_evaluated": cold["system"].n,
                 "cold_start": {m: s.summary() for m, s in cold.items()},
                 "learner": {"examples": self.learner.model.examples,
+                            "explore_share": self.learner.model.explore.report(),
                             "decisions": dict(sorted(self.joiner.outcomes.items()))}}
 
 
-def _top(items: list[str], scores: np.ndarray) -> list[str]:
-    """The pool's best ``RECALL_K`` items by score; ties keep pool order (the fixed blend)."""
-    return [items[r] for r in np.argsort(-scores, kind="stable")[:RECALL_K]]
+def _top(pool: CandidatePool, scores: np.ndarray, model: FusionModel | None = None) -> list[str]:
+    """The pool's best ``RECALL_K`` items by score, ties in pool order (the fixed blend); a fused
+    ``model`` arranges them with its learned share of new items."""
+    order = np.argsort(-scores, kind="stable").tolist()
+    if model is not None:
+        order = model.arrange(pool, order)
+    return [pool.items[r] for r in order[:RECALL_K]]
 
 
 def _event(row: dict[str, Any], n: int) -> UserEvent:
