@@ -47,6 +47,9 @@ class LearnerMetrics(MetricSet):
     learn_rollbacks = counter("fusionrec_learner_rollbacks_total",
                               "Rollbacks to the previous checkpoint after a quality drop")
     learn_step_seconds = histogram("fusionrec_learner_step_seconds", "Wall time of one predict-then-learn step")
+    learn_explore_share = gauge("fusionrec_learner_explore_share",
+                                "Places of the first 10 the fused model gives items new to the user, at least, "
+                                "by segment (own items in the pool)", ("segment",), multiprocess_mode="livemax")
 
 
 def group_hits(groups: Sequence[Group], fused: np.ndarray) -> list[int]:
@@ -113,6 +116,8 @@ class Learner:
         whole = [g for g in kept if g.full is not None and g.positive is not None]
         self.model.learn_explore([g.full for g in whole], [g.positive for g in whole], self.lookup)  # type: ignore[misc]
         before = self.model.learn(rows, y)
+        for segment, chosen in self.model.explore.report().items():
+            self.metrics.learn_explore_share.labels(segment).set(chosen["share"])
         hits = group_hits(kept, before)
         self._record(hits, len(y))
         self.metrics.learn_step_seconds.observe(time.perf_counter() - t0)
