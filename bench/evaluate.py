@@ -42,7 +42,7 @@ def main() -> None:
     parser.add_argument("--content", action="store_true", help="embed the catalog first (not timed apart)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    settings = Settings()
+    settings = Settings.from_env()
     baseline_s, baseline = timed(settings, args, worker=False)
     wall_s, report = timed(settings, args, worker=True)
     if baseline["methods"] != report["methods"] or baseline["cold_start"] != report["cold_start"]:

@@ -161,8 +161,12 @@ class StateSettings:
                                       "least popular are dropped at each write")
     popularity_half_life_s: float = setting(7 * DAY_S, env="POPULARITY_HALF_LIFE_S",
                                             doc="half-life of item popularity")
-    affinity_half_life_s: float = setting(30 * DAY_S, env="AFFINITY_HALF_LIFE_S",
-                                          doc="half-life of user-item weights and category/brand affinity")
+    # 60 d: of 30, 60 and 120 d, the best (ties to the shorter) on the first 20 % of the Complete Journey
+    # timeline (600 households), BENCHMARKS.md "Half-life of user-item weights"
+    affinity_half_life_s: float = setting(60 * DAY_S, env="AFFINITY_HALF_LIFE_S",
+                                          doc="half-life of user-item weights and category/brand affinity "
+                                              "(changing it on live state mixes scales until the users' keys "
+                                              "expire: start from fresh user state)")
     flush_ms: int = setting(50, env="STATE_FLUSH_MS",
                             doc="consumed events wait at most this long in process before their state is "
                                 "written to Redis in one compare-and-set per bucket (0: every batch)")
