@@ -2,7 +2,8 @@
 
 1. mini-batches: labelled decisions (30-candidate pools with 384-d profile and item vectors, the
    shape MiniLM gives) go through :meth:`Learner.learn` (river scorer + torch head + fusion, one
-   predict-then-learn step per mini-batch of decisions) with checkpoints to Redis every
+   predict-then-learn step per mini-batch of decisions, plus the learned share of new items'
+   replay of each decision's whole pool) with checkpoints to Redis every
    ``learn_checkpoint_s``, as ``fusionrec learner`` runs them. examples/s over the whole run,
    checkpoint writes included.
 2. baseline, same run: the same learners updated one example at a time (``learn_one`` of each).
@@ -54,8 +55,9 @@ def decisions(n: int, pool: int, seed: int) -> tuple[list[Group], dict[str, np.n
         vectors[items[best]] = (profile + vectors[items[best]]) / np.linalg.norm(profile + vectors[items[best]])
         y = np.zeros(pool)
         y[best] = 1.0
-        groups.append(Group(pool=CandidatePool(user_id=f"u{g}", ts=g, items=items, X=X, profile=("v1", profile)), y=y,
-                            shown=20))
+        pool_ = CandidatePool(user_id=f"u{g}", ts=g, items=items, X=X, profile=("v1", profile))
+        # the whole pool goes along, as the joiner sends it (the learned share of new items replays it)
+        groups.append(Group(pool=pool_, y=y, shown=20, full=pool_, positive=y))
     return groups, vectors
 
 

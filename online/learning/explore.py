@@ -51,8 +51,8 @@ def arrange(order: Sequence[int], new: np.ndarray, places: int, share: int) -> l
     dropped = set(own_in_top[len(own_in_top) - len(raised):]) if raised else set()
     moved = [top[i] for i in sorted(dropped)]
     kept = [r for i, r in enumerate(top) if i not in dropped]
-    rest = [r for r in order[places:] if r not in set(raised)]
-    return kept + raised + moved + rest
+    up = set(raised)
+    return kept + raised + moved + [r for r in order[places:] if r not in up]
 
 
 def hits_by_share(order: Sequence[int], new: np.ndarray, positive: np.ndarray, places: int,
@@ -88,10 +88,12 @@ class ExploreShare:
 
     def share(self, new: np.ndarray) -> int:
         """The share a pool with these new-item flags is served with."""
-        seg = self.segment(new)
+        return self._served(self.segment(new))
+
+    def _served(self, seg: int) -> int:
         if self.decisions[seg] < self.min_decisions:
             return 0
-        return int(np.argmax(self.hits[seg]))
+        return int(np.argmax(self.hits[seg]))  # the first of equal counts: the smaller share
 
     def arrange(self, order: Sequence[int], new: np.ndarray) -> list[int]:
         return arrange(order, new, self.places, self.share(new))
@@ -107,8 +109,7 @@ class ExploreShare:
         """Per segment: the share served and the (decayed) decisions it rests on."""
         names = ["none", *(f"{lo}-{hi - 1}" for lo, hi in zip(OWN_EDGES, OWN_EDGES[1:], strict=False)),
                  f"{OWN_EDGES[-1]}+"]
-        return {f"own_{name}": {"share": (int(np.argmax(self.hits[s])) if self.decisions[s] >= self.min_decisions
-                                          else 0), "decisions": round(float(self.decisions[s]), 1)}
+        return {f"own_{name}": {"share": self._served(s), "decisions": round(float(self.decisions[s]), 1)}
                 for s, name in enumerate(names)}
 
 
