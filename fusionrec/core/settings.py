@@ -345,6 +345,9 @@ class OpsSettings:
     run_dir: str = setting(env="RUN_DIR", factory=_default_run_dir,
                            doc="embedded broker and Redis state, logs and data (default ~/.fusionrec)")
     log_level: str = setting("INFO", env="LOG_LEVEL", doc="DEBUG | INFO | WARNING | ERROR")
+    progress_log_s: float = setting(60.0, env="PROGRESS_LOG_S",
+                                    doc="long commands without a progress bar (output not a terminal, or "
+                                        "--json) log how far they are this often")
 
 
 GROUPS: dict[str, Any] = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 from tests.integration.helpers import consume_until, run_fusionrec
 from tests.paths import SHARED_DATA, needs_shared_data
@@ -40,11 +41,14 @@ def test_evaluate_reports_every_method_as_json_and_plots(settings, tmp_path, tin
 
 @needs_shared_data
 def test_evaluate_a_clickstream_file(settings):
-    out = run_fusionrec(settings, "evaluate", "--events", str(SHARED_DATA / "rees46-2019-oct-first-17k.csv"),
-                        "--preset", "rees46", "--json", "--no-content")
+    out = run_fusionrec(settings.replace(progress_log_s=0.5), "evaluate", "--events",
+                        str(SHARED_DATA / "rees46-2019-oct-first-17k.csv"), "--preset", "rees46", "--json",
+                        "--no-content")
     assert out.returncode == 0, out.stderr[-2000:]
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["events"] == 17434 and report["evaluated"] > 50
+    # no bar (stderr is a pipe, --json): log lines say how far the run is
+    assert re.search(r"evaluate: \d+ of 17434 events \(\d+ %\), \d+ events/s, about [\d.]+ min left", out.stderr)
     assert not {"content", "torch_head", "fusion_no_llm"} & set(report["methods"])  # no vectors without content
 
 

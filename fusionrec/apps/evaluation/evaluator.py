@@ -40,6 +40,8 @@ two ideal DCGs (``ndcg@10``, ``ndcg@10_basket``).
 
 from __future__ import annotations
 
+import logging
+import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -103,6 +105,8 @@ class LiveModel:
         return 0, self.learner.model
 
 
+log = logging.getLogger(__name__)
+
 BASE_METHODS = ("system", "river", "covisitation", "served", "popularity", "most_bought")
 
 
@@ -139,6 +143,8 @@ class Evaluator:
         users: set[str] = set()
         size = 0
         bar = tqdm(total=len(rows), desc="evaluate", unit="ev", disable=not progress, mininterval=0.5)
+        # without a bar (--json into a file, say), a log line a minute says how far the run is
+        started = last_log = time.monotonic()
         for unit in units(ds):
             if unit.user in users or size >= chunk_events:
                 self._flush(chunk, rows)
@@ -146,6 +152,12 @@ class Evaluator:
                 if on_chunk:
                     on_chunk(size)
                 chunk, users, size = [], set(), 0
+                if not progress and time.monotonic() - last_log >= self.settings.ops.progress_log_s:
+                    last_log = time.monotonic()
+                    done = unit.start
+                    rate = done / max(last_log - started, 1e-9)
+                    log.info("evaluate: %d of %d events (%.0f %%), %.0f events/s, about %.0f min left", done,
+                             len(rows), 100 * done / len(rows), rate, (len(rows) - done) / max(rate, 1e-9) / 60)
             chunk.append(unit)
             users.add(unit.user)
             size += unit.stop - unit.start
