@@ -97,7 +97,9 @@ def consume_until(settings: Settings, total: int, *, group_id: str | None = None
                   metrics: Metrics | None = None, lag_at_end: dict[str, Any] | None = None) -> StatePipeline:
     """Run the real user-state pipeline in a thread until ``total`` messages were consumed.
 
-    ``lag_at_end`` receives the lag samples as the last batch completes (before partitions are revoked).
+    ``lag_at_end`` receives the lag samples once every one is 0, before partitions are revoked: offsets
+    are stored only after the write-behind flush that follows the last batch, so the lag reaches 0 a
+    flush after the consumption does (the run times out if it never does).
     """
     pipeline = StatePipeline(settings, metrics=metrics or Metrics(), group_id=group_id)
     stop = threading.Event()
@@ -106,8 +108,10 @@ def consume_until(settings: Settings, total: int, *, group_id: str | None = None
         if pipeline.consumer.consumed < total:
             return False
         if lag_at_end is not None:
+            lag_at_end.clear()
             lag_at_end.update({s.labels["partition"] + "@" + s.labels["topic"]: s.value
                                for m in pipeline.metrics.of(StreamMetrics).lag.collect() for s in m.samples})
+            return bool(lag_at_end) and all(v == 0 for v in lag_at_end.values())
         return True
 
     worker = threading.Thread(target=pipeline.consumer.run, args=(stop, done))
@@ -116,7 +120,8 @@ def consume_until(settings: Settings, total: int, *, group_id: str | None = None
     if worker.is_alive():
         stop.set()
         worker.join(30)
-        raise AssertionError(f"consumed only {pipeline.consumer.consumed} of {total} within {timeout}s")
+        lags = f"; lag {lag_at_end}" if lag_at_end else ""
+        raise AssertionError(f"consumed {pipeline.consumer.consumed} of {total} within {timeout}s{lags}")
     return pipeline
 
 
