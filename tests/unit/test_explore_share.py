@@ -11,7 +11,7 @@ import pytest
 
 from fusionrec.online.candidates.features import FEATURES, INDEX, CandidatePool
 from fusionrec.online.learning.explore import OWN_EDGES, ExploreShare, arrange, hits_by_share
-from fusionrec.online.learning.model import FusionModel
+from fusionrec.online.learning.model import FusionModel, Rows
 
 
 def flags(pattern: str) -> np.ndarray:
@@ -98,8 +98,6 @@ def test_the_fused_model_replays_whole_pools_with_its_scores_before_the_update()
     pools = [_pool(12, 6, s) for s in range(5)]
     positives = [np.eye(18)[12 + s % 6] for s in range(5)]  # always a new item
     expected = ExploreShare(places=4, max_share=2, min_decisions=1, half_life=float("inf"))
-    from fusionrec.online.learning.model import Rows
-
     fused = model.predict(Rows.of_pools(pools, None)).fused
     for n, (pool, positive) in enumerate(zip(pools, positives, strict=True)):
         scores = fused[n * 18:(n + 1) * 18]

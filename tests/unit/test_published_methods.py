@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from fusionrec.apps.evaluation.published import TifuKnn, UpCf
+from fusionrec.apps.evaluation.published import TifuKnn, UpCf, _Rows
 
 
 def feed(method: TifuKnn | UpCf, baskets: list[tuple[str, set[str]]]) -> None:
@@ -156,14 +156,14 @@ def test_products_between_rebuilds_equal_a_fresh_build(make) -> None:  # type: i
     fresh, incremental = make(), make()
     for m, (share, least) in ((fresh, (0.0, 0)), (incremental, (0.0, 5))):
         for rows in vars(m).values():
-            if type(rows).__name__ == "_Rows":
+            if isinstance(rows, _Rows):
                 rows.rebuild_share, rows.min_rebuild = share, least
     users = [f"u{i}" for i in range(12)]
     from_changed = 0
     for step in range(60):
         chunk = rnd.sample(users[: 4 + step // 5], 3)
         assert fresh.rank(chunk, [step] * 3, 6) == incremental.rank(chunk, [step] * 3, 6)
-        pending = [len(r._changed) for r in vars(incremental).values() if type(r).__name__ == "_Rows"]
+        pending = [len(r._changed) for r in vars(incremental).values() if isinstance(r, _Rows)]
         from_changed += any(0 < p for p in pending)  # this ranking used the old build plus changed rows
         for u in chunk:
             assert fresh.scores(u) == pytest.approx(incremental.scores(u), rel=1e-12, abs=1e-15)

@@ -85,7 +85,6 @@ class PublishedProcess:
         self._errors = tempfile.TemporaryFile()  # a file, not a pipe: a chatty worker never blocks on it
         self._proc = subprocess.Popen([sys.executable, "-m", __name__], stdin=subprocess.PIPE,
                                       stdout=subprocess.PIPE, stderr=self._errors)
-        self.methods = list(published_methods())
 
     def step(self, scored: Sequence[Scored], observed: Sequence[Observed]) -> None:
         self._send((list(scored), list(observed)))
