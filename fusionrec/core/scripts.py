@@ -125,12 +125,17 @@ return -1
 # Catalog upserts/deletes for one item bucket, each guarded by event time: an older event never
 # overwrites a newer one. KEYS: meta hashes. ARGV per key: ts, op, n_fields, (field, value) * n_fields
 # Returns one flag per key: 1 applied, 0 older than what is stored.
+# ``listed`` is the earliest upsert time of an item whose hash this script created: kept through
+# later upserts and deletes, lowered by an older upsert that arrives late (an item stored before the
+# field existed has none: its listing time is unknown).
 CATALOG_APPLY = """
 local out = {}
 local i = 1
 for k = 1, #KEYS do
   local ts, op, n = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
   local cur = tonumber(redis.call('HGET', KEYS[k], 'ts') or '-1')
+  local listed = redis.call('HGET', KEYS[k], 'listed')
+  if op ~= 'delete' and (cur < 0 or (listed and tonumber(ts) < tonumber(listed))) then listed = ts end
   if tonumber(ts) < cur then
     out[k] = 0
   else
@@ -142,6 +147,7 @@ for k = 1, #KEYS do
     end
     out[k] = 1
   end
+  if listed then redis.call('HSET', KEYS[k], 'listed', listed) end
   i = i + 3 + 2 * n
 end
 return out

@@ -201,6 +201,16 @@ class RecSettings:
     popular_candidates: int = setting(100, env="REC_POPULAR_CANDIDATES", doc="popular items read per batch")
     content_candidates: int = setting(30, env="REC_CONTENT_CANDIDATES",
                                       doc="nearest items to the profile vector (0 disables the content source)")
+    fresh_candidates: int = setting(10, env="REC_FRESH_CANDIDATES",
+                                    doc="items with few interactions (below FUSIONREC_REC_FRESH_BELOW) taken from "
+                                        "the nearest to the profile vector: the fresh source (0 disables it)")
+    fresh_scan: int = setting(200, env="REC_FRESH_SCAN",
+                              doc="nearest items to the profile vector searched for the fresh source")
+    fresh_below: float = setting(40.0, env="REC_FRESH_BELOW",
+                                 doc="an item has few interactions while its decayed popularity is below this, in "
+                                     "event weights (view 1, click 2, cart 4, purchase 8: 40 is five purchases)")
+    item_new_half_life_s: float = setting(7 * DAY_S, env="REC_ITEM_NEW_HALF_LIFE_S",
+                                          doc="the item_new feature, 1 when an item is listed, halves every this long")
     profile_items: int = setting(20, env="REC_PROFILE_ITEMS",
                                  doc="the profile vector is the weighted mean of the user's N strongest items")
     trending_candidates: int = setting(20, env="REC_TRENDING_CANDIDATES", doc="trending items read per batch")
@@ -509,6 +519,10 @@ class Settings:
         rec = self.rec
         if rec.debounce_ms < 0 or rec.cycle_ms <= 0 or rec.budget_ms <= 0 or rec.max_dirty <= 0:
             raise ConfigError("rec debounce must be >= 0; ranking cycle, budget and max dirty users must be > 0")
+        if rec.fresh_candidates < 0 or rec.fresh_scan < rec.fresh_candidates or rec.fresh_below < 0 \
+                or not rec.item_new_half_life_s > 0:
+            raise ConfigError(f"{PREFIX}REC_FRESH_CANDIDATES and REC_FRESH_BELOW must be >= 0, REC_FRESH_SCAN >= "
+                              f"REC_FRESH_CANDIDATES, REC_ITEM_NEW_HALF_LIFE_S > 0")
         if self.stream.offset_mismatch not in ("stop", "reset"):
             raise ConfigError(f"{PREFIX}OFFSET_MISMATCH must be stop or reset, got {self.stream.offset_mismatch!r}")
         if self.state.item_ttl_s < 0 or self.state.popularity_cap < 0:

@@ -8,8 +8,10 @@ bucket and source (see :data:`fusionrec.core.scripts.MULTI_ZTOP`):
 2. per user: their strongest items (repeat candidates) and category/brand affinities;
 3. per recent item: its co-visitation neighbours;
 4. when item vectors exist: the user's profile vector from their strongest items' vectors, and its
-   nearest items (content candidates);
-5. when items were ever deleted: which candidates are deleted (excluded from every list).
+   nearest items (content candidates; of a wider search, the nearest with few interactions are the
+   *fresh* candidates);
+5. every candidate's decayed popularity (its *support*), and, when items were ever deleted, which
+   candidates are deleted (excluded from every list): one round trip.
 
 Every reply is filed under the name of what it answers, never by its position in the pipeline.
 
@@ -32,6 +34,7 @@ from fusionrec.core.keys import Keys
 from fusionrec.core.scripts import MULTI_ZTOP, register
 from fusionrec.core.settings import Settings
 from fusionrec.online.candidates.content import ContentIndex, profile_vector
+from fusionrec.streams.state import Decay
 
 AFFINITY_TOP = 20  # strongest category/brand affinities read per user
 
@@ -60,6 +63,16 @@ class UserContext:
     affinity: dict[str, float] = field(default_factory=dict)
     # decision time (ms): event time of the newest event the user's state includes
     ts: int = 0
+    # nearest items to the profile vector with few interactions (support below ``rec.fresh_below``)
+    fresh: Scored = field(default_factory=list)
+    # candidates' decayed popularity as stored (forward-decayed; shared by a batch's contexts): times
+    # ``support_scale`` it is the item's decayed interaction weight at ``ts``; absent items have none
+    support: Mapping[str, float] = field(default_factory=dict)
+    support_scale: float = 0.0
+
+    def support_at(self, item: str) -> float:
+        """The item's decayed popularity at decision time, in event weights (0: none stored)."""
+        return self.support.get(item, 0.0) * self.support_scale
 
 
 class Anchor(Protocol):
@@ -138,6 +151,8 @@ class CandidateReader:
         self.keys = keys or Keys.for_settings(settings)
         self.content = content or ContentIndex(client, settings, self.keys)
         self._ztop = register(client, MULTI_ZTOP)
+        # stored popularity is forward-decayed: weight(1, -ts) = exp(-rate * (ts - epoch)) brings it to ts
+        self._popularity_now = Decay(-settings.state.decay_epoch_ms, settings.state.popularity_half_life_s)
 
     def for_users(self, users: Mapping[str, Anchor]) -> list[UserContext]:
         """Contexts for users whose recent items the caller knows (the writer: from the batch just applied)."""
@@ -165,9 +180,8 @@ class CandidateReader:
                                 covis={a: per_id["covis"][a] for a in recent[uid]}, popular=popular,
                                 trending=trending, affinity=dict(per_id["affinity"][uid]), ts=a.last_ts)
                     for uid, a in users.items()]
-        self._add_content(contexts)
-        if int(single["deleted"]):
-            self._exclude_deleted(contexts)
+        scanned = self._add_content(contexts)
+        self._add_support(contexts, scanned, deleted=int(single["deleted"]) > 0)
         return contexts
 
     def for_stored_users(self, at: Mapping[str, int]) -> list[UserContext]:
@@ -184,12 +198,13 @@ class CandidateReader:
                    for (uid, ts), recent, last_seen in zip(at.items(), replies[0::2], replies[1::2], strict=True)}
         return self.for_users(anchors)
 
-    def _add_content(self, contexts: list[UserContext]) -> None:
-        """Profile vectors and their nearest items, for users whose items have vectors."""
+    def _add_content(self, contexts: list[UserContext]) -> dict[str, Scored]:
+        """Profile vectors and their nearest items, for users whose items have vectors; returns each such
+        user's wider search for the fresh source (:meth:`_add_support` picks from it)."""
         s = self.settings
         version = self.content.active()
         if version is None or s.rec.content_candidates <= 0:
-            return
+            return {}
         strongest = {c.user_id: c.items[: s.rec.profile_items] for c in contexts}
         ids = sorted({i for items in strongest.values() for i, _ in items})
         vectors = self.content.store.vectors(version, ids)
@@ -199,18 +214,40 @@ class CandidateReader:
             if vec is not None:
                 ctx.profile = (version, vec)
                 with_profile.append(ctx)
-        found = self.content.nearest(version, [c.profile[1] for c in with_profile if c.profile],
-                                     s.rec.content_candidates)
+        scan = max(s.rec.content_candidates, s.rec.fresh_scan if s.rec.fresh_candidates > 0 else 0)
+        found = self.content.nearest(version, [c.profile[1] for c in with_profile if c.profile], scan)
         for ctx, near in zip(with_profile, found, strict=True):
-            ctx.content = near
+            ctx.content = near[: s.rec.content_candidates]
+        return {ctx.user_id: near for ctx, near in zip(with_profile, found, strict=True)} \
+            if s.rec.fresh_candidates > 0 else {}
 
-    def _exclude_deleted(self, contexts: list[UserContext]) -> None:
+    def _add_support(self, contexts: list[UserContext], scanned: dict[str, Scored], deleted: bool) -> None:
+        """Every candidate's support, the fresh candidates, and (``deleted``) the deleted ones: one round trip.
+
+        A user's fresh candidates are the nearest of their wider content search whose support at the
+        decision time is below ``rec.fresh_below``: items few people have touched yet, which popularity
+        and co-visitation cannot propose, in order of similarity."""
         candidates = sorted({i for c in contexts for i, _ in (*c.items, *c.popular, *c.content, *c.trending)}
-                            | {i for c in contexts for ns in c.covis.values() for i, _ in ns})
-        flags = self.redis.smismember(self.keys.deleted_items(), candidates) if candidates else []
-        deleted = frozenset(i for i, f in zip(candidates, flags, strict=True) if f)
+                            | {i for c in contexts for ns in c.covis.values() for i, _ in ns}
+                            | {i for near in scanned.values() for i, _ in near})
+        if not candidates:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zmscore(self.keys.popularity(), candidates)
+        if deleted:
+            pipe.smismember(self.keys.deleted_items(), candidates)
+        replies = pipe.execute()
+        support = {i: float(v) for i, v in zip(candidates, replies[0], strict=True) if v is not None}
+        excluded = frozenset(i for i, f in zip(candidates, replies[1], strict=True) if f) if deleted \
+            else frozenset()
+        s = self.settings.rec
         for c in contexts:
-            c.excluded = deleted
+            c.support = support
+            c.support_scale = self._popularity_now.weight(1.0, -c.ts) if c.ts else 0.0
+            c.excluded = excluded
+            near = scanned.get(c.user_id)
+            if near:
+                c.fresh = [(i, sim) for i, sim in near if c.support_at(i) < s.fresh_below][: s.fresh_candidates]
 
     def _by_bucket(self, ids: list[str]) -> list[list[str]]:
         groups: dict[int, list[str]] = defaultdict(list)

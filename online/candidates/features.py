@@ -1,7 +1,7 @@
 """Candidate pools and their features: what every scorer sees for a (user, candidate) pair.
 
 A :class:`CandidatePool` is one user's candidates at one decision time: the union of the candidate sources
-(repeat, co-visitation, content, popularity, trending), pre-ranked by a fixed blend and cut to
+(repeat, co-visitation, content, fresh, popularity, trending), pre-ranked by a fixed blend and cut to
 ``size``, with one row of :data:`FEATURES` per candidate. Every feature is bounded (mostly in
 [0, 1]) so no scaler is needed and one extreme value cannot dominate a linear model.
 
@@ -20,23 +20,23 @@ import numpy as np
 
 from fusionrec.online.candidates.context import Scored, UserContext, normalised
 
-SOURCES = ("repeat", "covis", "content", "popular", "trending")
+SOURCES = ("repeat", "covis", "content", "fresh", "popular", "trending")
 PRICE_BANDS = (1.0, 3.0, 10.0, 30.0)  # upper bounds; the last band is open
 DAYPARTS = ("night", "morning", "afternoon", "evening")
 
 FEATURES: tuple[str, ...] = (
     "repeat", "repeat_rank", "repeat_strength", "recent", "covis", "covis_rank", "content", "content_sim", "popular",
-    "pop_rank", "trending", "aff_category", "aff_brand", "has_vector",
+    "pop_rank", "trending", "aff_category", "aff_brand", "has_vector", "fresh", "support", "item_new",
     *(f"src_{s}" for s in SOURCES),
     "price_none", *(f"price_b{i}" for i in range(len(PRICE_BANDS) + 1)),
     *(f"hour_{d}" for d in DAYPARTS),
 )
 INDEX = {name: i for i, name in enumerate(FEATURES)}
 # What a model without LLM vectors may not look at.
-VECTOR_FEATURES = ("content", "content_sim", "has_vector", "src_content")
+VECTOR_FEATURES = ("content", "content_sim", "has_vector", "src_content", "fresh", "src_fresh")
 
 # Fixed pre-ranking blend used to cut a pool to size (and the fusion's prior weights).
-PRIOR = {"repeat": 1.0, "covis": 0.6, "content": 0.3, "popular": 0.1, "trending": 0.1}
+PRIOR = {"repeat": 1.0, "covis": 0.6, "content": 0.3, "fresh": 0.3, "popular": 0.1, "trending": 0.1}
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,7 @@ class ItemInfo:
     category: str | None = None
     brand: str | None = None
     price: float | None = None
+    listed: int | None = None  # when the catalog first listed the item (ms), if known
 
 
 @dataclass
@@ -91,6 +92,12 @@ def daypart(ts_ms: int) -> int:
 ItemInfos = Mapping[str, ItemInfo] | Callable[[list[str]], Mapping[str, ItemInfo]]
 
 
+# the item_new feature halves every this long after the item's listing (FUSIONREC_REC_ITEM_NEW_HALF_LIFE_S)
+ITEM_NEW_HALF_LIFE_S = 7 * 86_400.0
+# support at or above this many purchases' weight (8 each) is 1
+SUPPORT_FULL = 1_000.0
+
+
 def build_pool(ctx: UserContext, info: ItemInfos, size: int,
                has_vector: frozenset[str] | set[str] = frozenset(), decay_now: float = 0.0,
                only: list[str] | None = None) -> CandidatePool:
@@ -100,7 +107,8 @@ def build_pool(ctx: UserContext, info: ItemInfos, size: int,
 
 def build_pools(contexts: Sequence[UserContext], info: ItemInfos, size: int,
                 has_vector: frozenset[str] | set[str] = frozenset(), decay_now: Sequence[float] | None = None,
-                only: list[str] | None = None) -> list[CandidatePool]:
+                only: list[str] | None = None,
+                item_new_half_life_s: float = ITEM_NEW_HALF_LIFE_S) -> list[CandidatePool]:
     """Each user's candidates with their features, the ``size`` best by the prior blend.
 
     ``decay_now[u]`` turns user u's forward-decayed item weights into their value at decision time
@@ -109,17 +117,22 @@ def build_pools(contexts: Sequence[UserContext], info: ItemInfos, size: int,
     ``info`` is the items' catalog metadata, or a function giving it for the items the pools hold.
 
     Per candidate source: every score is ``normalised`` (divided by the user's largest) except
-    content similarity, which is ``spread`` (min-max); co-visitation is each recent item's
+    content and fresh similarity, which are ``spread`` (min-max); co-visitation is each recent item's
     normalised neighbours weighted ``1 / (1 + position)``, summed, normalised. The prior is the
     :data:`PRIOR`-weighted sum; a pool is its user's candidates by (-prior, item id).
 
     All users are built at once, as flat (user, item) columns: the Python work is one pass over
     the entries the contexts hold, the rest is numpy. The shared lists of a batch (popular,
     trending, a recent item's neighbours) are normalised once.
+
+    ``support`` is the item's decayed popularity at decision time, ``log1p(s / 8) / log1p(SUPPORT_FULL)``
+    capped at 1 (0: nobody has touched it lately); ``item_new`` is ``2 ** (-age / half_life)`` of the
+    time since the catalog listed the item (0 when the listing time is unknown or after the decision).
     """
     if not contexts:
         return []
-    return _PoolBuilder(contexts, info, has_vector, list(decay_now or [0.0] * len(contexts))).build(size, only)
+    return _PoolBuilder(contexts, info, has_vector, list(decay_now or [0.0] * len(contexts)),
+                        item_new_half_life_s).build(size, only)
 
 
 class _Entries:
@@ -137,11 +150,12 @@ class _PoolBuilder:
     """The flat-column build behind :func:`build_pools`; item ids are given in first-seen order."""
 
     def __init__(self, contexts: Sequence[UserContext], info: ItemInfos,
-                 has_vector: frozenset[str] | set[str], decay_now: list[float]) -> None:
+                 has_vector: frozenset[str] | set[str], decay_now: list[float], item_new_half_life_s: float) -> None:
         self.contexts = contexts
         self.info = info
         self.has_vector = has_vector
         self.decay_now = decay_now
+        self.item_new_rate = math.log(2) / (item_new_half_life_s * 1000.0)
         self.vocab: dict[str, int] = {}
 
     def _ids(self, items: Sequence[str]) -> list[int]:
@@ -170,6 +184,7 @@ class _PoolBuilder:
         n_users = len(ctxs)
         repeat = self._per_user([c.items for c in ctxs])
         content = self._per_user([c.content for c in ctxs])
+        fresh = self._per_user([c.fresh for c in ctxs])
         popular = self._per_user([c.popular for c in ctxs])
         trending = self._per_user([c.trending for c in ctxs])
         covis_raw = self._covis_entries()
@@ -184,6 +199,7 @@ class _PoolBuilder:
             "repeat": _normalised(*_last(key(repeat), repeat.values), n_items),
             "covis": _normalised(*_summed(key(covis_raw), covis_raw.values), n_items),
             "content": _spread(*_last(key(content), content.values), n_items),
+            "fresh": _spread(*_last(key(fresh), fresh.values), n_items),
             "popular": _normalised(*_last(key(popular), popular.values), n_items),
             "trending": _normalised(*_last(key(trending), trending.values), n_items),
         }
@@ -296,10 +312,13 @@ class _PoolBuilder:
         cat = np.full(len(names), -1, dtype=np.int64)
         brand = np.full(len(names), -1, dtype=np.int64)
         band = np.full(len(names), -1, dtype=np.int64)
+        listed = np.full(len(names), np.nan)
         for i, name in zip(distinct, wanted, strict=True):
             meta = info.get(name)
             if meta is None:
                 continue
+            if meta.listed is not None:
+                listed[i] = meta.listed
             if meta.category:
                 cat[i] = categories.get(meta.category, -1)
             if meta.brand:
@@ -320,6 +339,27 @@ class _PoolBuilder:
             X[np.flatnonzero(known)[hit], col] = values[at]
         X[np.arange(len(row_items)), INDEX["price_none"] + 1 + band[row_items]] = 1.0  # band -1 lands on price_none
         X[:, INDEX["has_vector"]] = vec[row_items]
+        ts = np.asarray([c.ts for c in self.contexts], dtype=np.float64)[row_users]
+        with np.errstate(invalid="ignore"):
+            age = ts - listed[row_items]
+            X[:, INDEX["item_new"]] = np.where(age >= 0, np.exp(-self.item_new_rate * np.maximum(age, 0.0)), 0.0)
+        X[:, INDEX["support"]] = self._support(row_users, row_items, distinct, wanted, len(names))
+
+    def _support(self, row_users: np.ndarray, row_items: np.ndarray, distinct: list[int], wanted: list[str],
+                 n_names: int) -> np.ndarray:
+        """Each row's ``support`` feature (see :func:`build_pools`)."""
+        groups: dict[int, tuple[Mapping[str, float], list[int]]] = {}
+        for u, c in enumerate(self.contexts):
+            if c.support:  # a batch's contexts share one read: looked up once
+                groups.setdefault(id(c.support), (c.support, []))[1].append(u)
+        weight = np.zeros(len(row_items))
+        for support, users in groups.values():
+            stored = np.zeros(n_names)
+            stored[distinct] = [support.get(name, 0.0) for name in wanted]
+            rows = np.isin(row_users, users)
+            weight[rows] = stored[row_items[rows]]
+        weight *= np.asarray([c.support_scale for c in self.contexts], dtype=np.float64)[row_users]
+        return np.minimum(1.0, np.log1p(weight / 8.0) / math.log1p(SUPPORT_FULL))
 
 
 class _Lookup:

@@ -29,7 +29,7 @@ from fusionrec.streams.state import Decay
 
 
 class ItemInfoCache:
-    """Category, brand and price of items, read from their catalog hashes and kept ``ttl_s``."""
+    """Category, brand, price and listing time of items, read from their catalog hashes and kept ``ttl_s``."""
 
     def __init__(self, client: redis.Redis, keys: Keys, capacity: int = 200_000, ttl_s: float = 60.0) -> None:
         self.redis = client
@@ -52,11 +52,11 @@ class ItemInfoCache:
         if missing:
             pipe = self.redis.pipeline(transaction=False)
             for ids in missing.values():
-                self._hmget(keys=[self.keys.item_meta(i) for i in ids], args=["category", "brand", "price"],
+                self._hmget(keys=[self.keys.item_meta(i) for i in ids], args=["category", "brand", "price", "listed"],
                             client=pipe)
             for ids, reply in zip(missing.values(), pipe.execute(), strict=True):
-                for iid, (category, brand, price) in zip(ids, reply, strict=True):
-                    info = ItemInfo(_text(category), _text(brand), _price(price))
+                for iid, (category, brand, price, listed) in zip(ids, reply, strict=True):
+                    info = ItemInfo(_text(category), _text(brand), _price(price), _listed(listed))
                     out[iid] = info
                     self._cache[iid] = (now, info)
                     self._cache.move_to_end(iid)
@@ -84,7 +84,8 @@ class FusionRanker:
     def pools(self, contexts: Sequence[UserContext], only: list[str] | None = None) -> list[CandidatePool]:
         """Each user's candidate pool (``only``: the user's features for exactly these items)."""
         return build_pools(contexts, self.info.get, self.settings.rec.pool,
-                           decay_now=[self.decay.weight(1.0, -c.ts) if c.ts else 0.0 for c in contexts], only=only)
+                           decay_now=[self.decay.weight(1.0, -c.ts) if c.ts else 0.0 for c in contexts], only=only,
+                           item_new_half_life_s=self.settings.rec.item_new_half_life_s)
 
     def personal_scores(self, ctx: UserContext, items: list[str]) -> tuple[int, np.ndarray]:
         """The served model's fused probability of each item for this user (checkpoint number, scores)."""
@@ -134,6 +135,13 @@ def _text(raw: bytes | str | None) -> str | None:
     if raw is None:
         return None
     return raw.decode() if isinstance(raw, bytes) else raw
+
+
+def _listed(raw: bytes | str | None) -> int | None:
+    try:
+        return int(_text(raw) or "")
+    except ValueError:
+        return None
 
 
 def _price(raw: bytes | str | None) -> float | None:

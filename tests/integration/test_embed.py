@@ -28,6 +28,9 @@ from fusionrec.models.encoder import TextEncoder
 from fusionrec.models.pool import EmbedPool, build_embedder
 from fusionrec.models.vectors import VectorStore
 from fusionrec.models.worker import EmbedWorker
+from fusionrec.online.candidates.context import CandidateReader
+from fusionrec.online.candidates.features import build_pools
+from fusionrec.online.ranking.fusion import ItemInfoCache
 from fusionrec.online.serving.reader import RecommendationReader
 from fusionrec.streams import datasets
 from fusionrec.streams.producer import EventProducer
@@ -373,6 +376,35 @@ def test_brand_new_item_is_recommended_through_content(embed_settings: Settings,
     assert rclient.zscore(Keys.for_settings(s).popularity(), "999") is None  # no interaction at all
     profile = RecommendationReader(rclient, s).content.profile("u1")
     assert profile is not None and profile[0] == worker.version and profile[1].shape == (32,)
+
+
+def test_fresh_source_takes_nearest_items_with_few_interactions(embed_settings: Settings, worker: InProcessWorker,
+                                                                 rclient: redis.Redis) -> None:
+    """Items under ``rec.fresh_below`` (here 10: one purchase is 8, two are 16) among the nearest to the
+    profile vector are the user's fresh candidates, with every candidate's support read beside them."""
+    s = embed_settings.replace(rec_fresh_below=10.0, rec_fresh_candidates=50)
+    t0 = s.state.decay_epoch_ms  # popularity decays from here: 1970 times would underflow it
+    items = [(n, title(n), t0) for n in range(40)] + [(999, title(1), t0)]  # 999: same text as 1, never seen
+    publish(s, items)
+    worker.until(len(items))
+    with EventProducer(s) as producer:
+        for n, item in enumerate((1, 2, 1)):
+            producer.user_event({"event_id": f"e{n}", "type": "purchase", "user_id": "u1", "item_id": str(item),
+                                 "ts": t0 + 1000 + n})
+    consume_until(s, len(items) + 3).redis.close()
+    [ctx] = CandidateReader(rclient, s).for_stored_users({"u1": 0})
+    fresh = dict(ctx.fresh)
+    assert "999" in fresh and "2" in fresh and "1" not in fresh, ctx.fresh
+    assert ctx.support_at("1") == pytest.approx(16.0, rel=1e-6) and ctx.support_at("2") == pytest.approx(8.0, rel=1e-6)
+    assert ctx.support_at("999") == 0.0
+    assert list(fresh.values()) == sorted(fresh.values(), reverse=True)
+    assert set(fresh) == {str(n) for n in range(40) if n != 1} | {"999"}  # every item but the one bought twice
+    near = dict(ctx.content)
+    assert all(fresh[i] == pytest.approx(near[i]) for i in fresh if i in near)  # the same similarity
+    [pool] = build_pools([ctx], ItemInfoCache(rclient, Keys.for_settings(s)).get, s.rec.pool)
+    row = pool.items.index("999")
+    assert pool.column("src_fresh")[row] == 1.0 and pool.column("support")[row] == 0.0
+    assert pool.column("item_new")[row] == pytest.approx(1.0, abs=1e-3)  # decided 1,002 ms after its listing
 
 
 def test_backfill_reads_back_ids_that_hold_colons(embed_settings: Settings, rclient: redis.Redis) -> None:

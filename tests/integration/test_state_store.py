@@ -92,6 +92,30 @@ def test_catalog_is_event_time_guarded_and_deletes_exclude_items(services):
     assert client.hget(store.keys.item_meta("i1"), "deleted") == b"1"
 
 
+def test_catalog_keeps_the_first_listing_time(services):
+    s, client, store, _ = _store(services)
+    key = store.keys.item_meta
+
+    def listed(item: str) -> int | None:
+        raw = client.hget(key(item), "listed")
+        return None if raw is None else int(raw)
+
+    store.apply_catalog([CatalogEvent(item_id="a", op="upsert", ts=200, title="a")])
+    assert listed("a") == 200
+    store.apply_catalog([CatalogEvent(item_id="a", op="upsert", ts=300, title="a2")])  # an update
+    assert listed("a") == 200 and client.hget(key("a"), "title") == b"a2"
+    store.apply_catalog([CatalogEvent(item_id="a", op="upsert", ts=100, title="old")])  # older, arriving late
+    assert listed("a") == 100 and client.hget(key("a"), "title") == b"a2"
+    store.apply_catalog([CatalogEvent(item_id="a", op="delete", ts=400)])
+    store.apply_catalog([CatalogEvent(item_id="a", op="upsert", ts=500, title="back")])
+    assert listed("a") == 100
+    store.apply_catalog([CatalogEvent(item_id="gone", op="delete", ts=50)])  # never listed
+    assert listed("gone") is None
+    client.hset(key("legacy"), mapping={"ts": 10, "title": "stored before listing times"})
+    store.apply_catalog([CatalogEvent(item_id="legacy", op="upsert", ts=600, title="legacy")])
+    assert listed("legacy") is None  # its listing time is unknown, not 600
+
+
 def test_unknown_user_gets_popular_fallback(services):
     s, client, store, writer = _store(services)
     evs = [Positioned(0, n, UserEvent(event_id=str(n), type="view", user_id="u", item_id=f"i{n % 4}", ts=T0 + n))

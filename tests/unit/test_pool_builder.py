@@ -49,6 +49,7 @@ def reference_pool(ctx: UserContext, info: Mapping[str, ItemInfo], size: int,
         "repeat": normalised(ctx.items),
         "covis": covis_scores(ctx),
         "content": spread(ctx.content),
+        "fresh": spread(ctx.fresh),
         "popular": normalised(ctx.popular),
         "trending": normalised(ctx.trending),
     }
@@ -73,7 +74,7 @@ def _fill(X: np.ndarray, row: dict[str, int], scores: dict[str, dict[str, float]
         "repeat_strength": {i: min(1.0, math.log1p(w * decay_now / 8.0) / math.log1p(50.0))
                             for i, w in ctx.items} if decay_now > 0 else {},
         "repeat": scores["repeat"], "covis": scores["covis"], "content": scores["content"],
-        "popular": scores["popular"], "trending": scores["trending"],
+        "fresh": scores["fresh"], "popular": scores["popular"], "trending": scores["trending"],
         "repeat_rank": _ranks(ctx.items), "pop_rank": _ranks(ctx.popular),
         "covis_rank": _ranks(sorted(scores["covis"].items(), key=lambda kv: -kv[1])),
         "content_sim": dict(ctx.content),
@@ -110,6 +111,10 @@ def _fill_item(X: np.ndarray, items: list[str], ctx: UserContext, info: Mapping[
         X[r, c_none + 1 + band] = 1.0  # band -1 lands on price_none
         if item in has_vector:
             X[r, c_vec] = 1.0
+        # the item's decayed popularity at decision time: 1.0 is 1,000 purchases' worth
+        X[r, INDEX["support"]] = min(1.0, math.log1p(ctx.support_at(item) / 8.0) / math.log1p(1000.0))
+        if meta is not None and meta.listed is not None and ctx.ts >= meta.listed:
+            X[r, INDEX["item_new"]] = 0.5 ** ((ctx.ts - meta.listed) / (7 * 86_400_000))
 
 
 ITEMS = [f"i{n}" for n in range(60)]
@@ -123,6 +128,8 @@ def _random_batch(rng: random.Random, n_users: int) -> tuple[list[UserContext], 
     trending = [(i, float(rng.randint(1, 3))) for i in rng.sample(ITEMS, rng.choice([0, 5]))]
     neighbours = {i: [(j, float(rng.randint(0, 4))) for j in rng.sample(ITEMS, rng.randint(0, 8))] for i in ITEMS}
     excluded = frozenset(rng.sample(ITEMS, 3))
+    support = {i: rng.choice([0.5, 8.0, 40.0, 1e4]) * 1e6 for i in rng.sample(ITEMS, 40)}
+    other_read = {i: 16.0 * 1e6 for i in ITEMS}  # a context from another read
     contexts = []
     for u in range(n_users):
         recent = rng.sample(ITEMS, rng.randint(0, 5))
@@ -133,10 +140,13 @@ def _random_batch(rng: random.Random, n_users: int) -> tuple[list[UserContext], 
             items=[(i, float(rng.randint(1, 6)) * 1e3) for i in rng.sample(ITEMS, rng.randint(0, 12))],
             covis={a: neighbours[a] for a in recent}, popular=popular, trending=trending,
             content=[(i, rng.choice([0.5, 0.7, 0.9])) for i in rng.sample(ITEMS, rng.randint(0, 6))],
+            fresh=[(i, rng.choice([0.6, 0.8])) for i in rng.sample(ITEMS, rng.choice([0, 0, 3]))],
+            support=other_read if rng.random() < 0.1 else support, support_scale=rng.choice([0.0, 1e-6, 2e-6]),
             excluded=excluded if rng.random() < 0.5 else frozenset(),
             affinity={f"c:{c}": float(rng.randint(0, 4)) for c in CATS if c} | {"b:acme": 2.0},
             ts=1_700_000_000_000 + rng.randint(0, 86_400_000)))
-    info = {i: ItemInfo(rng.choice(CATS), rng.choice(["acme", None]), rng.choice([None, 0.5, 2.0, 15.0, 99.0]))
+    info = {i: ItemInfo(rng.choice(CATS), rng.choice(["acme", None]), rng.choice([None, 0.5, 2.0, 15.0, 99.0]),
+                        rng.choice([None, 1_700_000_000_000 - 3 * 86_400_000, 1_700_000_000_000 + 43_200_000]))
             for i in ITEMS if rng.random() < 0.8}
     return contexts, info
 
