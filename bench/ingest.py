@@ -12,8 +12,8 @@ events are published by a producer in a process of its own.
 2. clickstream: the same on the Taobao sample (``../shared/data``, preset ``taobao``); null when the
    file is not there.
 3. baseline, same run: a naive consumer written here does the same state work (counters, recent items,
-   decayed item weights, category/brand affinity, last-seen, popularity, co-visitation) with one Redis
-   round trip per event, over the first M events, checked the same way.
+   decayed item weights, category/brand affinity, purchases, last-seen, popularity, co-visitation) with
+   one Redis round trip per event, over the first M events, checked the same way.
 4. ceiling, same run: confluent-kafka batch consume plus the typed msgspec decode and validation alone,
    over the same N events.
 5. freshness: a producer process publishes at ``--rate`` events/s while the pipeline consumes. Per
@@ -213,6 +213,7 @@ def naive(base: Settings, ds: datasets.Dataset) -> float:
     consumer.subscribe([s.kafka.topic_events])
     validator = validator_for(s)
     recent: dict[str, list[str]] = {}
+    bought: dict[tuple[str, str], tuple[int, int, int]] = {}  # kept in process like the recent items
     done, t0 = 0, 0.0
     while done < len(ds.events):
         msg = consumer.poll(1.0)
@@ -236,6 +237,10 @@ def naive(base: Settings, ds: datasets.Dataset) -> float:
         if brand:
             pipe.zincrby(keys.user_affinity(uid), aw, f"b:{brand}")
         pipe.zincrby(keys.popularity(), pop_decay.weight(w, ev.ts), item)
+        if ev.type == "purchase":
+            n, first, last = bought.get((uid, item), (0, ev.ts, ev.ts))
+            bought[(uid, item)] = n, first, last = n + 1, min(first, ev.ts), max(last, ev.ts)
+            pipe.hset(keys.user_buys(uid), item, f"{n}:{first}:{last}")
         for other in [o for o in mine if o != item][: s.state.covis_window]:
             pipe.zincrby(keys.item_covis(other), w, item)
             pipe.zremrangebyrank(keys.item_covis(other), 0, -(s.state.covis_cap + 1))

@@ -9,7 +9,8 @@ Per batch, in three pipelined round trips of at most one script call per hash-ta
    (one guarded call). Contributions are computed from the users' state *before* this batch, so a
    replay recomputes exactly the same contributions; each guard skips what it already has.
 3. **users**: recent items, counters, decayed item weights and category/brand affinity, last-seen,
-   remembered event ids, one guarded call per user bucket. Written after the items: a user guard past
+   each purchased item's purchase count and first and last purchase time, remembered event ids, one
+   guarded call per user bucket. Written after the items: a user guard past
    an offset means that event's item contributions are in Redis too.
 
 The consumer that owns a partition is the only writer of the users keyed to it, so the store keeps
@@ -516,6 +517,7 @@ class StateStore:
         pop = _call(items, k.popularity_guard(), partition, s.state.popularity_cap, True)
         last_seen = -1
         pushed: dict[str, None] = {}  # items pushed to the recent list, oldest push first
+        buys: list[Any] = []  # item, event time per purchase
         for pe in sorted(events, key=lambda x: x.offset):
             ev = pe.event
             counts[ev.type] += 1
@@ -524,6 +526,8 @@ class StateStore:
             item = str(ev.item_id) if ev.type != "impression" and ev.item_id is not None else None
             if item is None or w <= 0:
                 continue
+            if ev.type == "purchase":
+                buys.extend((item, ev.ts))
             aw = self.affinity_decay.weight(w, ev.ts)
             weights[item] += aw
             category, brand = meta.get(item, (None, None))
@@ -541,7 +545,7 @@ class StateStore:
             pushed.pop(item, None)
             pushed[item] = None
         return [last_seen, [x for kv in counts.items() for x in kv], list(pushed),
-                [x for kv in weights.items() for x in kv], [x for kv in affinity.items() for x in kv]]
+                [x for kv in weights.items() for x in kv], [x for kv in affinity.items() for x in kv], buys]
 
     def _apply_zsets(self, calls: list[ZsetCall]) -> None:
         """Send every call; where a guard is already past some offsets, resend the rest."""

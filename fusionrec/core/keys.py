@@ -14,6 +14,7 @@ key                                type  content
 ``P:{u:B}:<uid>:aff``              zset  decayed affinity, members ``c:<category>``/``b:<brand>``
 ``P:{u:B}:<uid>:eids``             zset  event ids remembered against producer duplicates, members
                                          ``<partition>:<offset>:<event_id>``, score event time (ms)
+``P:{u:B}:<uid>:buys``             hash  per purchased item ``<purchases>:<first ts>:<last ts>`` (ms)
 ``P:{u:B}:<uid>:rec``              str   JSON top-K recommendations with scores and sources
 ``P:{u:B}:<uid>:pv``               str   profile vector: msgpack ``[version, float32 bytes]``
 ``P:{u:B}:o``                      hash  offset guard per source partition for the bucket's users
@@ -94,7 +95,7 @@ class Keys:
         return f"{self.prefix}:{{u:{bucket}}}"
 
     def user(self, uid: str, kind: str) -> str:
-        """``kind`` is one of ``s``, ``recent``, ``items``, ``aff``, ``eids``, ``rec``."""
+        """``kind`` is one of ``s``, ``recent``, ``items``, ``aff``, ``eids``, ``buys``, ``rec``, ``pv``."""
         return f"{self.user_tag(self.bucket(uid))}:{uid}:{kind}"
 
     def user_state(self, uid: str) -> str:
@@ -115,9 +116,12 @@ class Keys:
     def user_event_ids(self, uid: str) -> str:
         return self.user(uid, "eids")
 
+    def user_buys(self, uid: str) -> str:
+        return self.user(uid, "buys")
+
     def user_keys(self, uid: str) -> list[str]:
-        """The five keys the user-state script writes for one user, in script order."""
-        return [self.user(uid, k) for k in ("s", "recent", "items", "aff", "eids")]
+        """The six keys the user-state script writes for one user, in script order."""
+        return [self.user(uid, k) for k in ("s", "recent", "items", "aff", "eids", "buys")]
 
     def user_profile(self, uid: str) -> str:
         return self.user(uid, "pv")

@@ -47,11 +47,13 @@ def register(client: redis.Redis, source: str) -> LuaScript:
 # the caller can drop what is in and send the rest. Otherwise everything is applied, the guard moves
 # to the payload's highest offset, and -1 is returned.
 
-# KEYS: bucket guard, then per user: state, recent, items, aff, event ids
+# KEYS: bucket guard, then per user: state, recent, items, aff, event ids, buys
 # ARGV: partition, ttl_s, min_offset, max_offset, msgpack([per user:
 #       [last_seen, [type, count, ...], [items pushed to recent, oldest push first], [item, weight, ...],
-#        [member, weight, ...], [event-id member, event ts, ...] (remembered), [event-id member, ...]
-#        (forgotten)]]), recent cap
+#        [member, weight, ...], [item, purchase ts, ...], [event-id member, event ts, ...] (remembered),
+#        [event-id member, ...] (forgotten)]]), recent cap
+# ``buys`` holds per purchased item ``<purchases>:<first ts>:<last ts>`` (event times, ms); a purchase
+# older than the last moves only the first.
 # Recent items are pushed (moved to the front) rather than replaced, so two writers of one user
 # (events of one user on two partitions) both keep their items.
 USER_APPLY = """
@@ -60,9 +62,10 @@ if g and tonumber(g) >= tonumber(ARGV[3]) then return tonumber(g) end
 local ttl = ARGV[2]
 local users = cmsgpack.unpack(ARGV[5])
 for u = 1, #users do
-  local ks, kr, ki, ka, ke = KEYS[5 * u - 3], KEYS[5 * u - 2], KEYS[5 * u - 1], KEYS[5 * u], KEYS[5 * u + 1]
+  local ks, kr, ki, ka, ke = KEYS[6 * u - 4], KEYS[6 * u - 3], KEYS[6 * u - 2], KEYS[6 * u - 1], KEYS[6 * u]
+  local kb = KEYS[6 * u + 1]
   local rec = users[u]
-  local counts, recent, items, aff, seen, forgot = rec[2], rec[3], rec[4], rec[5], rec[6], rec[7]
+  local counts, recent, items, aff, buys, seen, forgot = rec[2], rec[3], rec[4], rec[5], rec[6], rec[7], rec[8]
   for a = 1, #counts, 2 do redis.call('HINCRBY', ks, 'n:' .. counts[a], counts[a + 1]) end
   local prev = tonumber(redis.call('HGET', ks, 'last_seen') or '-1')
   if rec[1] > prev then redis.call('HSET', ks, 'last_seen', rec[1]) end
@@ -77,11 +80,22 @@ for u = 1, #users do
   for a = 1, #aff, 2 do redis.call('ZINCRBY', ka, aff[a + 1], aff[a]) end
   for a = 1, #seen, 2 do redis.call('ZADD', ke, seen[a + 1], seen[a]) end
   if #forgot > 0 then redis.call('ZREM', ke, unpack(forgot)) end
+  for a = 1, #buys, 2 do
+    local ts = buys[a + 1]
+    local n, first, last = 1, ts, ts
+    local cur = redis.call('HGET', kb, buys[a])
+    if cur then
+      local cn, cf, cl = string.match(cur, '^(%d+):(-?%d+):(-?%d+)$')
+      n, first, last = tonumber(cn) + 1, math.min(tonumber(cf), ts), math.max(tonumber(cl), ts)
+    end
+    redis.call('HSET', kb, buys[a], string.format('%d:%d:%d', n, first, last))
+  end
   redis.call('EXPIRE', ks, ttl)
   redis.call('EXPIRE', kr, ttl)
   redis.call('EXPIRE', ki, ttl)
   redis.call('EXPIRE', ka, ttl)
   redis.call('EXPIRE', ke, ttl)
+  redis.call('EXPIRE', kb, ttl)
 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[4])
 return -1
@@ -181,6 +195,23 @@ MULTI_ZTOP = """
 local out = {}
 local stop = tonumber(ARGV[1]) - 1
 for k = 1, #KEYS do out[k] = redis.call('ZRANGE', KEYS[k], 0, stop, 'REV', 'WITHSCORES') end
+return out
+"""
+
+# A bucket's users' strongest items and what ``buys`` holds of them. KEYS: per user: items zset, buys hash.
+# ARGV: how many items. Returns per user {member, score, ...} and the buys values of those members.
+USER_ITEMS_READ = """
+local out = {}
+local stop = tonumber(ARGV[1]) - 1
+for k = 1, #KEYS, 2 do
+  local top = redis.call('ZRANGE', KEYS[k], 0, stop, 'REV', 'WITHSCORES')
+  local ids = {}
+  for a = 1, #top, 2 do ids[#ids + 1] = top[a] end
+  local bought = {}
+  if #ids > 0 then bought = redis.call('HMGET', KEYS[k + 1], unpack(ids)) end
+  out[#out + 1] = top
+  out[#out + 1] = bought
+end
 return out
 """
 

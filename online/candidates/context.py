@@ -31,7 +31,7 @@ import numpy as np
 import redis
 
 from fusionrec.core.keys import Keys
-from fusionrec.core.scripts import MULTI_ZTOP, register
+from fusionrec.core.scripts import MULTI_ZTOP, USER_ITEMS_READ, register
 from fusionrec.core.settings import Settings
 from fusionrec.online.candidates.content import ContentIndex, profile_vector
 from fusionrec.streams.state import Decay
@@ -49,6 +49,8 @@ class UserContext:
     recent: list[str]
     # the user's own decayed item weights, strongest first (repeat candidates)
     items: Scored = field(default_factory=list)
+    # of those, the purchased ones: (purchases, first, last purchase event time in ms)
+    bought: dict[str, tuple[int, int, int]] = field(default_factory=dict)
     # recent item -> its co-visitation neighbours with weights, strongest first
     covis: dict[str, Scored] = field(default_factory=dict)
     popular: Scored = field(default_factory=list)
@@ -116,28 +118,47 @@ def _pairs(raw: Iterable[tuple[bytes | str, float]]) -> Scored:
     return [(_text(m), float(s)) for m, s in raw]
 
 
+def _bought(items: Scored, raw: list[bytes | str | None]) -> dict[str, tuple[int, int, int]]:
+    """``buys`` values (``<purchases>:<first>:<last>``) of the items that have one."""
+    out: dict[str, tuple[int, int, int]] = {}
+    for (item, _), value in zip(items, raw, strict=True):
+        if value is not None:
+            try:
+                n, first, last = _text(value).split(":")
+                out[item] = (int(n), int(first), int(last))
+            except ValueError:  # not what USER_APPLY writes: the item counts as never bought
+                continue
+    return out
+
+
 class _Replies:
     """A pipeline whose replies are filed by name: ``(name, id) -> reply``."""
 
     def __init__(self, client: redis.Redis) -> None:
         self.pipe = client.pipeline(transaction=False)
         self._tags: list[tuple[str, list[str] | None]] = []
+        self.bought: dict[str, dict[str, tuple[int, int, int]]] = {}
 
     def add(self, name: str, ids: list[str] | None = None) -> Any:
-        """Tag the next queued command; ``ids`` when its reply has one entry per id (a MULTI_ZTOP call)."""
+        """Tag the next queued command; ``ids`` when its reply has one entry per id (a MULTI_ZTOP call).
+        A reply named ``items`` (a USER_ITEMS_READ call) has two: the scored list and its ``buys``."""
         self._tags.append((name, ids))
         return self.pipe
 
     def execute(self) -> tuple[dict[str, Any], dict[str, dict[str, Scored]]]:
-        """Global replies by name, and per-id scored lists by name."""
+        """Global replies by name, and per-id scored lists by name (the purchases in ``bought``)."""
         single: dict[str, Any] = {}
         per_id: dict[str, dict[str, Scored]] = defaultdict(dict)
         for (name, ids), reply in zip(self._tags, self.pipe.execute(), strict=True):
             if ids is None:
                 single[name] = reply
                 continue
-            for ident, flat in zip(ids, reply, strict=True):
+            flats = reply[0::2] if name == "items" else reply
+            for ident, flat in zip(ids, flats, strict=True):
                 per_id[name][ident] = list(zip(map(_text, flat[0::2]), map(float, flat[1::2]), strict=True))
+            if name == "items":
+                for ident, raw in zip(ids, reply[1::2], strict=True):
+                    self.bought[ident] = _bought(per_id[name][ident], raw)
         return single, per_id
 
 
@@ -151,6 +172,7 @@ class CandidateReader:
         self.keys = keys or Keys.for_settings(settings)
         self.content = content or ContentIndex(client, settings, self.keys)
         self._ztop = register(client, MULTI_ZTOP)
+        self._items = register(client, USER_ITEMS_READ)
         # stored popularity is forward-decayed: weight(1, -ts) = exp(-rate * (ts - epoch)) brings it to ts
         self._popularity_now = Decay(-settings.state.decay_epoch_ms, settings.state.popularity_half_life_s)
 
@@ -166,8 +188,8 @@ class CandidateReader:
         q.add("trending").zrange(self.keys.trending(), 0, s.rec.trending_candidates - 1, desc=True,
                                  withscores=True)
         for group in self._by_bucket(list(users)):
-            self._ztop(keys=[self.keys.user_items(u) for u in group], args=[s.rec.repeat_candidates],
-                       client=q.add("items", group))
+            self._items(keys=[k for u in group for k in (self.keys.user_items(u), self.keys.user_buys(u))],
+                        args=[s.rec.repeat_candidates], client=q.add("items", group))
             self._ztop(keys=[self.keys.user_affinity(u) for u in group], args=[AFFINITY_TOP],
                        client=q.add("affinity", group))
         for group in self._by_bucket(anchors):
@@ -176,7 +198,7 @@ class CandidateReader:
         single, per_id = q.execute()
         popular = _pairs(single["popular"])
         trending = _pairs(single["trending"]) if s.rec.trending_candidates > 0 else []
-        contexts = [UserContext(user_id=uid, recent=recent[uid], items=per_id["items"][uid],
+        contexts = [UserContext(user_id=uid, recent=recent[uid], items=per_id["items"][uid], bought=q.bought[uid],
                                 covis={a: per_id["covis"][a] for a in recent[uid]}, popular=popular,
                                 trending=trending, affinity=dict(per_id["affinity"][uid]), ts=a.last_ts)
                     for uid, a in users.items()]

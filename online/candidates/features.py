@@ -27,6 +27,7 @@ DAYPARTS = ("night", "morning", "afternoon", "evening")
 FEATURES: tuple[str, ...] = (
     "repeat", "repeat_rank", "repeat_strength", "recent", "covis", "covis_rank", "content", "content_sim", "popular",
     "pop_rank", "trending", "aff_category", "aff_brand", "has_vector", "fresh", "support", "item_new",
+    "bought_n", "since_bought", "cycle_due",
     *(f"src_{s}" for s in SOURCES),
     "price_none", *(f"price_b{i}" for i in range(len(PRICE_BANDS) + 1)),
     *(f"hour_{d}" for d in DAYPARTS),
@@ -96,6 +97,10 @@ ItemInfos = Mapping[str, ItemInfo] | Callable[[list[str]], Mapping[str, ItemInfo
 ITEM_NEW_HALF_LIFE_S = 7 * 86_400.0
 # support at or above this many purchases' weight (8 each) is 1
 SUPPORT_FULL = 1_000.0
+# since_bought is 1 / (1 + elapsed / SINCE_BOUGHT_MS): 0.5 a week after the last purchase
+SINCE_BOUGHT_MS = 7 * 86_400_000
+# bought_n is 1 at this many purchases of the item (log scale)
+BOUGHT_FULL = 50
 
 
 def build_pool(ctx: UserContext, info: ItemInfos, size: int,
@@ -128,6 +133,12 @@ def build_pools(contexts: Sequence[UserContext], info: ItemInfos, size: int,
     ``support`` is the item's decayed popularity at decision time, ``log1p(s / 8) / log1p(SUPPORT_FULL)``
     capped at 1 (0: nobody has touched it lately); ``item_new`` is ``2 ** (-age / half_life)`` of the
     time since the catalog listed the item (0 when the listing time is unknown or after the decision).
+
+    The user's purchases of the item: ``bought_n`` (``log1p(n) / log1p(BOUGHT_FULL)``, capped at 1),
+    ``since_bought`` (``1 / (1 + elapsed / SINCE_BOUGHT_MS)`` since the last purchase) and ``cycle_due``:
+    with two purchases or more, the user's own cycle is ``(last - first) / (n - 1)`` and
+    ``cycle_due = exp(-ln(elapsed / cycle) ** 2 / 2)``, 1 when the elapsed time is one cycle (0 with
+    fewer purchases or no time between them). Items never bought have 0 in all three.
     """
     if not contexts:
         return []
@@ -236,6 +247,7 @@ class _PoolBuilder:
         hours = np.asarray([INDEX[f"hour_{DAYPARTS[daypart(c.ts)]}"] for c in ctxs], dtype=np.int64)
         X[np.arange(len(rows)), hours[row_users]] = 1.0
         self._fill_items(X, row_users, row_items, names)
+        self._fill_bought(X, rows, n_items)
         bounds = np.searchsorted(row_users, np.arange(n_users + 1))
         codes = by_name[row_items]
         return [CandidatePool(user_id=c.user_id, ts=c.ts, items=[names[i] for i in row_items[lo:hi]],
@@ -344,6 +356,35 @@ class _PoolBuilder:
             age = ts - listed[row_items]
             X[:, INDEX["item_new"]] = np.where(age >= 0, np.exp(-self.item_new_rate * np.maximum(age, 0.0)), 0.0)
         X[:, INDEX["support"]] = self._support(row_users, row_items, distinct, wanted, len(names))
+
+    def _fill_bought(self, X: np.ndarray, rows: np.ndarray, n_items: int) -> None:
+        """``bought_n``, ``since_bought`` and ``cycle_due`` (see :func:`build_pools`)."""
+        users: list[int] = []
+        items: list[int] = []
+        stats: list[tuple[int, int, int]] = []
+        vocab = self.vocab
+        for u, c in enumerate(self.contexts):
+            for item, bought in c.bought.items():
+                i = vocab.get(item)
+                if i is not None and i < n_items:
+                    users.append(u)
+                    items.append(i)
+                    stats.append(bought)
+        if not stats:
+            return
+        look = _Lookup(rows)
+        hit, at = look.find(np.asarray(users, dtype=np.int64) * n_items + np.asarray(items, dtype=np.int64))
+        if not hit.any():
+            return
+        n, first, last = (np.asarray(col, dtype=np.float64)[hit] for col in zip(*stats, strict=True))
+        ts = np.asarray([c.ts for c in self.contexts], dtype=np.float64)[np.asarray(users)[hit]]
+        elapsed = np.maximum(ts - last, 0.0)
+        X[at, INDEX["bought_n"]] = np.minimum(1.0, np.log1p(n) / math.log1p(BOUGHT_FULL))
+        X[at, INDEX["since_bought"]] = 1.0 / (1.0 + elapsed / SINCE_BOUGHT_MS)
+        cycle = np.where(n >= 2, (last - first) / np.maximum(n - 1, 1.0), 0.0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            phase = np.log(np.maximum(elapsed, 1.0) / cycle)
+            X[at, INDEX["cycle_due"]] = np.where(cycle > 0, np.exp(-0.5 * phase ** 2), 0.0)
 
     def _support(self, row_users: np.ndarray, row_items: np.ndarray, distinct: list[int], wanted: list[str],
                  n_names: int) -> np.ndarray:

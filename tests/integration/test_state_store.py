@@ -6,6 +6,7 @@ import msgspec
 import pytest
 
 from fusionrec.core.redis_client import connect
+from fusionrec.online.candidates.context import CandidateReader
 from fusionrec.online.ranking.writer import RecommendationWriter
 from fusionrec.online.serving.reader import RecommendationReader
 from fusionrec.streams import datasets
@@ -114,6 +115,26 @@ def test_catalog_keeps_the_first_listing_time(services):
     client.hset(key("legacy"), mapping={"ts": 10, "title": "stored before listing times"})
     store.apply_catalog([CatalogEvent(item_id="legacy", op="upsert", ts=600, title="legacy")])
     assert listed("legacy") is None  # its listing time is unknown, not 600
+
+
+def test_purchases_keep_count_first_and_last_time_and_reach_the_reader(services):
+    s, client, store, _ = _store(services)
+    day = 86_400_000
+
+    def ev(n: int, kind: str, item: str, ts: int) -> Positioned:
+        return Positioned(0, n, UserEvent(event_id=str(n), type=kind, user_id="u", item_id=item, ts=ts))
+
+    store.apply([ev(0, "purchase", "milk", T0), ev(1, "view", "milk", T0 + 9 * day), ev(2, "purchase", "bread", T0)])
+    store.apply([ev(3, "purchase", "milk", T0 + 6 * day), ev(4, "purchase", "milk", T0 + 3 * day)])  # one late
+    store.apply([ev(3, "purchase", "milk", T0 + 6 * day)])  # a replay of an applied offset: skipped
+    assert client.hgetall(store.keys.user_buys("u")) == {b"milk": f"3:{T0}:{T0 + 6 * day}".encode(),
+                                                         b"bread": f"1:{T0}:{T0}".encode()}
+    assert client.ttl(store.keys.user_buys("u")) > 0
+    [ctx] = CandidateReader(client, s).for_stored_users({"u": T0 + 9 * day})
+    assert ctx.bought == {"milk": (3, T0, T0 + 6 * day), "bread": (1, T0, T0)}
+    client.hset(store.keys.user_buys("u"), "bread", "not a count")  # not what the store writes: ignored
+    [ctx] = CandidateReader(client, s).for_stored_users({"u": T0 + 9 * day})
+    assert ctx.bought == {"milk": (3, T0, T0 + 6 * day)}
 
 
 def test_unknown_user_gets_popular_fallback(services):

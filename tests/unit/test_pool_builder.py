@@ -115,10 +115,27 @@ def _fill_item(X: np.ndarray, items: list[str], ctx: UserContext, info: Mapping[
         X[r, INDEX["support"]] = min(1.0, math.log1p(ctx.support_at(item) / 8.0) / math.log1p(1000.0))
         if meta is not None and meta.listed is not None and ctx.ts >= meta.listed:
             X[r, INDEX["item_new"]] = 0.5 ** ((ctx.ts - meta.listed) / (7 * 86_400_000))
+        if item in ctx.bought:
+            n, first, last = ctx.bought[item]
+            elapsed = max(ctx.ts - last, 0)
+            X[r, INDEX["bought_n"]] = min(1.0, math.log1p(n) / math.log1p(50))
+            X[r, INDEX["since_bought"]] = 1.0 / (1.0 + elapsed / (7 * 86_400_000))
+            if n >= 2 and last > first:
+                cycle = (last - first) / (n - 1)
+                X[r, INDEX["cycle_due"]] = math.exp(-0.5 * math.log(max(elapsed, 1) / cycle) ** 2)
 
 
 ITEMS = [f"i{n}" for n in range(60)]
 CATS = ["dairy", "bakery", "produce", None]
+
+
+def _bought(rng: random.Random) -> tuple[int, int, int]:
+    """(purchases, first, last) around the batch's decision times: one purchase, several on one day,
+    cycles of days, a last purchase after the decision (a late event)."""
+    day = 86_400_000
+    n = rng.choice([1, 1, 2, 3, 7])
+    last = 1_700_000_000_000 - rng.choice([0, day // 2, 3 * day, 20 * day, -2 * day])
+    return n, last - (0 if n == 1 else rng.choice([0, n * day, 9 * n * day])), last
 
 
 def _random_batch(rng: random.Random, n_users: int) -> tuple[list[UserContext], dict[str, ItemInfo]]:
@@ -140,6 +157,7 @@ def _random_batch(rng: random.Random, n_users: int) -> tuple[list[UserContext], 
             items=[(i, float(rng.randint(1, 6)) * 1e3) for i in rng.sample(ITEMS, rng.randint(0, 12))],
             covis={a: neighbours[a] for a in recent}, popular=popular, trending=trending,
             content=[(i, rng.choice([0.5, 0.7, 0.9])) for i in rng.sample(ITEMS, rng.randint(0, 6))],
+            bought={i: _bought(rng) for i in rng.sample(ITEMS, rng.randint(0, 8))},
             fresh=[(i, rng.choice([0.6, 0.8])) for i in rng.sample(ITEMS, rng.choice([0, 0, 3]))],
             support=other_read if rng.random() < 0.1 else support, support_scale=rng.choice([0.0, 1e-6, 2e-6]),
             excluded=excluded if rng.random() < 0.5 else frozenset(),
