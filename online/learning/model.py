@@ -115,19 +115,27 @@ class FusionModel:
 
     def __init__(self, use_vectors: bool = True, seed: int = 0, hidden: int = 64) -> None:
         self.use_vectors = use_vectors
-        features = FEATURES if use_vectors else tuple(f for f in FEATURES if f not in VECTOR_FEATURES)
-        scorers = SCORERS if use_vectors else tuple(s for s in SCORERS if s not in ("torch_head", "content"))
-        self.river = RiverScorer(features)
+        self.river = RiverScorer(self._features())
         self.torch = TorchScorer(hidden=hidden, seed=seed) if use_vectors else None
-        self.fusion = FusionStacker(scorers)
+        self.fusion = FusionStacker(self._scorers())
         self.search = SearchMix()
         self.explore = ExploreShare()
         self.examples = 0
+
+    def _features(self) -> tuple[str, ...]:
+        return FEATURES if self.use_vectors else tuple(f for f in FEATURES if f not in VECTOR_FEATURES)
+
+    def _scorers(self) -> tuple[str, ...]:
+        return SCORERS if self.use_vectors else tuple(s for s in SCORERS if s not in ("torch_head", *VECTOR_FEATURES))
 
     def __setstate__(self, state: dict[str, object]) -> None:
         self.__dict__.update(state)
         self.__dict__.setdefault("search", SearchMix())  # checkpoints written before search existed
         self.__dict__.setdefault("explore", ExploreShare())  # ... and before the learned share of new items
+        # features and sources added since the checkpoint start at weight 0 and are learned from now on
+        # (the torch head, whose input width changed, abstains until it has learned the new width)
+        self.river.extend(self._features())
+        self.fusion.extend(self._scorers())
 
     def arrange(self, pool: CandidatePool, order: Sequence[int]) -> list[int]:
         """A pool's score order with the learned share of new items among its first places."""

@@ -172,6 +172,17 @@ class LogisticScorer(base.MiniBatchClassifier):
         # as for river's own linear models: a mini-batch is one mean-gradient step, not one step per row
         return {"check_learn_many_matches_learn_one"}
 
+    def extend(self, names: Sequence[str]) -> list[str]:
+        """Add the inputs of ``names`` it does not have, at weight 0 (as river's linear models meet a new
+        feature); returns them. A checkpoint from before an input existed learns it from then on."""
+        have = set(self.names)
+        added = [n for n in names if n not in have]
+        if added:
+            self.names.extend(added)
+            self._coef = np.concatenate([self._coef, np.zeros(len(added))])
+            self._index = {n: i for i, n in enumerate(self.names)}
+        return added
+
     # -- checkpoints
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Restore a pickle; one from when the scorer wrapped river's ``LogisticRegression`` is migrated."""
@@ -270,7 +281,8 @@ class TorchScorer(base.Classifier):
 
     def predict_proba_many(self, X: Dense, version: str | None = None) -> np.ndarray:
         n = len(X["features"])
-        if self.head is None or version != self.vector_version or X["profile"].shape[1] != self.head.dim:
+        if self.head is None or version != self.vector_version or X["profile"].shape[1] != self.head.dim \
+                or X["features"].shape[1] != self.head.n_features:  # a head trained before features changed
             return np.full(n, 0.5)
         clean = {k: np.nan_to_num(np.asarray(v, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
                  for k, v in X.items()}
@@ -315,7 +327,7 @@ class TorchScorer(base.Classifier):
 
 
 # The fusion's inputs: the two learned scorers (as logits) and the candidate sources' scores.
-SCORERS = ("river", "torch_head", "repeat", "covis", "content", "popular", "trending")
+SCORERS = ("river", "torch_head", "repeat", "covis", "content", "fresh", "popular", "trending")
 
 
 class FusionStacker(LogisticScorer):

@@ -19,8 +19,8 @@ def test_evaluate_reports_every_method_as_json_and_plots(settings, tmp_path, tin
     assert report["dataset"] == "completejourney" and report["events"] == 8000
     assert report["evaluated"] > 300
     assert set(report["methods"]) == set(report["cold_start"]) == {
-        "system", "river", "torch_head", "fusion_no_llm", "covisitation", "content", "served", "popularity",
-        "most_bought", "tifu_knn", "tifu_knn_dunnhumby", "upcf", "repurchase"}
+        "system", "river", "torch_head", "fusion_no_llm", "covisitation", "content", "fresh", "served",
+        "popularity", "most_bought", "tifu_knn", "tifu_knn_dunnhumby", "upcf", "repurchase"}
     assert report["learner"]["examples"] > 0 and report["learner"]["decisions"]["labelled"] > 0
     assert 0 < report["cold_start_evaluated"] < report["evaluated"]
     figures = {"hit_rate@10", "recall@20", "ndcg@10", "ndcg@10_basket"}
@@ -49,7 +49,7 @@ def test_evaluate_a_clickstream_file(settings):
     assert report["events"] == 17434 and report["evaluated"] > 50
     # no bar (stderr is a pipe, --json): log lines say how far the run is
     assert re.search(r"evaluate: \d+ of 17434 events \(\d+ %\), \d+ events/s, about [\d.]+ min left", out.stderr)
-    assert not {"content", "torch_head", "fusion_no_llm"} & set(report["methods"])  # no vectors without content
+    assert not {"content", "fresh", "torch_head", "fusion_no_llm"} & set(report["methods"])  # no vectors
 
 
 def test_replay_then_recommend_explains_sources(settings):

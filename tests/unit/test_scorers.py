@@ -268,10 +268,21 @@ def test_a_new_vector_version_starts_a_fresh_head():
     assert m.vector_version == "b" and m.steps == 1
 
 
+def test_a_head_trained_on_other_features_abstains_until_it_learns_the_new_ones():
+    m = TorchScorer(seed=0)
+    d = _dense(64)
+    m.learn_many(d, _labels(d), version="a")
+    wider = {**d, "features": np.hstack([d["features"], np.ones((64, 3), np.float32)])}
+    np.testing.assert_allclose(m.predict_proba_many(wider, version="a"), 0.5)  # a checkpoint from before
+    m.learn_many(wider, _labels(d), version="a")
+    assert m.head is not None and m.head.n_features == wider["features"].shape[1] and m.steps == 1
+    assert not np.allclose(m.predict_proba_many(wider, version="a"), 0.5)
+
+
 def test_the_stacker_and_the_search_mix_start_at_their_priors():
     assert FusionStacker(prior_scale=2.0).weights() == {"river": 0.0, "torch_head": 0.0, "repeat": 2.0,
-                                                        "covis": 1.2, "content": 0.6, "popular": 0.2,
-                                                        "trending": 0.2}
+                                                        "covis": 1.2, "content": 0.6, "fresh": 0.6,
+                                                        "popular": 0.2, "trending": 0.2}
     mix = SearchMix(alpha_init=0.25, beta_init=2.0)
     assert (mix.alpha, mix.beta, mix.intercept) == (0.25, 2.0, 0.0)
     mix.learn_matrix(np.array([[1.0, 0.0], [0.0, 1.0]]), np.array([1.0, 0.0]))
@@ -280,6 +291,29 @@ def test_the_stacker_and_the_search_mix_start_at_their_priors():
 
 
 # ---------------------------------------------------------------- the fused model that holds them all
+def test_a_checkpoint_from_before_new_inputs_predicts_as_it_did_and_learns_them():
+    new = ("fresh", "support", "item_new", "bought_n", "since_bought", "cycle_due", "src_fresh")
+    model = FusionModel(seed=2)
+    model.learn(_rows(200), _labels(_rows(200).dense()))
+    state = pickle.loads(pickle.dumps(model)).__dict__  # as a checkpoint written before those inputs
+    state["river"].names = [n for n in state["river"].names if n not in new]
+    state["river"]._coef = np.array([model.river.weights()[n] for n in state["river"].names])
+    state["river"]._index = {n: i for i, n in enumerate(state["river"].names)}
+    state["fusion"].names = [n for n in state["fusion"].names if n != "fresh"]
+    state["fusion"]._coef = np.array([model.fusion.weights()[n] for n in state["fusion"].names])
+    state["fusion"]._index = {n: i for i, n in enumerate(state["fusion"].names)}
+    old = FusionModel.__new__(FusionModel)
+    old.__setstate__(state)
+    assert set(old.river.names) == set(FEATURES) and "fresh" in old.fusion.names
+    assert all(old.river.weights()[n] == 0.0 for n in new) and old.fusion.weights()["fresh"] == 0.0
+    rows = _rows(40, seed=5)
+    rows.X[:, [FEATURES.index(n) for n in new]] = 0.0  # on the inputs it knew, the same scores
+    np.testing.assert_allclose(old.predict(rows).fused, model.predict(rows).fused, rtol=1e-12)
+    rows = _rows(300, seed=6)
+    old.learn(rows, _labels(rows.dense()))
+    assert any(old.river.weights()[n] != 0.0 for n in new)
+
+
 def test_the_fused_model_survives_pickle_with_identical_predictions():
     model = FusionModel(seed=4)
     rows = _rows(300)

@@ -20,6 +20,9 @@ stream consumer runs; the writer's logged decisions go through the same
 * ``most_bought``: the user's own most purchased items so far (empty for a first basket);
 * ``content``: the items nearest to the user's profile vector (the content source alone), when the
   catalog has been embedded (:meth:`Evaluator.embed_catalog`);
+* ``fresh``: the fresh source alone, in order of similarity: of the items nearest to the profile
+  vector, those with few interactions (at most ``FUSIONREC_REC_FRESH_CANDIDATES``), when the catalog
+  has been embedded;
 * ``tifu_knn``, ``tifu_knn_dunnhumby``, ``upcf``: published next-basket methods
   (:mod:`~fusionrec.apps.evaluation.published`), the first with the paper's Complete Journey
   settings, the second with its Dunnhumby settings; ``repurchase``: a time-aware repurchase model
@@ -180,7 +183,7 @@ class Evaluator:
             embedder.process(events[i: i + chunk])
         store.activate(info.version)
         self.content = ContentIndex(self.store.redis, self.settings)
-        for name in ("content", "torch_head", "fusion_no_llm"):
+        for name in ("content", "fresh", "torch_head", "fusion_no_llm"):
             self.scores[name] = SplitScores()
         return info.version
 
@@ -203,7 +206,7 @@ class Evaluator:
         fused = {"system": self.learner.model, "fusion_no_llm": self.no_llm.model}
         out: dict[str, dict[str, list[str]]] = {}
         start = 0
-        for u, pool in zip(scored, pools, strict=True):
+        for u, ctx, pool in zip(scored, contexts, pools, strict=True):
             end = start + len(pool)
             ranked = {name: _top(pool, s[start:end], fused.get(name)) for name, s in scores.items()}
             covis = pool.column("covis")
@@ -214,6 +217,7 @@ class Evaluator:
             ranked["most_bought"] = [i for i, _ in self.bought[u.user].most_common(RECALL_K)]
             if self.content is not None:
                 ranked["content"] = [i for i, _ in self.content.for_user(u.user, RECALL_K)]
+                ranked["fresh"] = [i for i, _ in ctx.fresh]
             out[u.user] = ranked
             start = end
         return out
