@@ -55,7 +55,7 @@ import redis
 from tqdm import tqdm
 
 from fusionrec.apps.evaluation.metrics import RECALL_K, SplitScores, TopCounter, basket_parts
-from fusionrec.apps.evaluation.published_pass import Observed, PublishedPass, PublishedProcess, Scored
+from fusionrec.apps.evaluation.published_pass import Method, Observed, PublishedPass, PublishedProcess, Scored
 from fusionrec.core.settings import Settings
 from fusionrec.models.backfill import version_info
 from fusionrec.models.embedder import CatalogEmbedder
@@ -116,7 +116,9 @@ BASE_METHODS = ("system", "river", "covisitation", "served", "popularity", "most
 class Evaluator:
     """Runs one prequential pass of the system and the baselines over a dataset."""
 
-    def __init__(self, client: redis.Redis, settings: Settings, *, published_worker: bool = True) -> None:
+    def __init__(self, client: redis.Redis, settings: Settings, *, published_worker: bool = True,
+                 published: dict[str, Method] | None = None) -> None:
+        """``published`` replaces the published methods (variants of them, say); they run in this process."""
         # every unit's events get distinct ids (their row numbers): nothing to drop as a producer's copy
         settings = settings.replace(dedupe_ids=0)
         self.settings = settings
@@ -131,7 +133,8 @@ class Evaluator:
         self.writer = RecommendationWriter(client, settings, ranker=self.ranker, sink=self._logged.extend)
         self.reader = RecommendationReader(client, settings)
         # the published methods run beside the system's pass, in a worker process unless told otherwise
-        self.published: PublishedPass | PublishedProcess = PublishedProcess() if published_worker else PublishedPass()
+        self.published: PublishedPass | PublishedProcess = (
+            PublishedPass(published) if published is not None or not published_worker else PublishedProcess())
         self.scores = {name: SplitScores() for name in BASE_METHODS}
         self.content: ContentIndex | None = None
         self.popular = TopCounter(RECALL_K)
