@@ -328,6 +328,11 @@ class TorchScorer(base.Classifier):
 
 # The fusion's inputs: the two learned scorers (as logits) and the candidate sources' scores.
 SCORERS = ("river", "torch_head", "repeat", "covis", "content", "fresh", "popular", "trending")
+# Where the stacker's weights start: the fixed blend's, but the fresh source's at 0. The fixed blend
+# gives it a place in the pool; in the fused score it counts only as far as feedback shows it pays
+# (few interactions is exactly what makes an item unlikely, so a prior weight would push such items
+# up before anything was learned).
+STACKER_PRIOR = {name: w for name, w in PRIOR.items() if name != "fresh"}
 
 
 class FusionStacker(LogisticScorer):
@@ -337,13 +342,13 @@ class FusionStacker(LogisticScorer):
     models next to [0, 1] source scores) and are complementary rather than competing experts, so
     the fusion must learn a scale per scorer, not a convex mixture; its output is a calibrated
     probability, which the learner's rollback guard compares across checkpoints; and ``w_i * x_i``
-    is an additive explanation of each score. Weights start at the fixed blend (:data:`PRIOR`),
+    is an additive explanation of each score. Weights start at the fixed blend (:data:`STACKER_PRIOR`),
     so an untrained model ranks like the simple blend and learning moves it from there.
     """
 
     def __init__(self, scorers: Sequence[str] = SCORERS, lr: float = 0.1, l2: float = 0.0,
                  clip: float = 10.0, clip_gradient: float = 1.0, prior_scale: float = 4.0) -> None:
-        prior = {name: PRIOR[name] * prior_scale for name in scorers if name in PRIOR}
+        prior = {name: STACKER_PRIOR[name] * prior_scale for name in scorers if name in STACKER_PRIOR}
         super().__init__(scorers, lr, l2, clip, clip_gradient, prior=prior)
         self.prior_scale = prior_scale
 

@@ -281,7 +281,7 @@ def test_a_head_trained_on_other_features_abstains_until_it_learns_the_new_ones(
 
 def test_the_stacker_and_the_search_mix_start_at_their_priors():
     assert FusionStacker(prior_scale=2.0).weights() == {"river": 0.0, "torch_head": 0.0, "repeat": 2.0,
-                                                        "covis": 1.2, "content": 0.6, "fresh": 0.6,
+                                                        "covis": 1.2, "content": 0.6, "fresh": 0.0,
                                                         "popular": 0.2, "trending": 0.2}
     mix = SearchMix(alpha_init=0.25, beta_init=2.0)
     assert (mix.alpha, mix.beta, mix.intercept) == (0.25, 2.0, 0.0)
