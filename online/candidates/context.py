@@ -136,27 +136,28 @@ class _Replies:
 
     def __init__(self, client: redis.Redis) -> None:
         self.pipe = client.pipeline(transaction=False)
-        self._tags: list[tuple[str, list[str] | None]] = []
+        self._tags: list[tuple[str, list[str] | None, bool]] = []
         self.bought: dict[str, dict[str, tuple[int, int, int]]] = {}
 
-    def add(self, name: str, ids: list[str] | None = None) -> Any:
+    def add(self, name: str, ids: list[str] | None = None, with_buys: bool = False) -> Any:
         """Tag the next queued command; ``ids`` when its reply has one entry per id (a MULTI_ZTOP call).
-        A reply named ``items`` (a USER_ITEMS_READ call) has two: the scored list and its ``buys``."""
-        self._tags.append((name, ids))
+        ``with_buys``: two entries per id, the scored list and its ``buys`` (a USER_ITEMS_READ call),
+        the purchases filed in :attr:`bought`."""
+        self._tags.append((name, ids, with_buys))
         return self.pipe
 
     def execute(self) -> tuple[dict[str, Any], dict[str, dict[str, Scored]]]:
         """Global replies by name, and per-id scored lists by name (the purchases in ``bought``)."""
         single: dict[str, Any] = {}
         per_id: dict[str, dict[str, Scored]] = defaultdict(dict)
-        for (name, ids), reply in zip(self._tags, self.pipe.execute(), strict=True):
+        for (name, ids, with_buys), reply in zip(self._tags, self.pipe.execute(), strict=True):
             if ids is None:
                 single[name] = reply
                 continue
-            flats = reply[0::2] if name == "items" else reply
+            flats = reply[0::2] if with_buys else reply
             for ident, flat in zip(ids, flats, strict=True):
                 per_id[name][ident] = list(zip(map(_text, flat[0::2]), map(float, flat[1::2]), strict=True))
-            if name == "items":
+            if with_buys:
                 for ident, raw in zip(ids, reply[1::2], strict=True):
                     self.bought[ident] = _bought(per_id[name][ident], raw)
         return single, per_id
@@ -189,7 +190,7 @@ class CandidateReader:
                                  withscores=True)
         for group in self._by_bucket(list(users)):
             self._items(keys=[k for u in group for k in (self.keys.user_items(u), self.keys.user_buys(u))],
-                        args=[s.rec.repeat_candidates], client=q.add("items", group))
+                        args=[s.rec.repeat_candidates], client=q.add("items", group, with_buys=True))
             self._ztop(keys=[self.keys.user_affinity(u) for u in group], args=[AFFINITY_TOP],
                        client=q.add("affinity", group))
         for group in self._by_bucket(anchors):

@@ -247,7 +247,7 @@ class _PoolBuilder:
         hours = np.asarray([INDEX[f"hour_{DAYPARTS[daypart(c.ts)]}"] for c in ctxs], dtype=np.int64)
         X[np.arange(len(rows)), hours[row_users]] = 1.0
         self._fill_items(X, row_users, row_items, names)
-        self._fill_bought(X, rows, n_items)
+        self._fill_bought(X, look, n_items)
         bounds = np.searchsorted(row_users, np.arange(n_users + 1))
         codes = by_name[row_items]
         return [CandidatePool(user_id=c.user_id, ts=c.ts, items=[names[i] for i in row_items[lo:hi]],
@@ -357,8 +357,8 @@ class _PoolBuilder:
             X[:, INDEX["item_new"]] = np.where(age >= 0, np.exp(-self.item_new_rate * np.maximum(age, 0.0)), 0.0)
         X[:, INDEX["support"]] = self._support(row_users, row_items, distinct, wanted, len(names))
 
-    def _fill_bought(self, X: np.ndarray, rows: np.ndarray, n_items: int) -> None:
-        """``bought_n``, ``since_bought`` and ``cycle_due`` (see :func:`build_pools`)."""
+    def _fill_bought(self, X: np.ndarray, look: _Lookup, n_items: int) -> None:
+        """``bought_n``, ``since_bought`` and ``cycle_due`` (see :func:`build_pools`); ``look`` finds rows."""
         users: list[int] = []
         items: list[int] = []
         stats: list[tuple[int, int, int]] = []
@@ -366,13 +366,12 @@ class _PoolBuilder:
         for u, c in enumerate(self.contexts):
             for item, bought in c.bought.items():
                 i = vocab.get(item)
-                if i is not None and i < n_items:
+                if i is not None:
                     users.append(u)
                     items.append(i)
                     stats.append(bought)
         if not stats:
             return
-        look = _Lookup(rows)
         hit, at = look.find(np.asarray(users, dtype=np.int64) * n_items + np.asarray(items, dtype=np.int64))
         if not hit.any():
             return
