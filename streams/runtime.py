@@ -50,7 +50,7 @@ import redis
 from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, KafkaException, Message, TopicPartition
 from redis.exceptions import ClusterError
 
-from fusionrec.core.errors import DeliveryError, InvalidEventError, StateStoreError
+from fusionrec.core.errors import DeliveryError, InvalidEventError, StateStoreError, WorkerLostError
 from fusionrec.core.metrics import Metrics
 from fusionrec.core.settings import Settings
 from fusionrec.streams.dlq import DeadLetter, DeadLetterPublisher, position
@@ -65,7 +65,8 @@ log = logging.getLogger(__name__)
 # writer: recompute from fresh state).
 # (``ResponseError`` covers OOM, READONLY, TRYAGAIN and CLUSTERDOWN replies.)
 TRANSIENT: tuple[type[BaseException], ...] = (
-    redis.ConnectionError, redis.TimeoutError, redis.ResponseError, ClusterError, DeliveryError, StateStoreError)
+    redis.ConnectionError, redis.TimeoutError, redis.ResponseError, ClusterError, DeliveryError, StateStoreError,
+    WorkerLostError)
 
 Offsets = dict[tuple[str, int], int]  # (topic, partition) -> next offset to consume
 T = TypeVar("T")

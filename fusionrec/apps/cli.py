@@ -238,7 +238,7 @@ def _table(report: dict[str, Any]) -> str:
 def cmd_demo(args: argparse.Namespace) -> int:
     from fusionrec.apps.demo import run_demo
 
-    return run_demo(_settings(), events=args.events, households=args.households, keep=args.keep)
+    return run_demo(_settings(), events=args.events, households=args.households, keep=args.keep, rate=args.rate)
 
 
 # --------------------------------------------------------------------------- parser
@@ -303,6 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = add("demo", cmd_demo, "start services, replay Complete Journey, stream it, show recommendations")
     d.add_argument("--events", type=int, default=40_000, help="user events to replay (default 40000)")
     d.add_argument("--households", type=int, default=600, help="households to include (default 600)")
+    d.add_argument("--rate", type=float, default=3_000.0,
+                   help="events/s the purchases are replayed at (default 3000; 0: as fast as the broker takes them)")
     d.add_argument("--keep", action="store_true", help="leave the embedded services running afterwards")
     return p
 

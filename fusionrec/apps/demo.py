@@ -2,7 +2,8 @@
 
 Starts the embedded broker and Redis (unless external ones are configured) and the catalog embedding
 pool; publishes a slice of Complete Journey's catalog and waits until every product has a vector;
-replays the slice's purchases while the user-state consumer streams them into Redis and the learner
+replays the slice's purchases at a fixed rate (3,000 events/s by default) while the user-state
+consumer streams them into Redis (ranking in a process of its own), says whether it kept up, and the learner
 trains the fusion model from the feedback the recommendation writer logs, with live progress; then
 prints the learner's summary, fused recommendations with the scorers that explain them, items
 similar to one product, and a prequential table of the fusion against its parts and baselines.
@@ -60,17 +61,34 @@ def _reset_state(settings: Settings) -> None:
         client.close()
 
 
-def _progress(pipeline: StatePipeline, published: list[int], total: int, done: threading.Event) -> None:
-    last_n, last_t = 0, time.monotonic()
-    while not done.wait(2.0):
-        n, t = pipeline.consumer.consumed, time.monotonic()
-        rate = (n - last_n) / (t - last_t)
-        print(f"  published {published[0]:>8d}/{total}  consumed {n:>8d}  {rate:8.0f} ev/s  "
-              f"lag {pipeline.metrics.of(StreamMetrics).lag.total():>7d}", flush=True)
-        last_n, last_t = n, t
+class Progress:
+    """Prints published, consumed, rate and lag every 2 s; samples the lag every 0.1 s for its peak."""
+
+    def __init__(self, pipeline: StatePipeline, total: int, published: int) -> None:
+        self.pipeline, self.total, self.published = pipeline, total, published
+        self.peak_lag = 0
+        self.done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="progress", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        lag = self.pipeline.metrics.of(StreamMetrics).lag
+        last_n, last_t = 0, time.monotonic()
+        printed = last_t
+        while not self.done.wait(0.1):
+            # what the broker holds that the consumer has not fetched: published minus consumed
+            # (the lag gauge only knows the high watermarks of the last fetch)
+            self.peak_lag = max(self.peak_lag, lag.total(), self.published - self.pipeline.consumer.consumed)
+            t = time.monotonic()
+            if t - printed < 2.0:
+                continue
+            n = self.pipeline.consumer.consumed
+            print(f"  published {self.published:>8d}/{self.total}  consumed {n:>8d}  "
+                  f"{(n - last_n) / (t - last_t):8.0f} ev/s  lag {max(0, self.published - n):>7d}", flush=True)
+            last_n, last_t, printed = n, t, t
 
 
-def run_demo(settings: Settings, *, events: int, households: int, keep: bool) -> int:
+def run_demo(settings: Settings, *, events: int, households: int, keep: bool, rate: float = 3_000.0) -> int:
     with contextlib.ExitStack() as stack:
         s = _ensure_services(settings, stack, keep)
         ensure_topics(s)
@@ -89,27 +107,38 @@ def run_demo(settings: Settings, *, events: int, households: int, keep: bool) ->
                   f"  then Grafana: add that Prometheus (localhost:9090) as a datasource and import "
                   f"deploy/grafana/dashboards/fusionrec.json\n"
                   f"  with --keep, `fusionrec serve` answers http://127.0.0.1:{s.serve.port}/v1/users/<id>/recommendations")
-        stop, done = threading.Event(), threading.Event()
+        stop = threading.Event()
         caught_up = lambda: pipeline.consumer.consumed >= total  # noqa: E731  (catalog + purchases)
         consumer = threading.Thread(target=pipeline.consumer.run, args=(stop, caught_up), name="consumer",
                                     daemon=True)
         consumer.start()
         learner = _start_learner(s, stack)
-        published = [len(ds.items)]  # the catalog went out before the purchases
-        printer = threading.Thread(target=_progress, args=(pipeline, published, total, done), daemon=True)
-        printer.start()
+        progress = Progress(pipeline, total, published=len(ds.items))  # the catalog went out first
+        pace = f"{rate:,.0f} events/s" if rate else "as fast as the broker takes them"
+        print(f"replaying {len(ds.events)} purchases at {pace}, with the learner and the embedding pool running")
         t0 = time.monotonic()
+
+        def sent(_ev: object) -> None:
+            progress.published += 1
+
         with EventProducer(s) as producer:
-            replay(ds, producer, progress=False, catalog=False,
-                   on_event=lambda _ev: published.__setitem__(0, published[0] + 1))
-        consumer.join(timeout=600)
-        done.set()
+            replay(ds, producer, progress=False, catalog=False, rate=rate, on_event=sent)
+        replayed = time.monotonic()
+        while not caught_up() and consumer.is_alive() and time.monotonic() - replayed < 600:
+            time.sleep(0.01)
+        behind_s = time.monotonic() - replayed
+        consumer.join(timeout=max(1.0, 600 - behind_s))
+        progress.done.set()
         elapsed = time.monotonic() - t0
         if consumer.is_alive():
             stop.set()
             raise FusionrecError("the consumer did not catch up within 10 minutes")
         print(f"streamed {pipeline.consumer.consumed} messages in {elapsed:.1f}s "
               f"({pipeline.consumer.consumed / elapsed:.0f} msg/s end to end)")
+        if rate:
+            kept = "kept up with" if behind_s <= 1.0 else "fell behind"
+            print(f"the consumer {kept} the replay: lag peaked at {progress.peak_lag} events and every event was "
+                  f"consumed {behind_s:.2f}s after the last one was published")
         _finish_learner(learner, pipeline)
         _show_samples(pipeline, ds)
         _show_similar(pipeline, ds)

@@ -1,5 +1,5 @@
 """Wiring of the user-state process: consumer → state store → ranking scheduler (its own thread) →
-recommendation writer, and item deltas, with metrics."""
+recommendation writer (in a process of its own by default), and item deltas, with metrics."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from fusionrec.core.redis_client import connect
 from fusionrec.core.redis_memory import RedisMemoryMonitor
 from fusionrec.core.settings import Settings
 from fusionrec.online.learning.feedback import FeedbackPublisher
+from fusionrec.online.ranking.process import RankProcess
 from fusionrec.online.ranking.scheduler import RankScheduler
 from fusionrec.online.ranking.writer import RecommendationWriter
 from fusionrec.streams.consumer import BatchConsumer
@@ -34,8 +35,13 @@ class StatePipeline:
         self.store = StateStore(self.redis, settings, keys)
         # The learned ranker logs what it ranked for the learner (fusionrec.online.learning.feedback).
         self.feedback = FeedbackPublisher(settings) if settings.rec.ranker == "fusion" else None
-        self.writer = RecommendationWriter(self.redis, settings, metrics=self.metrics, keys=keys,
-                                           sink=self.feedback)
+        self.writer: RecommendationWriter | RankProcess
+        if settings.rec.process:  # ranking in a child process: ingest keeps this interpreter
+            self.writer = RankProcess(settings, self.metrics, sink=self.feedback.publish if self.feedback else None,
+                                      feedback=self.feedback is not None)
+        else:
+            self.writer = RecommendationWriter(self.redis, settings, metrics=self.metrics, keys=keys,
+                                               sink=self.feedback)
         # ranking leaves the ingest path: touched users are ranked by the scheduler's thread
         self.ranking = RankScheduler(self.writer, settings, self.metrics,
                                      outputs=[self.feedback] if self.feedback is not None else [])
@@ -61,6 +67,8 @@ class StatePipeline:
         try:
             self.redis_memory.close()
             self.ranking.close()
+            if isinstance(self.writer, RankProcess):
+                self.writer.close()
             for producer in (self.feedback, self.deltas):
                 if producer is not None:
                     producer.close()

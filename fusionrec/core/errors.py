@@ -36,3 +36,7 @@ class OffsetMismatchError(FusionrecError):
 
 class StateStoreError(FusionrecError):
     """Redis rejected or could not apply a state update."""
+
+
+class WorkerLostError(FusionrecError):
+    """A worker process died or stopped answering; retried like a lost connection (a new one starts)."""

@@ -224,6 +224,9 @@ class RecSettings:
     budget_ms: int = setting(15, env="REC_BUDGET_MS",
                              doc="ranking time per cycle before the thread yields to ingest (over budget: ranks "
                                  "wait, merging further events)")
+    process: bool = setting(True, env="REC_PROCESS",
+                            doc="rank in a process of its own beside the consumer (off: in a thread of the "
+                                "consuming process, sharing its interpreter with ingest)")
     rank_on_read: bool = setting(False, env="REC_RANK_ON_READ",
                                  doc="readers (the API, RecommendationReader) rank a user whose state is newer "
                                      "than their stored list, with the served fusion model, instead of serving it")

@@ -245,9 +245,21 @@ class FeedbackPublisher(AcknowledgedPublisher):
                                          max_pending=max_pending)
 
     def __call__(self, snapshots: list[Snapshot]) -> None:
+        self.publish(encode_feedback(snapshots))
+
+    def publish(self, messages: list[Encoded]) -> None:
+        """Produce snapshots another process encoded (:func:`encode_feedback`), in their order."""
         self.output.recover()
-        for snap in snapshots:
-            self.output.send(encode_snapshot(snap), snap.user_id, first_offsets(snap.positions, snap.upto))
+        for value, key, first in messages:
+            self.output.send(value, key, first)
+
+
+Encoded = tuple[bytes, str, dict[int, int]]  # a snapshot's message value, key (user) and held-back offsets
+
+
+def encode_feedback(snapshots: list[Snapshot]) -> list[Encoded]:
+    """The feedback topic's messages for ``snapshots``: what :meth:`FeedbackPublisher.publish` produces."""
+    return [(encode_snapshot(s), s.user_id, first_offsets(s.positions, s.upto)) for s in snapshots]
 
 
 def first_offsets(positions: list[tuple[int, int]], upto: dict[int, int]) -> dict[int, int]:

@@ -31,7 +31,6 @@ from typing import Protocol
 from fusionrec.core.metrics import Metrics, MetricSet, gauge, histogram
 from fusionrec.core.settings import Settings
 from fusionrec.online.learning.feedback import first_offsets
-from fusionrec.online.ranking.writer import RecommendationWriter
 from fusionrec.streams.metrics import StreamMetrics
 from fusionrec.streams.runtime import TRANSIENT
 from fusionrec.streams.state import BatchResult, UserTouch
@@ -39,6 +38,12 @@ from fusionrec.streams.state import BatchResult, UserTouch
 log = logging.getLogger(__name__)
 
 CHUNK = 256  # users ranked in one go (one candidate read and one write round trip)
+
+
+class Refresher(Protocol):
+    """What ranks and writes a chunk of users' lists: the writer itself, or the ranking process."""
+
+    def refresh(self, users: dict[str, UserTouch]) -> int: ...
 
 
 class PendingOutput(Protocol):
@@ -82,7 +87,7 @@ class Pending:
 class RankScheduler:
     """``after_apply`` hook that defers ranking to a background thread (see the module docstring)."""
 
-    def __init__(self, writer: RecommendationWriter, settings: Settings, metrics: Metrics | None = None,
+    def __init__(self, writer: Refresher, settings: Settings, metrics: Metrics | None = None,
                  outputs: Sequence[PendingOutput] = ()) -> None:
         self.writer = writer
         self.outputs = list(outputs)  # what a ranking produces without waiting (the feedback log)
@@ -146,8 +151,10 @@ class RankScheduler:
 
     def flush(self, timeout_s: float | None = None) -> None:
         """Rank pending users now (revocation, shutdown), for at most ``timeout_s``; transient errors
-        propagate. What is left stays pending, and the offsets stay at :meth:`floor`: a replay derives it."""
+        are retried with back-off until then, and the last one propagates. What is left stays pending,
+        and the offsets stay at :meth:`floor`: a replay derives it."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        backoff = 0.1
         with self._rank_lock:
             while deadline is None or time.monotonic() < deadline:
                 with self._lock:
@@ -155,7 +162,17 @@ class RankScheduler:
                     self._inflight.update(batch)
                 if not batch:
                     break
-                self._rank(batch)
+                try:
+                    self._rank(batch)
+                    backoff = 0.1
+                except TRANSIENT as exc:  # back in the pending set: try again while there is time
+                    if deadline is not None and time.monotonic() + backoff >= deadline:
+                        raise
+                    self.stream_metrics.retries.labels("rank").inc()
+                    log.warning("ranking failed while flushing (%s: %s); retrying in %.1fs",
+                                type(exc).__name__, exc, backoff)
+                    time.sleep(backoff)
+                    backoff = min(backoff * 2, self.settings.stream.retry_max_backoff_s)
         for output in self.outputs:  # what the rankings produced, acknowledged
             output.flush(None if deadline is None else max(0.0, deadline - time.monotonic()))
 

@@ -170,3 +170,23 @@ def test_unacknowledged_feedback_holds_the_offsets_after_the_ranking():
         assert out.dropped == 1 and sch.floor() == {}
     finally:
         sch.close()
+
+
+def test_a_flush_retries_transient_failures_while_it_has_time():
+    w = FakeWriter()
+    sch = scheduler(w, rec_debounce_ms=60_000)  # the thread leaves them to the flush
+    sch._ranked_at["u1"] = sch._ranked_at["u2"] = time.monotonic()
+    sch(result(u1=[("a", 0, 5)], u2=[("b", 1, 7)]))
+    w.fail = 2  # the ranking process was lost twice, say
+    sch.flush(5.0)
+    assert [sorted(c) for c in w.calls] == [["u1", "u2"]] and w.fail == 0
+    assert sch.floor() == {}
+    assert sch.stream_metrics.retries.labels("rank")._value.get() == 2
+    # out of time: the error propagates and the users stay pending, their offsets held back
+    sch._ranked_at["u3"] = time.monotonic()
+    sch(result(u3=[("c", 0, 9)]))
+    w.fail = 100
+    with pytest.raises(redis.ConnectionError):
+        sch.flush(0.5)
+    assert sch.floor() == {0: 9}
+    sch.close()

@@ -1,0 +1,229 @@
+"""The ranking stage in a process of its own (``FUSIONREC_REC_PROCESS``, on by default).
+
+Ranking costs about a millisecond of Python per user; in the consuming process it competes with
+ingest for one interpreter. :class:`RankProcess` has the same ``refresh(users)`` as
+:class:`~fusionrec.online.ranking.writer.RecommendationWriter`, which the ranking scheduler calls,
+and runs that writer in a child process:
+
+1. the scheduler's thread sends a chunk of touched users (their merged touches) through a pipe and
+   waits, without holding the interpreter;
+2. the child reads their candidates, ranks them with the served fusion model (it loads and
+   hot-reloads checkpoints itself), writes the lists and profile vectors to Redis, and encodes the
+   feedback decisions;
+3. the reply carries the encoded decisions, which this process produces through its
+   :class:`~fusionrec.online.learning.feedback.FeedbackPublisher`.
+
+Nothing about exactly once changes: the scheduler still holds each user's events offsets back
+until the list is written (the reply comes after the write) and the decision acknowledged (the
+publisher lives here, with the offsets it holds back). An error in the child comes back as itself
+and is handled as in a thread (transient ones are retried). A child that dies or stops answering
+raises :class:`RankProcessLost`, which the scheduler retries like a lost connection; the next call
+starts a new child. The child exits when its pipe closes or this process is gone, so it never
+outlives this process.
+
+The child's metrics (lists written, ranking time, the served model) are relayed with its replies
+and exposed by this process's registry, so one scrape shows them as before.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import pickle
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+from prometheus_client.metrics_core import Metric
+
+from fusionrec.core.errors import WorkerLostError
+from fusionrec.core.metrics import Metrics
+from fusionrec.core.settings import Settings
+from fusionrec.online.learning.feedback import Encoded, encode_feedback
+from fusionrec.streams.state import UserTouch
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT_S = 120.0  # spawning imports torch, river and the model code
+RELAY_EVERY_S = 1.0  # the child's metrics come back with a reply at most this often
+
+
+class RankProcessLost(WorkerLostError):
+    """The ranking process died or stopped answering; the next call starts a new one."""
+
+
+class _Relayed:
+    """The child's latest metric families, collected by this process's registry."""
+
+    def __init__(self) -> None:
+        self.families: list[Metric] = []
+
+    def collect(self) -> Iterable[Metric]:
+        return list(self.families)
+
+    def describe(self) -> list[Metric]:
+        return []  # names are the child's: nothing to check against this registry
+
+
+class RankProcess:
+    """``refresh(users)`` done by a child process (see the module docstring)."""
+
+    def __init__(self, settings: Settings, metrics: Metrics | None = None,
+                 sink: Callable[[list[Encoded]], None] | None = None, *, feedback: bool | None = None,
+                 answer_timeout_s: float = 300.0) -> None:
+        self.settings = settings
+        self.sink = sink  # produces the encoded decisions (FeedbackPublisher.publish)
+        self.feedback = sink is not None if feedback is None else feedback
+        self.answer_timeout_s = answer_timeout_s
+        self._ctx = mp.get_context("spawn")
+        self._lock = threading.Lock()
+        self._proc: BaseProcess | None = None
+        self._conn: Connection | None = None
+        self._relay = _Relayed()
+        if metrics is not None:
+            metrics.registry.register(self._relay)
+        self.started = 0  # children started, the first included
+        self._start()
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def refresh(self, users: dict[str, UserTouch]) -> int:
+        with self._lock:
+            if self._conn is None:
+                self._start()
+            reply = self._call(users)
+        if reply[0] == "error":
+            raise reply[1]
+        _kind, n, messages, families = reply
+        if families is not None:
+            self._relay.families = families
+        if self.sink is not None and messages:
+            self.sink(messages)
+        return int(n)
+
+    def close(self) -> None:
+        with self._lock:
+            self._stop()
+
+    # ------------------------------------------------------------------ the child's lifetime
+    def _call(self, users: dict[str, UserTouch]) -> tuple[Any, ...]:
+        assert self._conn is not None
+        try:
+            self._conn.send(users)
+            if not self._conn.poll(self.answer_timeout_s):
+                raise RankProcessLost(f"the ranking process (pid {self.pid}) did not answer within "
+                                      f"{self.answer_timeout_s:.0f}s")
+            reply: tuple[Any, ...] = self._conn.recv()
+            return reply
+        except (EOFError, OSError) as exc:
+            code = self._proc.exitcode if self._proc is not None else None
+            self._stop()
+            raise RankProcessLost(f"the ranking process is gone (exit code {code})") from exc
+        except RankProcessLost:
+            self._stop()
+            raise
+
+    def _start(self) -> None:
+        parent, child = self._ctx.Pipe()
+        proc = self._ctx.Process(target=rank_main, args=(self.settings, child, self.feedback),
+                                 name="fusionrec-ranker", daemon=True)
+        proc.start()
+        child.close()  # the child holds its end: EOF here when it exits
+        self._proc, self._conn = proc, parent
+        self.started += 1
+        try:
+            if not parent.poll(START_TIMEOUT_S):
+                raise RankProcessLost(f"the ranking process did not start within {START_TIMEOUT_S:.0f}s")
+            ready = parent.recv()
+        except (EOFError, OSError) as exc:
+            self._stop()
+            raise RankProcessLost(f"the ranking process exited while starting (exit code {proc.exitcode})") from exc
+        except RankProcessLost:
+            self._stop()
+            raise
+        if ready[0] == "error":
+            self._stop()
+            raise ready[1]
+        log.info("ranking process %d started", proc.pid)
+
+    def _stop(self) -> None:
+        conn, proc, self._conn, self._proc = self._conn, self._proc, None, None
+        if conn is not None:
+            conn.close()  # the child sees EOF and exits
+        if proc is not None:
+            proc.join(10)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(5)
+
+
+def rank_main(settings: Settings, conn: Connection, feedback: bool) -> None:
+    """Entry point of the ranking process: rank what arrives until the pipe closes."""
+    logging.basicConfig(level=settings.ops.log_level.upper(),
+                        format="%(asctime)s %(levelname)s ranker %(name)s: %(message)s")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop (it closes the pipe)
+    from fusionrec.core.redis_client import connect
+    from fusionrec.online.learning.feedback import Snapshot
+    from fusionrec.online.ranking.writer import RecommendationWriter
+
+    encoded: list[Encoded] = []
+
+    def collect(snapshots: list[Snapshot]) -> None:
+        encoded.extend(encode_feedback(snapshots))
+
+    try:
+        metrics = Metrics()
+        client = connect(settings)
+        writer = RecommendationWriter(client, settings, metrics=metrics, sink=collect if feedback else None)
+    except Exception as exc:
+        log.exception("the ranking process could not start")
+        conn.send(("error", _portable(exc)))
+        return
+    parent = os.getppid()
+
+    def orphaned() -> None:  # a forked sibling may hold the pipe open: EOF alone is not enough
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        log.warning("the consuming process %d is gone: stopping", parent)
+        os._exit(0)
+
+    threading.Thread(target=orphaned, name="orphaned", daemon=True).start()
+    conn.send(("ready", os.getpid()))
+    relayed = 0.0
+    while True:
+        try:
+            users = conn.recv()
+        except (EOFError, OSError):
+            break
+        encoded.clear()
+        try:
+            n = writer.refresh(users)
+        except Exception as exc:
+            log.warning("ranking failed: %s: %s", type(exc).__name__, exc)
+            reply: tuple[Any, ...] = ("error", _portable(exc))
+        else:
+            families = None
+            if time.monotonic() - relayed >= RELAY_EVERY_S:
+                families, relayed = list(metrics.registry.collect()), time.monotonic()
+            reply = ("ok", n, list(encoded), families)
+        try:
+            conn.send(reply)
+        except (EOFError, OSError):
+            break
+    client.close()
+
+
+def _portable(exc: BaseException) -> BaseException:
+    """The exception itself where it survives pickling (its type decides retries), else its text."""
+    try:
+        pickle.loads(pickle.dumps(exc))  # noqa: S301  (bytes made on the line, never read from outside)
+        return exc
+    except Exception:
+        return RuntimeError(f"{type(exc).__name__}: {exc}")
