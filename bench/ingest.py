@@ -4,7 +4,7 @@ Every figure counts user events only: the catalog is written to Redis before any
 events are published by a producer in a process of its own.
 
 1. throughput: N Complete Journey events are pre-loaded into a fresh 4-partition topic; the production
-   user-state pipeline (``StatePipeline``, learned fusion ranker on, ranking on its own thread) consumes
+   user-state pipeline (``StatePipeline``, learned fusion ranker on, ranking in its own process) consumes
    them from its first batch until every event is applied and every list is written. The state is
    checked (purchases in Redis = N). ``redis_us_per_event`` is the Redis server's main-thread CPU time
    (``INFO cpu``: commands, scripts and network I/O) over the run, per event. ``INFO commandstats``

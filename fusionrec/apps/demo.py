@@ -26,7 +26,6 @@ from fusionrec.core.settings import Settings, masked_url
 from fusionrec.online.learning.loop import LearnerLoop
 from fusionrec.online.serving.reader import RecommendationReader
 from fusionrec.streams import datasets
-from fusionrec.streams.metrics import StreamMetrics
 from fusionrec.streams.producer import EventProducer
 from fusionrec.streams.replay import replay
 from fusionrec.streams.topics import ensure_topics
@@ -62,27 +61,28 @@ def _reset_state(settings: Settings) -> None:
 
 
 class Progress:
-    """Prints published, consumed, rate and lag every 2 s; samples the lag every 0.1 s for its peak."""
+    """Prints published, consumed, rate and lag every 2 s; samples the lag every 0.1 s for its peak.
+
+    The lag is what was published and not consumed yet: the consumer's lag gauge only knows the
+    high watermarks its last fetch saw."""
 
     def __init__(self, pipeline: StatePipeline, total: int, published: int) -> None:
         self.pipeline, self.total, self.published = pipeline, total, published
-        self.peak_lag = 0
+        self.peak_lag, self.peak_at = 0, 0.0
         self.done = threading.Event()
+        self._t0 = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="progress", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        lag = self.pipeline.metrics.of(StreamMetrics).lag
-        last_n, last_t = 0, time.monotonic()
+        last_n, last_t = self.pipeline.consumer.consumed, self._t0
         printed = last_t
         while not self.done.wait(0.1):
-            # what the broker holds that the consumer has not fetched: published minus consumed
-            # (the lag gauge only knows the high watermarks of the last fetch)
-            self.peak_lag = max(self.peak_lag, lag.total(), self.published - self.pipeline.consumer.consumed)
-            t = time.monotonic()
+            t, n = time.monotonic(), self.pipeline.consumer.consumed
+            if self.published - n > self.peak_lag:
+                self.peak_lag, self.peak_at = self.published - n, t - self._t0
             if t - printed < 2.0:
                 continue
-            n = self.pipeline.consumer.consumed
             print(f"  published {self.published:>8d}/{self.total}  consumed {n:>8d}  "
                   f"{(n - last_n) / (t - last_t):8.0f} ev/s  lag {max(0, self.published - n):>7d}", flush=True)
             last_n, last_t, printed = n, t, t
@@ -113,7 +113,12 @@ def run_demo(settings: Settings, *, events: int, households: int, keep: bool, ra
                                     daemon=True)
         consumer.start()
         learner = _start_learner(s, stack)
-        progress = Progress(pipeline, total, published=len(ds.items))  # the catalog went out first
+        # the catalog went out first: once the consumer has it, it has joined the group and the
+        # replay's lag measures keeping up, not the join
+        deadline = time.monotonic() + 120
+        while pipeline.consumer.consumed < len(ds.items) and consumer.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        progress = Progress(pipeline, total, published=len(ds.items))
         pace = f"{rate:,.0f} events/s" if rate else "as fast as the broker takes them"
         print(f"replaying {len(ds.events)} purchases at {pace}, with the learner and the embedding pool running")
         t0 = time.monotonic()
@@ -137,8 +142,9 @@ def run_demo(settings: Settings, *, events: int, households: int, keep: bool, ra
               f"({pipeline.consumer.consumed / elapsed:.0f} msg/s end to end)")
         if rate:
             kept = "kept up with" if behind_s <= 1.0 else "fell behind"
-            print(f"the consumer {kept} the replay: lag peaked at {progress.peak_lag} events and every event was "
-                  f"consumed {behind_s:.2f}s after the last one was published")
+            print(f"the consumer {kept} the replay: lag peaked at {progress.peak_lag} events "
+                  f"({progress.peak_at:.1f}s into it), and every event was consumed {behind_s:.2f}s after the last "
+                  f"one was published")
         _finish_learner(learner, pipeline)
         _show_samples(pipeline, ds)
         _show_similar(pipeline, ds)
