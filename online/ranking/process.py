@@ -27,6 +27,7 @@ and exposed by this process's registry, so one scrape shows them as before.
 
 from __future__ import annotations
 
+import gc
 import logging
 import multiprocessing as mp
 import os
@@ -51,6 +52,7 @@ log = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 120.0  # spawning imports torch, river and the model code
 RELAY_EVERY_S = 1.0  # the child's metrics come back with a reply at most this often
+GC_THRESHOLDS = (20_000, 20, 20)  # the ranking process's collector (the default is 700, 10, 10)
 
 
 class RankProcessLost(WorkerLostError):
@@ -195,6 +197,12 @@ def rank_main(settings: Settings, conn: Connection, feedback: bool) -> None:
         os._exit(0)
 
     threading.Thread(target=orphaned, name="orphaned", daemon=True).start()
+    # A ranking allocates many short-lived containers (pools, explanations, decisions), and with the
+    # default thresholds the cyclic collector kept rescanning the long-lived objects (modules, the
+    # model): 40 % of a ranking's time (0.45 against 0.27 ms per user, measured). What exists now
+    # is left out of collections, and the young generation is collected less often.
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
     conn.send(("ready", os.getpid()))
     relayed = 0.0
     while True:
