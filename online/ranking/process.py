@@ -27,7 +27,6 @@ and exposed by this process's registry, so one scrape shows them as before.
 
 from __future__ import annotations
 
-import gc
 import logging
 import multiprocessing as mp
 import os
@@ -38,21 +37,24 @@ import time
 from collections.abc import Callable, Iterable
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client.metrics_core import Metric
 
+from fusionrec.core.collector import fewer_collections
 from fusionrec.core.errors import WorkerLostError
 from fusionrec.core.metrics import Metrics
 from fusionrec.core.settings import Settings
 from fusionrec.online.learning.feedback import Encoded, encode_feedback
 from fusionrec.streams.state import UserTouch
 
+if TYPE_CHECKING:
+    from fusionrec.online.ranking.writer import RecommendationWriter
+
 log = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 120.0  # spawning imports torch, river and the model code
 RELAY_EVERY_S = 1.0  # the child's metrics come back with a reply at most this often
-GC_THRESHOLDS = (20_000, 20, 20)  # the ranking process's collector (the default is 700, 10, 10)
 
 
 class RankProcessLost(WorkerLostError):
@@ -197,13 +199,14 @@ def rank_main(settings: Settings, conn: Connection, feedback: bool) -> None:
         os._exit(0)
 
     threading.Thread(target=orphaned, name="orphaned", daemon=True).start()
-    # A ranking allocates many short-lived containers (pools, explanations, decisions), and with the
-    # default thresholds the cyclic collector kept rescanning the long-lived objects (modules, the
-    # model): 40 % of a ranking's time (0.45 against 0.27 ms per user, measured). What exists now
-    # is left out of collections, and the young generation is collected less often.
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)
     conn.send(("ready", os.getpid()))
+    with fewer_collections():  # 0.45 → 0.27 ms per ranked user (see fusionrec.core.collector)
+        _serve(conn, writer, metrics, encoded)
+    client.close()
+
+
+def _serve(conn: Connection, writer: RecommendationWriter, metrics: Metrics, encoded: list[Encoded]) -> None:
+    """Rank each chunk that arrives and answer, until the pipe closes."""
     relayed = 0.0
     while True:
         try:
@@ -225,7 +228,6 @@ def rank_main(settings: Settings, conn: Connection, feedback: bool) -> None:
             conn.send(reply)
         except (EOFError, OSError):
             break
-    client.close()
 
 
 def _portable(exc: BaseException) -> BaseException:
