@@ -24,7 +24,8 @@ METRIC_MODULES = (
     "fusionrec.core.redis_memory",
     "fusionrec.streams.trending",
     "fusionrec.models.embedder", "fusionrec.online.learning.learner", "fusionrec.online.learning.checkpoints",
-    "fusionrec.online.ranking.writer", "fusionrec.online.ranking.scheduler", "fusionrec.online.serving.api",
+    "fusionrec.online.ranking.writer", "fusionrec.online.ranking.scheduler",
+    "fusionrec.online.ranking.process", "fusionrec.online.serving.api",
 )
 
 

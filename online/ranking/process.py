@@ -43,7 +43,7 @@ from prometheus_client.metrics_core import Metric
 
 from fusionrec.core.collector import fewer_collections
 from fusionrec.core.errors import WorkerLostError
-from fusionrec.core.metrics import Metrics
+from fusionrec.core.metrics import Metrics, MetricSet, counter
 from fusionrec.core.settings import Settings
 from fusionrec.online.learning.feedback import Encoded, encode_feedback
 from fusionrec.streams.state import UserTouch
@@ -59,6 +59,12 @@ RELAY_EVERY_S = 1.0  # the child's metrics come back with a reply at most this o
 
 class RankProcessLost(WorkerLostError):
     """The ranking process died or stopped answering; the next call starts a new one."""
+
+
+class RankProcessMetrics(MetricSet):
+    component = "ranking process (fusionrec.online.ranking.process)"
+    starts = counter("fusionrec_recs_rank_process_starts_total",
+                     "Ranking processes started by this consumer (more than one: a child died or hung)")
 
 
 class _Relayed:
@@ -89,6 +95,7 @@ class RankProcess:
         self._proc: BaseProcess | None = None
         self._conn: Connection | None = None
         self._relay = _Relayed()
+        self.metrics = metrics.of(RankProcessMetrics) if metrics is not None else None
         if metrics is not None:
             metrics.registry.register(self._relay)
         self.started = 0  # children started, the first included
@@ -142,6 +149,8 @@ class RankProcess:
         child.close()  # the child holds its end: EOF here when it exits
         self._proc, self._conn = proc, parent
         self.started += 1
+        if self.metrics is not None:
+            self.metrics.starts.inc()
         try:
             if not parent.poll(START_TIMEOUT_S):
                 raise RankProcessLost(f"the ranking process did not start within {START_TIMEOUT_S:.0f}s")

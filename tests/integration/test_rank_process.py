@@ -15,6 +15,8 @@ from typing import Any
 
 import msgspec
 import redis
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from fusionrec.apps.pipeline import StatePipeline
 from fusionrec.core.keys import Keys
@@ -186,6 +188,11 @@ def test_a_pipeline_whose_ranking_process_is_killed_derives_outputs_exactly_once
         run.join(30)
     assert pipeline.consumer.consumed >= len(ds.events)
     assert len(kills) == 1 and writer.started >= 2, "the ranking process was not killed and replaced"
+    assert metrics.registry.get_sample_value("fusionrec_recs_rank_process_starts_total") == writer.started
+    # one scrape shows the child's metrics beside the consumer's, each family once
+    families = [f.name for f in text_string_to_metric_families(generate_latest(metrics.registry).decode())]
+    assert "fusionrec_recs_rank_seconds" in families and "fusionrec_stream_events" in families
+    assert len(families) == len(set(families))
     assert metrics.of(StreamMetrics).retries.labels("rank")._value.get() >= 1
     assert metrics.of(SchedulerMetrics).recs_dirty._value.get() == 0
     assert not any(_alive(pid) for pid in kills)
