@@ -93,6 +93,18 @@ def wait_for(cond: Callable[[], bool], timeout: float, what: str, *, interval: f
         time.sleep(interval)
 
 
+def drive(pipeline: StatePipeline, total: int, timeout: float = 240.0) -> None:
+    """Run a built pipeline's consumer in a thread until ``total`` messages were consumed; close it."""
+    stop = threading.Event()
+    with pipeline:
+        run = threading.Thread(target=pipeline.consumer.run, args=(stop, lambda: pipeline.consumer.consumed >= total))
+        run.start()
+        run.join(timeout)
+        stop.set()
+        run.join(30)
+    assert pipeline.consumer.consumed >= total, f"consumed {pipeline.consumer.consumed} of {total} within {timeout}s"
+
+
 def consume_until(settings: Settings, total: int, *, group_id: str | None = None, timeout: float = 120.0,
                   metrics: Metrics | None = None, lag_at_end: dict[str, Any] | None = None) -> StatePipeline:
     """Run the real user-state pipeline in a thread until ``total`` messages were consumed.

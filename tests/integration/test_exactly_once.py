@@ -4,7 +4,6 @@ events say, and every user's list reflects their last event."""
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -19,7 +18,7 @@ from fusionrec.streams.metrics import StreamMetrics
 from fusionrec.streams.producer import EventProducer
 from fusionrec.streams.replay import replay
 from fusionrec.streams.topics import ensure_topics
-from tests.integration.helpers import assert_outputs_exactly_once, make_settings, store_catalog
+from tests.integration.helpers import assert_outputs_exactly_once, drive, make_settings, store_catalog
 
 
 class FailsAfter:
@@ -57,15 +56,7 @@ def test_transient_failures_in_every_step_leave_outputs_exactly_once(services, r
     pipeline.writer.sink = FailsAfter(pipeline.writer.sink, {2, 4}, DeliveryError)
     pipeline.writer.refresh = FailsAfter(pipeline.writer.refresh, {3}, redis.TimeoutError)  # type: ignore[method-assign]
     pipeline.handler.after_apply = [ranking, FailsAfter(deltas, {4, 11} if flush_ms == 0 else {1, 2}, DeliveryError)]
-    stop = threading.Event()
-    with pipeline:
-        run = threading.Thread(target=pipeline.consumer.run,
-                               args=(stop, lambda: pipeline.consumer.consumed >= len(ds.events)))
-        run.start()
-        run.join(240)
-        stop.set()
-        run.join(30)
-    assert pipeline.consumer.consumed >= len(ds.events)
+    drive(pipeline, len(ds.events))
     retries = metrics.of(StreamMetrics).retries
     if flush_ms == 0:  # one state write per batch, in the batch's step
         assert retries.labels("apply")._value.get() == 4 and retries.labels("rank")._value.get() == 3

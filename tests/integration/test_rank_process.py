@@ -31,7 +31,14 @@ from fusionrec.streams.producer import EventProducer
 from fusionrec.streams.replay import replay
 from fusionrec.streams.state import Positioned, StateStore, UserTouch
 from fusionrec.streams.topics import ensure_topics
-from tests.integration.helpers import assert_outputs_exactly_once, env_for, make_settings, store_catalog, wait_for
+from tests.integration.helpers import (
+    assert_outputs_exactly_once,
+    drive,
+    env_for,
+    make_settings,
+    store_catalog,
+    wait_for,
+)
 
 
 def _applied(s: Any, rclient: redis.Redis, n_events: int) -> tuple[datasets.Dataset, dict[str, UserTouch]]:
@@ -98,6 +105,7 @@ def test_a_killed_process_is_reported_lost_and_replaced(services, rclient: redis
     try:
         first = proc.pid
         assert first is not None
+        assert proc.refresh(touches) == len(touches)
         os.kill(first, signal.SIGKILL)
         wait_for(lambda: not _alive(first), 10, "the ranking process to die")
         try:
@@ -109,8 +117,27 @@ def test_a_killed_process_is_reported_lost_and_replaced(services, rclient: redis
         assert proc.started == 2 and proc.pid not in (None, first)
     finally:
         proc.close()
-    assert len(published) == len(touches)
+    assert len(published) == 2 * len(touches)
     assert all(rclient.exists(keys.user_rec(u)) for u in touches)
+
+
+def test_a_process_killed_while_starting_is_replaced(services, rclient: redis.Redis):
+    s = make_settings(services)
+    _ds, touches = _applied(s, rclient, 300)
+    proc = RankProcess(s)  # spawned, still importing
+    try:
+        first = proc.pid
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        try:
+            proc.refresh(touches)
+            raise AssertionError("a process killed while starting answered")
+        except RankProcessLost as exc:
+            assert "starting" in str(exc)
+        assert proc.refresh(touches) == len(touches)
+        assert proc.started == 2
+    finally:
+        proc.close()
 
 
 def test_an_error_in_the_child_comes_back_as_itself(services, rclient: redis.Redis):
@@ -178,15 +205,8 @@ def test_a_pipeline_whose_ranking_process_is_killed_derives_outputs_exactly_once
         return refresh(users)
 
     writer.refresh = killing  # type: ignore[method-assign]
-    stop = threading.Event()
-    with pipeline:
-        run = threading.Thread(target=pipeline.consumer.run,
-                               args=(stop, lambda: pipeline.consumer.consumed >= len(ds.events)))
-        run.start()
-        run.join(240)
-        stop.set()
-        run.join(30)
-    assert pipeline.consumer.consumed >= len(ds.events)
+    writer.wait_ready()  # spawned with the pipeline: killed while ranking, not while starting
+    drive(pipeline, len(ds.events))
     assert len(kills) == 1 and writer.started >= 2, "the ranking process was not killed and replaced"
     assert metrics.registry.get_sample_value("fusionrec_recs_rank_process_starts_total") == writer.started
     # one scrape shows the child's metrics beside the consumer's, each family once
