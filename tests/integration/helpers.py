@@ -32,10 +32,13 @@ from fusionrec.core.settings import Settings
 from fusionrec.online.candidates.features import FEATURES, INDEX, CandidatePool
 from fusionrec.online.learning.checkpoints import CheckpointStore
 from fusionrec.online.learning.feedback import FeedbackPublisher, Snapshot, decode_snapshot, unseen_part
+from fusionrec.streams import datasets
 from fusionrec.streams.datasets import Dataset
 from fusionrec.streams.metrics import StreamMetrics
-from fusionrec.streams.producer import kafka_config
+from fusionrec.streams.producer import EventProducer, kafka_config
+from fusionrec.streams.replay import replay
 from fusionrec.streams.state import StateStore
+from fusionrec.streams.topics import ensure_topics
 from fusionrec.streams.trending import ItemDelta, fresh_counts
 
 WORDS = ["milk", "cheese", "yogurt", "butter", "bread", "battery", "charger", "cola", "soda", "pizza", "apple"]
@@ -91,6 +94,16 @@ def wait_for(cond: Callable[[], bool], timeout: float, what: str, *, interval: f
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(interval)
+
+
+def preloaded(settings: Settings, households: int = 40, events: int = 5_000) -> Dataset:
+    """A Complete Journey slice with its catalog in Redis and its events in the (created) topics."""
+    ensure_topics(settings)
+    ds = datasets.completejourney(households=households).head(events)
+    store_catalog(settings, ds)
+    with EventProducer(settings) as p:
+        replay(ds, p, progress=False, catalog=False)
+    return ds
 
 
 def drive(pipeline: StatePipeline, total: int, timeout: float = 240.0) -> None:

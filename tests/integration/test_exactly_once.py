@@ -13,12 +13,8 @@ import redis
 from fusionrec.apps.pipeline import StatePipeline
 from fusionrec.core.errors import DeliveryError
 from fusionrec.core.metrics import Metrics
-from fusionrec.streams import datasets
 from fusionrec.streams.metrics import StreamMetrics
-from fusionrec.streams.producer import EventProducer
-from fusionrec.streams.replay import replay
-from fusionrec.streams.topics import ensure_topics
-from tests.integration.helpers import assert_outputs_exactly_once, drive, make_settings, store_catalog
+from tests.integration.helpers import assert_outputs_exactly_once, drive, make_settings, preloaded
 
 
 class FailsAfter:
@@ -38,11 +34,7 @@ class FailsAfter:
 @pytest.mark.parametrize("flush_ms", [0, 40], ids=["state-written-per-batch", "write-behind"])
 def test_transient_failures_in_every_step_leave_outputs_exactly_once(services, rclient: redis.Redis, flush_ms):
     s = make_settings(services, partitions=2, batch_size=300, rec_debounce_ms=0, state_flush_ms=flush_ms)
-    ensure_topics(s)
-    ds = datasets.completejourney(households=40).head(5_000)
-    store_catalog(s, ds)
-    with EventProducer(s) as p:
-        replay(ds, p, progress=False, catalog=False)
+    ds = preloaded(s)
     metrics = Metrics()
     pipeline = StatePipeline(s, metrics=metrics)
     # each step fails after doing its work on some calls: the state write, the ranking and list write

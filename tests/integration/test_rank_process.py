@@ -27,15 +27,13 @@ from fusionrec.online.ranking.scheduler import SchedulerMetrics
 from fusionrec.online.ranking.writer import RecommendationWriter
 from fusionrec.streams import datasets
 from fusionrec.streams.metrics import StreamMetrics
-from fusionrec.streams.producer import EventProducer
-from fusionrec.streams.replay import replay
 from fusionrec.streams.state import Positioned, StateStore, UserTouch
-from fusionrec.streams.topics import ensure_topics
 from tests.integration.helpers import (
     assert_outputs_exactly_once,
     drive,
     env_for,
     make_settings,
+    preloaded,
     store_catalog,
     wait_for,
 )
@@ -184,11 +182,7 @@ def test_the_process_never_outlives_the_consuming_process(services, tmp_path):
 def test_a_pipeline_whose_ranking_process_is_killed_derives_outputs_exactly_once(services, rclient: redis.Redis):
     s = make_settings(services, partitions=2, batch_size=300, rec_debounce_ms=0, state_flush_ms=40)
     assert s.rec.process
-    ensure_topics(s)
-    ds = datasets.completejourney(households=40).head(5_000)
-    store_catalog(s, ds)
-    with EventProducer(s) as p:
-        replay(ds, p, progress=False, catalog=False)
+    ds = preloaded(s)
     metrics = Metrics()
     pipeline = StatePipeline(s, metrics=metrics)
     assert isinstance(pipeline.writer, RankProcess)
