@@ -62,7 +62,7 @@ def test_sigkill_at_random_points_then_restart_equals_one_clean_pass(services, t
         # (cheap commands: scanning the whole state would take longer than the consumer needs)
         wait_for(lambda p=proc, n=started: client.zcard(keys.popularity()) > n or p.poll() is not None
                  or finished(), 60, "the consumer to start applying", interval=0.05)
-        time.sleep(rng.uniform(0.02, 0.3))
+        time.sleep(rng.uniform(0.01, 0.12))
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1
