@@ -38,7 +38,7 @@ def _consumer(settings, log_path):
 @on_one_redis_and_a_cluster
 def test_sigkill_at_random_points_then_restart_equals_one_clean_pass(services, tmp_path, redis_target):
     # One partition, so per-item state has one deterministic order (see test_state_store.py).
-    crashy = make_settings(services, partitions=1, batch_size=200, **redis_target)
+    crashy = make_settings(services, partitions=1, batch_size=50, **redis_target)
     ensure_topics(crashy)
     ds = datasets.completejourney(households=120).head(30_000)
     with EventProducer(crashy) as p:
