@@ -37,8 +37,7 @@ class StatePipeline:
         self.feedback = FeedbackPublisher(settings) if settings.rec.ranker == "fusion" else None
         self.writer: RecommendationWriter | RankProcess
         if settings.rec.process:  # ranking in a child process: ingest keeps this interpreter
-            self.writer = RankProcess(settings, self.metrics, sink=self.feedback.publish if self.feedback else None,
-                                      feedback=self.feedback is not None)
+            self.writer = RankProcess(settings, self.metrics, sink=self.feedback.publish if self.feedback else None)
         else:
             self.writer = RecommendationWriter(self.redis, settings, metrics=self.metrics, keys=keys,
                                                sink=self.feedback)

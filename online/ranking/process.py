@@ -87,11 +87,9 @@ class RankProcess:
     """``refresh(users)`` done by a child process (see the module docstring)."""
 
     def __init__(self, settings: Settings, metrics: Metrics | None = None,
-                 sink: Callable[[list[Encoded]], None] | None = None, *, feedback: bool | None = None,
-                 answer_timeout_s: float = 300.0) -> None:
+                 sink: Callable[[list[Encoded]], None] | None = None, *, answer_timeout_s: float = 300.0) -> None:
         self.settings = settings
-        self.sink = sink  # produces the encoded decisions (FeedbackPublisher.publish)
-        self.feedback = sink is not None if feedback is None else feedback
+        self.sink = sink  # produces the encoded decisions (FeedbackPublisher.publish); None: none logged
         self.answer_timeout_s = answer_timeout_s
         self._ctx = mp.get_context("spawn")
         self._lock = threading.Lock()
@@ -140,25 +138,29 @@ class RankProcess:
 
     def _call(self, users: dict[str, UserTouch]) -> tuple[Any, ...]:
         assert self._conn is not None
-        try:
+        with contextlib.suppress(OSError):  # a dead child: the receive reports it
             self._conn.send(users)
-            if not self._conn.poll(self.answer_timeout_s):
-                raise RankProcessLost(f"the ranking process (pid {self.pid}) did not answer within "
-                                      f"{self.answer_timeout_s:.0f}s")
-            reply: tuple[Any, ...] = self._conn.recv()
-            return reply
-        except (EOFError, OSError) as exc:
-            code = self._proc.exitcode if self._proc is not None else None
-            self._stop()
-            raise RankProcessLost(f"the ranking process is gone (exit code {code})") from exc
-        except RankProcessLost:
-            self._stop()
-            raise
+        return self._receive(self.answer_timeout_s, "ranking")
+
+    def _receive(self, timeout_s: float, doing: str) -> tuple[Any, ...]:
+        """The child's next message; a child that is gone or silent for ``timeout_s`` is stopped and
+        reported lost."""
+        assert self._conn is not None
+        proc = self._proc
+        try:
+            if self._conn.poll(timeout_s):
+                reply: tuple[Any, ...] = self._conn.recv()
+                return reply
+            problem = f"did not answer within {timeout_s:.0f}s while {doing}"
+        except (EOFError, OSError):
+            problem = f"is gone while {doing} (exit code {proc.exitcode if proc is not None else None})"
+        self._stop()
+        raise RankProcessLost(f"the ranking process (pid {proc.pid if proc is not None else None}) {problem}")
 
     def _start(self) -> None:
         """Spawn a child; it gets ready (imports, connections) while this process goes on."""
         parent, child = self._ctx.Pipe()
-        proc = self._ctx.Process(target=rank_main, args=(self.settings, child, self.feedback),
+        proc = self._ctx.Process(target=rank_main, args=(self.settings, child, self.sink is not None),
                                  name="fusionrec-ranker", daemon=True)
         proc.start()
         child.close()  # the child holds its end: EOF here when it exits
@@ -168,23 +170,12 @@ class RankProcess:
             self.metrics.starts.inc()
 
     def _await_ready(self) -> None:
-        assert self._conn is not None and self._proc is not None
-        proc = self._proc
-        try:
-            if not self._conn.poll(START_TIMEOUT_S):
-                raise RankProcessLost(f"the ranking process did not start within {START_TIMEOUT_S:.0f}s")
-            ready = self._conn.recv()
-        except (EOFError, OSError) as exc:
-            self._stop()
-            raise RankProcessLost(f"the ranking process exited while starting (exit code {proc.exitcode})") from exc
-        except RankProcessLost:
-            self._stop()
-            raise
+        ready = self._receive(START_TIMEOUT_S, "starting")
         if ready[0] == "error":
             self._stop()
             raise ready[1]
         self._ready = True
-        log.info("ranking process %d started", proc.pid)
+        log.info("ranking process %d started", ready[1])
 
     def _stop(self) -> None:
         conn, proc, self._conn, self._proc = self._conn, self._proc, None, None
