@@ -18,7 +18,9 @@ events are published by a producer in a process of its own.
    over the same N events.
 5. freshness: a producer process publishes at ``--rate`` events/s while the pipeline consumes. Per
    event: Kafka timestamp → its state written (``freshness_state``) and → its user's next list written
-   (``freshness_recs``). ``kept_up``: every event was applied within 1 s of the producer's end.
+   (``freshness_recs``), with the learner (``fusionrec learner``) running in a process of its own.
+   The producer is connected before its first event is stamped. ``kept_up``: every event was applied
+   within 1 s of the producer's end.
 
 With ``--embedded-catalog`` every run starts with the catalog's item vectors active in Redis (encoded
 once, before any clock, with the configured encoder): the rankings then add content candidates and
@@ -35,13 +37,18 @@ freshness_recs_p99_ms, kept_up; the line before it gives the sizes and rate used
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import multiprocessing as mp
+import os
+import subprocess
+import sys
 import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +83,10 @@ def fresh_settings(base: Settings, partitions: int = 4) -> Settings:
 
 def _produce(settings: Settings, ds: datasets.Dataset, rate: float) -> None:
     with EventProducer(settings, producer_options={"linger.ms": 2}) as p:
+        # connected, with its idempotent producer id, before the first event is stamped: the first
+        # sends otherwise wait ~0.5 s for the connection to the partition leader on the embedded broker
+        p.connect()
+        time.sleep(1.0)
         replay(ds, p, progress=False, catalog=False, rate=rate)
 
 
@@ -300,7 +311,10 @@ def freshness(base: Settings, ds: datasets.Dataset, rate: float) -> dict[str, An
     pipeline.store.apply = timed  # type: ignore[method-assign]
     pipeline.writer.refresh = written  # type: ignore[method-assign]
     stop = threading.Event()
-    with pipeline:
+    # the learner in a process of its own, as deployed: it learns from the decisions the ranking logs
+    learner = subprocess.Popen([sys.executable, "-m", "fusionrec", "learner"], env={**os.environ, **s.to_env()},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with pipeline, _stopped(learner):
         worker = threading.Thread(target=pipeline.consumer.run,
                                   args=(stop, lambda: pipeline.consumer.consumed >= len(ds.events)))
         worker.start()
@@ -310,6 +324,20 @@ def freshness(base: Settings, ds: datasets.Dataset, rate: float) -> dict[str, An
         ended = time.time()
         worker.join()
     return {"state": state_ms, "recs": recs_ms, "caught_up_s": applied_at[0] - ended}
+
+
+@contextlib.contextmanager
+def _stopped(proc: subprocess.Popen[bytes]) -> Iterator[None]:
+    """Stop ``proc`` (SIGTERM, then SIGKILL after 30 s) when the block ends."""
+    try:
+        yield
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def median_of(runs: int, fn: Any, *args: Any) -> Any:

@@ -73,6 +73,7 @@ class BatchHandler(Protocol):
     def floor(self) -> dict[int, int]: ...  # events partition -> first offset whose outputs are pending
     def accepting(self) -> bool: ...
     def tick(self) -> None: ...  # between batches: finish what is due
+    def poll_wait(self) -> float | None: ...  # seconds until something is due (None: nothing waits)
     def flush(self, timeout_s: float | None = None) -> None: ...  # finish everything pending now
     def forget(self, partitions: Collection[int]) -> None: ...  # revoked events partitions: drop their pending
     def drop(self) -> None: ...  # the partitions were lost: drop everything pending
@@ -133,6 +134,9 @@ class EventsProcessor(BaseProcessor[Event]):
     def tick(self) -> Offsets:
         self.handler.tick()
         return self._done()
+
+    def poll_wait(self) -> float | None:
+        return self.handler.poll_wait()
 
     def accepting(self) -> bool:
         return self.handler.accepting()

@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import msgspec
-from confluent_kafka import KafkaError, Message, Producer
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from fusionrec.core.errors import DeliveryError
 from fusionrec.core.settings import Settings
@@ -104,6 +104,14 @@ class EventProducer:
 
     def poll(self, timeout: float = 0) -> int:
         return int(self._producer.poll(timeout))
+
+    def connect(self, timeout: float = 30.0) -> None:
+        """Reach the cluster now (one metadata request, which creates no topic), so a paced replay's
+        first events are not stamped while the connection is still being made."""
+        try:
+            self._producer.list_topics(timeout=timeout)
+        except KafkaException as exc:
+            raise DeliveryError(f"could not reach Kafka at {self.settings.kafka.bootstrap}: {exc}") from exc
 
     def drain(self, timeout: float = 30.0) -> int:
         """Wait up to ``timeout`` for the queued messages' outcomes; how many are still queued."""

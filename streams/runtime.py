@@ -25,7 +25,9 @@ polled batch, in this order (the labels ``Step 1`` … ``Step 5`` in :meth:`Cons
    and the runtime commits synchronously on revoke and on close.
 
 Between batches the runtime calls :meth:`Processor.tick` (checkpoints, leases; transient errors
-retried) and, while :meth:`Processor.accepting` is false, pauses its partitions and serves the group
+retried). A poll waits for a full batch at most ``stream.batch_timeout_s``, and never past
+:meth:`Processor.poll_wait`, so work a tick has due (write-behind state) is not held up by a quiet
+topic. While :meth:`Processor.accepting` is false, the runtime pauses its partitions and serves the group
 instead of fetching (bounded memory under overload).
 
 Rebalances are cooperative (``cooperative-sticky``). On assignment :meth:`Processor.assigned` may set
@@ -106,6 +108,7 @@ class Processor(Protocol[T]):
     def process(self, batch: Polled[T]) -> None: ...
     def completed(self, batch: Polled[T]) -> Offsets: ...
     def tick(self) -> Offsets: ...
+    def poll_wait(self) -> float | None: ...  # longest the next poll may wait for messages (None: the batch timeout)
     def accepting(self) -> bool: ...
     def finished(self) -> bool: ...
     def assigned(self, partitions: list[TopicPartition]) -> None: ...
@@ -135,6 +138,9 @@ class BaseProcessor(Generic[T]):
 
     def tick(self) -> Offsets:
         return {}
+
+    def poll_wait(self) -> float | None:
+        return None
 
     def accepting(self) -> bool:
         return True
@@ -262,7 +268,9 @@ class ConsumeRuntime(Generic[T]):
                     self._hold()
                     continue
                 self._release()
-                msgs = self._consumer.consume(self.max_messages, self.timeout_s)
+                wait = self.processor.poll_wait()
+                msgs = self._consumer.consume(self.max_messages, self.timeout_s if wait is None else
+                                              max(0.0, min(self.timeout_s, wait)))
                 if msgs:
                     self._step(msgs, stop)
         finally:

@@ -10,7 +10,8 @@ item deltas carry the source positions their consumers de-duplicate by. Every ou
 produced at least once and counted exactly once.
 
 Write-behind: a consumed batch's user events wait in process for at most ``state.flush_ms`` (or
-until ``state.flush_max_events`` wait), then the state store applies all of them at once: one
+until ``state.flush_max_events`` wait; the consumer's poll never waits past that time,
+:meth:`UserStateHandler.poll_wait`), then the state store applies all of them at once: one
 compare-and-set per bucket, reading only what it does not keep in process. The hooks run after that
 write, so they always see the state their events made. Until then the waiting events hold their
 partitions' offsets back (:meth:`UserStateHandler.floor`); a revocation writes them before its commit,
@@ -80,6 +81,7 @@ class UserStateHandler:
         self._first: dict[int, int] = {}  # partition -> first waiting offset
         self._last: dict[int, int] = {}  # partition -> last waiting offset
         self._since = 0.0  # monotonic time the oldest waiting event was consumed
+        self._polled = 0.0  # when a poll that found nothing waiting began (poll_wait): it may have waited
 
     def floor(self) -> dict[int, int]:
         out = dict(self._first)
@@ -95,6 +97,17 @@ class UserStateHandler:
         """Between batches: write the waiting events whose time is up."""
         if self._waiting and time.monotonic() - self._since >= self.flush_s:
             self.write()
+
+    def poll_wait(self) -> float | None:
+        """How long the next poll may wait: until the waiting events are due, and with none waiting, one
+        write-behind window, which counts from that poll's start for the events it brings (the time they
+        waited in the poll is part of their window)."""
+        if self.flush_s <= 0:
+            return None  # written as they come: the poll's own timeout
+        if not self._waiting:
+            self._polled = time.monotonic()
+            return self.flush_s
+        return max(0.0, self._since + self.flush_s - time.monotonic())
 
     def flush(self, timeout_s: float | None = None) -> None:
         self.write()
@@ -128,7 +141,10 @@ class UserStateHandler:
                 self.store.apply_catalog(batch.catalog)
             if batch.events:
                 if not self._waiting:
-                    self._since = time.monotonic()
+                    now = time.monotonic()
+                    # the window started with the idle poll that brought them (at most one window ago)
+                    self._since = max(self._polled, now - self.flush_s) if self._polled else now
+                    self._polled = 0.0
                 last = self._last
                 for pe in batch.events:
                     # a batch consumed again after an abandoned retry (the runtime rewinds) brings

@@ -157,3 +157,29 @@ def test_a_batch_consumed_again_while_its_events_wait_counts_once(services):
     handler.handle(_batch(0, 2, 6))  # offsets 2..7: 2..4 are waiting, 5..7 are new
     handler.flush()
     assert int(client.hget(handler.store.keys.user_state("w"), "n:click")) == 8
+
+
+def test_the_window_counts_from_the_idle_poll_that_brought_the_events(services):
+    s = make_settings(services, state_flush_ms=200)
+    client = connect(s)
+    handler = UserStateHandler(StateStore(client, s), Metrics())
+    keys = handler.store.keys
+    assert handler.poll_wait() == pytest.approx(0.2)  # nothing waits: one window at most
+    handler.handle(_batch(0, 0, 2, "soon"))  # the poll returned at once: the window just began
+    assert handler.floor() == {0: 0} and not client.exists(keys.user_state("soon"))
+    assert 0.1 < handler.poll_wait() <= 0.2  # the next poll waits only for what is left of it
+    time.sleep(0.21)
+    assert handler.poll_wait() == 0.0
+    handler.tick()
+    assert handler.floor() == {} and int(client.hget(keys.user_state("soon"), "n:click")) == 2
+
+    handler.poll_wait()
+    time.sleep(0.21)  # an idle poll that waited the whole window
+    handler.handle(_batch(0, 2, 3, "late"))  # its events have used their window: written at once
+    assert handler.floor() == {} and int(client.hget(keys.user_state("late"), "n:click")) == 3
+
+    handler.handle(_batch(0, 5, 1, "direct"))  # not brought by a poll: the window starts now
+    assert handler.floor() == {0: 5}
+    handler.flush()
+    written = UserStateHandler(StateStore(client, make_settings(services, state_flush_ms=0)), Metrics())
+    assert written.poll_wait() is None  # no write-behind: the poll's own timeout

@@ -25,6 +25,18 @@ def test_rate_paces_events_evenly():
     assert c.now == 0.4
 
 
+def test_sleeps_come_in_quanta_and_no_event_leaves_early_by_more():
+    c = FakeClock()
+    p = Pacer(rate=10_000, clock=c.clock, sleep=c.sleep, quantum_s=0.002)
+    sent = []
+    for _ in range(101):
+        p.wait(0)
+        sent.append(c.now)
+    assert len(c.slept) == 5  # every 20 events (2 ms at 10,000/s), not one sleep per event
+    assert all(i / 10_000 - t <= 0.002 + 1e-12 for i, t in enumerate(sent))
+    assert abs(sent[-1] - 0.01) < 1e-9 and all(t <= i / 10_000 + 1e-12 for i, t in enumerate(sent))
+
+
 def test_speedup_follows_event_time_and_slower_limit_wins():
     c = FakeClock()
     p = Pacer(rate=1000, speedup=60, clock=c.clock, sleep=c.sleep)

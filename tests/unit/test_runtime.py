@@ -68,6 +68,7 @@ class FakeConsumer:
     paused: set[int] = field(default_factory=set)
     assigned: set[int] = field(default_factory=set)
     callbacks: dict[str, Callable[..., None]] = field(default_factory=dict)
+    timeouts: list[float] = field(default_factory=list)  # each consume()'s timeout
     consumes = 0
     polls = 0
     closed = False
@@ -101,6 +102,7 @@ class FakeConsumer:
 
     def consume(self, num_messages: int = 1, timeout: float = -1) -> list[FakeMessage]:
         self.consumes += 1
+        self.timeouts.append(timeout)
         if hook := self.before_consume.get(self.consumes):
             hook(self)
         out: list[FakeMessage] = []
@@ -368,3 +370,25 @@ def test_an_error_that_is_not_transient_ends_the_run_after_closing() -> None:
     with pytest.raises(KeyError):
         runtime(consumer, proc).run(threading.Event())
     assert consumer.closed and consumer.committed == {}
+
+
+class Due(Recorder):
+    """A processor with work due at given times: its poll waits, one per poll."""
+
+    def __init__(self, log: list[tuple[Any, ...]], waits: list[float | None]) -> None:
+        super().__init__(log)
+        self.waits = waits
+
+    def poll_wait(self) -> float | None:
+        return self.waits.pop(0) if self.waits else None
+
+
+def test_a_poll_never_waits_past_the_processors_due_time() -> None:
+    consumer = FakeConsumer({0: [b"ok:a"]})
+    settings = Settings.from_env({"FUSIONREC_RETRY_MAX_BACKOFF_S": "0.2"})
+    rt = ConsumeRuntime(settings, Due(consumer.log, [None, 0.03, 5.0, -0.01]), Metrics(), group_id="g",
+                        topics=[TOPIC], max_messages=10, timeout_s=0.5, consumer=consumer,
+                        dead_letters=FakeDeadLetters(log=consumer.log))
+    rt.run(threading.Event(), until_consumed(consumer, 4))
+    # the batch timeout when nothing is due, the due time when sooner, never below 0
+    assert consumer.timeouts == [0.5, 0.03, 0.5, 0.0]
