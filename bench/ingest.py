@@ -18,7 +18,8 @@ events are published by a producer in a process of its own.
    over the same N events.
 5. freshness: a producer process publishes at ``--rate`` events/s while the pipeline consumes. Per
    event: Kafka timestamp → its state written (``freshness_state``) and → its user's next list written
-   (``freshness_recs``), with the learner (``fusionrec learner``) running in a process of its own.
+   (``freshness_recs``), with the learner (``fusionrec learner``, one numeric thread) running in a
+   process of its own.
    The producer is connected before its first event is stamped. ``kept_up``: every event was applied
    within 1 s of the producer's end.
 
@@ -311,8 +312,10 @@ def freshness(base: Settings, ds: datasets.Dataset, rate: float) -> dict[str, An
     pipeline.store.apply = timed  # type: ignore[method-assign]
     pipeline.writer.refresh = written  # type: ignore[method-assign]
     stop = threading.Event()
-    # the learner in a process of its own, as deployed: it learns from the decisions the ranking logs
-    learner = subprocess.Popen([sys.executable, "-m", "fusionrec", "learner"], env={**os.environ, **s.to_env()},
+    # the learner in a process of its own, as deployed, learning from the decisions the ranking logs;
+    # one numeric thread (FUSIONREC_LEARN_THREADS=1): it shares the machine's cores with everything here
+    env = {**os.environ, **s.replace(learn_threads=1).to_env()}
+    learner = subprocess.Popen([sys.executable, "-m", "fusionrec", "learner"], env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     with pipeline, _stopped(learner):
         worker = threading.Thread(target=pipeline.consumer.run,

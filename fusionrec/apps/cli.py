@@ -98,10 +98,12 @@ def cmd_consume(args: argparse.Namespace) -> int:
 
 def cmd_learner(args: argparse.Namespace) -> int:
     from fusionrec.core.metrics import Metrics
+    from fusionrec.core.threads import limit_threads
     from fusionrec.online.learning.loop import LearnerLoop
     from fusionrec.streams.topics import ensure_topics
 
     s = _resolved()
+    limit_threads(s.learn.threads)
     ensure_topics(s)
     metrics = Metrics()
     if not args.no_metrics:

@@ -227,6 +227,9 @@ class RecSettings:
     process: bool = setting(True, env="REC_PROCESS",
                             doc="rank in a process of its own beside the consumer (off: in a thread of the "
                                 "consuming process, sharing its interpreter with ingest)")
+    threads: int = setting(1, env="REC_THREADS",
+                           doc="threads of the ranking process's numeric libraries (torch, OpenMP, BLAS); 0: one "
+                               "per core")
     rank_on_read: bool = setting(False, env="REC_RANK_ON_READ",
                                  doc="readers (the API, RecommendationReader) rank a user whose state is newer "
                                      "than their stored list, with the served fusion model, instead of serving it")
@@ -263,6 +266,9 @@ class LearnSettings:
     seed: int = setting(0, env="LEARN_SEED", doc="seed of every learner")
     vector_cache_items: int = setting(50_000, env="LEARN_VECTOR_CACHE_ITEMS", doc="item vectors cached in process")
     metrics_port: int = setting(9472, env="LEARN_METRICS_PORT", doc="the learner's /metrics (0 disables)")
+    threads: int = setting(0, env="LEARN_THREADS",
+                           doc="threads of `fusionrec learner`'s numeric libraries (torch, OpenMP, BLAS); 0: one per "
+                               "core")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -459,6 +465,9 @@ class Settings:
         for name, value in positive.items():
             if value <= 0:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be > 0, got {value!r}")
+        for name, value in (("REC_THREADS", self.rec.threads), ("LEARN_THREADS", self.learn.threads)):
+            if value < 0:
+                raise ConfigError(f"{PREFIX}{name} must be >= 0, got {value!r}")
         if self.state.flush_ms < 0:
             raise ConfigError(f"{PREFIX}STATE_FLUSH_MS must be >= 0, got {self.state.flush_ms!r}")
         if self.redis.persistence not in ("aof", "none"):

@@ -203,6 +203,7 @@ def rank_main(settings: Settings, conn: Connection, feedback: bool) -> None:
 
     threading.Thread(target=orphaned, name="orphaned", daemon=True).start()
     from fusionrec.core.redis_client import connect
+    from fusionrec.core.threads import limit_threads
     from fusionrec.online.learning.feedback import Snapshot
     from fusionrec.online.ranking.writer import RecommendationWriter
 
@@ -212,6 +213,7 @@ def rank_main(settings: Settings, conn: Connection, feedback: bool) -> None:
         encoded.extend(encode_feedback(snapshots))
 
     try:
+        limit_threads(settings.rec.threads)
         metrics = Metrics()
         client = connect(settings)
         writer = RecommendationWriter(client, settings, metrics=metrics, sink=collect if feedback else None)

@@ -151,3 +151,10 @@ def test_the_committed_kubernetes_secret_does_not_validate_as_it_is():
     assert "FUSIONREC_SERVE_TOKEN" in values
     with pytest.raises(ConfigError, match="placeholder"):
         Settings.from_env(values)
+
+
+def test_thread_counts_are_not_negative():
+    assert (Settings().rec.threads, Settings().learn.threads) == (1, 0)
+    for name in ("FUSIONREC_REC_THREADS", "FUSIONREC_LEARN_THREADS"):
+        with pytest.raises(ConfigError, match=name):
+            Settings.from_env({name: "-1"})
