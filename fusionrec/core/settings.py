@@ -167,7 +167,7 @@ class StateSettings:
                                           doc="half-life of user-item weights and category/brand affinity "
                                               "(changing it on live state mixes scales until the users' keys "
                                               "expire: start from fresh user state)")
-    flush_ms: int = setting(50, env="STATE_FLUSH_MS",
+    flush_ms: int = setting(20, env="STATE_FLUSH_MS",
                             doc="consumed events wait at most this long in process before their state is "
                                 "written to Redis in one compare-and-set per bucket (0: every batch)")
     flush_max_events: int = setting(20_000, env="STATE_FLUSH_MAX_EVENTS",
