@@ -73,7 +73,7 @@ class BatchHandler(Protocol):
     def floor(self) -> dict[int, int]: ...  # events partition -> first offset whose outputs are pending
     def accepting(self) -> bool: ...
     def tick(self) -> None: ...  # between batches: finish what is due
-    def poll_wait(self) -> float | None: ...  # seconds until something is due (None: nothing waits)
+    def poll_wait(self) -> float | None: ...  # longest the next poll may wait (None: the batch timeout)
     def flush(self, timeout_s: float | None = None) -> None: ...  # finish everything pending now
     def forget(self, partitions: Collection[int]) -> None: ...  # revoked events partitions: drop their pending
     def drop(self) -> None: ...  # the partitions were lost: drop everything pending

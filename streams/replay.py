@@ -48,7 +48,7 @@ class Pacer:
             due = max(due, self._start + self._sent / self.rate)
         if self.speedup and self._first_ts is not None:
             due = max(due, self._start + (ts_ms - self._first_ts) / 1000.0 / self.speedup)
-        if due - now >= self.quantum_s and due > now:
+        if due > now and due - now >= self.quantum_s:
             self._sleep(due - now)
         self._sent += 1
 
