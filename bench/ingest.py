@@ -56,6 +56,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import numpy as np
 from confluent_kafka import Consumer
 
@@ -68,7 +69,7 @@ from fusionrec.core.settings import Settings
 from fusionrec.streams import datasets
 from fusionrec.streams.consumer import Batch, validator_for
 from fusionrec.streams.producer import EventProducer
-from fusionrec.streams.replay import replay
+from fusionrec.streams.replay import Pacer, replay
 from fusionrec.streams.runtime import consumer_config
 from fusionrec.streams.state import EVENT_WEIGHTS, BatchResult, Decay, Positioned, StateStore, UserTouch
 from fusionrec.streams.topics import ensure_topics
@@ -86,12 +87,23 @@ def fresh_settings(base: Settings, partitions: int = 4) -> Settings:
 
 
 def _produce(settings: Settings, ds: datasets.Dataset, rate: float) -> None:
+    if not rate:
+        with EventProducer(settings, producer_options={"linger.ms": 2}) as p:
+            replay(ds, p, progress=False, catalog=False)
+        return
+    # paced: the events are encoded before the clock, so the producer, which shares the machine with
+    # what it measures, only sends them
+    encode = msgspec.json.Encoder().encode
+    messages = [(encode(ev), str(ev["user_id"])) for ev in ds.user_events()]
     with EventProducer(settings, producer_options={"linger.ms": 2}) as p:
         # connected, with its idempotent producer id, before the first event is stamped: the first
         # sends otherwise wait ~0.5 s for the connection to the partition leader on the embedded broker
         p.connect()
         time.sleep(1.0)
-        replay(ds, p, progress=False, catalog=False, rate=rate)
+        pacer = Pacer(rate)
+        for value, key in messages:
+            pacer.wait(0)
+            p.produce(settings.kafka.topic_events, value, key=key)
 
 
 def publish(settings: Settings, ds: datasets.Dataset, rate: float = 0.0) -> mp.Process:

@@ -33,14 +33,16 @@ class FailsAfter:
 
 @pytest.mark.parametrize("flush_ms", [0, 40], ids=["state-written-per-batch", "write-behind"])
 def test_transient_failures_in_every_step_leave_outputs_exactly_once(services, rclient: redis.Redis, flush_ms):
-    s = make_settings(services, partitions=2, batch_size=300, rec_debounce_ms=0, state_flush_ms=flush_ms)
+    # write-behind: every second batch fills the write (600 events), so the writes, and the failures
+    # injected into them, come while the stream runs whatever the window lets through
+    s = make_settings(services, partitions=2, batch_size=300, rec_debounce_ms=0, state_flush_ms=flush_ms,
+                      state_flush_max_events=600)
     ds = preloaded(s)
     metrics = Metrics()
     pipeline = StatePipeline(s, metrics=metrics)
     # each step fails after doing its work on some calls: the state write, the ranking and list write
     # (in the ranking thread), the feedback log and the item deltas
-    # (write-behind writes several batches at once: its failures come early enough to happen, the
-    # second one in the retry of the first)
+    # (write-behind writes two batches at once: the second failure comes in the retry of the first)
     fails = {2, 7} if flush_ms == 0 else {2, 3}
     pipeline.store.apply = FailsAfter(pipeline.store.apply, fails, redis.ConnectionError)  # type: ignore[method-assign]
     ranking, deltas = pipeline.handler.after_apply
