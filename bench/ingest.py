@@ -20,8 +20,9 @@ events are published by a producer in a process of its own.
    event: Kafka timestamp → its state written (``freshness_state``) and → its user's next list written
    (``freshness_recs``), with the learner (``fusionrec learner``, one numeric thread) running in a
    process of its own.
-   The producer is connected before its first event is stamped. ``kept_up``: every event was applied
-   within 1 s of the producer's end.
+   The producer is connected before its first event is stamped. The line before the JSON gives the
+   CPU each process used while the producer sent (``/proc``), as a share of one core. ``kept_up``:
+   every event was applied within 1 s of the producer's end.
 
 With ``--embedded-catalog`` every run starts with the catalog's item vectors active in Redis (encoded
 once, before any clock, with the configured encoder): the rankings then add content candidates and
@@ -285,10 +286,60 @@ def naive(base: Settings, ds: datasets.Dataset) -> float:
     return done / elapsed
 
 
-def freshness(base: Settings, ds: datasets.Dataset, rate: float) -> dict[str, Any]:
-    """Kafka timestamp → state, and → the user's next list, per event, with a producer at ``rate``."""
+def _cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of a live process, from ``/proc/<pid>/stat`` (None once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuSampler:
+    """Samples the CPU time of named processes every ``every_s`` in a thread; :meth:`shares` gives each
+    one's CPU over a window as a percentage of one core."""
+
+    def __init__(self, every_s: float = 0.25) -> None:
+        self.pids: dict[str, int] = {}
+        self.samples: list[tuple[float, dict[str, float]]] = []
+        self.every_s = every_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cpu-sampler", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            now = time.monotonic()
+            found = {name: cpu for name, pid in list(self.pids.items()) if (cpu := _cpu_s(pid)) is not None}
+            self.samples.append((now, found))
+            self._stop.wait(self.every_s)
+
+    def __enter__(self) -> CpuSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def shares(self, start: float, name_alive: str) -> dict[str, float]:
+        """% of one core per process from the first sample at or after ``start`` to the last one in which
+        ``name_alive`` was still running."""
+        window = [(t, found) for t, found in self.samples if t >= start and name_alive in found]
+        if len(window) < 2:
+            return {}
+        (t0, first), (t1, last) = window[0], window[-1]
+        return {name: round(100 * (last[name] - first[name]) / (t1 - t0), 1)
+                for name in last if name in first}
+
+
+def freshness(base: Settings, ds: datasets.Dataset, rate: float,
+              services: dict[str, int] | None = None) -> dict[str, Any]:
+    """Kafka timestamp → state, and → the user's next list, per event, with a producer at ``rate``; and
+    the CPU each process used while the producer sent (``services``: other processes to include)."""
     s = prepare(base, ds, preload=False)
     pipeline = StatePipeline(s, metrics=Metrics())
+    first_event: list[float] = []
     state_ms: list[float] = []
     recs_ms: list[float] = []
     waiting: dict[str, list[int]] = {}
@@ -298,6 +349,8 @@ def freshness(base: Settings, ds: datasets.Dataset, rate: float) -> dict[str, An
     handle, apply, refresh = pipeline.handler.handle, pipeline.store.apply, pipeline.writer.refresh
 
     def taken(batch: Batch) -> None:
+        if not first_event and batch.events:
+            first_event.append(time.monotonic())
         if not batch.taken:
             for pe, ts in zip(batch.events, batch.timestamps, strict=True):
                 stamps[(pe.partition, pe.offset)] = ts
@@ -332,16 +385,20 @@ def freshness(base: Settings, ds: datasets.Dataset, rate: float) -> dict[str, An
     env = {**os.environ, **s.replace(learn_threads=1).to_env()}
     learner = subprocess.Popen([sys.executable, "-m", "fusionrec", "learner"], env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    with pipeline, _stopped(learner):
+    with pipeline, _stopped(learner), CpuSampler() as cpu:
         worker = threading.Thread(target=pipeline.consumer.run,
                                   args=(stop, lambda: pipeline.consumer.consumed >= len(ds.events)))
         worker.start()
         time.sleep(s.effective_session_timeout_ms() / 1000)  # past the first group join
         producer = publish(s, ds, rate)
+        ranking = getattr(pipeline.writer, "pid", None)
+        cpu.pids.update({"consumer": os.getpid(), "learner": learner.pid, "producer": producer.pid or 0,
+                         **({"ranking": ranking} if ranking else {}), **(services or {})})
         producer.join()
         ended = time.time()
         worker.join()
-    return {"state": state_ms, "recs": recs_ms, "caught_up_s": applied_at[0] - ended}
+    shares = cpu.shares(first_event[0], "producer") if first_event else {}
+    return {"state": state_ms, "recs": recs_ms, "caught_up_s": applied_at[0] - ended, "cpu": shares}
 
 
 @contextlib.contextmanager
@@ -402,7 +459,9 @@ def main() -> None:
                 ceiling_eps = ceiling(base, data.head(n))
             later = datasets.Dataset("cj", data.events.iloc[n: n + n_fresh].reset_index(drop=True), data.items)
             # the run whose state p99 is the median of --runs
-            runs = sorted((freshness(base, later, args.rate) for _ in range(args.runs)),
+            services = {name: info.pid for name, info in (("redis", running.redis), ("broker", running.broker))
+                        if info is not None}
+            runs = sorted((freshness(base, later, args.rate, services) for _ in range(args.runs)),
                           key=lambda f: float(np.percentile(f["state"], 99)))
             fresh = runs[len(runs) // 2]
         finally:
@@ -419,6 +478,11 @@ def main() -> None:
           f"median state p99 reported (state p99 of each: "
           f"{', '.join(str(pct(f['state'], 99)) for f in runs)} ms); caught up {fresh['caught_up_s']:.2f} s after "
           f"the producer's end; item vectors active: {len(VECTORS.vectors) if VECTORS else 0}")
+    if fresh["cpu"]:
+        used = sorted(fresh["cpu"].items(), key=lambda kv: -kv[1])
+        cores = os.cpu_count() or 1
+        print("CPU while the producer sent, % of one core: " + ", ".join(f"{name} {share}" for name, share in used)
+              + f"; together {sum(fresh['cpu'].values()):.0f} of {100 * cores} ({cores} cores)")
     if args.freshness_only:
         print(json.dumps(freshness_keys))
         return
