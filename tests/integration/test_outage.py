@@ -31,11 +31,17 @@ def test_consumer_survives_a_redis_restart_without_loss(services, tmp_path):
     stop = threading.Event()
     worker = threading.Thread(target=pipeline.consumer.run, args=(stop, lambda: pipeline.consumer.consumed >= total))
     worker.start()
+    half = len(ds.events) // 2
+    later = datasets.Dataset(ds.name, ds.events.iloc[half:].reset_index(drop=True), ds.items)
     try:
         with EventProducer(s) as p:
-            replay(ds, p, progress=False, rate=3000)
-            # Redis shuts down (AOF flushed) while events keep flowing, and comes back 3 s later.
+            replay(ds, p, progress=False, events=False)  # the whole catalog
+            replay(ds.head(half), p, progress=False, catalog=False, rate=3000)
+            # the consumer is running and has the first half; Redis shuts down (AOF flushed) while the
+            # second half flows, and comes back 3 s after it was published
+            wait_for(lambda: pipeline.consumer.consumed >= len(ds.items) + half, 60, "the first half consumed")
             _stop(redis_info)
+            replay(later, p, progress=False, catalog=False, rate=3000)
             time.sleep(3)
             assert worker.is_alive()
             redis_info = start_redis(tmp_path, "aof", port=redis_info.port)
