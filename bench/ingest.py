@@ -57,7 +57,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import numpy as np
 from confluent_kafka import Consumer
 
@@ -69,7 +68,7 @@ from fusionrec.core.redis_client import connect
 from fusionrec.core.settings import Settings
 from fusionrec.streams import datasets
 from fusionrec.streams.consumer import Batch, validator_for
-from fusionrec.streams.producer import EventProducer
+from fusionrec.streams.producer import EventProducer, encode_event
 from fusionrec.streams.replay import Pacer, replay
 from fusionrec.streams.runtime import consumer_config
 from fusionrec.streams.state import EVENT_WEIGHTS, BatchResult, Decay, Positioned, StateStore, UserTouch
@@ -94,8 +93,7 @@ def _produce(settings: Settings, ds: datasets.Dataset, rate: float) -> None:
         return
     # paced: the events are encoded before the clock, so the producer, which shares the machine with
     # what it measures, only sends them
-    encode = msgspec.json.Encoder().encode
-    messages = [(encode(ev), str(ev["user_id"])) for ev in ds.user_events()]
+    messages = [encode_event(ev, "user_id") for ev in ds.user_events()]
     with EventProducer(settings, producer_options={"linger.ms": 2}) as p:
         # connected, with its idempotent producer id, before the first event is stamped: the first
         # sends otherwise wait ~0.5 s for the connection to the partition leader on the embedded broker
@@ -403,9 +401,12 @@ def freshness(base: Settings, ds: datasets.Dataset, rate: float,
 
 @contextlib.contextmanager
 def _stopped(proc: subprocess.Popen[bytes]) -> Iterator[None]:
-    """Stop ``proc`` (SIGTERM, then SIGKILL after 30 s) when the block ends."""
+    """Stop ``proc`` (SIGTERM, then SIGKILL after 30 s) when the block ends; fail if it ended on its own
+    before (figures measured beside it would not be what they say)."""
     try:
         yield
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args!r} exited with code {proc.returncode} before the run ended")
     finally:
         proc.terminate()
         try:

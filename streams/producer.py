@@ -95,11 +95,11 @@ class EventProducer:
         self._producer.poll(0)
 
     def user_event(self, event: UserEvent | Mapping[str, Any]) -> None:
-        value, uid = _encode(event, "user_id")
+        value, uid = encode_event(event, "user_id")
         self.produce(self.settings.kafka.topic_events, value, key=uid)
 
     def catalog_event(self, event: CatalogEvent | Mapping[str, Any]) -> None:
-        value, iid = _encode(event, "item_id")
+        value, iid = encode_event(event, "item_id")
         self.produce(self.settings.kafka.topic_catalog, value, key=iid)
 
     def poll(self, timeout: float = 0) -> int:
@@ -298,7 +298,8 @@ def _both(first: Callable[[KafkaError | None, Message], None],
     return report
 
 
-def _encode(event: msgspec.Struct | Mapping[str, Any], key_field: str) -> tuple[bytes, str]:
+def encode_event(event: msgspec.Struct | Mapping[str, Any], key_field: str) -> tuple[bytes, str]:
+    """A contract event as the producer sends it: (JSON value, the key: its ``key_field``)."""
     if isinstance(event, msgspec.Struct):
         return encoder.encode(event), str(getattr(event, key_field))
     return encoder.encode(event), str(event[key_field])
