@@ -50,6 +50,10 @@ class LearnerMetrics(MetricSet):
     learn_explore_share = gauge("fusionrec_learner_explore_share",
                                 "Places of the first 10 the fused model gives items new to the user, at least, "
                                 "by segment (own items in the pool)", ("segment",), multiprocess_mode="livemax")
+    learn_served_order = gauge("fusionrec_learner_served_order",
+                               "1 for the order each segment of users is served in (the stacker's, or a part's "
+                               "that ranks the segment clearly better), 0 for the others", ("segment", "order"),
+                               multiprocess_mode="livemax")
 
 
 def group_hits(groups: Sequence[Group], fused: np.ndarray) -> list[int]:
@@ -118,6 +122,9 @@ class Learner:
         before = self.model.learn(rows, y)
         for segment, chosen in self.model.explore.report().items():
             self.metrics.learn_explore_share.labels(segment).set(chosen["share"])
+        for segment, served in self.model.choice.report().items():
+            for order in self.model.choice.orders:
+                self.metrics.learn_served_order.labels(segment, order).set(float(served["order"] == order))
         hits = group_hits(kept, before)
         self._record(hits, len(y))
         self.metrics.learn_step_seconds.observe(time.perf_counter() - t0)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fusionrec.online.candidates.features import FEATURES, INDEX, VECTOR_FEATURES, CandidatePool
+from fusionrec.online.learning.choice import OrderChoice
 from fusionrec.online.learning.explore import ExploreShare, new_items
 from fusionrec.online.learning.scorers import SCORERS, FusionStacker, RiverScorer, SearchMix, TorchScorer, scorer_inputs
 
@@ -109,6 +110,11 @@ class Prediction:
 class FusionModel:
     """River scorer + torch head + fusion stacker; ``use_vectors=False`` is the model without LLM vectors.
 
+    With vectors it also learns ``plain``, a second stacker over the inputs without them, on the same
+    rows. Lists are served in the order each segment of users has learned to prefer (:attr:`choice`,
+    :mod:`fusionrec.online.learning.choice`): the stacker's, unless one of its parts (``river``,
+    ``torch_head``, ``fusion_plain``) clearly ranks that segment better.
+
     It also carries the search mix (:class:`fusionrec.online.learning.scorers.SearchMix`), so one checkpoint holds
     everything a reader serves.
     """
@@ -118,24 +124,54 @@ class FusionModel:
         self.river = RiverScorer(self._features())
         self.torch = TorchScorer(hidden=hidden, seed=seed) if use_vectors else None
         self.fusion = FusionStacker(self._scorers())
+        self.plain = FusionStacker(self._plain_scorers()) if use_vectors else None
         self.search = SearchMix()
         self.explore = ExploreShare()
+        self.choice = OrderChoice(self._orders())
         self.examples = 0
 
     def _features(self) -> tuple[str, ...]:
         return FEATURES if self.use_vectors else tuple(f for f in FEATURES if f not in VECTOR_FEATURES)
 
     def _scorers(self) -> tuple[str, ...]:
-        return SCORERS if self.use_vectors else tuple(s for s in SCORERS if s not in ("torch_head", *VECTOR_FEATURES))
+        return SCORERS if self.use_vectors else self._plain_scorers()
+
+    @staticmethod
+    def _plain_scorers() -> tuple[str, ...]:
+        return tuple(s for s in SCORERS if s not in ("torch_head", *VECTOR_FEATURES))
+
+    def _orders(self) -> tuple[str, ...]:
+        return ("fusion", "river", "torch_head", "fusion_plain") if self.use_vectors else ("fusion", "river")
 
     def __setstate__(self, state: dict[str, object]) -> None:
         self.__dict__.update(state)
         self.__dict__.setdefault("search", SearchMix())  # checkpoints written before search existed
         self.__dict__.setdefault("explore", ExploreShare())  # ... and before the learned share of new items
+        # ... and before the served order was chosen (the plain stacker learns from now on)
+        self.__dict__.setdefault("plain", FusionStacker(self._plain_scorers()) if self.use_vectors else None)
+        self.__dict__.setdefault("choice", OrderChoice(self._orders()))
+        self.choice.extend(self._orders())
         # features and sources added since the checkpoint start at weight 0 and are learned from now on
         # (the torch head, whose input width changed, abstains until it has learned the new width)
         self.river.extend(self._features())
         self.fusion.extend(self._scorers())
+        if self.plain is not None:
+            self.plain.extend(self._plain_scorers())
+
+    def served_scores(self, pools: Sequence[CandidatePool], pred: Prediction) -> tuple[np.ndarray, list[str]]:
+        """The scores each pool's rows are served by (its segment's chosen order; ``pred`` holds the pools'
+        rows one after another) and the name of each pool's order."""
+        names = [self.choice.chosen(ExploreShare.segment(new_items(p.X, INDEX["src_repeat"]))) for p in pools]
+        if all(name == "fusion" for name in names):
+            return pred.fused, names
+        served = pred.fused.copy()
+        start = 0
+        for pool, name in zip(pools, names, strict=True):
+            end = start + len(pool)
+            if name != "fusion" and name in pred.scorers:
+                served[start:end] = pred.scorers[name][start:end]
+            start = end
+        return served, names
 
     def arrange(self, pool: CandidatePool, order: Sequence[int]) -> list[int]:
         """A pool's score order with the learned share of new items among its first places."""
@@ -146,15 +182,27 @@ class FusionModel:
         """Replay whole labelled pools, scored by the model as it is (call before :meth:`learn`)."""
         if not pools:
             return
-        fused = self.predict(Rows.of_pools(pools, lookup if self.use_vectors else None)).fused
+        pred = self.predict(Rows.of_pools(pools, lookup if self.use_vectors else None))
+        by_order = {"fusion": pred.fused, **pred.scorers}
         start = 0
         for pool, positive in zip(pools, positives, strict=True):
-            scores = fused[start: start + len(pool)]
-            start += len(pool)
+            end = start + len(pool)
+            scores = pred.fused[start:end]
             if not np.isfinite(scores).all():
+                start = end
                 continue
-            order = np.lexsort((np.arange(len(pool)), -scores.astype(np.float64))).tolist()
-            self.explore.learn(order, new_items(pool.X, INDEX["src_repeat"]), positive)
+            new = new_items(pool.X, INDEX["src_repeat"])
+            # every order's list as it would be served now, then the share learns on the stacker's order
+            hit: dict[str, bool] = {}
+            for name in self.choice.orders:
+                s = by_order.get(name)
+                if s is None or not np.isfinite(s[start:end]).all():
+                    continue
+                order = _order(s[start:end])
+                hit[name] = bool(positive[self.explore.arrange(order, new)[: self.choice.places]].any())
+            self.choice.learn(ExploreShare.segment(new), hit)
+            self.explore.learn(_order(scores), new, positive)
+            start = end
 
     def predict(self, rows: Rows) -> Prediction:
         river_p = self.river.predict_pool_rows(rows.X)
@@ -163,6 +211,8 @@ class FusionModel:
         scorers = {"river": river_p}
         if torch_p is not None:
             scorers["torch_head"] = torch_p
+        if self.plain is not None:
+            scorers["fusion_plain"] = self.plain.proba_matrix(scorer_inputs(self.plain.names, river_p, None, rows.X))
         return Prediction(fused=self.fusion.proba_matrix(inputs), scorers=scorers,
                           contributions=self.fusion.contributions(inputs), names=list(self.fusion.names))
 
@@ -173,6 +223,8 @@ class FusionModel:
         inputs = scorer_inputs(self.fusion.names, river_p, torch_p, rows.X)
         before = self.fusion.proba_matrix(inputs)
         self.fusion.learn_matrix(inputs, y)
+        if self.plain is not None:
+            self.plain.learn_matrix(scorer_inputs(self.plain.names, river_p, None, rows.X), y)
         self.river.learn_pool_rows(rows.X, y)
         if self.torch is not None and rows.version is not None and rows.profile.shape[1]:
             self.torch.learn_many(rows.dense(), y, version=rows.version)
@@ -183,6 +235,11 @@ class FusionModel:
         if self.torch is None or rows.version is None or not rows.profile.shape[1]:
             return None
         return self.torch.predict_proba_many(rows.dense(), version=rows.version)
+
+
+def _order(scores: np.ndarray) -> list[int]:
+    """Rows by descending score, ties in row order."""
+    return np.lexsort((np.arange(len(scores)), -scores.astype(np.float64))).tolist()
 
 
 def explain(pred: Prediction, rows: Sequence[int], top: int = 3) -> list[dict[str, float]]:

@@ -99,15 +99,20 @@ class FusionRanker:
         pools = self.pools(contexts)
         rows = Rows.of_pools(pools, self.lookup if model.use_vectors else None)
         pred = model.predict(rows)
-        orders = [model.arrange(pool, order) for pool, order in zip(pools, ranked_orders(pools, pred.fused),
-                                                                    strict=True)]
+        served, names = model.served_scores(pools, pred)
+        orders = [model.arrange(pool, order) for pool, order in zip(pools, ranked_orders(pools, served), strict=True)]
         tops = [order[:k] for order in orders]
         starts = np.cumsum([0, *(len(p) for p in pools)])
         explained = iter(explain(pred, [int(start) + r for start, top in zip(starts, tops, strict=False) for r in top]))
         out: list[Ranked] = []
-        for pool, start, order, top in zip(pools, starts, orders, tops, strict=False):
-            items = [Recommendation(item_id=pool.items[r], score=round(float(pred.fused[start + r]), 6),
-                                    sources=next(explained)) for r in top]
+        for pool, start, order, top, name in zip(pools, starts, orders, tops, names, strict=False):
+            items = []
+            for r in top:
+                sources = next(explained)
+                if name != "fusion":  # served in a part's order: that part is what explains the place
+                    sources = {name: round(float(served[start + r]), 6)}
+                items.append(Recommendation(item_id=pool.items[r], score=round(float(pred.fused[start + r]), 6),
+                                            sources=sources))
             out.append(Ranked(items=items, pool=pool, order=order, model=number))
         return out
 

@@ -220,6 +220,27 @@ def test_hot_reload_reaches_the_writer_within_the_interval(settings: Settings, r
     assert reader.top_k("u1").model == f"fusion-{number}"
 
 
+def test_a_segment_served_in_a_parts_order_is_explained_by_that_part(settings: Settings, rclient: redis.Redis):
+    from fusionrec.online.learning.choice import OrderChoice
+    from fusionrec.online.ranking.fusion import FusionRanker
+
+    s = settings.replace(learn_vectors=False)
+    store = CheckpointStore(rclient, s)
+    learner = Learner(s, store, None)
+    learner.learn(_groups(50, seed=1))
+    # users whose pools hold none of their own items (segment 0) are served in river's order
+    learner.model.choice = OrderChoice(learner.model.choice.orders, min_decisions=1, z=0.0)
+    learner.model.choice.learn(0, {"fusion": False, "river": True})
+    learner.maybe_checkpoint(force=True)
+    writer = RecommendationWriter(rclient, s, ranker=FusionRanker(rclient, s, ServingModel(store, s)))
+    rclient.zadd(writer.keys.popularity(), {f"p{i}": float(10 - i) for i in range(8)})
+    writer.refresh({"u1": UserTouch(recent=[], last_ts=1)})
+    items = RecommendationReader(rclient, s).top_k("u1").items
+    assert len(items) == 8 and all(set(r.sources) == {"river"} for r in items)
+    river = [r.sources["river"] for r in items]
+    assert river == sorted(river, reverse=True)
+
+
 @on_one_redis_and_a_cluster
 def test_stream_to_learner_to_served_recommendations(services, redis_target: dict[str, str]):
     s = make_settings(services, partitions=2, learn_checkpoint_s=0.5, learn_reload_s=0.2,

@@ -18,8 +18,9 @@ stream consumer runs; the writer's logged decisions go through the same
   was at the user's previous visit);
 * ``popularity``: the globally most interacted-with items so far;
 * ``most_bought``: the user's own most purchased items so far (empty for a first basket);
-* ``content``: the items nearest to the user's profile vector (the content source alone), when the
-  catalog has been embedded (:meth:`Evaluator.embed_catalog`);
+* ``content``: the items nearest to the user's profile vector (the content source alone: the same
+  search the pool's content candidates come from), when the catalog has been embedded
+  (:meth:`Evaluator.embed_catalog`);
 * ``fresh``: the fresh source alone, in order of similarity: of the items nearest to the profile
   vector, those with few interactions (at most ``FUSIONREC_REC_FRESH_CANDIDATES``), when the catalog
   has been embedded;
@@ -200,10 +201,12 @@ class Evaluator:
         contexts = self.writer.candidates.for_stored_users({u.user: u.ts for u in scored})
         pools = self.ranker.pools(contexts)
         pred = self.learner.model.predict(Rows.of_pools(pools, self.ranker.lookup))
-        scores = {"system": pred.fused, "river": pred.scorers["river"]}
+        # the fused models rank as they serve: each pool in its segment's chosen order
+        scores = {"system": self.learner.model.served_scores(pools, pred)[0], "river": pred.scorers["river"]}
         if "torch_head" in self.scores:
             scores["torch_head"] = pred.scorers.get("torch_head", np.full(len(pred.fused), 0.5))
-            scores["fusion_no_llm"] = self.no_llm.model.predict(Rows.of_pools(pools, None)).fused
+            plain = self.no_llm.model.predict(Rows.of_pools(pools, None))
+            scores["fusion_no_llm"] = self.no_llm.model.served_scores(pools, plain)[0]
         served = self.reader.many([u.user for u in scored], k=RECALL_K)
         # the fused models serve their lists with the share of new items they learned, as the ranker does
         fused = {"system": self.learner.model, "fusion_no_llm": self.no_llm.model}
@@ -218,8 +221,8 @@ class Evaluator:
             ranked["served"] = [r.item_id for r in served[u.user].items]
             ranked["popularity"] = self.popular.ranked()
             ranked["most_bought"] = [i for i, _ in self.bought[u.user].most_common(RECALL_K)]
-            if self.content is not None:
-                ranked["content"] = [i for i, _ in self.content.for_user(u.user, RECALL_K)]
+            if self.content is not None:  # the pool's own content search, nearest first
+                ranked["content"] = [i for i, _ in ctx.content[:RECALL_K]]
                 ranked["fresh"] = [i for i, _ in ctx.fresh]
             out[u.user] = ranked
             start = end
@@ -272,6 +275,7 @@ class Evaluator:
                 "cold_start": {m: s.summary() for m, s in cold.items()},
                 "learner": {"examples": self.learner.model.examples,
                             "explore_share": self.learner.model.explore.report(),
+                            "served_order": self.learner.model.choice.report(),
                             "decisions": dict(sorted(self.joiner.outcomes.items()))}}
 
 
