@@ -8,7 +8,9 @@ events are published by a producer in a process of its own.
    them from its first batch until every event is applied and every list is written. The state is
    checked (purchases in Redis = N). ``redis_us_per_event`` is the Redis server's main-thread CPU time
    (``INFO cpu``: commands, scripts and network I/O) over the run, per event. ``INFO commandstats``
-   is not used: it counts every command a script runs twice, once inside the script's time.
+   is not used for it: it counts every command a script runs twice, once inside the script's time.
+   It gives the line that says where that time went: the costliest commands per event, whether a
+   script ran them or a client sent them.
 2. clickstream: the same on the Taobao sample (``../shared/data``, preset ``taobao``); null when the
    file is not there.
 3. baseline, same run: a naive consumer written here does the same state work (counters, recent items,
@@ -184,8 +186,22 @@ def redis_usec(client: Any) -> float:
     return (float(cpu["used_cpu_user_main_thread"]) + float(cpu["used_cpu_sys_main_thread"])) * 1e6
 
 
-def throughput(base: Settings, ds: datasets.Dataset) -> tuple[float, float]:
-    """(events/s from the first batch until every event is applied and every list written, Redis µs/event)."""
+def commands_per_event(client: Any, n: int, top: int = 8) -> str:
+    """Where Redis's time went since the last ``CONFIG RESETSTAT``: per event, the calls and µs of the
+    costliest commands, whether a script ran them or a client sent them; the scripts' line counts
+    their own overhead and, again, the commands they ran."""
+    stats = client.info("commandstats")
+    rows = sorted(((v["usec"] / n, v["calls"] / n, k.removeprefix("cmdstat_")) for k, v in stats.items()),
+                  reverse=True)
+    scripts = [r for r in rows if r[2] in ("evalsha", "eval")]
+    commands = [r for r in rows if r[2] not in ("evalsha", "eval")][:top]
+    return ("; ".join(f"{name} {calls:.2f} calls {us:.2f} µs" for us, calls, name in commands)
+            + "; scripts (their commands included) " + ", ".join(f"{us:.2f} µs" for us, _c, _n in scripts))
+
+
+def throughput(base: Settings, ds: datasets.Dataset) -> tuple[float, float, str]:
+    """(events/s from the first batch until every event is applied and every list written, Redis µs/event,
+    the costliest Redis commands per event)."""
     s = prepare(base, ds)
     pipeline = StatePipeline(s, metrics=Metrics())
     marks: list[float] = []
@@ -195,6 +211,7 @@ def throughput(base: Settings, ds: datasets.Dataset) -> tuple[float, float]:
         if not marks:
             marks.append(time.perf_counter())
             marks.append(redis_usec(pipeline.redis))
+            pipeline.redis.config_resetstat()
         handle(batch)
 
     pipeline.handler.handle = timed  # type: ignore[method-assign]
@@ -202,9 +219,10 @@ def throughput(base: Settings, ds: datasets.Dataset) -> tuple[float, float]:
         pipeline.consumer.run(threading.Event(), lambda: pipeline.consumer.consumed >= len(ds.events))
         elapsed = time.perf_counter() - marks[0]  # run() returns after the last lists are written
         usec = redis_usec(pipeline.redis) - marks[1]
+        spent = commands_per_event(pipeline.redis, len(ds.events))
         got = counted(pipeline.redis, s.redis.prefix)
     assert got == len(ds.events), f"state check failed: {got} events applied, {len(ds.events)} sent"
-    return len(ds.events) / elapsed, usec / len(ds.events)
+    return len(ds.events) / elapsed, usec / len(ds.events), spent
 
 
 def ceiling(base: Settings, ds: datasets.Dataset) -> float:
@@ -454,7 +472,8 @@ def main() -> None:
                 print(f"catalog embedded: {len(VECTORS.vectors)} items in {time.perf_counter() - t0:.0f} s "
                       f"({VECTORS.encoder.runtime}, version {VECTORS.info.version})", flush=True)
             if not args.freshness_only:
-                eps, us_per_event = median_of(args.runs, throughput, base, data.head(n))
+                eps, us_per_event, spent = median_of(args.runs, throughput, base, data.head(n))
+                print(f"Redis per Complete Journey event (median run): {spent}", flush=True)
                 click_eps = median_of(args.runs, throughput, base, clicks.head(n))[0] if clicks is not None else None
                 naive_eps = naive(base, data.head(n_naive))
                 ceiling_eps = ceiling(base, data.head(n))

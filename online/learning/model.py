@@ -110,7 +110,8 @@ class Prediction:
 class FusionModel:
     """River scorer + torch head + fusion stacker; ``use_vectors=False`` is the model without LLM vectors.
 
-    With vectors it also learns ``plain``, a second stacker over the inputs without them, on the same
+    With vectors it also learns ``plain``, a second stacker over the same inputs less the torch head
+    and the vector sources' scores (river's logit, which reads the vector features, stays), on the same
     rows. Lists are served in the order each segment of users has learned to prefer (:attr:`choice`,
     :mod:`fusionrec.online.learning.choice`): the stacker's, unless one of its parts (``river``,
     ``torch_head``, ``fusion_plain``) clearly ranks that segment better.

@@ -10,9 +10,11 @@ stream consumer runs; the writer's logged decisions go through the same
 :class:`~fusionrec.online.learning.learner.Learner` as ``fusionrec learner``
 (predict-then-learn). Methods:
 
-* ``system``: the full fusion (river + torch head + stacker) the learner has trained so far;
+* ``system``: the full fusion (river + torch head + stacker) the learner has trained so far, each
+  pool ranked in the order its segment of users is served in (:mod:`fusionrec.online.learning.choice`);
 * ``river``, ``torch_head``: one learned scorer alone over the same pool;
-* ``fusion_no_llm``: a second fusion model trained on the same examples without LLM vectors;
+* ``fusion_no_llm``: a second fusion model trained on the same examples without LLM vectors, served
+  the same way;
 * ``covisitation``: the pool's co-visitation candidates by co-visitation strength;
 * ``served``: the top-K the writer stored for the user (what readers got; ranked by the model as it
   was at the user's previous visit);
