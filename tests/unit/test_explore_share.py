@@ -85,7 +85,8 @@ def test_segments_count_own_items() -> None:
     assert len(OWN_EDGES) == 4
 
 
-def _pool(own: int, new: int, seed: int) -> CandidatePool:
+def own_and_new_pool(own: int, new: int, seed: int) -> CandidatePool:
+    """A pool of `own` of the user's items, then `new` items new to them, random features."""
     rng = np.random.default_rng(seed)
     X = rng.uniform(0, 1, size=(own + new, len(FEATURES))).astype(np.float32)
     X[:, INDEX["src_repeat"]] = [1.0] * own + [0.0] * new
@@ -95,7 +96,7 @@ def _pool(own: int, new: int, seed: int) -> CandidatePool:
 def test_the_fused_model_replays_whole_pools_with_its_scores_before_the_update() -> None:
     model = FusionModel(use_vectors=False, seed=1)
     model.explore = ExploreShare(places=4, max_share=2, min_decisions=1, half_life=float("inf"))
-    pools = [_pool(12, 6, s) for s in range(5)]
+    pools = [own_and_new_pool(12, 6, s) for s in range(5)]
     positives = [np.eye(18)[12 + s % 6] for s in range(5)]  # always a new item
     expected = ExploreShare(places=4, max_share=2, min_decisions=1, half_life=float("inf"))
     fused = model.predict(Rows.of_pools(pools, None)).fused

@@ -8,10 +8,11 @@ import pickle
 import numpy as np
 import pytest
 
-from fusionrec.online.candidates.features import FEATURES, INDEX, CandidatePool
+from fusionrec.online.candidates.features import INDEX
 from fusionrec.online.learning.choice import OrderChoice
 from fusionrec.online.learning.explore import ExploreShare
 from fusionrec.online.learning.model import FusionModel, Prediction, Rows
+from tests.unit.test_explore_share import own_and_new_pool
 
 
 def test_the_stacker_serves_until_enough_decisions() -> None:
@@ -61,18 +62,11 @@ def test_an_order_left_out_counts_as_the_stackers_and_evidence_decays() -> None:
     assert choice.chosen(0) == "fusion"
 
 
-def _pool(own: int, new: int, seed: int) -> CandidatePool:
-    rng = np.random.default_rng(seed)
-    X = rng.uniform(0, 1, size=(own + new, len(FEATURES))).astype(np.float32)
-    X[:, INDEX["src_repeat"]] = [1.0] * own + [0.0] * new
-    return CandidatePool(user_id="u", ts=0, items=[f"i{r}" for r in range(own + new)], X=X)
-
-
 def test_the_model_judges_every_order_on_each_whole_pool_before_its_update() -> None:
     model = FusionModel(use_vectors=False, seed=3)
     model.choice = OrderChoice(model.choice.orders, places=3, min_decisions=1, z=0.0, half_life=float("inf"))
     model.explore = ExploreShare(places=3, max_share=0, min_decisions=1, half_life=float("inf"))
-    pools = [_pool(5, 7, s) for s in range(6)]
+    pools = [own_and_new_pool(5, 7, s) for s in range(6)]
     positives = [np.eye(12)[s % 12] for s in range(6)]
     pred = model.predict(Rows.of_pools(pools, None))
     expected = OrderChoice(model.choice.orders, places=3, min_decisions=1, z=0.0, half_life=float("inf"))
@@ -91,7 +85,7 @@ def test_the_model_judges_every_order_on_each_whole_pool_before_its_update() -> 
 
 def test_served_scores_take_the_chosen_part_for_its_segment_only() -> None:
     model = FusionModel(use_vectors=False, seed=1)
-    few, many = _pool(3, 4, 1), _pool(30, 4, 2)  # segments 1 (1-9 own items) and 3 (25-49)
+    few, many = own_and_new_pool(3, 4, 1), own_and_new_pool(30, 4, 2)  # segments 1 (1-9 own items) and 3 (25-49)
     seg = ExploreShare.segment(many.X[:, INDEX["src_repeat"]] <= 0)
     model.choice = OrderChoice(model.choice.orders, min_decisions=1, z=0.0)
     model.choice.learn(seg, {"fusion": False, "river": True})
@@ -108,7 +102,7 @@ def test_the_model_with_vectors_learns_a_plain_stacker_on_the_same_rows() -> Non
     model = FusionModel(use_vectors=True, seed=1)
     assert model.choice.orders == ("fusion", "river", "torch_head", "fusion_plain")
     assert model.plain is not None and "content" not in model.plain.names and "torch_head" not in model.plain.names
-    pool = _pool(4, 4, 0)
+    pool = own_and_new_pool(4, 4, 0)
     rows = Rows.of_pools([pool], None)
     before = model.predict(rows).scorers["fusion_plain"].copy()
     model.learn(rows, np.array([1.0, 0, 0, 0, 0, 0, 0, 1.0]))
