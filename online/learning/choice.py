@@ -1,9 +1,10 @@
-"""Which order a list is served in: the stacker's, or one of its parts', learned from feedback.
+"""Which order a list is served in: the stacker's, or another the model has, learned from feedback.
 
 The stacker learns a logistic fit of single rows; what a list is judged by is whether its first
 places hold an item the user takes. The two can disagree: a part (river alone, the torch head alone,
-a stacker without the torch head and the vector sources' scores) may rank a segment of users better
-than the fused score that contains it. :class:`OrderChoice` watches for that, per segment of users (the segments of
+a stacker without the torch head and the vector sources' scores) or the reciprocal rank fusion of the
+learned scorers' orders may rank a segment of users better than the fused score. :class:`OrderChoice`
+watches for that, per segment of users (the segments of
 :class:`~fusionrec.online.learning.explore.ExploreShare`: how many own items the pool holds), on the
 learner's whole labelled pools:
 

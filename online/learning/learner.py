@@ -51,8 +51,8 @@ class LearnerMetrics(MetricSet):
                                 "Places of the first 10 the fused model gives items new to the user, at least, "
                                 "by segment (own items in the pool)", ("segment",), multiprocess_mode="livemax")
     learn_served_order = gauge("fusionrec_learner_served_order",
-                               "1 for the order each segment of users is served in (the stacker's, or a part's "
-                               "that ranks the segment clearly better), 0 for the others", ("segment", "order"),
+                               "1 for the order each segment of users is served in (the stacker's, or another "
+                               "order that ranks the segment clearly better), 0 for the others", ("segment", "order"),
                                multiprocess_mode="livemax")
 
 

@@ -114,7 +114,8 @@ class FusionModel:
     and the vector sources' scores (river's logit, which reads the vector features, stays), on the same
     rows. Lists are served in the order each segment of users has learned to prefer (:attr:`choice`,
     :mod:`fusionrec.online.learning.choice`): the stacker's, unless one of its parts (``river``,
-    ``torch_head``, ``fusion_plain``) clearly ranks that segment better.
+    ``torch_head``, ``fusion_plain``) or the reciprocal rank fusion of the learned scorers' orders
+    (``reciprocal_rank``, :func:`order_scores`) clearly ranks that segment better.
 
     It also carries the search mix (:class:`fusionrec.online.learning.scorers.SearchMix`), so one checkpoint holds
     everything a reader serves.
@@ -142,7 +143,8 @@ class FusionModel:
         return tuple(s for s in SCORERS if s not in ("torch_head", *VECTOR_FEATURES))
 
     def _orders(self) -> tuple[str, ...]:
-        return ("fusion", "river", "torch_head", "fusion_plain") if self.use_vectors else ("fusion", "river")
+        parts = ("river", "torch_head", "fusion_plain") if self.use_vectors else ("river",)
+        return ("fusion", *parts, "reciprocal_rank")
 
     def __setstate__(self, state: dict[str, object]) -> None:
         self.__dict__.update(state)
@@ -169,8 +171,9 @@ class FusionModel:
         start = 0
         for pool, name in zip(pools, names, strict=True):
             end = start + len(pool)
-            if name != "fusion" and name in pred.scorers:
-                served[start:end] = pred.scorers[name][start:end]
+            scores = order_scores(name, pred, start, end) if name != "fusion" else None
+            if scores is not None:
+                served[start:end] = scores
             start = end
         return served, names
 
@@ -184,7 +187,6 @@ class FusionModel:
         if not pools:
             return
         pred = self.predict(Rows.of_pools(pools, lookup if self.use_vectors else None))
-        by_order = {"fusion": pred.fused, **pred.scorers}
         start = 0
         for pool, positive in zip(pools, positives, strict=True):
             end = start + len(pool)
@@ -196,10 +198,10 @@ class FusionModel:
             # every order's list as it would be served now, then the share learns on the stacker's order
             hit: dict[str, bool] = {}
             for name in self.choice.orders:
-                s = by_order.get(name)
-                if s is None or not np.isfinite(s[start:end]).all():
+                s = order_scores(name, pred, start, end)
+                if s is None or not np.isfinite(s).all():
                     continue
-                order = _order(s[start:end])
+                order = _order(s)
                 hit[name] = bool(positive[self.explore.arrange(order, new)[: self.choice.places]].any())
             self.choice.learn(ExploreShare.segment(new), hit)
             self.explore.learn(_order(scores), new, positive)
@@ -236,6 +238,34 @@ class FusionModel:
         if self.torch is None or rows.version is None or not rows.profile.shape[1]:
             return None
         return self.torch.predict_proba_many(rows.dense(), version=rows.version)
+
+
+# Reciprocal rank fusion (Cormack, Clarke and Büttcher, SIGIR 2009): a row scores sum(1 / (k + rank))
+# over the learned scorers' orders, rank 1 the best; k = 60 as in the paper.
+RRF_K = 60.0
+RRF_OF = ("fusion", "river", "torch_head")
+
+
+def order_scores(name: str, pred: Prediction, start: int, end: int) -> np.ndarray | None:
+    """Rows ``start:end`` (one pool) scored for the order ``name``: the fused score (``fusion``), a part's
+    score, or ``reciprocal_rank`` over the stacker's, river's and the torch head's orders (those the
+    prediction has and that tell rows apart); None for a part the prediction lacks."""
+    if name == "fusion":
+        return pred.fused[start:end]
+    if name != "reciprocal_rank":
+        scores = pred.scorers.get(name)
+        return None if scores is None else scores[start:end]
+    total = np.zeros(end - start)
+    if end <= start:
+        return total
+    for part in RRF_OF:
+        scores = pred.fused[start:end] if part == "fusion" else pred.scorers.get(part, np.empty(0))[start:end]
+        if len(scores) != end - start or not np.isfinite(scores).all() or np.ptp(scores) == 0:
+            continue  # missing, broken, or abstaining (one score for every row says nothing of order)
+        ranks = np.empty(end - start)
+        ranks[_order(scores)] = np.arange(1, end - start + 1)
+        total += 1.0 / (RRF_K + ranks)
+    return total
 
 
 def _order(scores: np.ndarray) -> list[int]:

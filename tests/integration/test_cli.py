@@ -24,7 +24,8 @@ def test_evaluate_reports_every_method_as_json_and_plots(settings, tmp_path, tin
     assert report["learner"]["examples"] > 0 and report["learner"]["decisions"]["labelled"] > 0
     served = report["learner"]["served_order"]
     assert len(served) == 5 and sum(seg["decisions"] for seg in served.values()) > 0
-    assert {seg["order"] for seg in served.values()} <= {"fusion", "river", "torch_head", "fusion_plain"}
+    assert {seg["order"] for seg in served.values()} <= {"fusion", "river", "torch_head", "fusion_plain",
+                                                            "reciprocal_rank"}
     assert 0 < report["cold_start_evaluated"] < report["evaluated"]
     figures = {"hit_rate@10", "recall@20", "ndcg@10", "ndcg@10_basket"}
     for m in report["methods"].values():

@@ -11,7 +11,7 @@ import pytest
 from fusionrec.online.candidates.features import INDEX
 from fusionrec.online.learning.choice import OrderChoice
 from fusionrec.online.learning.explore import ExploreShare
-from fusionrec.online.learning.model import FusionModel, Prediction, Rows
+from fusionrec.online.learning.model import FusionModel, Prediction, Rows, order_scores
 from tests.unit.test_explore_share import own_and_new_pool
 
 
@@ -68,12 +68,18 @@ def test_the_model_judges_every_order_on_each_whole_pool_before_its_update() -> 
     model.explore = ExploreShare(places=3, max_share=0, min_decisions=1, half_life=float("inf"))
     pools = [own_and_new_pool(5, 7, s) for s in range(6)]
     positives = [np.eye(12)[s % 12] for s in range(6)]
+    model.learn(Rows.of_pools(pools, None), np.concatenate(positives))  # river's scores now tell rows apart
     pred = model.predict(Rows.of_pools(pools, None))
+    assert all(np.ptp(pred.scorers["river"][n * 12:(n + 1) * 12]) > 0 for n in range(6))
     expected = OrderChoice(model.choice.orders, places=3, min_decisions=1, z=0.0, half_life=float("inf"))
     for n, (pool, positive) in enumerate(zip(pools, positives, strict=True)):
         rows = slice(n * 12, (n + 1) * 12)
         hit = {}
-        for name, scores in (("fusion", pred.fused[rows]), ("river", pred.scorers["river"][rows])):
+        by_rank = {name: np.argsort(np.lexsort((np.arange(12), -scores))) + 1
+                   for name, scores in (("fusion", pred.fused[rows]), ("river", pred.scorers["river"][rows]))}
+        rrf = sum(1.0 / (60 + ranks) for ranks in by_rank.values())
+        for name, scores in (("fusion", pred.fused[rows]), ("river", pred.scorers["river"][rows]),
+                             ("reciprocal_rank", rrf)):
             order = np.lexsort((np.arange(12), -scores)).tolist()
             hit[name] = bool(positive[order[:3]].any())
         expected.learn(ExploreShare.segment(pool.X[:, INDEX["src_repeat"]] <= 0), hit)
@@ -100,7 +106,7 @@ def test_served_scores_take_the_chosen_part_for_its_segment_only() -> None:
 
 def test_the_model_with_vectors_learns_a_plain_stacker_on_the_same_rows() -> None:
     model = FusionModel(use_vectors=True, seed=1)
-    assert model.choice.orders == ("fusion", "river", "torch_head", "fusion_plain")
+    assert model.choice.orders == ("fusion", "river", "torch_head", "fusion_plain", "reciprocal_rank")
     assert model.plain is not None and "content" not in model.plain.names and "torch_head" not in model.plain.names
     pool = own_and_new_pool(4, 4, 0)
     rows = Rows.of_pools([pool], None)
@@ -122,6 +128,18 @@ def test_a_checkpoint_from_before_the_choice_loads_serving_the_stacker() -> None
     state["choice"] = partial
     again = FusionModel.__new__(FusionModel)
     again.__setstate__(state)
-    assert again.choice.orders == model.choice.orders and again.choice.hits[0].tolist() == [1.0, 1.0, 0.0, 0.0]
+    assert again.choice.orders == model.choice.orders and again.choice.hits[0].tolist() == [1.0, 1.0, 0.0, 0.0, 0.0]
     loaded = pickle.loads(pickle.dumps(model))
     assert loaded.choice.orders == model.choice.orders
+
+
+def test_reciprocal_rank_fusion_sums_one_over_60_plus_each_rank_and_skips_abstaining_parts() -> None:
+    fused = np.array([0.9, 0.5, 0.1, 0.7])  # ranks 1, 3, 4, 2
+    river = np.array([0.2, 0.8, 0.6, 0.4])  # ranks 4, 1, 2, 3
+    pred = Prediction(fused=fused, scorers={"river": river, "torch_head": np.full(4, 0.5)},
+                      contributions=np.zeros((4, 0)), names=[])
+    expected = [1 / 61 + 1 / 64, 1 / 63 + 1 / 61, 1 / 64 + 1 / 62, 1 / 62 + 1 / 63]
+    np.testing.assert_allclose(order_scores("reciprocal_rank", pred, 0, 4), expected)
+    np.testing.assert_allclose(order_scores("reciprocal_rank", pred, 1, 3), [1 / 61 + 1 / 61, 1 / 62 + 1 / 62])
+    assert order_scores("fusion_plain", pred, 0, 4) is None
+    assert order_scores("reciprocal_rank", pred, 2, 2).shape == (0,)
