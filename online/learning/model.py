@@ -183,7 +183,8 @@ class FusionModel:
 
     def learn_explore(self, pools: Sequence[CandidatePool], positives: Sequence[np.ndarray],
                       lookup: VectorLookup | None) -> None:
-        """Replay whole labelled pools, scored by the model as it is (call before :meth:`learn`)."""
+        """Replay whole labelled pools, scored by the model as it is (call before :meth:`learn`): every
+        order's list for the served-order choice, the stacker's for the share of new items."""
         if not pools:
             return
         pred = self.predict(Rows.of_pools(pools, lookup if self.use_vectors else None))

@@ -103,16 +103,14 @@ class FusionRanker:
         orders = [model.arrange(pool, order) for pool, order in zip(pools, ranked_orders(pools, served), strict=True)]
         tops = [order[:k] for order in orders]
         starts = np.cumsum([0, *(len(p) for p in pools)])
-        explained = iter(explain(pred, [int(start) + r for start, top in zip(starts, tops, strict=False) for r in top]))
+        # a list served in another order than the stacker's is explained by that order, not the stacker
+        explained = iter(explain(pred, [int(start) + r for start, top, name in zip(starts, tops, names, strict=False)
+                                        if name == "fusion" for r in top]))
         out: list[Ranked] = []
         for pool, start, order, top, name in zip(pools, starts, orders, tops, names, strict=False):
-            items = []
-            for r in top:
-                sources = next(explained)
-                if name != "fusion":  # served in a part's order: that part is what explains the place
-                    sources = {name: round(float(served[start + r]), 6)}
-                items.append(Recommendation(item_id=pool.items[r], score=round(float(pred.fused[start + r]), 6),
-                                            sources=sources))
+            items = [Recommendation(item_id=pool.items[r], score=round(float(pred.fused[start + r]), 6),
+                                    sources=next(explained) if name == "fusion"
+                                    else {name: round(float(served[start + r]), 6)}) for r in top]
             out.append(Ranked(items=items, pool=pool, order=order, model=number))
         return out
 

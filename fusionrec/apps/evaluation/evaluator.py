@@ -64,7 +64,6 @@ from fusionrec.models.backfill import version_info
 from fusionrec.models.embedder import CatalogEmbedder
 from fusionrec.models.encoder import TextEncoder
 from fusionrec.models.vectors import VectorStore
-from fusionrec.online.candidates.content import ContentIndex
 from fusionrec.online.candidates.features import CandidatePool
 from fusionrec.online.learning.feedback import FeedbackJoiner, Snapshot
 from fusionrec.online.learning.learner import Learner
@@ -139,7 +138,6 @@ class Evaluator:
         self.published: PublishedPass | PublishedProcess = (
             PublishedPass(published) if published is not None or not published_worker else PublishedProcess())
         self.scores = {name: SplitScores() for name in BASE_METHODS}
-        self.content: ContentIndex | None = None
         self.popular = TopCounter(RECALL_K)
         self.bought: dict[str, Counter[str]] = defaultdict(Counter)
         self.seen: dict[str, set[str]] = defaultdict(set)  # items each user interacted with so far
@@ -188,7 +186,6 @@ class Evaluator:
         for i in tqdm(range(0, len(events), chunk), desc="embed catalog", unit="chunk", disable=not progress):
             embedder.process(events[i: i + chunk])
         store.activate(info.version)
-        self.content = ContentIndex(self.store.redis, self.settings)
         for name in ("content", "fresh", "torch_head", "fusion_no_llm"):
             self.scores[name] = SplitScores()
         return info.version
@@ -223,7 +220,7 @@ class Evaluator:
             ranked["served"] = [r.item_id for r in served[u.user].items]
             ranked["popularity"] = self.popular.ranked()
             ranked["most_bought"] = [i for i, _ in self.bought[u.user].most_common(RECALL_K)]
-            if self.content is not None:  # the pool's own content search, nearest first
+            if "content" in self.scores:  # the catalog is embedded: the pool's own content search
                 ranked["content"] = [i for i, _ in ctx.content[:RECALL_K]]
                 ranked["fresh"] = [i for i, _ in ctx.fresh]
             out[u.user] = ranked
