@@ -211,6 +211,10 @@ class RecSettings:
                                      "event weights (view 1, click 2, cart 4, purchase 8: 40 is five purchases)")
     item_new_half_life_s: float = setting(7 * DAY_S, env="REC_ITEM_NEW_HALF_LIFE_S",
                                           doc="the item_new feature, 1 when an item is listed, halves every this long")
+    content_cache: int = setting(0, env="REC_CONTENT_CACHE",
+                                 doc="content searches a process remembers, each valid while the vectors it ran on "
+                                     "are unchanged (0: none; pays where unchanged users are ranked again, as in "
+                                     "fusionrec evaluate, which sets it to its number of users)")
     profile_items: int = setting(20, env="REC_PROFILE_ITEMS",
                                  doc="the profile vector is the weighted mean of the user's N strongest items")
     trending_candidates: int = setting(20, env="REC_TRENDING_CANDIDATES", doc="trending items read per batch")
@@ -531,6 +535,8 @@ class Settings:
         rec = self.rec
         if rec.debounce_ms < 0 or rec.cycle_ms <= 0 or rec.budget_ms <= 0 or rec.max_dirty <= 0:
             raise ConfigError("rec debounce must be >= 0; ranking cycle, budget and max dirty users must be > 0")
+        if rec.content_cache < 0:
+            raise ConfigError(f"{PREFIX}REC_CONTENT_CACHE must be >= 0, got {rec.content_cache}")
         if rec.fresh_candidates < 0 or rec.fresh_scan < rec.fresh_candidates or rec.fresh_below < 0 \
                 or not rec.item_new_half_life_s > 0:
             raise ConfigError(f"{PREFIX}REC_FRESH_CANDIDATES and REC_FRESH_BELOW must be >= 0, REC_FRESH_SCAN >= "

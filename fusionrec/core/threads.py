@@ -9,7 +9,9 @@ called by a process's entry point, from the ``*_THREADS`` settings.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 
 log = logging.getLogger(__name__)
 
@@ -25,3 +27,21 @@ def limit_threads(n: int) -> None:
     torch.set_num_threads(n)
     threadpool_limits(n)  # OpenMP and BLAS, for numpy's and scipy's calls too
     log.debug("numeric libraries limited to %d thread(s)", n)
+
+
+@contextlib.contextmanager
+def fewer_threads(n: int) -> Iterator[None]:
+    """:func:`limit_threads` for the duration of a block, then each library's count as it was."""
+    if n <= 0:
+        yield
+        return
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        with threadpool_limits(n):
+            yield
+    finally:
+        torch.set_num_threads(before)

@@ -12,8 +12,11 @@ can be recommended this way.
 
 from __future__ import annotations
 
+import hashlib
+import sys
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any, cast
 
@@ -44,7 +47,15 @@ def profile_vector(vectors: dict[str, np.ndarray], weights: Sequence[tuple[str, 
 
 
 class ContentIndex:
-    """Nearest items by content in the active version; thread-safe, cheap to share."""
+    """Nearest items by content in the active version; thread-safe, cheap to share.
+
+    With ``rec.content_cache`` > 0 and vector sets, :meth:`nearest` remembers that many searches, keyed by the
+    version, its change counter (``P:{v:<ver>}:seq``, moved by every vector written or removed), the
+    query vector's bytes and the count: a search is answered from memory only while the version's
+    vectors are the ones it ran on, so a hit is the search's own answer. A user's profile vector
+    changes only with their own events, so a process that ranks the same unchanged user again (the
+    evaluator: once to score a basket, once after the user's previous one) searches once.
+    """
 
     def __init__(self, client: redis.Redis, settings: Settings, keys: Keys | None = None,
                  active_ttl_s: float = 1.0) -> None:
@@ -56,6 +67,10 @@ class ContentIndex:
         self.active_ttl_s = active_ttl_s
         self._active: tuple[str | None, float] = (None, 0.0)
         self._lock = threading.Lock()
+        self.cache_size = settings.rec.content_cache
+        # (version, seq, count, query digest) -> (item ids, scores); ids interned: a catalog's worth at most
+        self._found: OrderedDict[tuple[str, int, int, bytes], tuple[tuple[str, ...], np.ndarray]] = OrderedDict()
+        self.searches = 0  # searches sent to Redis or the local index (cache hits excluded)
 
     def active(self) -> str | None:
         """The version readers use, re-read at most every ``active_ttl_s``."""
@@ -111,12 +126,37 @@ class ContentIndex:
         """The ``k`` nearest items to each query vector (one pipelined round trip with vector sets)."""
         if not queries or k <= 0:
             return [[] for _ in queries]
+        blobs = [np.ascontiguousarray(q, dtype="<f4").tobytes() for q in queries]
+        if self.cache_size <= 0 or not self.store.use_vector_sets:  # the local index reloads on its own clock
+            return self._search(version, blobs, k)
+        seq = self.store.seq(version)
+        keys = [(version, seq, k, hashlib.blake2b(b, digest_size=16).digest()) for b in blobs]
+        out: list[Scored | None] = []
+        with self._lock:
+            for key in keys:
+                hit = self._found.get(key)
+                if hit is not None:
+                    self._found.move_to_end(key)
+                out.append(None if hit is None else list(zip(hit[0], hit[1].tolist(), strict=True)))
+        missing = [n for n, found in enumerate(out) if found is None]
+        if missing:
+            fresh = self._search(version, [blobs[n] for n in missing], k)
+            with self._lock:
+                for n, found in zip(missing, fresh, strict=True):
+                    out[n] = found
+                    self._found[keys[n]] = (tuple(sys.intern(i) for i, _ in found),
+                                            np.array([s for _, s in found], dtype=np.float64))
+                while len(self._found) > self.cache_size:
+                    self._found.popitem(last=False)
+        return [found or [] for found in out]
+
+    def _search(self, version: str, blobs: Sequence[bytes], k: int) -> list[Scored]:
+        self.searches += len(blobs)
         if not self.store.use_vector_sets:
-            return [self.local.search(version, q, k) for q in queries]
+            return [self.local.search(version, np.frombuffer(b, dtype="<f4"), k) for b in blobs]
         pipe = self.redis.pipeline(transaction=False)
-        for q in queries:
-            pipe.execute_command("VSIM", self.keys.vector_set(version), "FP32",
-                                 np.ascontiguousarray(q, dtype="<f4").tobytes(), "COUNT", k, "WITHSCORES")
+        for b in blobs:
+            pipe.execute_command("VSIM", self.keys.vector_set(version), "FP32", b, "COUNT", k, "WITHSCORES")
         return [_pairs(flat) for flat in pipe.execute()]
 
     def profile(self, user_id: str) -> tuple[str, np.ndarray] | None:

@@ -258,6 +258,26 @@ def test_torch_head_learns_a_signal_from_mini_batches():
     assert after > 0.8 and after > before + 0.1
 
 
+@pytest.mark.parametrize("pool", [200, 20, 1], ids=["pools of 200", "pools of 20", "a profile per row"])
+def test_the_heads_inference_is_its_forward_pass(pool):
+    """Rows sharing a profile are computed together, rows of many profiles by the plain product: both
+    equal the module's forward pass; the scorer's probabilities are its sigmoid of the clipped input."""
+    m = TorchScorer(seed=0, clip=2.0)
+    d = _dense(600, seed=3)
+    d["profile"] = np.repeat(d["profile"][::pool], pool, axis=0)[:600]
+    d["item"][5, 0], d["features"][7, 1] = 9.0, np.nan  # clipped, and cleaned to 0
+    m.learn_many(d, _labels(d), version="v")
+    assert m.head is not None
+    clean = {k: np.clip(np.nan_to_num(v), -2.0, 2.0) for k, v in d.items()}
+    with torch.inference_mode():
+        forward = m.head(*(torch.from_numpy(clean[k]) for k in ("profile", "item", "features"))).numpy()
+    np.testing.assert_allclose(m.head.logits(clean["profile"], clean["item"], clean["features"]), forward,
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(m.predict_proba_many(d, version="v"), 1.0 / (1.0 + np.exp(-forward)),
+                               rtol=1e-5, atol=1e-6)
+    assert m.head.logits(*(v[:0] for v in (clean["profile"], clean["item"], clean["features"]))).shape == (0,)
+
+
 def test_a_new_vector_version_starts_a_fresh_head():
     m = TorchScorer(seed=0)
     d = _dense(64)

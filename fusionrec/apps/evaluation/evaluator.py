@@ -112,6 +112,7 @@ class LiveModel:
 
 log = logging.getLogger(__name__)
 
+CONTENT_CACHE_MAX = 200_000  # content searches remembered at most (users), about 3 kB each
 BASE_METHODS = ("system", "river", "covisitation", "served", "popularity", "most_bought")
 
 
@@ -145,6 +146,10 @@ class Evaluator:
     def run(self, ds: Dataset, *, chunk_events: int = 2000, progress: bool = True,
             on_chunk: Callable[[int], None] | None = None) -> dict[str, Any]:
         self._load_catalog(ds)
+        # a user's profile vector moves only with their own events: the search that ranked them after one
+        # basket answers the scoring of their next: one remembered search per user
+        content = self.writer.candidates.content
+        content.cache_size = max(content.cache_size, min(int(ds.events["user_id"].nunique()), CONTENT_CACHE_MAX))
         rows = ds.events.to_dict("records")
         chunk: list[Unit] = []
         users: set[str] = set()
