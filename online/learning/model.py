@@ -25,6 +25,9 @@ from fusionrec.online.learning.scorers import SCORERS, FusionStacker, RiverScore
 VectorFetch = Callable[[str, Sequence[str]], dict[str, np.ndarray]]
 
 
+_ABSENT = object()  # not cached (a cached None: the item has no vector)
+
+
 class VectorLookup:
     """Item vectors by (version, id) with an LRU of ``capacity`` items in front of Redis."""
 
@@ -36,15 +39,16 @@ class VectorLookup:
     def get(self, version: str, ids: Sequence[str]) -> dict[str, np.ndarray]:
         out: dict[str, np.ndarray] = {}
         missing = []
+        cache = self._cache
         for i in dict.fromkeys(ids):
             key = (version, i)
-            if key in self._cache:
-                self._cache.move_to_end(key)
-                vec = self._cache[key]
-                if vec is not None:
-                    out[i] = vec
-            else:
+            vec = cache.get(key, _ABSENT)
+            if vec is _ABSENT:
                 missing.append(i)
+                continue
+            cache.move_to_end(key)
+            if isinstance(vec, np.ndarray):
+                out[i] = vec
         if missing:
             found = self.fetch(version, missing)
             for i in missing:
@@ -84,11 +88,15 @@ class Rows:
             if p.profile is not None and p.profile[0] == version and dim:
                 profile[start: start + len(p)] = p.profile[1]
             start += len(p)
+        rows, stacked = [], []
         for r, i in enumerate(items):
             vec = vectors.get(i)
             if vec is not None:
-                item[r] = vec
-                X[r, col] = 1.0
+                rows.append(r)
+                stacked.append(vec)
+        if rows:
+            item[rows] = np.stack(stacked)
+            X[rows, col] = 1.0
         return cls(X=X, items=items, profile=profile, item=item, version=version)
 
     def dense(self) -> dict[str, np.ndarray]:

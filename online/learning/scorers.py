@@ -284,11 +284,14 @@ class TorchScorer(base.Classifier):
         if self.head is None or version != self.vector_version or X["profile"].shape[1] != self.head.dim \
                 or X["features"].shape[1] != self.head.n_features:  # a head trained before features changed
             return np.full(n, 0.5)
-        profile, item, features = (
-            np.clip(np.nan_to_num(np.asarray(X[k], dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0),
-                    -self.clip, self.clip) for k in ("profile", "item", "features"))
+        profile, item, features = (self._clean(X[k]) for k in ("profile", "item", "features"))
         logits = self.head.logits(profile, item, features).astype(np.float64)
         return 1.0 / (1.0 + np.exp(-logits))
+
+    def _clean(self, values: np.ndarray) -> np.ndarray:
+        """A float32 copy with non-finite values at 0 and the rest clipped to ``±clip``."""
+        out = np.nan_to_num(np.asarray(values, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+        return np.clip(out, -self.clip, self.clip, out=out)
 
     # -- one at a time (each example is its own optimiser step); ``x`` is one :data:`Dense` row
     def learn_one(self, x: dict[base.typing.FeatureName, Any], y: base.typing.ClfTarget,
