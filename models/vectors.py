@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 #       id, ts, op (upsert | touch | delete), content hash, stored blob, float32 blob
 # Returns per item: 0 older than what is stored, 1 written, 2 touch refused (content differs: embed
 # it), 3 touched (same content, event time moved on).
+# The change counter moves with every write and delete. A counter that starts anew (the version's keys
+# expired after retirement, or Redis lost them) starts at the server's time in microseconds, above any
+# value an earlier one reached, so a reader never takes a new state for one it saw before.
 VECTOR_APPLY = """
 local usev = ARGV[1] == '1'
 local quant, worker, now = ARGV[2], ARGV[3], ARGV[4]
@@ -71,7 +74,13 @@ for k = 3, #KEYS do
   end
   a = a + 6
 end
-if changed > 0 then redis.call('INCRBY', KEYS[2], changed) end
+if changed > 0 then
+  if redis.call('EXISTS', KEYS[2]) == 0 then
+    local t = redis.call('TIME')
+    redis.call('SET', KEYS[2], t[1] .. string.format('%06d', tonumber(t[2])))
+  end
+  redis.call('INCRBY', KEYS[2], changed)
+end
 return out
 """
 

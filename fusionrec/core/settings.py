@@ -213,8 +213,9 @@ class RecSettings:
                                           doc="the item_new feature, 1 when an item is listed, halves every this long")
     content_cache: int = setting(0, env="REC_CONTENT_CACHE",
                                  doc="content searches a process remembers, each valid while the vectors it ran on "
-                                     "are unchanged (0: none; pays where unchanged users are ranked again, as in "
-                                     "fusionrec evaluate, which sets it to its number of users)")
+                                     "are unchanged (vector sets only; 0: none; about 3.5 kB each; pays where "
+                                     "unchanged users are ranked again, as in fusionrec evaluate, which sets it to "
+                                     "its number of users, at most 100,000)")
     profile_items: int = setting(20, env="REC_PROFILE_ITEMS",
                                  doc="the profile vector is the weighted mean of the user's N strongest items")
     trending_candidates: int = setting(20, env="REC_TRENDING_CANDIDATES", doc="trending items read per batch")

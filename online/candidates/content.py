@@ -49,10 +49,12 @@ def profile_vector(vectors: dict[str, np.ndarray], weights: Sequence[tuple[str, 
 class ContentIndex:
     """Nearest items by content in the active version; thread-safe, cheap to share.
 
-    With ``rec.content_cache`` > 0 and vector sets, :meth:`nearest` remembers that many searches, keyed by the
-    version, its change counter (``P:{v:<ver>}:seq``, moved by every vector written or removed), the
-    query vector's bytes and the count: a search is answered from memory only while the version's
-    vectors are the ones it ran on, so a hit is the search's own answer. A user's profile vector
+    With ``rec.content_cache`` > 0 and vector sets, :meth:`nearest` remembers that many searches, keyed
+    by the version, its change counter (``P:{v:<ver>}:seq``: moved by every vector written or removed,
+    and never back to a value it had, see :data:`fusionrec.models.vectors.VECTOR_APPLY`), the query
+    vector's bytes and the count. A search is kept only when the counter read after it is the one read
+    before it, and answers from memory only while the counter stays there: a hit is what searching
+    again would return. About 3.5 kB a search of 200 items. A user's profile vector
     changes only with their own events, so a process that ranks the same unchanged user again (the
     evaluator: once to score a basket, once after the user's previous one) searches once.
     """
@@ -128,7 +130,7 @@ class ContentIndex:
             return [[] for _ in queries]
         blobs = [np.ascontiguousarray(q, dtype="<f4").tobytes() for q in queries]
         if self.cache_size <= 0 or not self.store.use_vector_sets:  # the local index reloads on its own clock
-            return self._search(version, blobs, k)
+            return self._search(version, blobs, k)[0]
         seq = self.store.seq(version)
         keys = [(version, seq, k, hashlib.blake2b(b, digest_size=16).digest()) for b in blobs]
         out: list[Scored | None] = []
@@ -140,24 +142,32 @@ class ContentIndex:
                 out.append(None if hit is None else list(zip(hit[0], hit[1].tolist(), strict=True)))
         missing = [n for n, found in enumerate(out) if found is None]
         if missing:
-            fresh = self._search(version, [blobs[n] for n in missing], k)
+            fresh, after = self._search(version, [blobs[n] for n in missing], k, seq_after=True)
             with self._lock:
                 for n, found in zip(missing, fresh, strict=True):
                     out[n] = found
-                    self._found[keys[n]] = (tuple(sys.intern(i) for i, _ in found),
-                                            np.array([s for _, s in found], dtype=np.float64))
+                    if after == seq:  # no write landed between the counter's read and the searches
+                        self._found[keys[n]] = (tuple(sys.intern(i) for i, _ in found),
+                                                np.array([s for _, s in found], dtype=np.float64))
                 while len(self._found) > self.cache_size:
                     self._found.popitem(last=False)
         return [found or [] for found in out]
 
-    def _search(self, version: str, blobs: Sequence[bytes], k: int) -> list[Scored]:
-        self.searches += len(blobs)
+    def _search(self, version: str, blobs: Sequence[bytes], k: int,
+                seq_after: bool = False) -> tuple[list[Scored], int | None]:
+        """The searches, and (``seq_after``) the version's change counter read right after them."""
+        with self._lock:
+            self.searches += len(blobs)
         if not self.store.use_vector_sets:
-            return [self.local.search(version, np.frombuffer(b, dtype="<f4"), k) for b in blobs]
+            return [self.local.search(version, np.frombuffer(b, dtype="<f4"), k) for b in blobs], None
         pipe = self.redis.pipeline(transaction=False)
         for b in blobs:
             pipe.execute_command("VSIM", self.keys.vector_set(version), "FP32", b, "COUNT", k, "WITHSCORES")
-        return [_pairs(flat) for flat in pipe.execute()]
+        if seq_after:
+            pipe.get(self.keys.vector_seq(version))
+        replies = pipe.execute()
+        after = int(replies.pop() or 0) if seq_after else None
+        return [_pairs(flat) for flat in replies], after
 
     def profile(self, user_id: str) -> tuple[str, np.ndarray] | None:
         """The stored profile vector of a user with its version, if it is of the active version."""

@@ -285,8 +285,9 @@ class TorchScorer(base.Classifier):
                 or X["features"].shape[1] != self.head.n_features:  # a head trained before features changed
             return np.full(n, 0.5)
         profile, item, features = (self._clean(X[k]) for k in ("profile", "item", "features"))
-        logits = self.head.logits(profile, item, features).astype(np.float64)
-        return 1.0 / (1.0 + np.exp(-logits))
+        logits = self.head.logits(profile, item, features)
+        with np.errstate(over="ignore"):  # exp overflows to inf for very negative logits: probability 0
+            return (1.0 / (1.0 + np.exp(-logits))).astype(np.float64)  # float32, as the module's sigmoid
 
     def _clean(self, values: np.ndarray) -> np.ndarray:
         """A float32 copy with non-finite values at 0 and the rest clipped to ``±clip``."""

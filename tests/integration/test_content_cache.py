@@ -8,6 +8,7 @@ import pytest
 import redis
 
 from fusionrec.apps.services import RunningServices
+from fusionrec.core.keys import Keys
 from fusionrec.core.redis_client import connect
 from fusionrec.core.settings import Settings
 from fusionrec.models.vectors import VectorOp, VectorStore
@@ -27,32 +28,73 @@ def _write(client: redis.Redis, s: Settings, vectors: dict[str, np.ndarray], op:
     VectorStore(client, s).apply(VERSION, [VectorOp(i, 1000, op, f"h{i}", v) for i, v in vectors.items()])
 
 
-def test_a_remembered_search_answers_until_the_vectors_change(services: RunningServices) -> None:
+@pytest.fixture
+def setup(services: RunningServices) -> tuple[redis.Redis, Settings, ContentIndex, ContentIndex, list[np.ndarray]]:
     s = make_settings(services, rec_content_cache=2)
     client = connect(s)
     _write(client, s, _vectors(60))
-    cached, plain = ContentIndex(client, s), ContentIndex(client, s.replace(rec_content_cache=0))
     queries = list(_vectors(3, seed=1).values())
+    return client, s, ContentIndex(client, s), ContentIndex(client, s.replace(rec_content_cache=0)), queries
 
+
+def test_a_remembered_search_answers_until_the_vectors_change(setup) -> None:
+    client, s, cached, plain, queries = setup
     first = cached.nearest(VERSION, queries[:2], 10)
     assert first == plain.nearest(VERSION, queries[:2], 10) and cached.searches == 2
     assert cached.nearest(VERSION, queries[:2], 10) == first and cached.searches == 2  # both remembered
-    assert cached.nearest(VERSION, queries[:2], 5) == plain.nearest(VERSION, queries[:2], 5)  # another count
-    assert cached.searches == 4
+    five = cached.nearest(VERSION, queries[:2], 5)
+    assert five == plain.nearest(VERSION, queries[:2], 5) and cached.searches == 4  # another count
 
-    # a new item right at the first query: the remembered answers are of vectors that changed
+    # a touch (same content, newer event time) changes no vector: still remembered
+    VectorStore(client, s).apply(VERSION, [VectorOp("0", 2000, "touch", "h0")])
+    assert cached.nearest(VERSION, queries[:2], 5) == five and cached.searches == 4
+
+    # a new item right at the first query: the remembered answer is of vectors that changed
     _write(client, s, {"new": queries[0]})
     again = cached.nearest(VERSION, queries[:1], 10)
     assert again[0][0][0] == "new" and again == plain.nearest(VERSION, queries[:1], 10) and cached.searches == 5
     _write(client, s, {"new": queries[0]}, op="delete")
-    assert cached.nearest(VERSION, queries[:1], 10) == first[:1] and cached.searches == 6
+    assert cached.nearest(VERSION, queries[:1], 10) == plain.nearest(VERSION, queries[:1], 10)
+    assert cached.searches == 6
 
-    # at most ``rec.content_cache`` searches are kept, the least recently used go first
-    cached.nearest(VERSION, queries, 10)
-    assert len(cached._found) == 2
+
+def test_at_most_the_setting_s_searches_are_kept_least_recently_used_first(setup) -> None:
+    _, _, cached, _, (a, b, c) = setup
+    cached.nearest(VERSION, [a, b], 10)
+    cached.nearest(VERSION, [a], 10)  # a used last: b is the one to go
+    cached.nearest(VERSION, [c], 10)
     before = cached.searches
-    cached.nearest(VERSION, queries[2:], 10)
+    cached.nearest(VERSION, [a, c], 10)
     assert cached.searches == before
+    cached.nearest(VERSION, [b], 10)
+    assert cached.searches == before + 1
+
+
+def test_a_counter_that_starts_anew_never_returns_to_a_value_it_had(setup) -> None:
+    """The version's keys can expire (a retired version) or be lost with Redis: the new counter starts
+    above the old one's values, so a remembered search of the old vectors cannot answer."""
+    client, s, cached, plain, queries = setup
+    store = VectorStore(client, s)
+    old = store.seq(VERSION)
+    cached.nearest(VERSION, queries[:1], 10)
+    client.delete(Keys.for_settings(s).vector_seq(VERSION))
+    _write(client, s, {"new": queries[0]})
+    assert store.seq(VERSION) > old
+    assert cached.nearest(VERSION, queries[:1], 10) == plain.nearest(VERSION, queries[:1], 10)
+    assert cached.searches == 2
+
+
+def test_a_search_that_a_write_overtook_is_not_kept(setup, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The counter is read again right after the searches: a write between the two reads (here, the
+    first read made to see an older counter) leaves the answer unremembered."""
+    client, s, cached, _, queries = setup
+    current = cached.store.seq(VERSION)
+    monkeypatch.setattr(cached.store, "seq", lambda version: current - 1)
+    cached.nearest(VERSION, queries[:1], 10)
+    monkeypatch.undo()
+    cached.nearest(VERSION, queries[:1], 10)
+    cached.nearest(VERSION, queries[:1], 10)
+    assert cached.searches == 2  # the first was not kept, the second was
 
 
 @pytest.mark.parametrize("overrides", [{}, {"vector_index": "local", "rec_content_cache": 10}],

@@ -258,17 +258,18 @@ def test_torch_head_learns_a_signal_from_mini_batches():
     assert after > 0.8 and after > before + 0.1
 
 
-@pytest.mark.parametrize("pool", [200, 20, 1], ids=["pools of 200", "pools of 20", "a profile per row"])
-def test_the_heads_inference_is_its_forward_pass(pool):
+@pytest.mark.parametrize("runs", [[200, 200, 200], [20] * 30, [1] * 600, [590, *[1] * 10]],
+                         ids=["pools of 200", "pools of 20", "a profile per row", "one long run and single rows"])
+def test_the_heads_inference_is_its_forward_pass(runs):
     """Rows sharing a profile are computed together, rows of many profiles by the plain product: both
-    equal the module's forward pass; the scorer's probabilities are its sigmoid of the clipped input."""
+    equal the module's forward pass; the scorer's probabilities are its sigmoid of the cleaned input."""
     m = TorchScorer(seed=0, clip=2.0)
     d = _dense(600, seed=3)
-    d["profile"] = np.repeat(d["profile"][::pool], pool, axis=0)[:600]
-    d["item"][5, 0], d["features"][7, 1] = 9.0, np.nan  # clipped, and cleaned to 0
+    d["profile"] = np.repeat(d["profile"][: len(runs)], runs, axis=0)
+    d["item"][5, 0], d["features"][7, 1], d["item"][9, 2] = 9.0, np.nan, np.inf  # clipped; cleaned to 0
     m.learn_many(d, _labels(d), version="v")
     assert m.head is not None
-    clean = {k: np.clip(np.nan_to_num(v), -2.0, 2.0) for k, v in d.items()}
+    clean = {k: np.clip(np.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0), -2.0, 2.0) for k, v in d.items()}
     with torch.inference_mode():
         forward = m.head(*(torch.from_numpy(clean[k]) for k in ("profile", "item", "features"))).numpy()
     np.testing.assert_allclose(m.head.logits(clean["profile"], clean["item"], clean["features"]), forward,

@@ -112,7 +112,7 @@ class LiveModel:
 
 log = logging.getLogger(__name__)
 
-CONTENT_CACHE_MAX = 200_000  # content searches remembered at most (users), about 3 kB each
+CONTENT_CACHE_MAX = 100_000  # content searches remembered at most (users), about 3.5 kB each
 BASE_METHODS = ("system", "river", "covisitation", "served", "popularity", "most_bought")
 
 

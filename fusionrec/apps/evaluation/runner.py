@@ -76,7 +76,7 @@ def run_evaluation(settings: Settings, *, source: str, events: str | None = None
                 from fusionrec.models.encoder import TextEncoder
 
                 evaluator.embed_catalog(ds, encoder or TextEncoder.from_settings(settings), progress=progress)
-            # fewer collections: 1.28x on 300,000 Complete Journey events, same report. The system's pass ranks
+            # fewer collections: 1.28x on 300,000 Complete Journey events, same report. The evaluation ranks
             # with the ranking process's numeric threads (one by default): idle BLAS and OpenMP threads spin
             # on the cores Redis and the published methods' worker need
             with fewer_collections(), fewer_threads(scoped.rec.threads):
