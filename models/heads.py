@@ -34,11 +34,8 @@ class InteractionHead(nn.Module):
         d = self.dim
         first, out = self.net[0], self.net[2]
         assert isinstance(first, nn.Linear) and isinstance(out, nn.Linear)
-        with torch.no_grad():
-            w = first.weight.detach().numpy()
-            bias = first.bias.detach().numpy()
-            w_out = out.weight.detach().numpy()[0]
-            b_out = float(out.bias.detach().numpy()[0])
+        w, bias = first.weight.detach().numpy(), first.bias.detach().numpy()
+        w_out, b_out = out.weight.detach().numpy()[0], float(out.bias.detach().numpy()[0])
         n = len(features)
         if n == 0:
             return np.zeros(0, dtype=np.float32)

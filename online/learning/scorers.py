@@ -257,8 +257,7 @@ class TorchScorer(base.Classifier):
         return self.head
 
     def _tensors(self, X: Dense, rows: np.ndarray | slice) -> tuple[torch.Tensor, ...]:
-        return tuple(torch.from_numpy(np.clip(np.asarray(X[k][rows], dtype=np.float32), -self.clip, self.clip))
-                     for k in ("profile", "item", "features"))
+        return tuple(torch.from_numpy(self._clean(X[k][rows])) for k in ("profile", "item", "features"))
 
     # -- mini-batches
     def learn_many(self, X: Dense, y: np.ndarray, version: str | None = None) -> None:
@@ -290,7 +289,8 @@ class TorchScorer(base.Classifier):
             return (1.0 / (1.0 + np.exp(-logits))).astype(np.float64)  # float32, as the module's sigmoid
 
     def _clean(self, values: np.ndarray) -> np.ndarray:
-        """A float32 copy with non-finite values at 0 and the rest clipped to ``±clip``."""
+        """A float32 copy with non-finite values at 0 (learning keeps finite rows only) and the rest
+        clipped to ``±clip``."""
         out = np.nan_to_num(np.asarray(values, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
         return np.clip(out, -self.clip, self.clip, out=out)
 
