@@ -38,16 +38,16 @@ produce order as one partition: keyed by user id, each user's events reach the l
 order, which makes per-user state (and uncapped per-item state) equal to that one-partition pass
 (see tests/integration/test_partitioners.py).
 
-Compared, per user of the slice: the counters ``n:<type>`` and every other field of ``:s``, the recent
-list (exact), the decayed item weights ``:items`` and category/brand affinity ``:aff`` (same members,
-values within a relative 1e-9: float sums whose order follows batch boundaries). ``lost``: counter
+Compared, per user of the slice, in their stored state (``:s``): the counters per event type, last-seen
+and purchases, the recent items (exact), the decayed item weights and category/brand affinity (same
+members, values within a relative 1e-9). ``lost``: counter
 shortfall summed over (user, event type); ``doubled``: surplus summed; ``mismatched_users``: users
 with any difference. Also compared (details line): every item's catalog hash, the popularity set (same
 tolerance), co-visitation sets that hold fewer than ``FUSIONREC_COVIS_CAP`` members in the truth
 (fuller sets evict by arrival order and are skipped, counted); every user's stored list must have been
 ranked at their last event (``stale_lists``); every catalog item must have a vector in the active
 version (``vectors_missing``); the events topic must hold each event id once (``log_missing``,
-``log_duplicates``: the producer's side). Event-id bookkeeping (``:eids``, offset guards) differs by
+``log_duplicates``: the producer's side). Event-id bookkeeping (the states' remembered ids, offset guards) differs by
 construction and is not compared; neither are recommendation contents, feedback or item deltas.
 
 Figures. A probe in this process samples every second: the end of every partition (a consumer of its

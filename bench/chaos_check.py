@@ -16,7 +16,7 @@ from fusionrec.core.redis_client import connect
 from fusionrec.core.settings import Settings
 from fusionrec.streams import datasets
 from fusionrec.streams.contract import UserEvent
-from fusionrec.streams.state import Positioned, StateStore
+from fusionrec.streams.state import Positioned, StateStore, decode_user_state
 
 
 def ground_truth(s: Settings, ds: datasets.Dataset) -> Settings:
@@ -40,10 +40,6 @@ def ground_truth(s: Settings, ds: datasets.Dataset) -> Settings:
 def _chunks(items: list[str], size: int) -> Iterator[list[str]]:
     for i in range(0, len(items), size):
         yield items[i: i + size]
-
-
-def _text(raw: dict[bytes, bytes]) -> dict[str, str]:
-    return {k.decode(): v.decode(errors="replace") for k, v in raw.items()}
 
 
 def _scores(raw: list[tuple[bytes, float]]) -> dict[str, float]:
@@ -70,18 +66,17 @@ def _example(got: tuple[Any, ...], want: tuple[Any, ...], kinds: list[str]) -> d
 
 
 def read_users(client: Any, keys: Keys, users: list[str]) -> dict[str, tuple[Any, ...]]:
+    """Per user: (counters ``n:<type>``, last-seen and purchases; recent items; item weights; affinity)."""
     out = {}
     for chunk in _chunks(users, 200):
         pipe = client.pipeline(transaction=False)
         for u in chunk:
-            pipe.hgetall(keys.user_state(u))
-            pipe.lrange(keys.user_recent(u), 0, -1)
-            pipe.zrange(keys.user_items(u), 0, -1, withscores=True)
-            pipe.zrange(keys.user_affinity(u), 0, -1, withscores=True)
-        replies = pipe.execute()
-        for i, u in enumerate(chunk):
-            h, recent, items, aff = replies[4 * i: 4 * i + 4]
-            out[u] = (_text(h), [r.decode() for r in recent], _scores(items), _scores(aff))
+            pipe.hget(keys.user_state(u), "d")
+        for u, raw in zip(chunk, pipe.execute(), strict=True):
+            st = decode_user_state(raw)
+            header = {**{f"n:{k}": str(v) for k, v in st.counts.items()}, "last_seen": str(st.last_seen),
+                      **{f"buy:{i}": ":".join(map(str, b)) for i, b in st.buys.items()}}
+            out[u] = (header, st.recent, st.items, st.affinity)
     return out
 
 

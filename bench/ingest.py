@@ -15,7 +15,9 @@ events are published by a producer in a process of its own.
    file is not there.
 3. baseline, same run: a naive consumer written here does the same state work (counters, recent items,
    decayed item weights, category/brand affinity, purchases, last-seen, popularity, co-visitation) with
-   one Redis round trip per event, over the first M events, checked the same way.
+   one Redis round trip per event (each user's state kept in process and written whole, as the pipeline
+   does, with the event's popularity and co-visitation increments), over the first M events, checked
+   the same way.
 4. ceiling, same run: confluent-kafka batch consume plus the typed msgspec decode and validation alone,
    over the same N events.
 5. freshness: a producer process publishes at ``--rate`` events/s while the pipeline consumes. Per
@@ -59,6 +61,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import numpy as np
 from confluent_kafka import Consumer
 
@@ -73,7 +76,16 @@ from fusionrec.streams.consumer import Batch, validator_for
 from fusionrec.streams.producer import EventProducer, encode_event
 from fusionrec.streams.replay import Pacer, replay
 from fusionrec.streams.runtime import consumer_config
-from fusionrec.streams.state import EVENT_WEIGHTS, BatchResult, Decay, Positioned, StateStore, UserTouch
+from fusionrec.streams.state import (
+    EVENT_WEIGHTS,
+    BatchResult,
+    Decay,
+    Positioned,
+    StateStore,
+    UserState,
+    UserTouch,
+    decode_user_state,
+)
 from fusionrec.streams.topics import ensure_topics
 
 TAOBAO = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "taobao-userbehavior-110k.csv"
@@ -172,9 +184,10 @@ def prepare(base: Settings, ds: datasets.Dataset, *, preload: bool = True) -> Se
 
 
 def counted(client: Any, prefix: str) -> int:
+    """Events counted in the users' stored states."""
     total = 0
     for key in client.scan_iter(match=f"{prefix}:*:s", count=2000):
-        total += sum(int(v) for k, v in client.hgetall(key).items() if k.startswith(b"n:"))
+        total += sum(decode_user_state(client.hget(key, "d")).counts.values())
     return total
 
 
@@ -256,8 +269,8 @@ def naive(base: Settings, ds: datasets.Dataset) -> float:
     consumer = Consumer(consumer_config(s, s.stream.group))
     consumer.subscribe([s.kafka.topic_events])
     validator = validator_for(s)
-    recent: dict[str, list[str]] = {}
-    bought: dict[tuple[str, str], tuple[int, int, int]] = {}  # kept in process like the recent items
+    states: dict[str, UserState] = {}  # each user's state, kept in process like the pipeline's
+    encoder = msgspec.msgpack.Encoder()
     done, t0 = 0, 0.0
     while done < len(ds.events):
         msg = consumer.poll(1.0)
@@ -266,33 +279,30 @@ def naive(base: Settings, ds: datasets.Dataset) -> float:
         t0 = t0 or time.perf_counter()
         ev = validator.user_event(msg.value())
         uid, item, w = str(ev.user_id), str(ev.item_id), EVENT_WEIGHTS[ev.type]
-        mine = recent.setdefault(uid, [])
+        state = states.setdefault(uid, UserState())
+        mine = state.recent
         pipe = client.pipeline(transaction=False)
-        pipe.hincrby(keys.user_state(uid), f"n:{ev.type}", 1)
-        pipe.hset(keys.user_state(uid), "last", ev.ts)
-        pipe.lrem(keys.user_recent(uid), 0, item)
-        pipe.lpush(keys.user_recent(uid), item)
-        pipe.ltrim(keys.user_recent(uid), 0, s.state.recent_items_cap - 1)
-        aw = aff_decay.weight(w, ev.ts)
-        pipe.zincrby(keys.user_items(uid), aw, item)
-        category, brand = meta.get(item, (None, None))
-        if category:
-            pipe.zincrby(keys.user_affinity(uid), aw, f"c:{category}")
-        if brand:
-            pipe.zincrby(keys.user_affinity(uid), aw, f"b:{brand}")
-        pipe.zincrby(keys.popularity(), pop_decay.weight(w, ev.ts), item)
-        if ev.type == "purchase":
-            n, first, last = bought.get((uid, item), (0, ev.ts, ev.ts))
-            bought[(uid, item)] = n, first, last = n + 1, min(first, ev.ts), max(last, ev.ts)
-            pipe.hset(keys.user_buys(uid), item, f"{n}:{first}:{last}")
         for other in [o for o in mine if o != item][: s.state.covis_window]:
             pipe.zincrby(keys.item_covis(other), w, item)
             pipe.zremrangebyrank(keys.item_covis(other), 0, -(s.state.covis_cap + 1))
-        pipe.execute()
+        pipe.zincrby(keys.popularity(), pop_decay.weight(w, ev.ts), item)
+        state.counts[ev.type] = state.counts.get(ev.type, 0) + 1
+        state.last_seen = max(state.last_seen, ev.ts)
         if item in mine:
             mine.remove(item)
         mine.insert(0, item)
         del mine[s.state.recent_items_cap:]
+        aw = aff_decay.weight(w, ev.ts)
+        state.items[item] = state.items.get(item, 0.0) + aw
+        category, brand = meta.get(item, (None, None))
+        for key in (f"c:{category}" if category else None, f"b:{brand}" if brand else None):
+            if key:
+                state.affinity[key] = state.affinity.get(key, 0.0) + aw
+        if ev.type == "purchase":
+            n, first, last = state.buys.get(item, (0, ev.ts, ev.ts))
+            state.buys[item] = (n + 1, min(first, ev.ts), max(last, ev.ts))
+        pipe.hset(keys.user_state(uid), mapping={"last_seen": state.last_seen, "d": encoder.encode(state)})
+        pipe.execute()
         consumer.store_offsets(msg)
         done += 1
     elapsed = time.perf_counter() - t0

@@ -2,29 +2,32 @@
 
 Per batch, in three pipelined round trips of at most one script call per hash-tag bucket:
 
-1. **read**: each touched user bucket's offset guards and its users' recent items; the catalog
+1. **read**: each touched user bucket's offset guards and its users' stored states; the catalog
    category/brand of the batch's items. Events at or below their bucket's guard were applied before
    and are dropped.
 2. **items**: co-visitation increments (one guarded call per item bucket) and popularity increments
    (one guarded call). Contributions are computed from the users' state *before* this batch, so a
    replay recomputes exactly the same contributions; each guard skips what it already has.
-3. **users**: recent items, counters, decayed item weights and category/brand affinity, last-seen,
-   each purchased item's purchase count and first and last purchase time, remembered event ids, one
-   guarded call per user bucket. Written after the items: a user guard past
-   an offset means that event's item contributions are in Redis too.
+3. **users**: each touched user's whole :class:`UserState` (counters, recent items, decayed item
+   weights and category/brand affinity, last-seen, purchases, remembered event ids), computed in
+   process, one compare-and-set per user bucket carrying the states and the bucket's partition guards
+   (:data:`~fusionrec.core.scripts.USER_STORE`). Written after the items: a user guard past an offset
+   means that event's item contributions are in Redis too. Redis stores the states; it does no
+   arithmetic on them.
 
 The consumer that owns a partition is the only writer of the users keyed to it, so the store keeps
-what the read step would return in process: each bucket's guards, each user's recent items (at most
-``state.cache_users``, least recently touched evicted first) and the items' category/brand (for
-``META_TTL_S``). A batch reads only what is not kept, and the kept state changes only after Redis
-acknowledged the write; any failure forgets all of it (:meth:`StateStore.reset`), so a retry or a
-replay starts again from what Redis holds. Recent items are written as the items pushed, not as the
-whole list, so a user whose events arrive on two partitions owned by two consumers loses no update.
+what the read step would return in process: each bucket's guards, each user's state and the version
+it was read or written at (at most ``state.cache_users``, least recently touched evicted first) and
+the items' category/brand (for ``META_TTL_S``). A batch reads only what is not kept. A batch changes
+the kept states in place; a failed write forgets all that is kept (:meth:`StateStore.reset`), so a
+retry or a replay starts again from what Redis holds. A user whose events arrive on two partitions
+owned by two consumers loses no update: the compare-and-set refuses a state whose stored version
+moved since it was read, and the batch is recomputed from Redis (:class:`UserMovedError`).
 
 Producer duplicates: a user event whose ``event_id`` the same user sent before is dropped (no
 state, no outputs) while its first copy is remembered (:class:`Seen`: ``state.dedupe_window_s`` of
 event time, at most ``state.dedupe_ids`` ids per user). The remembered ids are written with the
-user's state in the same guarded script call, each with the position of the event that carried it,
+rest of the user's state in the same guarded call, each with the position of the event that carried it,
 so a replay decides every duplicate as the first pass did. That holds for keyed producers (one
 user's events on one partition, in order); a user whose events arrive on two partitions is
 de-duplicated per consumer, best effort.
@@ -38,13 +41,14 @@ feedback decisions, item count deltas) are produced again on a replay and carry 
 consumers de-duplicate by, so they are exactly once in effect even when the state write was not
 what failed (see :mod:`fusionrec.streams.user_state`). Decay is forward
 decay: an event at ``ts`` adds ``w * 2 ** ((ts - epoch) / half_life)``, so sorted-set order is decayed
-order without ever rewriting old members.
+order without ever rewriting old members, and a user's weights only ever grow.
 """
 
 from __future__ import annotations
 
 import bisect
 import itertools
+import logging
 import math
 import time
 from collections import defaultdict
@@ -57,11 +61,12 @@ import redis
 
 from fusionrec.core.errors import StateStoreError
 from fusionrec.core.keys import Keys
-from fusionrec.core.scripts import CATALOG_APPLY, MULTI_HMGET, USER_APPLY, USER_READ, ZSET_APPLY, register
+from fusionrec.core.scripts import CATALOG_APPLY, MULTI_HMGET, USER_READ, USER_STORE, ZSET_APPLY, register
 from fusionrec.core.settings import DECAY_MAX_EXPONENT, Settings
 from fusionrec.streams.contract import CatalogEvent, UserEvent
 from fusionrec.streams.positions import AppliedPositions
 
+log = logging.getLogger(__name__)
 _msgpack = msgspec.msgpack.Encoder()
 # How long an item's category/brand is used from process memory; catalog events this process applies
 # replace it at once, those another consumer applies are seen within this time.
@@ -71,6 +76,14 @@ META_CACHE_ITEMS = 200_000
 
 class StaleStateError(StateStoreError):
     """A guard moved between reading state and writing it (a concurrent writer); retry the batch."""
+
+
+class UserMovedError(StaleStateError):
+    """Another consumer wrote some of the batch's users since they were read (a user whose events arrive
+    on two partitions); no guard moved."""
+
+# How many times a batch is recomputed at once when only users moved, before the caller's back-off.
+USER_MOVED_RETRIES = 3
 
 # How much one event of each type says about interest in its item.
 EVENT_WEIGHTS: dict[str, float] = {"view": 1.0, "click": 2.0, "add_to_cart": 4.0, "purchase": 8.0,
@@ -110,6 +123,7 @@ class BatchResult:
     applied: int = 0
     skipped: int = 0
     duplicates: int = 0  # producer duplicates (an event id the user sent before): no state, no outputs
+    recomputed: int = 0  # times recomputed because another consumer wrote some of its users meanwhile
     users: dict[str, UserTouch] = field(default_factory=dict)
     # source partition -> item -> offsets of its interactions (not impressions), and the items' categories
     item_offsets: dict[int, dict[str, list[int]]] = field(default_factory=dict)
@@ -160,10 +174,10 @@ class Seen:
 
     >>> seen = Seen(window_ms=1000, cap=2)
     >>> seen.add("a", 0, 0, 100); seen.add("b", 0, 1, 200); seen.copied("a", 0, 2); seen.add("c", 0, 3, 5000)
-    >>> seen.forget({0: 1}); sorted(seen.members())  # "a" was copied at offset 2, not settled yet
-    ['0:0:0:2:a', '0:3:0:3:c']
-    >>> seen.forget({0: 3}); sorted(seen.members())
-    ['0:3:0:3:c']
+    >>> seen.forget({0: 1}); [e[3] for e in seen.entries()]  # "a" was copied at offset 2, not settled yet
+    ['a', 'c']
+    >>> seen.forget({0: 3}); [e[3] for e in seen.entries()]
+    ['c']
     """
 
     __slots__ = ("cap", "window_ms", "_by_id", "_order")
@@ -211,17 +225,9 @@ class Seen:
                 kept.append(e)
         self._order = kept
 
-    def copy(self) -> Seen:
-        new = Seen(self.window_ms, self.cap)
-        new._order = list(self._order)
-        new._by_id = dict(self._by_id)
-        return new
-
-    def changes(self, before: Seen) -> tuple[list[Any], list[str]]:
-        """Zset members to add (flat member, score) and to remove, from ``before`` to this."""
-        old, new = set(before._order), set(self._order)
-        added = [x for e in self._order if e not in old for x in (_member(e), e[0])]
-        return added, [_member(e) for e in before._order if e not in new]
+    def entries(self) -> list[tuple[int, int, int, str, int, int]]:
+        """``(ts, partition, offset, event_id, last partition, last offset)``, oldest first."""
+        return list(self._order)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Seen) and (self.window_ms, self.cap, self._order) == (
@@ -232,33 +238,50 @@ class Seen:
     def __repr__(self) -> str:
         return f"Seen({self.window_ms}, {self.cap}, {self._order!r})"
 
-    def members(self) -> dict[str, int]:
-        """Redis zset members (``<partition>:<offset>:<last partition>:<last offset>:<event_id>``) with
-        their event times."""
-        return {_member(e): e[0] for e in self._order}
 
-    @classmethod
-    def from_redis(cls, window_ms: int, cap: int, flat: Sequence[Any]) -> Seen:
-        entries = []
-        for member, score in zip(flat[::2], flat[1::2], strict=True):
-            p, o, lp, lo, eid = _s(member).split(":", 4)
-            entries.append((int(float(score)), int(p), int(o), eid, int(lp), int(lo)))
-        return cls(window_ms, cap, entries)
+class UserState(msgspec.Struct, array_like=True):
+    """One user's state: what their state hash stores (msgpack, field ``d``) and their partition's
+    consumer keeps in process. Written whole; Redis does no arithmetic on it."""
+
+    last_seen: int = -1  # newest event time (ms)
+    counts: dict[str, int] = msgspec.field(default_factory=dict)  # events per type
+    recent: list[str] = msgspec.field(default_factory=list)  # interacted items, newest first, capped
+    # forward-decayed interest per item, and per ``c:<category>`` / ``b:<brand>``
+    items: dict[str, float] = msgspec.field(default_factory=dict)
+    affinity: dict[str, float] = msgspec.field(default_factory=dict)
+    # purchased item -> (purchases, first, last purchase event time in ms)
+    buys: dict[str, tuple[int, int, int]] = msgspec.field(default_factory=dict)
+    # the remembered event ids (:class:`Seen` entries)
+    seen: list[tuple[int, int, int, str, int, int]] = msgspec.field(default_factory=list)
 
 
-def _member(e: tuple[int, int, int, str, int, int]) -> str:
-    return f"{e[1]}:{e[2]}:{e[4]}:{e[5]}:{e[3]}"
+_state_decoder = msgspec.msgpack.Decoder(UserState)
+
+
+def decode_user_state(raw: bytes | None) -> UserState:
+    """A stored state (the ``d`` field of a user's state hash); an empty one for ``None``.
+
+    Raises :class:`StateStoreError` for bytes that are not a state this module wrote."""
+    if raw is None:
+        return UserState()
+    try:
+        return _state_decoder.decode(raw)
+    except msgspec.DecodeError as exc:
+        raise StateStoreError(f"not a stored user state: {exc}") from exc
 
 
 @dataclass
 class Kept:
-    """What the store keeps in process of one user, as Redis holds it after the last write."""
+    """What the store keeps in process of one user: their state as Redis holds it after the last write
+    (or as the batch being written changes it), and the version it was read or written at."""
 
-    recent: list[str]
+    version: str  # '' when Redis held no state
+    state: UserState
     seen: Seen
 
-    def copy(self) -> Kept:
-        return Kept(list(self.recent), self.seen.copy())
+    def encode(self) -> bytes:
+        self.state.seen = self.seen.entries()
+        return _msgpack.encode(self.state)
 
 
 @dataclass
@@ -310,6 +333,18 @@ class ZsetCall:
         return records
 
 
+@dataclass
+class _BucketWrite:
+    """One bucket's users to write and, per partition, the offsets their new events span."""
+
+    users: list[str] = field(default_factory=list)
+    spans: dict[int, tuple[int, int]] = field(default_factory=dict)
+
+    def span(self, partition: int, offset: int) -> None:
+        lo, hi = self.spans.get(partition, (offset, offset))
+        self.spans[partition] = (min(lo, offset), max(hi, offset))
+
+
 class StateStore:
     """Applies validated events to the Redis key schema (see :mod:`fusionrec.core.keys`)."""
 
@@ -319,7 +354,7 @@ class StateStore:
         self.keys = keys or Keys.for_settings(settings)
         self.popularity_decay = Decay(settings.state.decay_epoch_ms, settings.state.popularity_half_life_s)
         self.affinity_decay = Decay(settings.state.decay_epoch_ms, settings.state.affinity_half_life_s)
-        self._user_apply = register(client, USER_APPLY)
+        self._user_store = register(client, USER_STORE)
         self._user_read = register(client, USER_READ)
         self._zset_apply = register(client, ZSET_APPLY)
         self._catalog_apply = register(client, CATALOG_APPLY)
@@ -344,6 +379,11 @@ class StateStore:
         back to it, so remembered event ids up to it may be forgotten (-1: none, after a reset)."""
         self._settled.update(done)
 
+    def stored(self, uid: str) -> UserState:
+        """The user's state as Redis holds it (empty when none is stored)."""
+        raw = self.redis.hget(self.keys.user_state(uid), "d")
+        return decode_user_state(raw.encode() if isinstance(raw, str) else raw)
+
     @property
     def cached_users(self) -> int:
         return len(self._kept)
@@ -352,11 +392,19 @@ class StateStore:
     def apply(self, batch: Sequence[Positioned]) -> BatchResult:
         if not batch:
             return BatchResult()
-        try:
-            return self._apply(batch)
-        except BaseException:
-            self.reset()  # a partial write, a concurrent writer: start again from what Redis holds
-            raise
+        for attempt in range(USER_MOVED_RETRIES + 1):
+            try:
+                result = self._apply(batch)
+                result.recomputed = attempt
+                return result
+            except UserMovedError:
+                self.reset()  # the buckets written are guarded: the next pass skips what is in
+                if attempt == USER_MOVED_RETRIES:
+                    raise
+            except BaseException:
+                self.reset()  # a partial write, a concurrent writer: start again from what Redis holds
+                raise
+        raise AssertionError("unreachable")
 
     def _apply(self, batch: Sequence[Positioned]) -> BatchResult:
         by_bucket: dict[int, dict[str, list[Positioned]]] = defaultdict(lambda: defaultdict(list))
@@ -366,11 +414,11 @@ class StateStore:
         guards, kepts, meta = self._read(by_bucket, batch)
         result = BatchResult()
         items: dict[tuple[str, int], ZsetCall] = {}
-        users: dict[tuple[int, int], tuple[list[str], list[Any], list[int]]] = {}
+        writes: dict[int, _BucketWrite] = {}
         for bucket, group in by_bucket.items():
             for uid, events in group.items():
-                before = kepts[uid]
-                kept = kepts[uid] = before.copy()  # the kept state changes only once written
+                # changed in place: a failed write resets what is kept (see ``apply``)
+                kept = kepts[uid]
                 new = [pe for pe in events if pe.offset > guards.get((bucket, pe.partition), -1)]
                 result.skipped += len(events) - len(new)
                 if self._dedupe_ids:
@@ -380,23 +428,18 @@ class StateStore:
                 else:
                     fresh, outputs = new, events
                 result.duplicates += len(events) - len(outputs)
-                remembered, forgotten = kept.seen.changes(before.seen)
-                applying = {(pe.partition, pe.offset) for pe in fresh}
-                # one record per partition with new events, copies included: the guard moves past a
-                # copy, and the first record carries the remembered ids' changes
-                for partition, evs in _by_partition(new).items():
-                    keys, payload, offsets = users.setdefault((bucket, partition), ([], [], []))
-                    keys.extend(self.keys.user_keys(uid))
-                    applied = [pe for pe in evs if (pe.partition, pe.offset) in applying]
-                    payload.append([*self._user_record(partition, applied, kept.recent, meta, items),
-                                    remembered, forgotten])
-                    remembered, forgotten = [], []
-                    offsets.extend(pe.offset for pe in evs)
+                if new:
+                    # the guards move past every new event, copies included
+                    write = writes.setdefault(bucket, _BucketWrite())
+                    write.users.append(uid)
+                    for pe in new:
+                        write.span(pe.partition, pe.offset)
+                    self._update(kept.state, fresh, meta, items)
                 result.applied += len(fresh)
                 if not outputs:
                     continue
                 # outputs cover every event but duplicates, the skipped ones too: a replay reproduces them
-                result.users[uid] = touch = _touch(kept.recent, outputs)
+                result.users[uid] = touch = _touch(list(kept.state.recent), outputs)
                 for (_kind, item, _ts), (partition, offset) in zip(touch.actions, touch.positions, strict=True):
                     result.item_offsets.setdefault(partition, {}).setdefault(item, []).append(offset)
                     category = meta.get(item, (None, None))[0]
@@ -404,8 +447,8 @@ class StateStore:
                         result.categories[item] = category
                 result.max_ts = max(result.max_ts, touch.last_ts)
         self._apply_zsets(list(items.values()))
-        self._apply_users(users)
-        self._keep(users, kepts)
+        self._apply_users(writes, kepts)
+        self._keep(writes, kepts)
         return result
 
     @staticmethod
@@ -434,11 +477,11 @@ class StateStore:
                     seen.add(ev.event_id, pe.partition, pe.offset, ev.ts)
         return fresh, outputs
 
-    def _keep(self, users: dict[tuple[int, int], tuple[list[str], list[Any], list[int]]],
-              kepts: dict[str, Kept]) -> None:
-        """After an acknowledged write: the buckets' new guards and the users' recent items and ids."""
-        for (bucket, partition), (_keys, _payload, offsets) in users.items():
-            self._guards[(bucket, partition)] = max(offsets)
+    def _keep(self, writes: dict[int, _BucketWrite], kepts: dict[str, Kept]) -> None:
+        """After an acknowledged write: the buckets' new guards; the users as written."""
+        for bucket, write in writes.items():
+            for partition, (_lo, hi) in write.spans.items():
+                self._guards[(bucket, partition)] = hi
         kept = self._kept
         for uid, state in kepts.items():
             kept.pop(uid, None)
@@ -486,17 +529,16 @@ class StateStore:
             return guards, kepts, meta
         pipe = self.redis.pipeline(transaction=False)
         for bucket, missing, unknown in reads:
-            per_user = (k for u in unknown for k in (self.keys.user_recent(u), self.keys.user_event_ids(u)))
-            self._user_read(keys=[self.keys.user_guard(bucket), *per_user],
-                            args=[self.settings.state.recent_items_cap, *missing], client=pipe)
+            self._user_read(keys=[self.keys.user_guard(bucket), *map(self.keys.user_state, unknown)],
+                            args=missing, client=pipe)
         for iids in items_by_bucket.values():
             self._hmget(keys=[self.keys.item_meta(i) for i in iids], args=["category", "brand"], client=pipe)
         replies = pipe.execute()
         for (bucket, missing, unknown), reply in zip(reads, replies, strict=False):
             for p, raw in zip(missing, reply[0], strict=True):
                 guards[(bucket, p)] = self._guards[(bucket, p)] = int(raw) if raw else -1
-            for uid, lst, ids in zip(unknown, reply[1::2], reply[2::2], strict=True):
-                kepts[uid] = Kept([_s(x) for x in lst], Seen.from_redis(self._window_ms, self._dedupe_ids, ids))
+            for uid, (version, raw) in zip(unknown, reply[1:], strict=True):
+                kepts[uid] = self._decoded(uid, version, raw)
         until = now + META_TTL_S
         if len(self._meta) > META_CACHE_ITEMS:
             self._meta.clear()
@@ -506,46 +548,51 @@ class StateStore:
                 self._meta[iid] = (*known_meta, until)
         return guards, kepts, meta
 
-    def _user_record(self, partition: int, events: list[Positioned], recent: list[str],
-                     meta: dict[str, tuple[str | None, str | None]],
-                     items: dict[tuple[str, int], ZsetCall]) -> list[Any]:
-        """One user's USER_APPLY record; adds the item contributions and advances ``recent``."""
+    def _decoded(self, uid: str, version: bytes | None, raw: bytes | None) -> Kept:
+        try:
+            state = decode_user_state(raw)
+        except StateStoreError as exc:
+            # not a state this store wrote (another tool's value): it is replaced by the user's next write
+            log.error("user %s: %s; the stored state is replaced", uid, exc)
+            state = UserState()
+        seen = Seen(self._window_ms, self._dedupe_ids, state.seen)
+        return Kept("" if version is None else _s(version), state, seen)
+
+    def _update(self, state: UserState, events: list[Positioned], meta: dict[str, tuple[str | None, str | None]],
+                items: dict[tuple[str, int], ZsetCall]) -> None:
+        """Apply one user's new events to their state, in source order; adds the item contributions."""
         s, k = self.settings, self.keys
-        counts: dict[str, int] = defaultdict(int)
-        weights: dict[str, float] = defaultdict(float)
-        affinity: dict[str, float] = defaultdict(float)
-        pop = _call(items, k.popularity_guard(), partition, s.state.popularity_cap, True)
-        last_seen = -1
-        pushed: dict[str, None] = {}  # items pushed to the recent list, oldest push first
-        buys: list[Any] = []  # item, event time per purchase
-        for pe in sorted(events, key=lambda x: x.offset):
+        counts, weights, affinity, buys, recent = state.counts, state.items, state.affinity, state.buys, state.recent
+        cap = s.state.recent_items_cap
+        for pe in sorted(events, key=lambda x: (x.partition, x.offset)):
             ev = pe.event
-            counts[ev.type] += 1
-            last_seen = max(last_seen, ev.ts)
+            counts[ev.type] = counts.get(ev.type, 0) + 1
+            if ev.ts > state.last_seen:
+                state.last_seen = ev.ts
             w = EVENT_WEIGHTS[ev.type]
             item = str(ev.item_id) if ev.type != "impression" and ev.item_id is not None else None
             if item is None or w <= 0:
                 continue
             if ev.type == "purchase":
-                buys.extend((item, ev.ts))
+                n, first, last = buys.get(item, (0, ev.ts, ev.ts))
+                buys[item] = (n + 1, min(first, ev.ts), max(last, ev.ts))
             aw = self.affinity_decay.weight(w, ev.ts)
-            weights[item] += aw
+            weights[item] = weights.get(item, 0.0) + aw
             category, brand = meta.get(item, (None, None))
             if category:
-                affinity[f"c:{category}"] += aw
+                key = f"c:{category}"
+                affinity[key] = affinity.get(key, 0.0) + aw
             if brand:
-                affinity[f"b:{brand}"] += aw
+                key = f"b:{brand}"
+                affinity[key] = affinity.get(key, 0.0) + aw
+            pop = _call(items, k.popularity_guard(), pe.partition, s.state.popularity_cap, True)
             pop.entries[k.popularity()].append((pe.offset, item, self.popularity_decay.weight(w, ev.ts)))
             # Directional co-visitation: what users went on to interact with after each recent item.
             for other in _window(recent, item, s.state.covis_window):
-                call = _call(items, k.item_guard(k.bucket(other)), partition, s.state.covis_cap, False,
+                call = _call(items, k.item_guard(k.bucket(other)), pe.partition, s.state.covis_cap, False,
                              s.state.item_ttl_s)
                 call.entries[k.item_covis(other)].append((pe.offset, item, w))
-            _push_recent(recent, item, s.state.recent_items_cap)
-            pushed.pop(item, None)
-            pushed[item] = None
-        return [last_seen, [x for kv in counts.items() for x in kv], list(pushed),
-                [x for kv in weights.items() for x in kv], [x for kv in affinity.items() for x in kv], buys]
+            _push_recent(recent, item, cap)
 
     def _apply_zsets(self, calls: list[ZsetCall]) -> None:
         """Send every call; where a guard is already past some offsets, resend the rest."""
@@ -561,18 +608,32 @@ class StateStore:
             replies = pipe.execute() if sent else []
             pending = [(call, int(g)) for call, g in zip(sent, replies, strict=True) if int(g) != -1]
 
-    def _apply_users(self, calls: dict[tuple[int, int], tuple[list[str], list[Any], list[int]]]) -> None:
-        if not calls:
+    def _apply_users(self, writes: dict[int, _BucketWrite], kepts: dict[str, Kept]) -> None:
+        """One compare-and-set per bucket: the users' whole states and the bucket's partition guards."""
+        if not writes:
             return
         pipe = self.redis.pipeline(transaction=False)
-        for (bucket, partition), (keys, payload, offsets) in calls.items():
-            self._user_apply(keys=[self.keys.user_guard(bucket), *keys],
-                             args=[partition, self.settings.state.user_ttl_s, min(offsets), max(offsets),
-                                   _msgpack.encode(payload), self.settings.state.recent_items_cap], client=pipe)
-        conflicts = [g for g in pipe.execute() if int(g) != -1]
-        if conflicts:
-            # Another writer applied part of this batch meanwhile: recompute from fresh state.
-            raise StaleStateError(f"{len(conflicts)} user buckets moved on during the batch; retrying")
+        for bucket, write in writes.items():
+            args: Args = [self.settings.state.user_ttl_s, len(write.spans)]
+            for partition, (lo, hi) in write.spans.items():
+                args.extend((partition, lo, hi))
+            for uid in write.users:
+                kept = kepts[uid]
+                args.extend((kept.version, kept.state.last_seen, kept.encode()))
+            self._user_store(keys=[self.keys.user_guard(bucket), *map(self.keys.user_state, write.users)],
+                             args=args, client=pipe)
+        guards = users = 0
+        for write, reply in zip(writes.values(), pipe.execute(), strict=True):
+            if int(reply[0]) != 1:
+                guards, users = guards + int(reply[1]), users + int(reply[2])
+                continue
+            for uid, version in zip(write.users, reply[1:], strict=True):
+                kepts[uid].version = str(int(version))
+        # Recomputed from what Redis holds now; the buckets written are guarded, so a retry skips them.
+        if guards:
+            raise StaleStateError(f"{guards} partition guards moved on during the batch (a stale writer)")
+        if users:
+            raise UserMovedError(f"{users} users were written by another consumer during the batch")
 
     # ------------------------------------------------------------------ catalog
     def apply_catalog(self, events: Iterable[CatalogEvent]) -> int:
@@ -637,13 +698,6 @@ def _call(calls: dict[tuple[str, int], ZsetCall], guard: str, partition: int, ca
     if call is None:
         call = calls[(guard, partition)] = ZsetCall(guard, partition, cap, aggregate, ttl_s)
     return call
-
-
-def _by_partition(events: list[Positioned]) -> dict[int, list[Positioned]]:
-    out: dict[int, list[Positioned]] = defaultdict(list)
-    for pe in events:
-        out[pe.partition].append(pe)
-    return out
 
 
 def _window(recent: list[str], item: str, size: int) -> list[str]:

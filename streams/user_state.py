@@ -62,6 +62,9 @@ class StateMetrics(MetricSet):
                              "Events skipped because their offset was already applied")
     duplicates = counter("fusionrec_state_duplicate_events_total",
                          "User events dropped as producer duplicates (an event id the user sent before)")
+    recomputed = counter("fusionrec_state_recomputed_batches_total",
+                         "Batches recomputed because another consumer wrote some of their users meanwhile "
+                         "(users whose events arrive on two partitions)")
 
 
 class UserStateHandler:
@@ -174,6 +177,8 @@ class UserStateHandler:
         if result.duplicates:
             self.metrics.duplicates.inc(result.duplicates)
             log.info("dropped %d producer duplicates (event ids their users sent before)", result.duplicates)
+        if result.recomputed:
+            self.metrics.recomputed.inc(result.recomputed)
         if result.skipped:
             self.metrics.replay_skipped.inc(result.skipped)
             log.info("skipped %d already-applied events", result.skipped)

@@ -8,13 +8,11 @@ lifetime of a deployment (``FUSIONREC_REDIS_BUCKETS``; changing it means a new p
 =================================  ====  ======================================================
 key                                type  content
 =================================  ====  ======================================================
-``P:{u:B}:<uid>:s``                hash  counters ``n:<type>``, ``last_seen`` (ms)
-``P:{u:B}:<uid>:recent``           list  most recent distinct item ids, newest first (capped)
-``P:{u:B}:<uid>:items``            zset  decayed interaction weight per item (repeat candidates)
-``P:{u:B}:<uid>:aff``              zset  decayed affinity, members ``c:<category>``/``b:<brand>``
-``P:{u:B}:<uid>:eids``             zset  event ids remembered against producer duplicates, members
-                                         ``<partition>:<offset>:<event_id>``, score event time (ms)
-``P:{u:B}:<uid>:buys``             hash  per purchased item ``<purchases>:<first ts>:<last ts>`` (ms)
+``P:{u:B}:<uid>:s``                hash  the user's state, written whole by their partition's consumer:
+                                         ``d`` msgpack :class:`~fusionrec.streams.state.UserState`
+                                         (counters, recent items, decayed item weights and
+                                         category/brand affinity, purchases, remembered event ids),
+                                         ``v`` its version (compare-and-set), ``last_seen`` (ms)
 ``P:{u:B}:<uid>:rec``              str   JSON top-K recommendations with scores and sources
 ``P:{u:B}:<uid>:pv``               str   profile vector: msgpack ``[version, float32 bytes]``
 ``P:{u:B}:o``                      hash  offset guard per source partition for the bucket's users
@@ -95,33 +93,14 @@ class Keys:
         return f"{self.prefix}:{{u:{bucket}}}"
 
     def user(self, uid: str, kind: str) -> str:
-        """``kind`` is one of ``s``, ``recent``, ``items``, ``aff``, ``eids``, ``buys``, ``rec``, ``pv``."""
+        """``kind`` is one of ``s``, ``rec``, ``pv``."""
         return f"{self.user_tag(self.bucket(uid))}:{uid}:{kind}"
 
     def user_state(self, uid: str) -> str:
         return self.user(uid, "s")
 
-    def user_recent(self, uid: str) -> str:
-        return self.user(uid, "recent")
-
-    def user_items(self, uid: str) -> str:
-        return self.user(uid, "items")
-
-    def user_affinity(self, uid: str) -> str:
-        return self.user(uid, "aff")
-
     def user_rec(self, uid: str) -> str:
         return self.user(uid, "rec")
-
-    def user_event_ids(self, uid: str) -> str:
-        return self.user(uid, "eids")
-
-    def user_buys(self, uid: str) -> str:
-        return self.user(uid, "buys")
-
-    def user_keys(self, uid: str) -> list[str]:
-        """The six keys the user-state script writes for one user, in script order."""
-        return [self.user(uid, k) for k in ("s", "recent", "items", "aff", "eids", "buys")]
 
     def user_profile(self, uid: str) -> str:
         return self.user(uid, "pv")

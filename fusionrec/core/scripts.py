@@ -47,58 +47,45 @@ def register(client: redis.Redis, source: str) -> LuaScript:
 # the caller can drop what is in and send the rest. Otherwise everything is applied, the guard moves
 # to the payload's highest offset, and -1 is returned.
 
-# KEYS: bucket guard, then per user: state, recent, items, aff, event ids, buys
-# ARGV: partition, ttl_s, min_offset, max_offset, msgpack([per user:
-#       [last_seen, [type, count, ...], [items pushed to recent, oldest push first], [item, weight, ...],
-#        [member, weight, ...], [item, purchase ts, ...], [event-id member, event ts, ...] (remembered),
-#        [event-id member, ...] (forgotten)]]), recent cap
-# ``buys`` holds per purchased item ``<purchases>:<first ts>:<last ts>`` (event times, ms); a purchase
-# older than the last moves only the first.
-# Recent items are pushed (moved to the front) rather than replaced, so two writers of one user
-# (events of one user on two partitions) both keep their items.
-USER_APPLY = """
-local g = redis.call('HGET', KEYS[1], ARGV[1])
-if g and tonumber(g) >= tonumber(ARGV[3]) then return tonumber(g) end
-local ttl = ARGV[2]
-local users = cmsgpack.unpack(ARGV[5])
-for u = 1, #users do
-  local ks, kr, ki, ka, ke = KEYS[6 * u - 4], KEYS[6 * u - 3], KEYS[6 * u - 2], KEYS[6 * u - 1], KEYS[6 * u]
-  local kb = KEYS[6 * u + 1]
-  local rec = users[u]
-  local counts, recent, items, aff, buys, seen, forgot = rec[2], rec[3], rec[4], rec[5], rec[6], rec[7], rec[8]
-  for a = 1, #counts, 2 do redis.call('HINCRBY', ks, 'n:' .. counts[a], counts[a + 1]) end
-  local prev = tonumber(redis.call('HGET', ks, 'last_seen') or '-1')
-  if rec[1] > prev then redis.call('HSET', ks, 'last_seen', rec[1]) end
-  if #recent > 0 then
-    for a = 1, #recent do
-      redis.call('LREM', kr, 0, recent[a])
-      redis.call('LPUSH', kr, recent[a])
-    end
-    redis.call('LTRIM', kr, 0, tonumber(ARGV[6]) - 1)
-  end
-  for a = 1, #items, 2 do redis.call('ZINCRBY', ki, items[a + 1], items[a]) end
-  for a = 1, #aff, 2 do redis.call('ZINCRBY', ka, aff[a + 1], aff[a]) end
-  for a = 1, #seen, 2 do redis.call('ZADD', ke, seen[a + 1], seen[a]) end
-  if #forgot > 0 then redis.call('ZREM', ke, unpack(forgot)) end
-  for a = 1, #buys, 2 do
-    local ts = buys[a + 1]
-    local n, first, last = 1, ts, ts
-    local cur = redis.call('HGET', kb, buys[a])
-    if cur then
-      local cn, cf, cl = string.match(cur, '^(%d+):(-?%d+):(-?%d+)$')
-      n, first, last = tonumber(cn) + 1, math.min(tonumber(cf), ts), math.max(tonumber(cl), ts)
-    end
-    redis.call('HSET', kb, buys[a], string.format('%d:%d:%d', n, first, last))
-  end
-  redis.call('EXPIRE', ks, ttl)
-  redis.call('EXPIRE', kr, ttl)
-  redis.call('EXPIRE', ki, ttl)
-  redis.call('EXPIRE', ka, ttl)
-  redis.call('EXPIRE', ke, ttl)
-  redis.call('EXPIRE', kb, ttl)
+# Whole user states of one bucket, compare-and-set: the consumer that owns a user's partition keeps
+# the user's state in process and writes it whole; Redis stores it and does no arithmetic.
+# KEYS: bucket guard, then per user: the state hash (fields ``v`` version, ``d`` msgpack state,
+#       ``last_seen``).
+# ARGV: ttl_s, number of partitions, per partition: partition, min_offset, max_offset; then per user:
+#       the version the writer read ('' when none was stored), last_seen, state.
+# Nothing is written unless every partition's guard is below its min_offset and every user's stored
+# version is the one read: a stale writer, or another consumer that wrote one of these users since
+# (their events on two partitions), is refused. Returns {0, guard conflicts, user conflicts}, or {1,
+# new version per user}. A version starts at the server's time in microseconds, so a state that
+# expired and was written anew never has a version some process read before.
+USER_STORE = """
+local np = tonumber(ARGV[2])
+local bad_g, bad_u = 0, 0
+for i = 0, np - 1 do
+  local g = redis.call('HGET', KEYS[1], ARGV[3 + 3 * i])
+  if g and tonumber(g) >= tonumber(ARGV[4 + 3 * i]) then bad_g = bad_g + 1 end
 end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[4])
-return -1
+local base = 3 + 3 * np
+for u = 2, #KEYS do
+  local cur = redis.call('HGET', KEYS[u], 'v') or ''
+  if cur ~= ARGV[base + 3 * (u - 2)] then bad_u = bad_u + 1 end
+end
+if bad_g + bad_u > 0 then return {0, bad_g, bad_u} end
+local ttl = ARGV[1]
+local out = {1}
+local t = nil
+for u = 2, #KEYS do
+  local a = base + 3 * (u - 2)
+  if ARGV[a] == '' then
+    if not t then t = redis.call('TIME') end
+    redis.call('HSET', KEYS[u], 'v', t[1] .. string.format('%06d', tonumber(t[2])))
+  end
+  out[u] = redis.call('HINCRBY', KEYS[u], 'v', 1)
+  redis.call('HSET', KEYS[u], 'last_seen', ARGV[a + 1], 'd', ARGV[a + 2])
+  redis.call('EXPIRE', KEYS[u], ttl)
+end
+for i = 0, np - 1 do redis.call('HSET', KEYS[1], ARGV[3 + 3 * i], ARGV[5 + 3 * i]) end
+return out
 """
 
 # Sorted-set increments for one item bucket (co-visitation) or the global popularity set. Records are
@@ -167,19 +154,14 @@ end
 return out
 """
 
-# Read the bucket's guards and each user's recent list and remembered event ids.
-# KEYS: bucket guard, then per user: recent list, event-id zset. ARGV: cap, then the partitions whose
-# guards to return. Returns {guards (false where unset), recent1, ids1, recent2, ids2, ...}; ids are
-# {member, score, ...}.
+# Read the bucket's guards and each user's stored state.
+# KEYS: bucket guard, then per user: state hash. ARGV: the partitions whose guards to return.
+# Returns {guards (false where unset), {version, state} per user (false where unset)}.
 USER_READ = """
 local guards = {}
-for p = 2, #ARGV do guards[p - 1] = redis.call('HGET', KEYS[1], ARGV[p]) end
+for p = 1, #ARGV do guards[p] = redis.call('HGET', KEYS[1], ARGV[p]) end
 local out = {guards}
-local cap = tonumber(ARGV[1])
-for k = 2, #KEYS, 2 do
-  out[k] = redis.call('LRANGE', KEYS[k], 0, cap - 1)
-  out[k + 1] = redis.call('ZRANGE', KEYS[k + 1], 0, -1, 'WITHSCORES')
-end
+for k = 2, #KEYS do out[k] = redis.call('HMGET', KEYS[k], 'v', 'd') end
 return out
 """
 
@@ -198,20 +180,10 @@ for k = 1, #KEYS do out[k] = redis.call('ZRANGE', KEYS[k], 0, stop, 'REV', 'WITH
 return out
 """
 
-# A bucket's users' strongest items and what ``buys`` holds of them. KEYS: per user: items zset, buys hash.
-# ARGV: how many items. Returns per user {member, score, ...} and the buys values of those members.
-USER_ITEMS_READ = """
+# KEYS: hashes of one bucket. ARGV[1]: a field. Returns its value per key (false where unset).
+MULTI_HGET = """
 local out = {}
-local stop = tonumber(ARGV[1]) - 1
-for k = 1, #KEYS, 2 do
-  local top = redis.call('ZRANGE', KEYS[k], 0, stop, 'REV', 'WITHSCORES')
-  local ids = {}
-  for a = 1, #top, 2 do ids[#ids + 1] = top[a] end
-  local bought = {}
-  if #ids > 0 then bought = redis.call('HMGET', KEYS[k + 1], unpack(ids)) end
-  out[#out + 1] = top
-  out[#out + 1] = bought
-end
+for k = 1, #KEYS do out[k] = redis.call('HGET', KEYS[k], ARGV[1]) end
 return out
 """
 

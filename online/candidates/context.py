@@ -5,7 +5,9 @@ module is the only place that reads one. Per call, one pipeline with one script 
 bucket and source (see :data:`fusionrec.core.scripts.MULTI_ZTOP`):
 
 1. the popular and trending lists and the number of deleted items (global);
-2. per user: their strongest items (repeat candidates) and category/brand affinities;
+2. per user: their stored state (:class:`~fusionrec.streams.state.UserState`), of which their
+   strongest items (repeat candidates, with their purchases) and category/brand affinities, taken in
+   the order ``ZRANGE … REV`` would give (:func:`strongest`);
 3. per recent item: its co-visitation neighbours;
 4. when item vectors exist: the user's profile vector from their strongest items' vectors, and its
    nearest items (content candidates; of a wider search, the nearest with few interactions are the
@@ -22,6 +24,8 @@ Every reply is filed under the name of what it answers, never by its position in
 
 from __future__ import annotations
 
+import heapq
+import logging
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -30,11 +34,14 @@ from typing import Any, Protocol
 import numpy as np
 import redis
 
+from fusionrec.core.errors import StateStoreError
 from fusionrec.core.keys import Keys
-from fusionrec.core.scripts import MULTI_ZTOP, USER_ITEMS_READ, register
+from fusionrec.core.scripts import MULTI_HGET, MULTI_ZTOP, register
 from fusionrec.core.settings import Settings
 from fusionrec.online.candidates.content import ContentIndex, profile_vector
-from fusionrec.streams.state import Decay
+from fusionrec.streams.state import Decay, UserState, decode_user_state
+
+log = logging.getLogger(__name__)
 
 AFFINITY_TOP = 20  # strongest category/brand affinities read per user
 
@@ -118,17 +125,18 @@ def _pairs(raw: Iterable[tuple[bytes | str, float]]) -> Scored:
     return [(_text(m), float(s)) for m, s in raw]
 
 
-def _bought(items: Scored, raw: list[bytes | str | None]) -> dict[str, tuple[int, int, int]]:
-    """``buys`` values (``<purchases>:<first>:<last>``) of the items that have one."""
-    out: dict[str, tuple[int, int, int]] = {}
-    for (item, _), value in zip(items, raw, strict=True):
-        if value is not None:
-            try:
-                n, first, last = _text(value).split(":")
-                out[item] = (int(n), int(first), int(last))
-            except ValueError:  # not what USER_APPLY writes: the item counts as never bought
-                continue
-    return out
+def strongest(weights: Mapping[str, float], n: int) -> Scored:
+    """The ``n`` largest weights, largest first; ties in reverse item order, as ``ZRANGE … REV`` reads a
+    sorted set."""
+    if n <= 0 or not weights:
+        return []
+    if len(weights) <= n:
+        return sorted(weights.items(), key=_by_weight, reverse=True)
+    return heapq.nlargest(n, weights.items(), key=_by_weight)
+
+
+def _by_weight(pair: tuple[str, float]) -> tuple[float, str]:
+    return pair[1], pair[0]
 
 
 class _Replies:
@@ -136,30 +144,25 @@ class _Replies:
 
     def __init__(self, client: redis.Redis) -> None:
         self.pipe = client.pipeline(transaction=False)
-        self._tags: list[tuple[str, list[str] | None, bool]] = []
-        self.bought: dict[str, dict[str, tuple[int, int, int]]] = {}
+        self._tags: list[tuple[str, list[str] | None]] = []
 
-    def add(self, name: str, ids: list[str] | None = None, with_buys: bool = False) -> Any:
-        """Tag the next queued command; ``ids`` when its reply has one entry per id (a MULTI_ZTOP call).
-        ``with_buys``: two entries per id, the scored list and its ``buys`` (a USER_ITEMS_READ call),
-        the purchases filed in :attr:`bought`."""
-        self._tags.append((name, ids, with_buys))
+    def add(self, name: str, ids: list[str] | None = None) -> Any:
+        """Tag the next queued command; ``ids`` when its reply has one entry per id (a MULTI_ZTOP call)."""
+        self._tags.append((name, ids))
         return self.pipe
 
-    def execute(self) -> tuple[dict[str, Any], dict[str, dict[str, Scored]]]:
-        """Global replies by name, and per-id scored lists by name (the purchases in ``bought``)."""
+    def execute(self) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+        """Global replies by name, and per-id replies by name (scored lists as ``Scored``)."""
         single: dict[str, Any] = {}
-        per_id: dict[str, dict[str, Scored]] = defaultdict(dict)
-        for (name, ids, with_buys), reply in zip(self._tags, self.pipe.execute(), strict=True):
+        per_id: dict[str, dict[str, Any]] = defaultdict(dict)
+        for (name, ids), reply in zip(self._tags, self.pipe.execute(), strict=True):
             if ids is None:
                 single[name] = reply
-                continue
-            flats = reply[0::2] if with_buys else reply
-            for ident, flat in zip(ids, flats, strict=True):
-                per_id[name][ident] = list(zip(map(_text, flat[0::2]), map(float, flat[1::2]), strict=True))
-            if with_buys:
-                for ident, raw in zip(ids, reply[1::2], strict=True):
-                    self.bought[ident] = _bought(per_id[name][ident], raw)
+            elif name == "state":
+                per_id[name].update(zip(ids, reply, strict=True))
+            else:
+                for ident, flat in zip(ids, reply, strict=True):
+                    per_id[name][ident] = list(zip(map(_text, flat[0::2]), map(float, flat[1::2]), strict=True))
         return single, per_id
 
 
@@ -173,12 +176,14 @@ class CandidateReader:
         self.keys = keys or Keys.for_settings(settings)
         self.content = content or ContentIndex(client, settings, self.keys)
         self._ztop = register(client, MULTI_ZTOP)
-        self._items = register(client, USER_ITEMS_READ)
+        self._states = register(client, MULTI_HGET)
         # stored popularity is forward-decayed: weight(1, -ts) = exp(-rate * (ts - epoch)) brings it to ts
         self._popularity_now = Decay(-settings.state.decay_epoch_ms, settings.state.popularity_half_life_s)
 
-    def for_users(self, users: Mapping[str, Anchor]) -> list[UserContext]:
-        """Contexts for users whose recent items the caller knows (the writer: from the batch just applied)."""
+    def for_users(self, users: Mapping[str, Anchor], states: Mapping[str, UserState] | None = None
+                  ) -> list[UserContext]:
+        """Contexts for users whose recent items the caller knows (the writer: from the batch just applied);
+        their stored states are read unless given."""
         s = self.settings
         recent = {uid: a.recent[: s.rec.recent_items] for uid, a in users.items()}
         anchors = sorted({i for items in recent.values() for i in items})
@@ -188,21 +193,26 @@ class CandidateReader:
         q.add("deleted").scard(self.keys.deleted_items())
         q.add("trending").zrange(self.keys.trending(), 0, s.rec.trending_candidates - 1, desc=True,
                                  withscores=True)
-        for group in self._by_bucket(list(users)):
-            self._items(keys=[k for u in group for k in (self.keys.user_items(u), self.keys.user_buys(u))],
-                        args=[s.rec.repeat_candidates], client=q.add("items", group, with_buys=True))
-            self._ztop(keys=[self.keys.user_affinity(u) for u in group], args=[AFFINITY_TOP],
-                       client=q.add("affinity", group))
+        if states is None:
+            for group in self._by_bucket(list(users)):
+                self._states(keys=[self.keys.user_state(u) for u in group], args=["d"], client=q.add("state", group))
         for group in self._by_bucket(anchors):
             self._ztop(keys=[self.keys.item_covis(i) for i in group], args=[s.rec.candidates_per_item],
                        client=q.add("covis", group))
         single, per_id = q.execute()
+        if states is None:
+            states = {uid: self._decoded(uid, raw) for uid, raw in per_id["state"].items()}
         popular = _pairs(single["popular"])
         trending = _pairs(single["trending"]) if s.rec.trending_candidates > 0 else []
-        contexts = [UserContext(user_id=uid, recent=recent[uid], items=per_id["items"][uid], bought=q.bought[uid],
-                                covis={a: per_id["covis"][a] for a in recent[uid]}, popular=popular,
-                                trending=trending, affinity=dict(per_id["affinity"][uid]), ts=a.last_ts)
-                    for uid, a in users.items()]
+        contexts = []
+        for uid, a in users.items():
+            state = states[uid]
+            items = strongest(state.items, s.rec.repeat_candidates)
+            contexts.append(UserContext(
+                user_id=uid, recent=recent[uid], items=items,
+                bought={i: state.buys[i] for i, _ in items if i in state.buys},
+                covis={a: per_id["covis"][a] for a in recent[uid]}, popular=popular, trending=trending,
+                affinity=dict(strongest(state.affinity, AFFINITY_TOP)), ts=a.last_ts))
         scanned = self._add_content(contexts)
         self._add_support(contexts, scanned, deleted=int(single["deleted"]) > 0)
         return contexts
@@ -212,14 +222,29 @@ class CandidateReader:
 
         Search and the evaluator use this; an unknown user gets the context of a user with no history.
         """
+        states = self.states(list(at))
+        anchors = {uid: StoredAnchor(recent=states[uid].recent[: self.settings.rec.recent_items],
+                                     last_ts=max(ts, states[uid].last_seen, 0))
+                   for uid, ts in at.items()}
+        return self.for_users(anchors, states)
+
+    def states(self, uids: list[str]) -> dict[str, UserState]:
+        """The users' stored states (empty for a user with none): one round trip."""
         pipe = self.redis.pipeline(transaction=False)
-        for uid in at:
-            pipe.lrange(self.keys.user_recent(uid), 0, self.settings.rec.recent_items - 1)
-            pipe.hget(self.keys.user_state(uid), "last_seen")
-        replies = pipe.execute()
-        anchors = {uid: StoredAnchor(recent=[_text(r) for r in recent], last_ts=max(ts, int(last_seen or 0)))
-                   for (uid, ts), recent, last_seen in zip(at.items(), replies[0::2], replies[1::2], strict=True)}
-        return self.for_users(anchors)
+        groups = self._by_bucket(uids)
+        for group in groups:
+            self._states(keys=[self.keys.user_state(u) for u in group], args=["d"], client=pipe)
+        return {uid: self._decoded(uid, raw)
+                for group, reply in zip(groups, pipe.execute(), strict=True)
+                for uid, raw in zip(group, reply, strict=True)}
+
+    @staticmethod
+    def _decoded(uid: str, raw: bytes | None) -> UserState:
+        try:
+            return decode_user_state(raw)
+        except StateStoreError as exc:
+            log.warning("user %s: %s; read as a user with no history", uid, exc)
+            return UserState()
 
     def _add_content(self, contexts: list[UserContext]) -> dict[str, Scored]:
         """Profile vectors and their nearest items, for users whose items have vectors; returns each such
@@ -228,12 +253,12 @@ class CandidateReader:
         version = self.content.active()
         if version is None or s.rec.content_candidates <= 0:
             return {}
-        strongest = {c.user_id: c.items[: s.rec.profile_items] for c in contexts}
-        ids = sorted({i for items in strongest.values() for i, _ in items})
+        top_items = {c.user_id: c.items[: s.rec.profile_items] for c in contexts}
+        ids = sorted({i for items in top_items.values() for i, _ in items})
         vectors = self.content.store.vectors(version, ids)
         with_profile = []
         for ctx in contexts:
-            vec = profile_vector(vectors, strongest[ctx.user_id])
+            vec = profile_vector(vectors, top_items[ctx.user_id])
             if vec is not None:
                 ctx.profile = (version, vec)
                 with_profile.append(ctx)

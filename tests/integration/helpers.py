@@ -37,7 +37,7 @@ from fusionrec.streams.datasets import Dataset
 from fusionrec.streams.metrics import StreamMetrics
 from fusionrec.streams.producer import EventProducer, kafka_config
 from fusionrec.streams.replay import replay
-from fusionrec.streams.state import StateStore
+from fusionrec.streams.state import StateStore, decode_user_state
 from fusionrec.streams.topics import ensure_topics
 from fusionrec.streams.trending import ItemDelta, fresh_counts
 
@@ -169,21 +169,22 @@ def read_topic(settings: Settings, topic: str, *, until: Callable[[list[Message]
 def dump_state(client: redis.Redis, prefix: str, event_ids: bool = False) -> dict[str, Any]:
     """Every key under a prefix with its value, floats rounded to 9 significant digits.
 
-    Decayed scores are sums of floats whose order of addition depends on batch boundaries; counters,
-    lists, sets and co-visitation weights (integers) compare exactly. A ``rec`` list is a snapshot of
+    Decayed scores are sums of floats whose order of addition can depend on batch boundaries (the
+    sorted sets'); counters, lists, sets and co-visitation weights (integers) compare exactly. A user's
+    state hash is decoded, without its version (which counts writes). A ``rec`` list is a snapshot of
     the ranking at the end of the last batch that touched its user, so it depends on what else was in
     that batch: only its presence, model and length are compared. The users' remembered event ids
-    (``eids``) are left out unless asked for: which ids older than the duplicate window are still
-    remembered depends on when the consumer recorded its offsets as done (docs/state.md).
+    (their state's ``seen``) are left out unless asked for: which ids older than the duplicate window
+    are still remembered depends on when the consumer recorded its offsets as done (docs/state.md).
     """
     out: dict[str, Any] = {}
     for raw in client.scan_iter(match=f"{prefix}:*", count=1000):
         key = raw.decode()
-        if key.endswith(":eids") and not event_ids:
-            continue
         kind = client.type(key).decode()
-        if kind == "hash":
-            value: Any = {k.decode(): _text(v) for k, v in client.hgetall(key).items()}
+        if kind == "hash" and key.endswith(":s"):
+            value: Any = _user_state(client.hgetall(key), event_ids)
+        elif kind == "hash":
+            value = {k.decode(): _text(v) for k, v in client.hgetall(key).items()}
         elif kind == "list":
             value = [v.decode() for v in client.lrange(key, 0, -1)]
         elif kind == "set":
@@ -197,6 +198,18 @@ def dump_state(client: redis.Redis, prefix: str, event_ids: bool = False) -> dic
                 value = (recs["model"], len(recs["items"]))
         out[key] = value
     return out
+
+
+def _user_state(fields: dict[bytes, bytes], event_ids: bool) -> dict[str, Any]:
+    """A user's state hash as comparable values: the state decoded, floats rounded as in sorted sets; not
+    its version (which counts writes), nor its remembered event ids unless asked for."""
+    state = decode_user_state(fields.get(b"d"))
+    out = msgspec.structs.asdict(state)
+    out["items"] = {k: float(f"{v:.9g}") for k, v in state.items.items()}
+    out["affinity"] = {k: float(f"{v:.9g}") for k, v in state.affinity.items()}
+    if not event_ids:
+        del out["seen"]
+    return {"last_seen": _text(fields[b"last_seen"]), "state": out}
 
 
 def _text(value: bytes) -> str | bytes:
@@ -218,7 +231,7 @@ def store_catalog(settings: Settings, ds: Dataset) -> None:
 
 def purchases_in(client: redis.Redis, prefix: str) -> int:
     """Purchases counted in the user-state hashes under a prefix."""
-    return sum(int(client.hget(key, "n:purchase") or 0)
+    return sum(decode_user_state(client.hget(key, "d")).counts.get("purchase", 0)
                for key in client.scan_iter(match=f"{prefix}:*:s", count=1000))
 
 

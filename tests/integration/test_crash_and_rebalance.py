@@ -125,7 +125,7 @@ def test_two_processes_split_partitions_and_totals_are_exact(services, tmp_path,
     per_user = ds.events.groupby("user_id").size()
     for uid, n in per_user.items():
         key = next(k for k in state if k.endswith(f":{uid}:s") and "{u:" in k)
-        assert int(state[key]["n:purchase"]) == n
+        assert state[key]["state"]["counts"]["purchase"] == n
     pop_key = next(k for k in state if k.endswith("{g}:pop"))
     assert set(state[pop_key]) == set(ds.events.item_id)
     # partitions moved between the processes while users waited to be ranked: outputs exactly once

@@ -20,6 +20,7 @@ from fusionrec.core.pseudonyms import Pseudonyms
 from fusionrec.core.redis_client import connect
 from fusionrec.core.settings import Settings
 from fusionrec.streams.producer import EventProducer, kafka_config
+from fusionrec.streams.state import decode_user_state
 from fusionrec.streams.topics import ensure_topics
 from tests.integration.helpers import consume_until, make_settings, purchases_in, read_topic
 
@@ -89,7 +90,7 @@ def test_with_pseudonyms_no_dead_letter_carries_the_raw_user_id(services: Runnin
         letters = read_topic(s, s.dlq_topic(s.kafka.topic_events), until=lambda got: len(got) >= 4)
         stored = {k.decode() for k in pipeline.redis.scan_iter(match=f"{s.redis.prefix}:*")}
         state = Keys.for_settings(s).user_state(Pseudonyms(key)(raw))
-        assert int(pipeline.redis.hget(state, "n:purchase") or 0) == 1  # the valid event, under the pseudonym
+        assert decode_user_state(pipeline.redis.hget(state, "d")).counts == {"purchase": 1}  # under the pseudonym
     assert state in stored and not any(raw in k for k in stored)
     found = {dict(m.headers())["fusionrec.dlq.reason"].decode(): m for m in letters}
     assert sorted(found) == ["invalid_id", "not_json", "too_deep", "unknown_type"]

@@ -12,7 +12,7 @@ from fusionrec.core.redis_client import connect
 from fusionrec.streams import datasets
 from fusionrec.streams.contract import UserEvent
 from fusionrec.streams.producer import EventProducer
-from fusionrec.streams.state import BatchResult, Positioned, StateStore
+from fusionrec.streams.state import BatchResult, Positioned, StateStore, decode_user_state
 from fusionrec.streams.topics import ensure_topics
 from tests.integration.helpers import consume_until, dump_state, make_settings
 
@@ -38,8 +38,7 @@ def _positioned(events: list[UserEvent]) -> list[Positioned]:
 
 def _state(client, prefix: str) -> dict:
     """The state that does not name offsets: guards and remembered ids (which do) left out."""
-    return {k.split(":", 1)[1]: v for k, v in dump_state(client, prefix).items()
-            if not k.endswith((":o", ":eids"))}
+    return {k.split(":", 1)[1]: v for k, v in dump_state(client, prefix).items() if not k.endswith(":o")}
 
 
 def _run(store: StateStore, events: list[Positioned], size: int) -> list[BatchResult]:
@@ -56,7 +55,7 @@ def _crash_and_replay(store: StateStore, evs: list[Positioned], size: int) -> tu
     first = _run(store, evs[:1700], size)
     store.settle({0: 1199})  # what the consumer does once offsets up to 1199 are recorded as done
     original = store._apply_users
-    store._apply_users = lambda calls: (_ for _ in ()).throw(ConnectionError("redis went away"))
+    store._apply_users = lambda *_: (_ for _ in ()).throw(ConnectionError("redis went away"))
     with pytest.raises(ConnectionError):
         store.apply(evs[1700:2300])
     store._apply_users = original
@@ -102,7 +101,9 @@ def test_forgotten_ids_never_change_a_replayed_decision(services, with_copies):
     store = StateStore(client, s)
     store.apply_catalog(catalog)
     results, _outputs_kept = _crash_and_replay(store, _positioned(stream), 137)
-    remembered = sum(client.zcard(k) for k in client.scan_iter(match=f"{s.redis.prefix}:*:eids"))
+    remembered = sum(len(decode_user_state(client.hget(k, "d")).seen)
+                     for k in client.scan_iter(match=f"{s.redis.prefix}:*:s"))
+    assert remembered > 0
     assert remembered < len(stream) - 1200  # ids were forgotten ...
     assert sum(r.duplicates for r in results) > 0  # ... and copies dropped
 
@@ -125,7 +126,7 @@ def test_without_suppression_the_copies_count_twice(services, with_copies):
     store.apply_catalog(catalog)
     results = _run(store, _positioned(stream), 500)
     assert sum(r.duplicates for r in results) == 0
-    counts = sum(int(v.get("n:purchase", 0)) for k, v in dump_state(client, s.redis.prefix).items()
+    counts = sum(v["state"]["counts"].get("purchase", 0) for k, v in dump_state(client, s.redis.prefix).items()
                  if k.endswith(":s"))
     assert counts == len(stream) > len(clean)
 
@@ -150,9 +151,9 @@ def test_the_window_is_event_time_and_the_cap_forgets_the_oldest(services):
     assert store.apply([ev("a", 63, 7)]).duplicates == 0  # so it counts again
     store.settle({0: 7})
     assert store.apply([ev("d", 63, 8), ev("e", 63, 9)]).duplicates == 0
-    members = {m.decode() for m in client.zrange(store.keys.user_event_ids("u"), 0, -1)}
-    assert members == {"0:7:0:7:a", "0:8:0:8:d", "0:9:0:9:e"}  # at most 3: "b" and "c", the oldest settled, go
-    assert int(client.hget(store.keys.user_state("u"), "n:purchase")) == 6
+    stored = store.stored("u")
+    assert [e[3] for e in stored.seen] == ["a", "d", "e"]  # at most 3: "b" and "c", the oldest settled, go
+    assert stored.counts["purchase"] == 6
 
 
 def test_a_resent_event_counts_once_through_the_broker(services):
@@ -167,6 +168,6 @@ def test_a_resent_event_counts_once_through_the_broker(services):
     metrics = Metrics()
     with consume_until(s, 45, metrics=metrics) as pipeline:
         state = dump_state(pipeline.redis, s.redis.prefix)
-    assert sum(int(v.get("n:purchase", 0)) for k, v in state.items() if k.endswith(":s")) == 30
+    assert sum(v["state"]["counts"].get("purchase", 0) for k, v in state.items() if k.endswith(":s")) == 30
     assert metrics.registry.get_sample_value("fusionrec_state_duplicate_events_total") == 15
 

@@ -29,7 +29,8 @@ def _publish(settings, first: int, count: int) -> None:
 
 
 def _purchases(client, prefix: str) -> int:
-    return sum(int(v.get("n:purchase", 0)) for k, v in dump_state(client, prefix).items() if k.endswith(":s"))
+    return sum(v["state"]["counts"].get("purchase", 0) for k, v in dump_state(client, prefix).items()
+               if k.endswith(":s"))
 
 
 def _run_until(settings, total: int, timeout: float = 60.0) -> tuple[StatePipeline, BaseException | None]:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import random
+
 import msgspec
 import pytest
 
 from fusionrec.core.redis_client import connect
-from fusionrec.online.candidates.context import CandidateReader
+from fusionrec.online.candidates.context import CandidateReader, strongest
 from fusionrec.online.ranking.writer import RecommendationWriter
 from fusionrec.online.serving.reader import RecommendationReader
 from fusionrec.streams import datasets
@@ -50,7 +52,7 @@ def test_batch_boundaries_and_replays_do_not_change_state(services, slice_events
             assert (again.applied, again.skipped) == (0, 2000)
         dumps.append({k.split(":", 1)[1]: v for k, v in dump_state(client, s.redis.prefix).items()})
     assert dumps[0] == dumps[1]
-    counts = [int(v.get("n:purchase", 0)) for k, v in dumps[0].items() if k.endswith(":s")]
+    counts = [v["state"]["counts"].get("purchase", 0) for k, v in dumps[0].items() if k.endswith(":s")]
     assert sum(counts) == len(events)
 
 
@@ -63,7 +65,7 @@ def test_crash_between_item_and_user_writes_converges(services, slice_events):
         _run(store, writer, events[:2000], 400)
         if crash:
             original = store._apply_users
-            store._apply_users = lambda calls: (_ for _ in ()).throw(ConnectionError("redis went away"))
+            store._apply_users = lambda *_: (_ for _ in ()).throw(ConnectionError("redis went away"))
             with pytest.raises(ConnectionError):
                 store.apply(events[2000:2600])
             store._apply_users = original
@@ -127,14 +129,16 @@ def test_purchases_keep_count_first_and_last_time_and_reach_the_reader(services)
     store.apply([ev(0, "purchase", "milk", T0), ev(1, "view", "milk", T0 + 9 * day), ev(2, "purchase", "bread", T0)])
     store.apply([ev(3, "purchase", "milk", T0 + 6 * day), ev(4, "purchase", "milk", T0 + 3 * day)])  # one late
     store.apply([ev(3, "purchase", "milk", T0 + 6 * day)])  # a replay of an applied offset: skipped
-    assert client.hgetall(store.keys.user_buys("u")) == {b"milk": f"3:{T0}:{T0 + 6 * day}".encode(),
-                                                         b"bread": f"1:{T0}:{T0}".encode()}
-    assert client.ttl(store.keys.user_buys("u")) > 0
+    assert store.stored("u").buys == {"milk": (3, T0, T0 + 6 * day), "bread": (1, T0, T0)}
+    assert client.ttl(store.keys.user_state("u")) > 0
     [ctx] = CandidateReader(client, s).for_stored_users({"u": T0 + 9 * day})
     assert ctx.bought == {"milk": (3, T0, T0 + 6 * day), "bread": (1, T0, T0)}
-    client.hset(store.keys.user_buys("u"), "bread", "not a count")  # not what the store writes: ignored
+    client.hset(store.keys.user_state("u"), "d", b"not a state")  # not what the store writes
     [ctx] = CandidateReader(client, s).for_stored_users({"u": T0 + 9 * day})
-    assert ctx.bought == {"milk": (3, T0, T0 + 6 * day)}
+    assert (ctx.bought, ctx.items, ctx.recent) == ({}, [], [])  # read as a user with no history
+    store.reset()
+    store.apply([ev(5, "purchase", "bread", T0 + 9 * day)])  # and replaced by the user's next write
+    assert store.stored("u").buys == {"bread": (1, T0 + 9 * day, T0 + 9 * day)}
 
 
 def test_unknown_user_gets_popular_fallback(services):
@@ -147,3 +151,16 @@ def test_unknown_user_gets_popular_fallback(services):
     assert all(r.sources.keys() == {"popular"} for r in recs.items)
     known = RecommendationReader(client, s).top_k("u", 3)
     assert not known.fallback and known.model == "fusion"  # no checkpoint yet: the untrained fusion
+
+
+def test_a_users_strongest_items_come_in_the_order_a_sorted_set_gives(services):
+    """Readers take a user's top items from their stored state; ties (items of one basket share a weight)
+    break as ``ZRANGE … REV`` breaks them, which the candidate pools had before states were written whole."""
+    s, client, _store_, _ = _store(services)
+    rng = random.Random(7)
+    weights = {f"i{rng.randrange(400)}": float(rng.choice([0.5, 1.0, 2.0, 2.0, 4.0])) for _ in range(300)}
+    client.zadd("ties", weights)
+    for n in (1, 10, 150, len(weights), 1000):
+        want = [(m.decode(), w) for m, w in client.zrange("ties", 0, n - 1, desc=True, withscores=True)]
+        assert strongest(weights, n) == want
+    assert strongest(weights, 0) == [] and strongest({}, 5) == []

@@ -10,6 +10,7 @@ import redis
 from fusionrec.core.keys import Keys
 from fusionrec.core.settings import Settings
 from fusionrec.streams.producer import EventProducer
+from fusionrec.streams.state import decode_user_state
 from tests.integration.helpers import consume_until, read_topic
 
 
@@ -28,8 +29,8 @@ def test_a_far_future_user_event_is_dead_lettered_and_the_next_one_applies(setti
                       timeout=30)
     assert [(m.value(), dict(m.headers())["fusionrec.dlq.reason"]) for m in dead] == [(future, b"future_ts")]
     keys = Keys.for_settings(settings)
-    assert rclient.lrange(keys.user_recent("u1"), 0, -1) == [b"real"]
-    state = rclient.hgetall(keys.user_state("u1"))
-    assert (state[b"n:purchase"], int(state[b"last_seen"])) == (b"1", now)
-    assert rclient.zrange(keys.user_items("u1"), 0, -1) == [b"real"]
+    state = decode_user_state(rclient.hget(keys.user_state("u1"), "d"))
+    assert (state.recent, state.counts, state.last_seen, list(state.items)) == (["real"], {"purchase": 1}, now,
+                                                                                ["real"])
+    assert int(rclient.hget(keys.user_state("u1"), "last_seen")) == now
     assert rclient.zrange(keys.popularity(), 0, -1) == [b"real"]

@@ -14,7 +14,14 @@ from fusionrec.core.redis_client import connect
 from fusionrec.streams import datasets
 from fusionrec.streams.consumer import Batch
 from fusionrec.streams.contract import UserEvent
-from fusionrec.streams.state import BatchResult, Positioned, StateStore
+from fusionrec.streams.state import (
+    USER_MOVED_RETRIES,
+    BatchResult,
+    Positioned,
+    StateStore,
+    UserMovedError,
+    decode_user_state,
+)
 from fusionrec.streams.user_state import UserStateHandler
 from tests.integration.helpers import dump_state, make_settings
 
@@ -31,8 +38,13 @@ def _state(client, prefix):
     return {k.split(":", 1)[1]: v for k, v in dump_state(client, prefix).items()}
 
 
-def _lranges(client) -> int:
-    return int(client.info("commandstats").get("cmdstat_lrange", {}).get("calls", 0))
+def _count(client, keys, uid: str, kind: str) -> int:
+    return decode_user_state(client.hget(keys.user_state(uid), "d")).counts.get(kind, 0)
+
+
+def _state_reads(client) -> int:
+    """Users' states read (each read is an ``HMGET`` of a state hash, inside the read script)."""
+    return int(client.info("commandstats").get("cmdstat_hmget", {}).get("calls", 0))
 
 
 def test_kept_state_saves_the_reads_and_changes_nothing(services, events):
@@ -48,12 +60,12 @@ def test_kept_state_saves_the_reads_and_changes_nothing(services, events):
         assert store.cached_users == (1 if cache_users == 1 else len({pe.event.user_id for pe in evs}))
         dumps.append(_state(client, s.redis.prefix))
         if cache_users > 1:
-            # every user of this batch is kept: their recent items are not read again
-            before = _lranges(client)
+            # every user of this batch is kept: their states are not read again
+            before = _state_reads(client)
             again = [Positioned(0, len(evs) + n, msgspec.structs.replace(pe.event, ts=pe.event.ts + 1))
                      for n, pe in enumerate(evs[-200:])]
             store.apply(again)
-            assert _lranges(client) == before
+            assert _state_reads(client) == before
             # and what was kept equals what Redis holds
             fresh = StateStore(client, s)
             for uid in {pe.event.user_id for pe in again}:
@@ -67,6 +79,7 @@ def test_two_writers_of_one_user_lose_no_update(services):
     client = connect(s)
     a, b = StateStore(client, s), StateStore(client, s)
     n = 0
+    recomputed = []
     for round_ in range(3):
         for store, partition in ((a, 0), (b, 1)):
             batch = []
@@ -75,11 +88,39 @@ def test_two_writers_of_one_user_lose_no_update(services):
                 batch.append(Positioned(partition, n, UserEvent(event_id=f"e{n}", type="view", user_id="u",
                                                                item_id=item, ts=T0 + n)))
                 n += 1
-            store.apply(batch)
-    recent = [x.decode() for x in client.lrange(a.keys.user_recent("u"), 0, -1)]
+            recomputed.append(store.apply(batch).recomputed)
+    # each store kept the user as it wrote them; from the second write on, the other had written since
+    assert recomputed == [0, 0, 1, 1, 1, 1]
+    recent = a.stored("u").recent
     assert sorted(recent) == sorted(f"p{p}-r{r}-{j}" for p in (0, 1) for r in range(3) for j in range(4))
     assert recent[0] == "p1-r2-3"  # the newest push first
-    assert int(client.hget(a.keys.user_state("u"), "n:view")) == n
+    assert _count(client, a.keys, "u", "view") == n
+
+
+def test_a_user_that_keeps_moving_fails_the_batch_after_the_retries_and_loses_nothing(services):
+    """Another writer bumps the user's version between every read and write: the batch is recomputed
+    USER_MOVED_RETRIES times, then fails for the runtime to retry with back-off; nothing is half written."""
+    s = make_settings(services)
+    client = connect(s)
+    store = StateStore(client, s)
+    ev = [Positioned(0, n, UserEvent(event_id=f"e{n}", type="click", user_id="m", item_id=f"i{n}", ts=T0 + n))
+          for n in range(3)]
+    store.apply(ev[:1])
+    original, calls = store._apply_zsets, []
+
+    def meddle(zsets):
+        calls.append(1)
+        original(zsets)
+        client.hincrby(store.keys.user_state("m"), "v", 1)
+
+    store._apply_zsets = meddle
+    with pytest.raises(UserMovedError):
+        store.apply(ev[1:])
+    assert len(calls) == USER_MOVED_RETRIES + 1
+    assert store.cached_users == 0 and _count(client, store.keys, "m", "click") == 1
+    store._apply_zsets = original
+    assert store.apply(ev[1:]).recomputed == 0
+    assert _count(client, store.keys, "m", "click") == 3 and store.stored("m").recent == ["i2", "i1", "i0"]
 
 
 class Recorder:
@@ -110,8 +151,8 @@ def test_waiting_events_hold_their_offsets_until_written(services):
     assert not client.exists(store.keys.user_state("w0")) and hook.results == []
     handler.flush()
     assert handler.floor() == {}
-    assert int(client.hget(store.keys.user_state("w0"), "n:click")) == 5
-    assert int(client.hget(store.keys.user_state("w1"), "n:click")) == 3
+    assert _count(client, store.keys, "w0", "click") == 5
+    assert _count(client, store.keys, "w1", "click") == 3
     assert [sorted(r.users) for r in hook.results] == [["w0", "w1"]]  # one write, the hooks after it
 
 
@@ -125,7 +166,7 @@ def test_a_retried_batch_is_taken_once_and_time_writes_it(services):
     time.sleep(0.05)
     handler.tick()
     assert handler.floor() == {}
-    assert int(client.hget(handler.store.keys.user_state("w"), "n:click")) == 4
+    assert _count(client, handler.store.keys, "w", "click") == 4
 
 
 def test_revoked_partitions_waiting_events_are_forgotten(services):
@@ -138,13 +179,13 @@ def test_revoked_partitions_waiting_events_are_forgotten(services):
     assert handler.floor() == {0: 0}
     handler.flush()
     keys = handler.store.keys
-    assert int(client.hget(keys.user_state("kept"), "n:click")) == 4
+    assert _count(client, keys, "kept", "click") == 4
     assert not client.exists(keys.user_state("gone"))
     handler.handle(_batch(0, 4, 2, "kept"))
     handler.drop()  # lost: everything waiting is dropped
     assert handler.floor() == {}
     handler.flush()
-    assert int(client.hget(keys.user_state("kept"), "n:click")) == 4
+    assert _count(client, keys, "kept", "click") == 4
 
 
 def test_a_batch_consumed_again_while_its_events_wait_counts_once(services):
@@ -156,7 +197,7 @@ def test_a_batch_consumed_again_while_its_events_wait_counts_once(services):
     handler.handle(_batch(0, 0, 5))
     handler.handle(_batch(0, 2, 6))  # offsets 2..7: 2..4 are waiting, 5..7 are new
     handler.flush()
-    assert int(client.hget(handler.store.keys.user_state("w"), "n:click")) == 8
+    assert _count(client, handler.store.keys, "w", "click") == 8
 
 
 def test_the_window_counts_from_the_idle_poll_that_brought_the_events(services):
@@ -171,12 +212,12 @@ def test_the_window_counts_from_the_idle_poll_that_brought_the_events(services):
     time.sleep(1.01)
     assert handler.poll_wait() == 0.0
     handler.tick()
-    assert handler.floor() == {} and int(client.hget(keys.user_state("soon"), "n:click")) == 2
+    assert handler.floor() == {} and _count(client, keys, "soon", "click") == 2
 
     handler.poll_wait()
     time.sleep(1.01)  # an idle poll that waited the whole window
     handler.handle(_batch(0, 2, 3, "late"))  # its events have used their window: written at once
-    assert handler.floor() == {} and int(client.hget(keys.user_state("late"), "n:click")) == 3
+    assert handler.floor() == {} and _count(client, keys, "late", "click") == 3
 
     handler.handle(_batch(0, 5, 1, "direct"))  # not brought by a poll: the window starts now
     assert handler.floor() == {0: 5}

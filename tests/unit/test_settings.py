@@ -67,7 +67,8 @@ def test_secrets_are_masked():
 
 def test_user_keys_share_one_cluster_slot_and_buckets_are_stable():
     keys = Keys("fr", buckets=64)
-    tags = {k.split("}")[0] for k in [*keys.user_keys("42"), keys.user_rec("42")]}
+    tags = {k.split("}")[0] for k in [keys.user_state("42"), keys.user_rec("42"), keys.user_profile("42"),
+                                      keys.user_guard(keys.bucket("42"))]}
     assert len(tags) == 1
     assert keys.bucket("42") == Keys("other", buckets=64).bucket("42")
     assert keys.item_covis("7").startswith(keys.item_tag(keys.bucket("7")))
