@@ -27,8 +27,8 @@ moved since it was read, and the batch is recomputed from Redis (:class:`UserMov
 Producer duplicates: a user event whose ``event_id`` the same user sent before is dropped (no
 state, no outputs) while its first copy is remembered (:class:`Seen`: ``state.dedupe_window_s`` of
 event time, at most ``state.dedupe_ids`` ids per user). The remembered ids are written with the
-rest of the user's state in the same guarded call, each with the position of the event that carried it,
-so a replay decides every duplicate as the first pass did. That holds for keyed producers (one
+rest of the user's state in the same guarded call, each with the position of the event that
+carried it, so a replay decides every duplicate as the first pass did. That holds for keyed producers (one
 user's events on one partition, in order); a user whose events arrive on two partitions is
 de-duplicated per consumer, best effort.
 
@@ -47,7 +47,6 @@ order without ever rewriting old members, and a user's weights only ever grow.
 from __future__ import annotations
 
 import bisect
-import itertools
 import logging
 import math
 import time
@@ -278,10 +277,13 @@ class Kept:
     version: str  # '' when Redis held no state
     state: UserState
     seen: Seen
+    size: int = 0  # bytes of the state as last read or written (what the cache's byte bound counts)
 
     def encode(self) -> bytes:
         self.state.seen = self.seen.entries()
-        return _msgpack.encode(self.state)
+        raw = _msgpack.encode(self.state)
+        self.size = len(raw)
+        return raw
 
 
 @dataclass
@@ -360,9 +362,11 @@ class StateStore:
         self._catalog_apply = register(client, CATALOG_APPLY)
         self.positions = AppliedPositions(client, self.keys, settings.kafka.topic_events)
         self._hmget = register(client, MULTI_HMGET)
-        # Kept in process (see the module docstring): changed only after Redis acknowledged a write.
+        # Kept in process (see the module docstring): what Redis acknowledged, or forgotten on a failure.
         self._guards: dict[tuple[int, int], int] = {}  # (user bucket, partition) -> applied offset
-        self._kept: dict[str, Kept] = {}  # user -> recent items and event ids, least recently touched first
+        self._kept: dict[str, Kept] = {}  # user -> state and version, least recently touched first
+        self._kept_sizes: dict[str, int] = {}  # user -> the size their kept state counts for
+        self._kept_bytes = 0
         self._settled: dict[int, int] = {}  # events partition -> offset no replay goes back to (inclusive)
         self._window_ms = settings.state.dedupe_window_s * 1000
         self._dedupe_ids = settings.state.dedupe_ids if self._window_ms > 0 else 0
@@ -372,6 +376,8 @@ class StateStore:
         """Forget what is kept in process; the next batch reads it from Redis again."""
         self._guards.clear()
         self._kept.clear()
+        self._kept_sizes.clear()
+        self._kept_bytes = 0
         self._meta.clear()
 
     def settle(self, done: Mapping[int, int]) -> None:
@@ -387,6 +393,11 @@ class StateStore:
     @property
     def cached_users(self) -> int:
         return len(self._kept)
+
+    @property
+    def cached_bytes(self) -> int:
+        """Bytes of the kept users' states, encoded (about a third of what they take in process)."""
+        return self._kept_bytes
 
     # ------------------------------------------------------------------ user events
     def apply(self, batch: Sequence[Positioned]) -> BatchResult:
@@ -482,14 +493,22 @@ class StateStore:
         for bucket, write in writes.items():
             for partition, (_lo, hi) in write.spans.items():
                 self._guards[(bucket, partition)] = hi
-        kept = self._kept
+        kept, sizes = self._kept, self._kept_sizes
         for uid, state in kepts.items():
             kept.pop(uid, None)
             kept[uid] = state  # re-inserted: the dict is in least-recently-touched order
-        over = len(kept) - self.settings.state.cache_users
-        if over > 0:
-            for uid in list(itertools.islice(kept, over)):
-                del kept[uid]
+            self._kept_bytes += state.size - sizes.get(uid, 0)
+            sizes[uid] = state.size
+        users, budget = self.settings.state.cache_users, self.settings.state.cache_mb * 2**20
+        n, total, victims = len(kept), self._kept_bytes, []
+        for uid in kept:  # least recently touched first
+            if n <= users and total <= budget:
+                break
+            victims.append(uid)
+            n, total = n - 1, total - sizes[uid]
+        for uid in victims:
+            del kept[uid], sizes[uid]
+        self._kept_bytes = total
 
     def _read(self, by_bucket: dict[int, dict[str, list[Positioned]]], batch: Sequence[Positioned]) -> tuple[
             dict[tuple[int, int], int], dict[str, Kept], dict[str, tuple[str | None, str | None]]]:
@@ -556,7 +575,7 @@ class StateStore:
             log.error("user %s: %s; the stored state is replaced", uid, exc)
             state = UserState()
         seen = Seen(self._window_ms, self._dedupe_ids, state.seen)
-        return Kept("" if version is None else _s(version), state, seen)
+        return Kept("" if version is None else _s(version), state, seen, len(raw or b""))
 
     def _update(self, state: UserState, events: list[Positioned], meta: dict[str, tuple[str | None, str | None]],
                 items: dict[tuple[str, int], ZsetCall]) -> None:

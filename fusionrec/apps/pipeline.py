@@ -3,9 +3,11 @@ recommendation writer (in a process of its own by default), and item deltas, wit
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
+from fusionrec.core.collector import fewer_collections
 from fusionrec.core.keys import Keys
 from fusionrec.core.metrics import Metrics
 from fusionrec.core.redis_client import connect
@@ -30,6 +32,7 @@ class StatePipeline:
                  group_id: str | None = None, consumer_options: dict[str, Any] | None = None) -> None:
         self.settings = settings
         self.metrics = metrics or Metrics()
+        self._collections = contextlib.ExitStack()
         self.redis = connect(settings)
         keys = Keys.for_settings(settings)
         self.store = StateStore(self.redis, settings, keys)
@@ -60,9 +63,14 @@ class StatePipeline:
                  settings.kafka.topic_events, settings.stream.batch_size)
 
     def __enter__(self) -> StatePipeline:
+        # The store keeps many users' states in process: long-lived containers the collector would
+        # rescan at every full collection. Measured on the state store alone, the default thresholds
+        # cost 17 % of its Python time (fusionrec.core.collector).
+        self._collections.enter_context(fewer_collections())
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self._collections.close()
         try:
             self.redis_memory.close()
             self.ranking.close()

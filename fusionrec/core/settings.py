@@ -180,8 +180,12 @@ class StateSettings:
                               doc="event ids remembered per user for duplicate suppression, at most (the oldest by "
                                   "event time are forgotten first)")
     cache_users: int = setting(200_000, env="STATE_CACHE_USERS",
-                               doc="users whose recent items the consumer keeps in process (least recently "
+                               doc="users whose state the consumer keeps in process, at most (least recently "
                                    "touched evicted first)")
+    cache_mb: int = setting(512, env="STATE_CACHE_MB",
+                            doc="MiB of encoded user states the consumer keeps in process, at most (least "
+                                "recently touched evicted first); decoded they take about three times as much "
+                                "memory (docs/state.md)")
     # weights are exp(ln2 * (ts - epoch) / half_life): see DECAY_MAX_EXPONENT
     decay_epoch_ms: int = setting(1_767_225_600_000, env="DECAY_EPOCH_MS",
                                   doc="forward-decay landmark, ms since epoch (2026-01-01); changing it rescales every "
@@ -465,7 +469,7 @@ class Settings:
                     "rec_k": self.rec.k, "max_event_bytes": self.contract.max_event_bytes,
                     "user_ttl_s": self.state.user_ttl_s, "rec_ttl_s": self.rec.ttl_s,
                     "redis_buckets": self.redis.buckets, "state_flush_max_events": self.state.flush_max_events,
-                    "state_cache_users": self.state.cache_users,
+                    "state_cache_users": self.state.cache_users, "state_cache_mb": self.state.cache_mb,
                     "dlq_max_bytes": self.kafka.dlq_max_bytes}
         for name, value in positive.items():
             if value <= 0:

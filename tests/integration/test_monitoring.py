@@ -3,6 +3,7 @@ Redis memory metrics follow a real Redis."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from fusionrec.apps.pipeline import StatePipeline
 from fusionrec.apps.services import EmbeddedServices, RedisClusterServices, free_port
+from fusionrec.core.collector import THRESHOLDS
 from fusionrec.core.metrics import Metrics
 from fusionrec.core.redis_client import connect
 from fusionrec.core.redis_memory import RedisMemoryMonitor
@@ -126,7 +128,10 @@ def test_the_consumer_serves_redis_memory_as_a_real_redis_reports_it(settings: S
         return _served(s.ops.metrics_port, name, node)
 
     try:
+        before = gc.get_threshold()
         with StatePipeline(s, metrics=Metrics(), serve_metrics=True):
+            # (and while it runs, the collector's young generation is collected rarely; restored after)
+            assert gc.get_threshold() == THRESHOLDS != before
             wait_for(lambda: served("fusionrec_redis_maxmemory_bytes") == 0, 30, "maxmemory 0 (no limit) served")
             used = served("fusionrec_redis_used_memory_bytes")
             assert used is not None and 0 < used < 256 * MiB
@@ -144,6 +149,7 @@ def test_the_consumer_serves_redis_memory_as_a_real_redis_reports_it(settings: S
                 admin.config_set("maxmemory", 0)
             wait_for(lambda: served("fusionrec_redis_oom_errors_total") == 1, 30, "the refused write counted")
             wait_for(lambda: served("fusionrec_redis_maxmemory_bytes") == 0, 30, "no limit again")
+        assert gc.get_threshold() == before
     finally:
         admin.close()
         own.down()

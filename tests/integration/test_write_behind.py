@@ -73,6 +73,28 @@ def test_kept_state_saves_the_reads_and_changes_nothing(services, events):
     assert dumps[0] == dumps[1]
 
 
+def test_kept_states_stay_within_their_byte_bound(services):
+    """Three users of about 0.5 MiB each under a 1 MiB bound: the least recently touched go first, and the
+    bound counts each kept state's stored size."""
+    s = make_settings(services, state_cache_mb=1)
+    client = connect(s)
+    store = StateStore(client, s)
+    n = 0
+    for uid in ("a", "b", "c"):
+        evs = []
+        for _ in range(20_000):  # as many distinct items: the state grows with them
+            evs.append(Positioned(0, n, UserEvent(event_id=f"e{n}", type="view", user_id=uid, item_id=f"item-{n}",
+                                                  ts=T0 + n)))
+            n += 1
+        for i in range(0, len(evs), 5000):
+            store.apply(evs[i: i + 5000])
+    stored = {u: len(client.hget(store.keys.user_state(u), "d")) for u in "abc"}
+    assert all(size > 400_000 for size in stored.values())
+    assert list(store._kept) == ["c"] and store.cached_bytes == stored["c"] <= 2**20
+    store.apply([Positioned(0, n, UserEvent(event_id="last", type="view", user_id="a", item_id="x", ts=T0 + n))])
+    assert list(store._kept) == ["a"] and store.cached_bytes == len(client.hget(store.keys.user_state("a"), "d"))
+
+
 def test_two_writers_of_one_user_lose_no_update(services):
     """Events of one user on two partitions, applied by two consumers in interleaved batches."""
     s = make_settings(services, partitions=2)
