@@ -240,7 +240,11 @@ class Seen:
 
 class UserState(msgspec.Struct, array_like=True):
     """One user's state: what their state hash stores (msgpack, field ``d``) and their partition's
-    consumer keeps in process. Written whole; Redis does no arithmetic on it."""
+    consumer keeps in process. Written whole; Redis does no arithmetic on it.
+
+    Stored as an array, and fields are only ever appended: a state written before a field existed
+    reads with its default, and one written by a later version reads with what this one knows (the
+    later fields are dropped at this version's next write of the user)."""
 
     last_seen: int = -1  # newest event time (ms)
     counts: dict[str, int] = msgspec.field(default_factory=dict)  # events per type
