@@ -47,11 +47,12 @@ order without ever rewriting old members, and a user's weights only ever grow.
 from __future__ import annotations
 
 import bisect
+import functools
 import logging
 import math
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -71,6 +72,11 @@ _msgpack = msgspec.msgpack.Encoder()
 # replace it at once, those another consumer applies are seen within this time.
 META_TTL_S = 30.0
 META_CACHE_ITEMS = 200_000
+# A co-visitation set's TTL is set again at most this often by one process (or a tenth of the TTL, if
+# shorter), so a set expires between ``item_ttl_s`` minus this and ``item_ttl_s`` after it last changed
+# (a set Redis lost and a write recreated meanwhile gets its TTL at the next refresh).
+TTL_REFRESH_S = 3600.0
+EXPIRED_KEYS = 500_000  # sets whose last TTL write is remembered (all forgotten beyond: written again)
 
 
 class StaleStateError(StateStoreError):
@@ -306,10 +312,12 @@ class ZsetCall:
     ttl_s: int = 0  # the sets expire this long after their last update (0: never)
     entries: dict[str, list[tuple[int, str, float]]] = field(default_factory=lambda: defaultdict(list))
 
-    def args(self, floor: int) -> tuple[list[str], Args] | None:
-        """Script keys and args for the entries above ``floor``; None when nothing is left."""
-        keys: list[str] = []
-        payload: list[list[list[Any]]] = []
+    def args(self, floor: int, due: Callable[[str], bool] = lambda _key: True
+             ) -> tuple[list[str], Args, list[str]] | None:
+        """Script keys and args for the entries above ``floor``, and the sets whose TTL they set (those
+        ``due`` says are due, first); None when nothing is left."""
+        refresh: list[tuple[str, list[list[Any]]]] = []
+        keep: list[tuple[str, list[list[Any]]]] = []
         lo, hi = None, -1
         for key, entries in self.entries.items():
             fresh = sorted((e for e in entries if e[0] > floor), key=lambda e: e[0])
@@ -317,11 +325,13 @@ class ZsetCall:
                 continue
             lo = fresh[0][0] if lo is None else min(lo, fresh[0][0])
             hi = max(hi, fresh[-1][0])
-            keys.append(key)
-            payload.append(self._records(fresh))
+            (refresh if self.ttl_s > 0 and due(key) else keep).append((key, self._records(fresh)))
         if lo is None:
             return None
-        return [self.guard, *keys], [self.partition, self.cap, lo, hi, _msgpack.encode(payload), self.ttl_s]
+        ordered = refresh + keep
+        payload = _msgpack.encode([records for _key, records in ordered])
+        return ([self.guard, *(key for key, _r in ordered)],
+                [self.partition, self.cap, lo, hi, payload, self.ttl_s, len(refresh)], [key for key, _r in refresh])
 
     def _records(self, fresh: list[tuple[int, str, float]]) -> list[list[Any]]:
         if self.aggregate:
@@ -375,6 +385,7 @@ class StateStore:
         self._window_ms = settings.state.dedupe_window_s * 1000
         self._dedupe_ids = settings.state.dedupe_ids if self._window_ms > 0 else 0
         self._meta: dict[str, tuple[str | None, str | None, float]] = {}  # item -> category, brand, until
+        self._expired: dict[str, float] = {}  # sorted set -> when this process last set its TTL (monotonic)
 
     def reset(self) -> None:
         """Forget what is kept in process; the next batch reads it from Redis again."""
@@ -618,18 +629,29 @@ class StateStore:
             _push_recent(recent, item, cap)
 
     def _apply_zsets(self, calls: list[ZsetCall]) -> None:
-        """Send every call; where a guard is already past some offsets, resend the rest."""
+        """Send every call; where a guard is already past some offsets, resend the rest. A set's TTL is
+        set again only when this process has not set it for ``TTL_REFRESH_S`` (or a tenth of the TTL)."""
+        now = time.monotonic()
+        expired = self._expired
         pending = [(call, -1) for call in calls]
         while pending:
             pipe = self.redis.pipeline(transaction=False)
             sent = []
             for call, floor in pending:
-                built = call.args(floor)
+                built = call.args(floor, functools.partial(_due, expired, now, min(TTL_REFRESH_S, call.ttl_s / 10)))
                 if built is not None:
                     self._zset_apply(keys=built[0], args=built[1], client=pipe)
-                    sent.append(call)
+                    sent.append((call, built[2]))
             replies = pipe.execute() if sent else []
-            pending = [(call, int(g)) for call, g in zip(sent, replies, strict=True) if int(g) != -1]
+            pending = []
+            for (call, refreshed), g in zip(sent, replies, strict=True):
+                if int(g) != -1:  # nothing applied: the rest is sent again
+                    pending.append((call, int(g)))
+                    continue
+                for key in refreshed:
+                    expired[key] = now
+        if len(expired) > EXPIRED_KEYS:
+            expired.clear()
 
     def _apply_users(self, writes: dict[int, _BucketWrite], kepts: dict[str, Kept]) -> None:
         """One compare-and-set per bucket: the users' whole states and the bucket's partition guards."""
@@ -721,6 +743,12 @@ def _call(calls: dict[tuple[str, int], ZsetCall], guard: str, partition: int, ca
     if call is None:
         call = calls[(guard, partition)] = ZsetCall(guard, partition, cap, aggregate, ttl_s)
     return call
+
+
+def _due(expired: dict[str, float], now: float, every: float, key: str) -> bool:
+    """Whether a set's TTL is due to be set again: never set by this process, or ``every`` seconds ago."""
+    last = expired.get(key)
+    return last is None or now - last >= every
 
 
 def _window(recent: list[str], item: str, size: int) -> list[str]:

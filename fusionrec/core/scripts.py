@@ -94,7 +94,8 @@ return out
 # tracked from ZINCRBY replies (a reply equal to the increment means a new member; weights are > 0).
 # KEYS: bucket guard, then the zsets
 # ARGV: partition, cap (0 = uncapped), min_offset, max_offset,
-#       msgpack([per zset: [per record: [member, weight, member, weight, ...]]]), ttl_s (0 = none)
+#       msgpack([per zset: [per record: [member, weight, member, weight, ...]]]), ttl_s (0 = none),
+#       how many of the zsets, from the first, get their TTL set to ttl_s
 ZSET_APPLY = """
 local g = redis.call('HGET', KEYS[1], ARGV[1])
 if g and tonumber(g) >= tonumber(ARGV[3]) then return tonumber(g) end
@@ -117,7 +118,7 @@ for k = 2, #KEYS do
       card = cap
     end
   end
-  if tonumber(ARGV[6]) > 0 then redis.call('EXPIRE', key, ARGV[6]) end
+  if k - 1 <= tonumber(ARGV[7]) and tonumber(ARGV[6]) > 0 then redis.call('EXPIRE', key, ARGV[6]) end
 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[4])
 return -1

@@ -155,7 +155,8 @@ class StateSettings:
                                 doc="an item co-occurs with this many of the user's previous items")
     covis_cap: int = setting(100, env="COVIS_CAP", doc="co-visitation neighbours kept per item")
     item_ttl_s: int = setting(90 * DAY_S, env="ITEM_TTL_S",
-                              doc="an item's co-visitation set expires this long after it last changed (0: never)")
+                              doc="an item's co-visitation set expires this long after it last changed, less up to "
+                                  "an hour (its TTL is set again at most hourly; 0: never)")
     popularity_cap: int = setting(200_000, env="POPULARITY_CAP",
                                   doc="items kept in the popularity set, most popular first (0: all); over it, the "
                                       "least popular are dropped at each write")

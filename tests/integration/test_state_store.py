@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 
 import msgspec
 import pytest
@@ -164,3 +165,25 @@ def test_a_users_strongest_items_come_in_the_order_a_sorted_set_gives(services):
         want = [(m.decode(), w) for m, w in client.zrange("ties", 0, n - 1, desc=True, withscores=True)]
         assert strongest(weights, n) == want
     assert strongest(weights, 0) == [] and strongest({}, 5) == []
+
+
+def test_a_covisitation_sets_ttl_is_set_when_due_not_at_every_write(services):
+    """With ``item_ttl_s=10`` a process sets a set's TTL again at most every second (a tenth of it)."""
+    s, client, store, _ = _store(services, item_ttl_s=10)
+    n = 0
+
+    def visit(*items: str) -> None:
+        nonlocal n
+        store.apply([Positioned(0, n + j, UserEvent(event_id=f"e{n + j}", type="view", user_id=f"u{n}", item_id=i,
+                                                    ts=T0 + n + j)) for j, i in enumerate(items)])
+        n += len(items)
+
+    visit("a", "b")
+    key = store.keys.item_covis("a")
+    assert 0 < client.ttl(key) <= 10
+    client.expire(key, 1000)  # marks whether the next writes set it again
+    visit("a", "c")
+    assert client.zscore(key, "c") is not None and client.ttl(key) > 10  # written, TTL not due yet
+    time.sleep(1.1)
+    visit("a", "d")
+    assert client.zscore(key, "d") is not None and 0 < client.ttl(key) <= 10
