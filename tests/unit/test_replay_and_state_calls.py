@@ -49,17 +49,28 @@ def test_zset_call_filters_by_guard_and_orders_records():
     call = ZsetCall("g", partition=3, cap=10, aggregate=False)
     call.entries["k1"] += [(7, "b", 1.0), (5, "a", 2.0), (7, "c", 1.0)]
     call.entries["k2"] += [(4, "z", 1.0)]
-    keys, args = call.args(floor=-1)
-    assert keys == ["g", "k1", "k2"]
-    assert args[:4] == [3, 10, 4, 7]
+    keys, args, refreshed = call.args(floor=-1)
+    assert keys == ["g", "k1", "k2"] and refreshed == []  # no TTL: none is set
+    assert args[:4] == [3, 10, 4, 7] and args[5:] == [0, 0]
     assert msgspec.msgpack.decode(args[4]) == [[["a", 2.0], ["b", 1.0, "c", 1.0]], [["z", 1.0]]]
-    keys, args = call.args(floor=5)
+    keys, args, _ = call.args(floor=5)
     assert keys == ["g", "k1"] and args[2:4] == [7, 7]
     assert call.args(floor=7) is None
+
+
+def test_zset_call_puts_the_sets_whose_ttl_is_due_first():
+    call = ZsetCall("g", partition=0, cap=10, aggregate=False, ttl_s=60)
+    call.entries["k1"] += [(1, "a", 1.0)]
+    call.entries["k2"] += [(2, "b", 2.0)]
+    call.entries["k3"] += [(3, "c", 3.0)]
+    keys, args, refreshed = call.args(-1, due=lambda key: key != "k1")
+    assert keys == ["g", "k2", "k3", "k1"] and refreshed == ["k2", "k3"] and args[5:] == [60, 2]
+    assert msgspec.msgpack.decode(args[4]) == [[["b", 2.0]], [["c", 3.0]], [["a", 1.0]]]
+    assert call.args(-1)[1][5:] == [60, 3]  # every set is due by default
 
 
 def test_aggregated_call_sums_per_member():
     call = ZsetCall("g", partition=0, cap=0, aggregate=True)
     call.entries["pop"] += [(1, "a", 1.5), (2, "b", 1.0), (3, "a", 0.5)]
-    _, args = call.args(-1)
+    _, args, _ = call.args(-1)
     assert msgspec.msgpack.decode(args[4]) == [[["a", 2.0, "b", 1.0]]]
