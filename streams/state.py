@@ -279,6 +279,15 @@ def decode_user_state(raw: bytes | None) -> UserState:
         raise StateStoreError(f"not a stored user state: {exc}") from exc
 
 
+def user_state_or_empty(uid: str, raw: bytes | None, then: str) -> UserState:
+    """:func:`decode_user_state`, or an empty state (logged, saying ``then``) for a value that is not one."""
+    try:
+        return decode_user_state(raw)
+    except StateStoreError as exc:
+        log.warning("user %s: %s; %s", uid, exc, then)
+        return UserState()
+
+
 @dataclass
 class Kept:
     """What the store keeps in process of one user: their state as Redis holds it after the last write
@@ -583,12 +592,8 @@ class StateStore:
         return guards, kepts, meta
 
     def _decoded(self, uid: str, version: bytes | None, raw: bytes | None) -> Kept:
-        try:
-            state = decode_user_state(raw)
-        except StateStoreError as exc:
-            # not a state this store wrote (another tool's value): it is replaced by the user's next write
-            log.error("user %s: %s; the stored state is replaced", uid, exc)
-            state = UserState()
+        # not a state this store wrote (another tool's value): it is replaced by the user's next write
+        state = user_state_or_empty(uid, raw, "the stored state is replaced at the user's next write")
         seen = Seen(self._window_ms, self._dedupe_ids, state.seen)
         return Kept("" if version is None else _s(version), state, seen, len(raw or b""))
 

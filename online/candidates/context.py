@@ -25,7 +25,6 @@ Every reply is filed under the name of what it answers, never by its position in
 from __future__ import annotations
 
 import heapq
-import logging
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -34,16 +33,14 @@ from typing import Any, Protocol
 import numpy as np
 import redis
 
-from fusionrec.core.errors import StateStoreError
 from fusionrec.core.keys import Keys
 from fusionrec.core.scripts import MULTI_HGET, MULTI_ZTOP, register
 from fusionrec.core.settings import Settings
 from fusionrec.online.candidates.content import ContentIndex, profile_vector
-from fusionrec.streams.state import Decay, UserState, decode_user_state
+from fusionrec.streams.state import Decay, UserState, user_state_or_empty
 
-log = logging.getLogger(__name__)
-
-AFFINITY_TOP = 20  # strongest category/brand affinities read per user
+AFFINITY_TOP = 20
+_NO_HISTORY = "read as a user with no history"  # strongest category/brand affinities read per user
 
 Scored = list[tuple[str, float]]
 
@@ -201,7 +198,7 @@ class CandidateReader:
                        client=q.add("covis", group))
         single, per_id = q.execute()
         if states is None:
-            states = {uid: self._decoded(uid, raw) for uid, raw in per_id["state"].items()}
+            states = {uid: user_state_or_empty(uid, raw, _NO_HISTORY) for uid, raw in per_id["state"].items()}
         popular = _pairs(single["popular"])
         trending = _pairs(single["trending"]) if s.rec.trending_candidates > 0 else []
         contexts = []
@@ -234,17 +231,10 @@ class CandidateReader:
         groups = self._by_bucket(uids)
         for group in groups:
             self._states(keys=[self.keys.user_state(u) for u in group], args=["d"], client=pipe)
-        return {uid: self._decoded(uid, raw)
+        return {uid: user_state_or_empty(uid, raw, _NO_HISTORY)
                 for group, reply in zip(groups, pipe.execute(), strict=True)
                 for uid, raw in zip(group, reply, strict=True)}
 
-    @staticmethod
-    def _decoded(uid: str, raw: bytes | None) -> UserState:
-        try:
-            return decode_user_state(raw)
-        except StateStoreError as exc:
-            log.warning("user %s: %s; read as a user with no history", uid, exc)
-            return UserState()
 
     def _add_content(self, contexts: list[UserContext]) -> dict[str, Scored]:
         """Profile vectors and their nearest items, for users whose items have vectors; returns each such
