@@ -42,6 +42,8 @@ def arrange(order: Sequence[int], new: np.ndarray, places: int, share: int) -> l
     brought up keep their order and take the last of the first places.
     """
     order = list(order)
+    if share <= 0:
+        return order
     top = order[:places]
     missing = min(share, len(top)) - int(np.count_nonzero(new[top])) if top else 0
     if missing <= 0:
@@ -86,6 +88,11 @@ class ExploreShare:
     def segment(new: np.ndarray) -> int:
         return int(np.searchsorted(OWN_EDGES, int(np.count_nonzero(~new)), side="right"))
 
+    @staticmethod
+    def segments(own: np.ndarray) -> list[int]:
+        """The segment of each pool holding ``own[p]`` of the user's own items (one search for all)."""
+        return np.searchsorted(OWN_EDGES, own, side="right").tolist()
+
     def share(self, new: np.ndarray) -> int:
         """The share a pool with these new-item flags is served with."""
         return self._served(self.segment(new))
@@ -95,8 +102,9 @@ class ExploreShare:
             return 0
         return int(np.argmax(self.hits[seg]))  # the first of equal counts: the smaller share
 
-    def arrange(self, order: Sequence[int], new: np.ndarray) -> list[int]:
-        return arrange(order, new, self.places, self.share(new))
+    def arrange(self, order: Sequence[int], new: np.ndarray, segment: int | None = None) -> list[int]:
+        """``order`` with the share its segment (``segment``, if known, else from ``new``) is served with."""
+        return arrange(order, new, self.places, self._served(self.segment(new) if segment is None else segment))
 
     def learn(self, order: Sequence[int], new: np.ndarray, positive: np.ndarray) -> None:
         """One labelled decision: its pool's rows in score order, which are new, which were taken."""

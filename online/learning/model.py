@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import chain
 
 import numpy as np
 
@@ -75,7 +76,7 @@ class Rows:
     def of_pools(cls, pools: Sequence[CandidatePool], lookup: VectorLookup | None, dim: int = 0) -> Rows:
         """Stack pools; fetch item vectors of the profile's version; mark ``has_vector``."""
         X = np.concatenate([p.X for p in pools]) if pools else np.zeros((0, len(FEATURES)), np.float32)
-        items = [i for p in pools for i in p.items]
+        items = list(chain.from_iterable(p.items for p in pools))
         version = next((p.profile[0] for p in pools if p.profile is not None), None)
         vectors = lookup.get(version, items) if (lookup is not None and version is not None) else {}
         if vectors:
@@ -88,14 +89,9 @@ class Rows:
             if p.profile is not None and p.profile[0] == version and dim:
                 profile[start: start + len(p)] = p.profile[1]
             start += len(p)
-        rows, stacked = [], []
-        for r, i in enumerate(items):
-            vec = vectors.get(i)
-            if vec is not None:
-                rows.append(r)
-                stacked.append(vec)
+        rows = [r for r, i in enumerate(items) if i in vectors] if vectors else []
         if rows:
-            item[rows] = np.stack(stacked)
+            item[rows] = np.stack([vectors[items[r]] for r in rows])
             X[rows, col] = 1.0
         return cls(X=X, items=items, profile=profile, item=item, version=version)
 
@@ -169,10 +165,13 @@ class FusionModel:
         if self.plain is not None:
             self.plain.extend(self._plain_scorers())
 
-    def served_scores(self, pools: Sequence[CandidatePool], pred: Prediction) -> tuple[np.ndarray, list[str]]:
+    def served_scores(self, pools: Sequence[CandidatePool], pred: Prediction,
+                      segments: Sequence[int] | None = None) -> tuple[np.ndarray, list[str]]:
         """The scores each pool's rows are served by (its segment's chosen order; ``pred`` holds the pools'
-        rows one after another) and the name of each pool's order."""
-        names = [self.choice.chosen(ExploreShare.segment(new_items(p.X, INDEX["src_repeat"]))) for p in pools]
+        rows one after another) and the name of each pool's order; ``segments``: the pools' segments
+        (:func:`pool_segments`), if known."""
+        chosen = self.choice.chosen
+        names = [chosen(s) for s in (segments if segments is not None else pool_segments(pools))]
         if all(name == "fusion" for name in names):
             return pred.fused, names
         served = pred.fused.copy()
@@ -185,9 +184,10 @@ class FusionModel:
             start = end
         return served, names
 
-    def arrange(self, pool: CandidatePool, order: Sequence[int]) -> list[int]:
-        """A pool's score order with the learned share of new items among its first places."""
-        return self.explore.arrange(order, new_items(pool.X, INDEX["src_repeat"]))
+    def arrange(self, pool: CandidatePool, order: Sequence[int], segment: int | None = None) -> list[int]:
+        """A pool's score order with the learned share of new items among its first places (``segment``:
+        the pool's, if known)."""
+        return self.explore.arrange(order, new_items(pool.X, INDEX["src_repeat"]), segment)
 
     def learn_explore(self, pools: Sequence[CandidatePool], positives: Sequence[np.ndarray],
                       lookup: VectorLookup | None) -> None:
@@ -225,8 +225,9 @@ class FusionModel:
             scorers["torch_head"] = torch_p
         if self.plain is not None:
             scorers["fusion_plain"] = self.plain.proba_matrix(scorer_inputs(self.plain.names, river_p, None, rows.X))
-        return Prediction(fused=self.fusion.proba_matrix(inputs), scorers=scorers,
-                          contributions=self.fusion.contributions(inputs), names=list(self.fusion.names))
+        clean = self.fusion.clean(inputs)
+        return Prediction(fused=self.fusion.proba_of_clean(clean), scorers=scorers,
+                          contributions=self.fusion.contributions(clean, clean=True), names=list(self.fusion.names))
 
     def learn(self, rows: Rows, y: np.ndarray) -> np.ndarray:
         """Predict-then-learn on labelled rows; returns the fused probabilities before the update."""
@@ -247,6 +248,16 @@ class FusionModel:
         if self.torch is None or rows.version is None or not rows.profile.shape[1]:
             return None
         return self.torch.predict_proba_many(rows.dense(), version=rows.version)
+
+
+def pool_segments(pools: Sequence[CandidatePool]) -> list[int]:
+    """Each pool's segment of users (:meth:`ExploreShare.segment`: how many of its rows are the user's
+    own items), for all the pools at once."""
+    if not pools:
+        return []
+    own = ~(np.concatenate([p.X[:, INDEX["src_repeat"]] for p in pools]) <= 0.0)  # not new_items
+    owner = np.repeat(np.arange(len(pools)), [len(p) for p in pools])
+    return ExploreShare.segments(np.bincount(owner, weights=own, minlength=len(pools)))
 
 
 # Reciprocal rank fusion (Cormack, Clarke and Büttcher, SIGIR 2009): a row scores sum(1 / (k + rank))
@@ -289,7 +300,9 @@ def explain(pred: Prediction, rows: Sequence[int], top: int = 3) -> list[dict[st
         return []
     contrib = pred.contributions[np.asarray(rows)]
     order = np.argsort(-contrib, axis=1, kind="stable")[:, :top]
-    values = np.take_along_axis(contrib, order, axis=1).tolist()
-    names = pred.names
-    return [{names[j]: round(v, 6) for j, v in zip(cols, vals, strict=True) if v > 0}
-            for cols, vals in zip(order.tolist(), values, strict=True)]
+    values = np.take_along_axis(contrib, order, axis=1)
+    # each row's values descend, so the positive ones lead it: a row keeps its first ``shown``
+    shown = np.count_nonzero(values > 0, axis=1).tolist()
+    names = np.asarray(pred.names, dtype=object)[order].tolist()
+    return [dict(zip(n[:c], v[:c], strict=True))
+            for n, v, c in zip(names, values.round(6).tolist(), shown, strict=True)]

@@ -36,6 +36,13 @@ Dense = Mapping[str, np.ndarray]  # "profile" (n, d), "item" (n, d), "features" 
 _LOSS = optim.losses.Log()  # river's log loss: its gradient and its sigmoid (stateless)
 
 
+def cleaned(M: np.ndarray, clip: float) -> np.ndarray:
+    """A copy of ``M`` with NaN and ±inf at 0 and the rest clipped to ``±clip`` (same dtype)."""
+    if not np.isfinite(M).all():
+        M = np.nan_to_num(M, nan=0.0, posinf=0.0, neginf=0.0)
+    return np.clip(M, -clip, clip)
+
+
 def finite_rows(*arrays: np.ndarray) -> np.ndarray:
     """Mask of rows that are finite in every array."""
     mask = np.ones(len(arrays[0]), dtype=bool)
@@ -135,7 +142,15 @@ class LogisticScorer(base.MiniBatchClassifier):
 
     def proba_matrix(self, M: np.ndarray) -> np.ndarray:
         """P(True) per row; NaN/inf read as 0, values clipped, so any input gives a probability."""
-        M = np.clip(np.nan_to_num(M, nan=0.0, posinf=0.0, neginf=0.0), -self.clip, self.clip)
+        return self.proba_of_clean(self.clean(M))
+
+    def clean(self, M: np.ndarray) -> np.ndarray:
+        """A copy of ``M`` with NaN and ±inf at 0 and the rest clipped to ``±clip``: what every row is
+        scored on."""
+        return cleaned(M, self.clip)
+
+    def proba_of_clean(self, M: np.ndarray) -> np.ndarray:
+        """P(True) per row of an already clean matrix (:meth:`clean`)."""
         return 1.0 / (1.0 + np.exp(-np.clip(self.raw_matrix(M), -30, 30)))
 
     def raw_matrix(self, M: np.ndarray) -> np.ndarray:
@@ -291,8 +306,7 @@ class TorchScorer(base.Classifier):
     def _clean(self, values: np.ndarray) -> np.ndarray:
         """A float32 copy with non-finite values at 0 (learning keeps finite rows only) and the rest
         clipped to ``±clip``."""
-        out = np.nan_to_num(np.asarray(values, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
-        return np.clip(out, -self.clip, self.clip, out=out)
+        return cleaned(np.asarray(values, dtype=np.float32), self.clip)
 
     # -- one at a time (each example is its own optimiser step); ``x`` is one :data:`Dense` row
     def learn_one(self, x: dict[base.typing.FeatureName, Any], y: base.typing.ClfTarget,
@@ -359,10 +373,10 @@ class FusionStacker(LogisticScorer):
     def scorers(self) -> tuple[str, ...]:
         return tuple(self.names)
 
-    def contributions(self, M: np.ndarray) -> np.ndarray:
-        """Per-row ``w_i * x_i`` for each scorer (the explanation of the fused score)."""
-        M = np.clip(np.nan_to_num(M, nan=0.0, posinf=0.0, neginf=0.0), -self.clip, self.clip)
-        return M * self._coef
+    def contributions(self, M: np.ndarray, *, clean: bool = False) -> np.ndarray:
+        """Per-row ``w_i * x_i`` for each scorer (the explanation of the fused score); ``clean``: ``M``
+        is already clean (:meth:`clean`)."""
+        return (M if clean else self.clean(M)) * self._coef
 
 
 def scorer_inputs(names: Sequence[str], river_p: np.ndarray, torch_p: np.ndarray | None,

@@ -23,7 +23,7 @@ from fusionrec.models.vectors import VectorStore
 from fusionrec.online.candidates.context import UserContext
 from fusionrec.online.candidates.features import CandidatePool, ItemInfo, build_pools
 from fusionrec.online.learning.checkpoints import ServingModel
-from fusionrec.online.learning.model import Rows, VectorLookup, explain
+from fusionrec.online.learning.model import Rows, VectorLookup, explain, pool_segments
 from fusionrec.online.ranking.ranker import Ranked, Recommendation
 from fusionrec.streams.state import Decay
 
@@ -99,18 +99,33 @@ class FusionRanker:
         pools = self.pools(contexts)
         rows = Rows.of_pools(pools, self.lookup if model.use_vectors else None)
         pred = model.predict(rows)
-        served, names = model.served_scores(pools, pred)
-        orders = [model.arrange(pool, order) for pool, order in zip(pools, ranked_orders(pools, served), strict=True)]
+        segments = pool_segments(pools)
+        served, names = model.served_scores(pools, pred, segments)
+        orders = [model.arrange(pool, order, segment)
+                  for pool, order, segment in zip(pools, ranked_orders(pools, served), segments, strict=True)]
         tops = [order[:k] for order in orders]
-        starts = np.cumsum([0, *(len(p) for p in pools)])
+        starts = np.cumsum([0, *(len(p) for p in pools)]).tolist()
+        # every listed row's fused score, and the served score of rows listed in a part's order, at once
+        listed = np.fromiter((start + r for start, top in zip(starts, tops, strict=False) for r in top),
+                             dtype=np.int64)
+        scores = pred.fused[listed].round(6).tolist()
+        by_part = served[listed].round(6).tolist() if any(name != "fusion" for name in names) else []
         # a list served in another order than the stacker's is explained by that order, not the stacker
-        explained = iter(explain(pred, [int(start) + r for start, top, name in zip(starts, tops, names, strict=False)
-                                        if name == "fusion" for r in top]))
+        explained = explain(pred, [start + r for start, top, name in zip(starts, tops, names, strict=False)
+                                   if name == "fusion" for r in top])
         out: list[Ranked] = []
-        for pool, start, order, top, name in zip(pools, starts, orders, tops, names, strict=False):
-            items = [Recommendation(item_id=pool.items[r], score=round(float(pred.fused[start + r]), 6),
-                                    sources=next(explained) if name == "fusion"
-                                    else {name: round(float(served[start + r]), 6)}) for r in top]
+        at = done = 0
+        for pool, order, top, name in zip(pools, orders, tops, names, strict=True):
+            n = len(top)
+            if name == "fusion":
+                sources = explained[done: done + n]
+                done += n
+            else:
+                sources = [{name: v} for v in by_part[at: at + n]]
+            ids = pool.items
+            items = [Recommendation(ids[r], score, why)
+                     for r, score, why in zip(top, scores[at: at + n], sources, strict=True)]
+            at += n
             out.append(Ranked(items=items, pool=pool, order=order, model=number))
         return out
 

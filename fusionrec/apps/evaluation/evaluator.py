@@ -67,7 +67,7 @@ from fusionrec.models.vectors import VectorStore
 from fusionrec.online.candidates.features import CandidatePool
 from fusionrec.online.learning.feedback import FeedbackJoiner, Snapshot
 from fusionrec.online.learning.learner import Learner
-from fusionrec.online.learning.model import FusionModel, Rows
+from fusionrec.online.learning.model import FusionModel, Rows, pool_segments
 from fusionrec.online.ranking.fusion import FusionRanker
 from fusionrec.online.ranking.writer import RecommendationWriter
 from fusionrec.online.serving.reader import RecommendationReader
@@ -206,19 +206,20 @@ class Evaluator:
         pools = self.ranker.pools(contexts)
         pred = self.learner.model.predict(Rows.of_pools(pools, self.ranker.lookup))
         # the fused models rank as they serve: each pool in its segment's chosen order
-        scores = {"system": self.learner.model.served_scores(pools, pred)[0], "river": pred.scorers["river"]}
+        segments = pool_segments(pools)
+        scores = {"system": self.learner.model.served_scores(pools, pred, segments)[0], "river": pred.scorers["river"]}
         if "torch_head" in self.scores:
             scores["torch_head"] = pred.scorers.get("torch_head", np.full(len(pred.fused), 0.5))
             plain = self.no_llm.model.predict(Rows.of_pools(pools, None))
-            scores["fusion_no_llm"] = self.no_llm.model.served_scores(pools, plain)[0]
+            scores["fusion_no_llm"] = self.no_llm.model.served_scores(pools, plain, segments)[0]
         served = self.reader.many([u.user for u in scored], k=RECALL_K)
         # the fused models serve their lists with the share of new items they learned, as the ranker does
         fused = {"system": self.learner.model, "fusion_no_llm": self.no_llm.model}
         out: dict[str, dict[str, list[str]]] = {}
         start = 0
-        for u, ctx, pool in zip(scored, contexts, pools, strict=True):
+        for u, ctx, pool, segment in zip(scored, contexts, pools, segments, strict=True):
             end = start + len(pool)
-            ranked = {name: _top(pool, s[start:end], fused.get(name)) for name, s in scores.items()}
+            ranked = {name: _top(pool, s[start:end], fused.get(name), segment) for name, s in scores.items()}
             covis = pool.column("covis")
             ranked["covisitation"] = [pool.items[r] for r in np.argsort(-covis, kind="stable")[:RECALL_K]
                                       if covis[r] > 0]
@@ -283,12 +284,13 @@ class Evaluator:
                             "decisions": dict(sorted(self.joiner.outcomes.items()))}}
 
 
-def _top(pool: CandidatePool, scores: np.ndarray, model: FusionModel | None = None) -> list[str]:
+def _top(pool: CandidatePool, scores: np.ndarray, model: FusionModel | None = None,
+         segment: int | None = None) -> list[str]:
     """The pool's best ``RECALL_K`` items by score, ties in pool order (the fixed blend); a fused
-    ``model`` arranges them with its learned share of new items."""
+    ``model`` arranges them with its learned share of new items (``segment``: the pool's, if known)."""
     order = np.argsort(-scores, kind="stable").tolist()
     if model is not None:
-        order = model.arrange(pool, order)
+        order = model.arrange(pool, order, segment)
     return [pool.items[r] for r in order[:RECALL_K]]
 
 
