@@ -29,11 +29,12 @@ import torch
 
 from fusionrec.apps.evaluation.runner import scratch_redis
 from fusionrec.core.settings import Settings
+from fusionrec.models.vectors import VectorLookup
 from fusionrec.online.candidates.features import FEATURES, INDEX, CandidatePool
 from fusionrec.online.learning.checkpoints import CheckpointStore, ServingModel
 from fusionrec.online.learning.feedback import Group
 from fusionrec.online.learning.learner import Learner
-from fusionrec.online.learning.model import FusionModel, VectorLookup
+from fusionrec.online.learning.model import FusionModel
 
 DIM = 384
 

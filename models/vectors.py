@@ -20,7 +20,8 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, cast
 
@@ -258,6 +259,75 @@ class VectorStore:
             if len(pipe) >= 1000:
                 pipe.execute()
         pipe.execute()
+
+
+_ABSENT = object()  # not cached (a cached None: the item has no vector)
+
+
+class VectorLookup:
+    """Item vectors by (version, id), with an LRU of ``capacity`` items per version in front of Redis.
+
+    ``fetch(version, ids)`` reads the vectors of the items that have one (:meth:`VectorStore.vectors`).
+    With ``seq`` (the version's change counter, :meth:`VectorStore.seq`, one ``GET`` per call) a
+    version's cached vectors are dropped whenever its counter has moved since they were read, so an
+    item re-embedded in place is never served with its old vector; with a catalog that keeps changing
+    the cache then holds little, and every call reads what it needs. The vectors of at most
+    :attr:`VERSIONS` versions are kept (the last ones asked for). Thread-safe.
+    """
+
+    VERSIONS = 2
+
+    def __init__(self, fetch: Callable[[str, Sequence[str]], dict[str, np.ndarray]], capacity: int = 50_000,
+                 seq: Callable[[str], int] | None = None) -> None:
+        self.fetch = fetch
+        self.capacity = capacity
+        self.seq = seq
+        self._cache: dict[str, OrderedDict[str, np.ndarray | None]] = {}
+        self._seen: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def get(self, version: str, ids: Sequence[str]) -> dict[str, np.ndarray]:
+        """The vectors of those of ``ids`` that have one."""
+        now = self.seq(version) if self.seq is not None else None
+        out: dict[str, np.ndarray] = {}
+        missing = []
+        with self._lock:
+            cache = self._version(version, now)
+            for i in dict.fromkeys(ids):
+                vec = cache.get(i, _ABSENT)
+                if vec is _ABSENT:
+                    missing.append(i)
+                    continue
+                cache.move_to_end(i)
+                if vec is not None:
+                    out[i] = vec  # type: ignore[assignment]
+        if missing:
+            found = self.fetch(version, missing)
+            with self._lock:
+                cache = self._version(version, now)
+                for i in missing:
+                    vec = found.get(i)
+                    cache[i] = vec
+                    if vec is not None:
+                        out[i] = vec
+                while len(cache) > self.capacity:
+                    cache.popitem(last=False)
+        return out
+
+    def _version(self, version: str, seq: int | None) -> OrderedDict[str, np.ndarray | None]:
+        """The version's cache, emptied if its change counter is not the one its vectors were read at."""
+        if seq is not None and self._seen.get(version) != seq:
+            self._cache.pop(version, None)
+            self._seen[version] = seq
+        cache = self._cache.pop(version, None)  # re-inserted last: the versions in the order last asked
+        if cache is None:
+            cache = OrderedDict()
+            while len(self._cache) >= self.VERSIONS:
+                dropped = next(iter(self._cache))
+                del self._cache[dropped]
+                self._seen.pop(dropped, None)
+        self._cache[version] = cache
+        return cache
 
 
 class LocalIndex:

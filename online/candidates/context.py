@@ -36,6 +36,7 @@ import redis
 from fusionrec.core.keys import Keys
 from fusionrec.core.scripts import MULTI_HGET, MULTI_ZTOP, register
 from fusionrec.core.settings import Settings
+from fusionrec.models.vectors import VectorLookup
 from fusionrec.online.candidates.content import ContentIndex, profile_vector
 from fusionrec.streams.state import Decay, UserState, user_state_or_empty
 
@@ -167,11 +168,15 @@ class CandidateReader:
     """Reads users' candidate contexts from Redis (thread-safe; share one per process)."""
 
     def __init__(self, client: redis.Redis, settings: Settings, keys: Keys | None = None,
-                 content: ContentIndex | None = None) -> None:
+                 content: ContentIndex | None = None, vectors: VectorLookup | None = None) -> None:
+        """``vectors``: where the profile vectors' item vectors are read (a ranker's lookup, to share its
+        cache); by default a lookup of its own."""
         self.redis = client
         self.settings = settings
         self.keys = keys or Keys.for_settings(settings)
         self.content = content or ContentIndex(client, settings, self.keys)
+        store = self.content.store
+        self.vectors = vectors or VectorLookup(store.vectors, settings.learn.vector_cache_items, seq=store.seq)
         self._ztop = register(client, MULTI_ZTOP)
         self._states = register(client, MULTI_HGET)
         # stored popularity is forward-decayed: weight(1, -ts) = exp(-rate * (ts - epoch)) brings it to ts
@@ -245,7 +250,7 @@ class CandidateReader:
             return {}
         top_items = {c.user_id: c.items[: s.rec.profile_items] for c in contexts}
         ids = sorted({i for items in top_items.values() for i, _ in items})
-        vectors = self.content.store.vectors(version, ids)
+        vectors = self.vectors.get(version, ids)
         with_profile = []
         for ctx in contexts:
             vec = profile_vector(vectors, top_items[ctx.user_id])

@@ -86,8 +86,8 @@ class LearnerLoop(BaseProcessor[Feedback]):
         self.keys = Keys.for_settings(settings)
         self.lease = LearnerLease(self.redis, self.keys, self.name, lease_s)
         self.store = CheckpointStore(self.redis, settings, self.keys, lease=self.lease)
-        self.lookup = VectorLookup(VectorStore(self.redis, settings, self.keys).vectors,
-                                   settings.learn.vector_cache_items)
+        vectors = VectorStore(self.redis, settings, self.keys)
+        self.lookup = VectorLookup(vectors.vectors, settings.learn.vector_cache_items, seq=vectors.seq)
         self.decisions = 0
         self._start_over()
 

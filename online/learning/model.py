@@ -11,55 +11,17 @@ the scorers' pre-update outputs, then the scorers themselves.
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import chain
 
 import numpy as np
 
+from fusionrec.models.vectors import VectorLookup
 from fusionrec.online.candidates.features import FEATURES, INDEX, VECTOR_FEATURES, CandidatePool
 from fusionrec.online.learning.choice import OrderChoice
 from fusionrec.online.learning.explore import ExploreShare, new_items
 from fusionrec.online.learning.scorers import SCORERS, FusionStacker, RiverScorer, SearchMix, TorchScorer, scorer_inputs
-
-VectorFetch = Callable[[str, Sequence[str]], dict[str, np.ndarray]]
-
-
-_ABSENT = object()  # not cached (a cached None: the item has no vector)
-
-
-class VectorLookup:
-    """Item vectors by (version, id) with an LRU of ``capacity`` items in front of Redis."""
-
-    def __init__(self, fetch: VectorFetch, capacity: int = 50_000) -> None:
-        self.fetch = fetch
-        self.capacity = capacity
-        self._cache: OrderedDict[tuple[str, str], np.ndarray | None] = OrderedDict()
-
-    def get(self, version: str, ids: Sequence[str]) -> dict[str, np.ndarray]:
-        out: dict[str, np.ndarray] = {}
-        missing = []
-        cache = self._cache
-        for i in dict.fromkeys(ids):
-            key = (version, i)
-            vec = cache.get(key, _ABSENT)
-            if vec is _ABSENT:
-                missing.append(i)
-                continue
-            cache.move_to_end(key)
-            if isinstance(vec, np.ndarray):
-                out[i] = vec
-        if missing:
-            found = self.fetch(version, missing)
-            for i in missing:
-                vec = found.get(i)
-                self._cache[(version, i)] = vec
-                if vec is not None:
-                    out[i] = vec
-            while len(self._cache) > self.capacity:
-                self._cache.popitem(last=False)
-        return out
 
 
 @dataclass

@@ -79,7 +79,7 @@ class FusionRanker:
         # user item weights are forward-decayed; weight(1, -ts) = exp(-rate * (ts - epoch)) brings them to ts
         self.decay = Decay(-settings.state.decay_epoch_ms, settings.state.affinity_half_life_s)
         store = VectorStore(client, settings, self.keys)
-        self.lookup = VectorLookup(store.vectors, settings.learn.vector_cache_items)
+        self.lookup = VectorLookup(store.vectors, settings.learn.vector_cache_items, seq=store.seq)
 
     def pools(self, contexts: Sequence[UserContext], only: list[str] | None = None) -> list[CandidatePool]:
         """Each user's candidate pool (``only``: the user's features for exactly these items)."""

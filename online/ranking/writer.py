@@ -65,7 +65,8 @@ class RecommendationWriter:
         self.keys = keys or Keys.for_settings(settings)
         self.ranker = ranker or default_ranker(client, settings, metrics, self.keys)
         self.sink = sink
-        self.candidates = CandidateReader(client, settings, self.keys)
+        # the ranker's item vectors, where it keeps them, serve the profile vectors too: one cache
+        self.candidates = CandidateReader(client, settings, self.keys, vectors=getattr(self.ranker, "lookup", None))
         self._setex = register(client, MULTI_SETEX)
         self._newer = register(client, NEWER_RECS)
 

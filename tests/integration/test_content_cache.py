@@ -11,7 +11,7 @@ from fusionrec.apps.services import RunningServices
 from fusionrec.core.keys import Keys
 from fusionrec.core.redis_client import connect
 from fusionrec.core.settings import Settings
-from fusionrec.models.vectors import VectorOp, VectorStore
+from fusionrec.models.vectors import VectorLookup, VectorOp, VectorStore
 from fusionrec.online.candidates.content import ContentIndex
 from tests.integration.helpers import make_settings
 
@@ -108,3 +108,34 @@ def test_without_a_cache_every_search_runs(services: RunningServices, overrides:
     query = list(_vectors(1, seed=1).values())
     assert index.nearest(VERSION, query, 5) == index.nearest(VERSION, query, 5)
     assert index.searches == 2 and not index._found
+
+
+def test_cached_item_vectors_are_read_again_once_the_version_changed(services: RunningServices) -> None:
+    """The rankers' item-vector cache (``VectorLookup``): an item re-embedded in place is never served
+    with its old vector, and an unchanged version is served from memory."""
+    s = make_settings(services)
+    client = connect(s)
+    store = VectorStore(client, s)
+    vectors = _vectors(4)
+    _write(client, s, vectors)
+    reads: list[list[str]] = []
+
+    def fetch(version: str, ids: list[str]) -> dict[str, np.ndarray]:
+        reads.append(list(ids))
+        return store.vectors(version, ids)
+
+    lookup = VectorLookup(fetch, capacity=10, seq=store.seq)
+    got = lookup.get(VERSION, ["0", "1", "missing"])
+    assert set(got) == {"0", "1"} and np.array_equal(got["0"], vectors["0"]) and reads == [["0", "1", "missing"]]
+    assert set(lookup.get(VERSION, ["0", "1", "missing"])) == {"0", "1"} and len(reads) == 1  # all remembered
+
+    moved = (-vectors["3"]).astype(np.float32)
+    _write(client, s, {"0": moved})  # re-embedded in place, same version
+    again = lookup.get(VERSION, ["0", "1"])
+    assert np.array_equal(again["0"], moved) and reads[-1] == ["0", "1"]
+
+    unchecked = VectorLookup(fetch, capacity=10)  # without the counter: whatever it read first, until evicted
+    unchecked.get(VERSION, ["0"])
+    _write(client, s, {"0": vectors["0"]})
+    assert np.array_equal(unchecked.get(VERSION, ["0"])["0"], moved)
+    assert np.array_equal(lookup.get(VERSION, ["0"])["0"], vectors["0"])
