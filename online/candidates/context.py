@@ -28,6 +28,7 @@ import heapq
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any, Protocol
 
 import numpy as np
@@ -270,9 +271,14 @@ class CandidateReader:
         A user's fresh candidates are the nearest of their wider content search whose support at the
         decision time is below ``rec.fresh_below``: items few people have touched yet, which popularity
         and co-visitation cannot propose, in order of similarity."""
-        candidates = sorted({i for c in contexts for i, _ in (*c.items, *c.popular, *c.content, *c.trending)}
-                            | {i for c in contexts for ns in c.covis.values() for i, _ in ns}
-                            | {i for near in scanned.values() for i, _ in near})
+        # every candidate once: a batch's contexts share their popular and trending lists and each recent
+        # item's neighbours, so each list is read once
+        lists: dict[int, Scored] = {}
+        for c in contexts:
+            for pairs in (c.items, c.popular, c.content, c.trending, *c.covis.values()):
+                lists[id(pairs)] = pairs
+        lists.update((id(near), near) for near in scanned.values())
+        candidates = list({i for pairs in lists.values() for i, _ in pairs})
         if not candidates:
             return
         pipe = self.redis.pipeline(transaction=False)
@@ -280,17 +286,19 @@ class CandidateReader:
         if deleted:
             pipe.smismember(self.keys.deleted_items(), candidates)
         replies = pipe.execute()
-        support = {i: float(v) for i, v in zip(candidates, replies[0], strict=True) if v is not None}
+        support = {i: v for i, v in zip(candidates, replies[0], strict=True) if v is not None}
         excluded = frozenset(i for i, f in zip(candidates, replies[1], strict=True) if f) if deleted \
             else frozenset()
         s = self.settings.rec
+        stored = support.get
         for c in contexts:
             c.support = support
-            c.support_scale = self._popularity_now.weight(1.0, -c.ts) if c.ts else 0.0
+            c.support_scale = scale = self._popularity_now.weight(1.0, -c.ts) if c.ts else 0.0
             c.excluded = excluded
             near = scanned.get(c.user_id)
-            if near:
-                c.fresh = [(i, sim) for i, sim in near if c.support_at(i) < s.fresh_below][: s.fresh_candidates]
+            if near:  # the first of the nearest whose support (UserContext.support_at) is below the bound
+                c.fresh = list(islice(((i, sim) for i, sim in near if stored(i, 0.0) * scale < s.fresh_below),
+                                      s.fresh_candidates))
 
     def _by_bucket(self, ids: list[str]) -> list[list[str]]:
         groups: dict[int, list[str]] = defaultdict(list)

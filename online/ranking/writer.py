@@ -92,13 +92,14 @@ class RecommendationWriter:
         contexts = self.candidates.for_users(users)
         ranked = self.ranker.rank_many(contexts, self.settings.rec.k)
         for ctx, r in zip(contexts, ranked, strict=True):
+            bucket = self.keys.bucket(ctx.user_id)
             if ctx.profile is not None:
-                pkeys, pvalues = profiles[self.keys.bucket(ctx.user_id)]
+                pkeys, pvalues = profiles[bucket]
                 pkeys.append(self.keys.user_profile(ctx.user_id))
                 pvalues.append(_msgpack.encode([ctx.profile[0], ctx.profile[1].astype("<f4").tobytes()]))
             recs = RecList(user_id=ctx.user_id, items=r.items, model=model_label(self.ranker.name, r.model),
                            generated_at=now, event_ts=users[ctx.user_id].last_ts)
-            keys, values = per_bucket[self.keys.bucket(ctx.user_id)]
+            keys, values = per_bucket[bucket]
             keys.append(self.keys.user_rec(ctx.user_id))
             values.extend((recs.event_ts, _encoder.encode(recs)))
         pipe = self.redis.pipeline(transaction=False)
