@@ -72,32 +72,36 @@ class PublishedPass:
         pass
 
 
-class PublishedProcess:
-    """A :class:`PublishedPass` in a worker process (``python -m`` this module), fed through a pipe.
-
-    Steps are written to the worker's standard input and not waited for: the pipe's buffer lets the
-    evaluator run ahead, and blocks it when the worker falls behind. The worker is the evaluator's own
-    child, so the frames are pickles; it is started as a module, never by re-importing the caller's
-    ``__main__``.
+class WorkerProcess:
+    """A worker process (``python -m <module>``) fed pickle frames on its standard input, answering on
+    its standard output. It is the evaluator's own child, so the frames are pickles; it is started as a
+    module, never by re-importing the caller's ``__main__``. A worker that stops raises
+    :class:`RuntimeError` with the end of what it wrote to its standard error.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, module: str, name: str) -> None:
+        self.name = name
         self._errors = tempfile.TemporaryFile()  # a file, not a pipe: a chatty worker never blocks on it
-        self._proc = subprocess.Popen([sys.executable, "-m", __name__], stdin=subprocess.PIPE,
+        self._proc = subprocess.Popen([sys.executable, "-m", module], stdin=subprocess.PIPE,
                                       stdout=subprocess.PIPE, stderr=self._errors)
 
-    def step(self, scored: Sequence[Scored], observed: Sequence[Observed]) -> None:
-        self._send((list(scored), list(observed)))
+    def send(self, item: object) -> None:
+        assert self._proc.stdin is not None
+        try:
+            write_frame(self._proc.stdin, item)
+        except (BrokenPipeError, OSError):
+            self.failed()
 
-    def results(self) -> dict[str, SplitScores]:
-        """Every step's scores, once the worker has run them all."""
-        self._send(None)
+    def receive(self) -> Any:
+        """The worker's next answer (it must give one)."""
         assert self._proc.stdout is not None
-        scores: dict[str, SplitScores] | None = _read(self._proc.stdout)
-        if scores is None:
-            self._failed()
+        item = read_frame(self._proc.stdout)
+        if item is None:
+            self.failed()
+        return item
+
+    def wait(self) -> None:
         self._proc.wait()
-        return scores
 
     def close(self) -> None:
         if self._proc.poll() is None:
@@ -107,28 +111,45 @@ class PublishedProcess:
             if pipe is not None:
                 pipe.close()
 
-    def _send(self, item: object) -> None:
-        assert self._proc.stdin is not None
-        try:
-            _write(self._proc.stdin, item)
-        except (BrokenPipeError, OSError):
-            self._failed()
-
-    def _failed(self) -> NoReturn:
+    def failed(self) -> NoReturn:
         self._proc.kill()
         self._proc.wait()
         self._errors.seek(0)
         error = self._errors.read().decode(errors="replace").strip()[-4000:]
-        raise RuntimeError(f"the published methods' worker stopped (exit code {self._proc.returncode}): {error}")
+        raise RuntimeError(f"the {self.name} worker stopped (exit code {self._proc.returncode}): {error}")
 
 
-def _write(stream: IO[bytes], item: object) -> None:
+class PublishedProcess:
+    """A :class:`PublishedPass` in a worker process (``python -m`` this module), fed through a pipe.
+
+    Steps are written to the worker's standard input and not waited for: the pipe's buffer lets the
+    evaluator run ahead, and blocks it when the worker falls behind.
+    """
+
+    def __init__(self) -> None:
+        self._worker = WorkerProcess(__name__, "published methods'")
+
+    def step(self, scored: Sequence[Scored], observed: Sequence[Observed]) -> None:
+        self._worker.send((list(scored), list(observed)))
+
+    def results(self) -> dict[str, SplitScores]:
+        """Every step's scores, once the worker has run them all."""
+        self._worker.send(None)
+        scores: dict[str, SplitScores] = self._worker.receive()
+        self._worker.wait()
+        return scores
+
+    def close(self) -> None:
+        self._worker.close()
+
+
+def write_frame(stream: IO[bytes], item: object) -> None:
     data = pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL)
     stream.write(len(data).to_bytes(8, "little") + data)
     stream.flush()
 
 
-def _read(stream: IO[bytes]) -> Any:
+def read_frame(stream: IO[bytes]) -> Any:
     """The next frame; None at the end of the stream."""
     head = stream.read(8)
     if len(head) < 8:
@@ -142,9 +163,9 @@ def _read(stream: IO[bytes]) -> Any:
 
 def _serve(source: IO[bytes], sink: IO[bytes]) -> None:
     work = PublishedPass()
-    while (item := _read(source)) is not None:
+    while (item := read_frame(source)) is not None:
         work.step(*item)
-    _write(sink, work.results())
+    write_frame(sink, work.results())
 
 
 if __name__ == "__main__":
