@@ -5,11 +5,9 @@ Both runs do the same work on the same events (the first ``--households`` househ
 report, the published next-basket methods included, through the production state store, writer and
 learner on the embedded Redis.
 
-1. baseline, same run: everything in the evaluator's process: the published methods one step after the
-   system's (``published_worker=False``), every ranking of the system's pass in turn
-   (``rank_worker=False``);
-2. the default: the published methods in their worker process beside the system's pass, and half of
-   the system's rankings in a second worker, at the same time as the evaluator ranks the other half.
+1. baseline, same run: the published methods in the evaluator's process, one step after the
+   system's (``published_worker=False``);
+2. the default: the published methods in their worker process beside the system's pass.
 
 The two reports must agree figure for figure (checked; the run fails otherwise).
 
@@ -33,7 +31,7 @@ from fusionrec.core.settings import Settings
 def timed(settings: Settings, args: argparse.Namespace, worker: bool) -> tuple[float, dict[str, Any]]:
     start = time.perf_counter()
     report = run_evaluation(settings, source="completejourney", households=args.households, limit=args.limit,
-                            progress=False, content=args.content, published_worker=worker, rank_worker=worker)
+                            progress=False, content=args.content, published_worker=worker)
     return time.perf_counter() - start, report
 
 

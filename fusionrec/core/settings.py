@@ -274,9 +274,7 @@ class LearnSettings:
                                        doc="decisions seen before a rollback is judged")
     vectors: bool = setting(True, env="LEARN_VECTORS", doc="torch head on item vectors (off: the fusion without them)")
     seed: int = setting(0, env="LEARN_SEED", doc="seed of every learner")
-    vector_cache_items: int = setting(50_000, env="LEARN_VECTOR_CACHE_ITEMS",
-                                      doc="item vectors cached in process per vector version (rankers and the "
-                                          "learner; a version's are dropped whenever any of its vectors changes)")
+    vector_cache_items: int = setting(50_000, env="LEARN_VECTOR_CACHE_ITEMS", doc="item vectors cached in process")
     metrics_port: int = setting(9472, env="LEARN_METRICS_PORT", doc="the learner's /metrics (0 disables)")
     threads: int = setting(0, env="LEARN_THREADS",
                            doc="threads of `fusionrec learner`'s numeric libraries (torch, OpenMP, BLAS); 0: one per "

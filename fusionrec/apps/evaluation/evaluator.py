@@ -36,11 +36,6 @@ stream consumer runs; the writer's logged decisions go through the same
 
 Without an embedded catalog, ``torch_head`` and ``fusion_no_llm`` are left out (there are no vectors).
 
-Each chunk's users are ranked twice (to score the chunk's baskets, and by the writer after it is applied).
-By default half of those users, chosen by a hash of their id, are ranked by a worker process at the same
-time as this one ranks the other half, from the same state and with the same models
-(:mod:`~fusionrec.apps.evaluation.rank_worker`): the report is the one a single process gives.
-
 Every method is also scored on the basket's *repeat* and *explore* parts and on its *cold-start*
 items (:mod:`~fusionrec.apps.evaluation.metrics`), reported under ``methods.<name>.repeat``,
 ``methods.<name>.explore`` and ``cold_start``.
@@ -64,21 +59,21 @@ from tqdm import tqdm
 
 from fusionrec.apps.evaluation.metrics import RECALL_K, SplitScores, TopCounter, basket_parts
 from fusionrec.apps.evaluation.published_pass import Method, Observed, PublishedPass, PublishedProcess, Scored
-from fusionrec.apps.evaluation.rank_worker import RankWorker, method_lists, theirs
 from fusionrec.core.settings import Settings
 from fusionrec.models.backfill import version_info
 from fusionrec.models.embedder import CatalogEmbedder
 from fusionrec.models.encoder import TextEncoder
 from fusionrec.models.vectors import VectorStore
+from fusionrec.online.candidates.features import CandidatePool
 from fusionrec.online.learning.feedback import FeedbackJoiner, Snapshot
 from fusionrec.online.learning.learner import Learner
-from fusionrec.online.learning.model import FusionModel
+from fusionrec.online.learning.model import FusionModel, Rows, pool_segments
 from fusionrec.online.ranking.fusion import FusionRanker
 from fusionrec.online.ranking.writer import RecommendationWriter
 from fusionrec.online.serving.reader import RecommendationReader
 from fusionrec.streams.contract import UserEvent
 from fusionrec.streams.datasets import Dataset
-from fusionrec.streams.state import BatchResult, Positioned, StateStore
+from fusionrec.streams.state import Positioned, StateStore
 
 
 @dataclass
@@ -125,10 +120,8 @@ class Evaluator:
     """Runs one prequential pass of the system and the baselines over a dataset."""
 
     def __init__(self, client: redis.Redis, settings: Settings, *, published_worker: bool = True,
-                 published: dict[str, Method] | None = None, rank_worker: bool = True) -> None:
-        """``published`` replaces the published methods (variants of them, say); they run in this process.
-        ``rank_worker``: half of the system's rankings in a worker process (:mod:`.rank_worker`), started
-        by :meth:`run`; the report is the same either way."""
+                 published: dict[str, Method] | None = None) -> None:
+        """``published`` replaces the published methods (variants of them, say); they run in this process."""
         # every unit's events get distinct ids (their row numbers): nothing to drop as a producer's copy
         settings = settings.replace(dedupe_ids=0)
         self.settings = settings
@@ -148,8 +141,6 @@ class Evaluator:
         self.scores = {name: SplitScores() for name in BASE_METHODS}
         self.popular = TopCounter(RECALL_K)
         self.bought: dict[str, Counter[str]] = defaultdict(Counter)
-        self.rank_worker = rank_worker
-        self.worker: RankWorker | None = None
         self.seen: dict[str, set[str]] = defaultdict(set)  # items each user interacted with so far
 
     def run(self, ds: Dataset, *, chunk_events: int = 2000, progress: bool = True,
@@ -159,8 +150,6 @@ class Evaluator:
         # basket answers the scoring of their next: one remembered search per user
         content = self.writer.candidates.content
         content.cache_size = max(content.cache_size, min(int(ds.events["user_id"].nunique()), CONTENT_CACHE_MAX))
-        if self.rank_worker and self.worker is None:
-            self.worker = RankWorker(self.settings, content.cache_size)
         rows = ds.events.to_dict("records")
         chunk: list[Unit] = []
         users: set[str] = set()
@@ -188,9 +177,6 @@ class Evaluator:
         bar.update(size)
         bar.close()
         self.scores.update(self.published.results())
-        if self.worker is not None:
-            self.worker.close()
-            self.worker = None
         return self.report(ds.name, len(rows))
 
     def embed_catalog(self, ds: Dataset, encoder: TextEncoder, progress: bool = True) -> str:
@@ -216,39 +202,36 @@ class Evaluator:
 
     def _rankings(self, scored: list[Unit]) -> dict[str, dict[str, list[str]]]:
         """Every method's top items for each scored unit's user, from the state before the unit."""
-        at = {u.user: u.ts for u in scored}
-        embedded = "content" in self.scores
-        no_llm = self.no_llm.model if embedded else None
-        if self.worker is not None:
-            self.worker.score({u: ts for u, ts in at.items() if theirs(u)}, embedded)
-            at = {u: ts for u, ts in at.items() if not theirs(u)}
-        out = method_lists(self.writer, self.ranker, self.learner.model, no_llm, at, embedded)
-        if self.worker is not None:
-            out.update(self.worker.answer())
+        contexts = self.writer.candidates.for_stored_users({u.user: u.ts for u in scored})
+        pools = self.ranker.pools(contexts)
+        pred = self.learner.model.predict(Rows.of_pools(pools, self.ranker.lookup))
+        # the fused models rank as they serve: each pool in its segment's chosen order
+        segments = pool_segments(pools)
+        scores = {"system": self.learner.model.served_scores(pools, pred, segments)[0], "river": pred.scorers["river"]}
+        if "torch_head" in self.scores:
+            scores["torch_head"] = pred.scorers.get("torch_head", np.full(len(pred.fused), 0.5))
+            plain = self.no_llm.model.predict(Rows.of_pools(pools, None))
+            scores["fusion_no_llm"] = self.no_llm.model.served_scores(pools, plain, segments)[0]
         served = self.reader.many([u.user for u in scored], k=RECALL_K)
-        for u in scored:
-            ranked = out[u.user]
+        # the fused models serve their lists with the share of new items they learned, as the ranker does
+        fused = {"system": self.learner.model, "fusion_no_llm": self.no_llm.model}
+        out: dict[str, dict[str, list[str]]] = {}
+        start = 0
+        for u, ctx, pool, segment in zip(scored, contexts, pools, segments, strict=True):
+            end = start + len(pool)
+            ranked = {name: _top(pool, s[start:end], fused.get(name), segment) for name, s in scores.items()}
+            covis = pool.column("covis")
+            ranked["covisitation"] = [pool.items[r] for r in np.argsort(-covis, kind="stable")[:RECALL_K]
+                                      if covis[r] > 0]
             ranked["served"] = [r.item_id for r in served[u.user].items]
             ranked["popularity"] = self.popular.ranked()
             ranked["most_bought"] = [i for i, _ in self.bought[u.user].most_common(RECALL_K)]
+            if "content" in self.scores:  # the catalog is embedded: the pool's own content search
+                ranked["content"] = [i for i, _ in ctx.content[:RECALL_K]]
+                ranked["fresh"] = [i for i, _ in ctx.fresh]
+            out[u.user] = ranked
+            start = end
         return out
-
-    def _write(self, result: BatchResult) -> None:
-        """The writer's pass over the chunk's users (half of them in the worker, if there is one), its
-        decisions logged in the users' order, as one writer logs them."""
-        if self.worker is None or not result.users:
-            self.writer(result)
-            return
-        mine = {u: t for u, t in result.users.items() if not theirs(u)}
-        others = {u: t for u, t in result.users.items() if theirs(u)}
-        if others:
-            self.worker.write(others)
-        if mine:
-            self.writer.refresh(mine)
-        if others:
-            self._logged.extend(self.worker.answer())
-            order = {u: n for n, u in enumerate(result.users)}
-            self._logged.sort(key=lambda snap: order[snap.user_id])
 
     def _learn(self) -> None:
         groups = self.joiner.add(self._logged)
@@ -258,8 +241,6 @@ class Evaluator:
             self.no_llm.learn(groups)
 
     def _flush(self, chunk: list[Unit], rows: list[dict[str, Any]]) -> None:
-        if self.worker is not None:  # both rankings of the chunk use the models as they are now
-            self.worker.models(self.learner.model, self.no_llm.model if "content" in self.scores else None)
         scored = [u for u in chunk if u.targets]
         parts = {u.user: basket_parts(u.targets, self.seen[u.user], self.popular.counts) for u in scored}
         if scored:
@@ -282,15 +263,13 @@ class Evaluator:
             self.seen[u.user] |= basket
             observed.append(Observed(u.user, basket, u.targets, u.ts))
         self.published.step([Scored(u.user, u.ts, parts[u.user]) for u in scored], observed)
-        self._write(self.store.apply(batch))
+        result = self.store.apply(batch)
+        self.writer(result)
         self._learn()
 
     def close(self) -> None:
-        """Stop the workers (the published methods' has stopped already after :meth:`run`)."""
+        """Stop the published methods' worker (it has stopped already after :meth:`run`)."""
         self.published.close()
-        if self.worker is not None:
-            self.worker.close()
-            self.worker = None
 
     def report(self, name: str, n_events: int) -> dict[str, Any]:
         overall = {m: s.splits["overall"] for m, s in self.scores.items()}
@@ -303,6 +282,16 @@ class Evaluator:
                             "explore_share": self.learner.model.explore.report(),
                             "served_order": self.learner.model.choice.report(),
                             "decisions": dict(sorted(self.joiner.outcomes.items()))}}
+
+
+def _top(pool: CandidatePool, scores: np.ndarray, model: FusionModel | None = None,
+         segment: int | None = None) -> list[str]:
+    """The pool's best ``RECALL_K`` items by score, ties in pool order (the fixed blend); a fused
+    ``model`` arranges them with its learned share of new items (``segment``: the pool's, if known)."""
+    order = np.argsort(-scores, kind="stable").tolist()
+    if model is not None:
+        order = model.arrange(pool, order, segment)
+    return [pool.items[r] for r in order[:RECALL_K]]
 
 
 def _event(row: dict[str, Any], n: int) -> UserEvent:

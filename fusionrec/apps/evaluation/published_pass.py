@@ -72,36 +72,32 @@ class PublishedPass:
         pass
 
 
-class WorkerProcess:
-    """A worker process (``python -m <module>``) fed pickle frames on its standard input, answering on
-    its standard output. It is the evaluator's own child, so the frames are pickles; it is started as a
-    module, never by re-importing the caller's ``__main__``. A worker that stops raises
-    :class:`RuntimeError` with the end of what it wrote to its standard error.
+class PublishedProcess:
+    """A :class:`PublishedPass` in a worker process (``python -m`` this module), fed through a pipe.
+
+    Steps are written to the worker's standard input and not waited for: the pipe's buffer lets the
+    evaluator run ahead, and blocks it when the worker falls behind. The worker is the evaluator's own
+    child, so the frames are pickles; it is started as a module, never by re-importing the caller's
+    ``__main__``.
     """
 
-    def __init__(self, module: str, name: str) -> None:
-        self.name = name
+    def __init__(self) -> None:
         self._errors = tempfile.TemporaryFile()  # a file, not a pipe: a chatty worker never blocks on it
-        self._proc = subprocess.Popen([sys.executable, "-m", module], stdin=subprocess.PIPE,
+        self._proc = subprocess.Popen([sys.executable, "-m", __name__], stdin=subprocess.PIPE,
                                       stdout=subprocess.PIPE, stderr=self._errors)
 
-    def send(self, item: object) -> None:
-        assert self._proc.stdin is not None
-        try:
-            write_frame(self._proc.stdin, item)
-        except (BrokenPipeError, OSError):
-            self.failed()
+    def step(self, scored: Sequence[Scored], observed: Sequence[Observed]) -> None:
+        self._send((list(scored), list(observed)))
 
-    def receive(self) -> Any:
-        """The worker's next answer (it must give one)."""
+    def results(self) -> dict[str, SplitScores]:
+        """Every step's scores, once the worker has run them all."""
+        self._send(None)
         assert self._proc.stdout is not None
-        item = read_frame(self._proc.stdout)
-        if item is None:
-            self.failed()
-        return item
-
-    def wait(self) -> None:
+        scores: dict[str, SplitScores] | None = _read(self._proc.stdout)
+        if scores is None:
+            self._failed()
         self._proc.wait()
+        return scores
 
     def close(self) -> None:
         if self._proc.poll() is None:
@@ -111,45 +107,28 @@ class WorkerProcess:
             if pipe is not None:
                 pipe.close()
 
-    def failed(self) -> NoReturn:
+    def _send(self, item: object) -> None:
+        assert self._proc.stdin is not None
+        try:
+            _write(self._proc.stdin, item)
+        except (BrokenPipeError, OSError):
+            self._failed()
+
+    def _failed(self) -> NoReturn:
         self._proc.kill()
         self._proc.wait()
         self._errors.seek(0)
         error = self._errors.read().decode(errors="replace").strip()[-4000:]
-        raise RuntimeError(f"the {self.name} worker stopped (exit code {self._proc.returncode}): {error}")
+        raise RuntimeError(f"the published methods' worker stopped (exit code {self._proc.returncode}): {error}")
 
 
-class PublishedProcess:
-    """A :class:`PublishedPass` in a worker process (``python -m`` this module), fed through a pipe.
-
-    Steps are written to the worker's standard input and not waited for: the pipe's buffer lets the
-    evaluator run ahead, and blocks it when the worker falls behind.
-    """
-
-    def __init__(self) -> None:
-        self._worker = WorkerProcess(__name__, "published methods'")
-
-    def step(self, scored: Sequence[Scored], observed: Sequence[Observed]) -> None:
-        self._worker.send((list(scored), list(observed)))
-
-    def results(self) -> dict[str, SplitScores]:
-        """Every step's scores, once the worker has run them all."""
-        self._worker.send(None)
-        scores: dict[str, SplitScores] = self._worker.receive()
-        self._worker.wait()
-        return scores
-
-    def close(self) -> None:
-        self._worker.close()
-
-
-def write_frame(stream: IO[bytes], item: object) -> None:
+def _write(stream: IO[bytes], item: object) -> None:
     data = pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL)
     stream.write(len(data).to_bytes(8, "little") + data)
     stream.flush()
 
 
-def read_frame(stream: IO[bytes]) -> Any:
+def _read(stream: IO[bytes]) -> Any:
     """The next frame; None at the end of the stream."""
     head = stream.read(8)
     if len(head) < 8:
@@ -163,9 +142,9 @@ def read_frame(stream: IO[bytes]) -> Any:
 
 def _serve(source: IO[bytes], sink: IO[bytes]) -> None:
     work = PublishedPass()
-    while (item := read_frame(source)) is not None:
+    while (item := _read(source)) is not None:
         work.step(*item)
-    write_frame(sink, work.results())
+    _write(sink, work.results())
 
 
 if __name__ == "__main__":

@@ -62,17 +62,15 @@ def run_evaluation(settings: Settings, *, source: str, events: str | None = None
                    preset: str | None = None, limit: int | None = None, households: int | None = None,
                    plot_path: str | None = None, progress: bool = True, content: bool = True,
                    encoder: Any = None, published_worker: bool = True,
-                   published: dict[str, Any] | None = None, rank_worker: bool = True) -> dict[str, Any]:
+                   published: dict[str, Any] | None = None) -> dict[str, Any]:
     """Prequential report; with ``content`` the catalog is embedded first (``encoder`` or the configured one).
 
     ``published_worker=False`` runs the published methods in this process, one step after the other;
-    ``published`` (report name -> method) replaces them, in this process. ``rank_worker=False`` ranks
-    every user of the system's pass in this process (the same report, one process's time).
+    ``published`` (report name -> method) replaces them, in this process.
     """
     ds = datasets.load(source, events=events, items=items, preset=preset, households=households).head(limit)
     with scratch_redis(settings) as (client, scoped):
-        evaluator = Evaluator(client, scoped, published_worker=published_worker, published=published,
-                              rank_worker=rank_worker)
+        evaluator = Evaluator(client, scoped, published_worker=published_worker, published=published)
         try:
             if content:
                 from fusionrec.models.encoder import TextEncoder
