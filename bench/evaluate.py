@@ -9,7 +9,9 @@ learner on the embedded Redis.
    system's (``published_worker=False``);
 2. the default: the published methods in their worker process beside the system's pass.
 
-The two reports must agree figure for figure (checked; the run fails otherwise).
+Without ``--content`` the two reports must agree figure for figure (checked; the run fails otherwise).
+With it they are not compared: each run builds its own vector index, whose approximate neighbours and
+order among equally similar items differ from run to run.
 
 Final JSON line: events, baskets, baseline_s, wall_s, events_per_s, baseline_events_per_s, ratio.
 
@@ -45,7 +47,8 @@ def main() -> None:
     settings = Settings.from_env()
     baseline_s, baseline = timed(settings, args, worker=False)
     wall_s, report = timed(settings, args, worker=True)
-    if baseline["methods"] != report["methods"] or baseline["cold_start"] != report["cold_start"]:
+    differ = baseline["methods"] != report["methods"] or baseline["cold_start"] != report["cold_start"]
+    if differ and not args.content:
         raise SystemExit("the two runs' reports differ")
     events, baskets = report["events"], report["evaluated"]
     print(json.dumps({"households": args.households, "limit": args.limit, "content": args.content}))
