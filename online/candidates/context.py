@@ -41,8 +41,8 @@ from fusionrec.models.vectors import VectorLookup
 from fusionrec.online.candidates.content import ContentIndex, profile_vector
 from fusionrec.streams.state import Decay, UserState, user_state_or_empty
 
-AFFINITY_TOP = 20
-_NO_HISTORY = "read as a user with no history"  # strongest category/brand affinities read per user
+AFFINITY_TOP = 20  # strongest category/brand affinities read per user
+_NO_HISTORY = "read as a user with no history"  # what a stored value that is no state is read as
 
 Scored = list[tuple[str, float]]
 
@@ -240,7 +240,6 @@ class CandidateReader:
         return {uid: user_state_or_empty(uid, raw, _NO_HISTORY)
                 for group, reply in zip(groups, pipe.execute(), strict=True)
                 for uid, raw in zip(group, reply, strict=True)}
-
 
     def _add_content(self, contexts: list[UserContext]) -> dict[str, Scored]:
         """Profile vectors and their nearest items, for users whose items have vectors; returns each such

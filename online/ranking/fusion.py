@@ -19,11 +19,11 @@ import redis
 from fusionrec.core.keys import Keys
 from fusionrec.core.scripts import MULTI_HMGET, register
 from fusionrec.core.settings import Settings
-from fusionrec.models.vectors import VectorStore
+from fusionrec.models.vectors import VectorLookup, VectorStore
 from fusionrec.online.candidates.context import UserContext
 from fusionrec.online.candidates.features import CandidatePool, ItemInfo, build_pools
 from fusionrec.online.learning.checkpoints import ServingModel
-from fusionrec.online.learning.model import Rows, VectorLookup, explain, pool_segments
+from fusionrec.online.learning.model import Rows, explain, pool_segments
 from fusionrec.online.ranking.ranker import Ranked, Recommendation
 from fusionrec.streams.state import Decay
 
