@@ -50,6 +50,7 @@ import bisect
 import functools
 import logging
 import math
+import operator
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -77,6 +78,7 @@ META_CACHE_ITEMS = 200_000
 # (a set Redis lost and a write recreated meanwhile gets its TTL at the next refresh).
 TTL_REFRESH_S = 3600.0
 EXPIRED_KEYS = 500_000  # sets whose last TTL write is remembered (all forgotten beyond: written again)
+KEY_CACHE = 500_000  # ids whose Redis keys are remembered (all forgotten beyond: built again)
 
 
 class StaleStateError(StateStoreError):
@@ -86,6 +88,8 @@ class StaleStateError(StateStoreError):
 class UserMovedError(StaleStateError):
     """Another consumer wrote some of the batch's users since they were read (a user whose events arrive
     on two partitions); no guard moved."""
+
+_NO_META: tuple[None, None] = (None, None)
 
 # How many times a batch is recomputed at once when only users moved, before the caller's back-off.
 USER_MOVED_RETRIES = 3
@@ -329,7 +333,8 @@ class ZsetCall:
         keep: list[tuple[str, list[list[Any]]]] = []
         lo, hi = None, -1
         for key, entries in self.entries.items():
-            fresh = sorted((e for e in entries if e[0] > floor), key=lambda e: e[0])
+            # offsets are never negative: the first send (floor -1) takes every entry
+            fresh = sorted(entries if floor < 0 else [e for e in entries if e[0] > floor], key=_offset)
             if not fresh:
                 continue
             lo = fresh[0][0] if lo is None else min(lo, fresh[0][0])
@@ -395,6 +400,10 @@ class StateStore:
         self._dedupe_ids = settings.state.dedupe_ids if self._window_ms > 0 else 0
         self._meta: dict[str, tuple[str | None, str | None, float]] = {}  # item -> category, brand, until
         self._expired: dict[str, float] = {}  # sorted set -> when this process last set its TTL (monotonic)
+        # keys built once: an item's co-visitation (guard, set), a user's (bucket, state hash)
+        self._covis_keys: dict[str, tuple[str, str]] = {}
+        self._user_keys: dict[str, tuple[int, str]] = {}
+        self._pop_keys = (self.keys.popularity_guard(), self.keys.popularity())
 
     def reset(self) -> None:
         """Forget what is kept in process; the next batch reads it from Redis again."""
@@ -441,13 +450,37 @@ class StateStore:
                 raise
         raise AssertionError("unreachable")
 
+    def _user_key(self, uid: str) -> tuple[int, str]:
+        """(bucket, state hash key) of a user."""
+        known = self._user_keys.get(uid)
+        if known is None:
+            if len(self._user_keys) >= KEY_CACHE:
+                self._user_keys.clear()
+            known = self._user_keys[uid] = (self.keys.bucket(uid), self.keys.user_state(uid))
+        return known
+
+    def _covis_key(self, item: str) -> tuple[str, str]:
+        """(guard, co-visitation set) of an item."""
+        known = self._covis_keys.get(item)
+        if known is None:
+            if len(self._covis_keys) >= KEY_CACHE:
+                self._covis_keys.clear()
+            k = self.keys
+            known = self._covis_keys[item] = (k.item_guard(k.bucket(item)), k.item_covis(item))
+        return known
+
     def _apply(self, batch: Sequence[Positioned]) -> BatchResult:
         by_bucket: dict[int, dict[str, list[Positioned]]] = defaultdict(lambda: defaultdict(list))
+        user_key = self._user_key
         for pe in batch:
             uid = str(pe.event.user_id)  # validated ids are already str; this tells the type checker
-            by_bucket[self.keys.bucket(uid)][uid].append(pe)
+            by_bucket[user_key(uid)[0]][uid].append(pe)
+        for group in by_bucket.values():
+            for events in group.values():
+                events.sort(key=_position)  # source order, which every step below relies on
         guards, kepts, meta = self._read(by_bucket, batch)
         result = BatchResult()
+        item_offsets, categories = result.item_offsets, result.categories
         items: dict[tuple[str, int], ZsetCall] = {}
         writes: dict[int, _BucketWrite] = {}
         for bucket, group in by_bucket.items():
@@ -476,11 +509,19 @@ class StateStore:
                 # outputs cover every event but duplicates, the skipped ones too: a replay reproduces them
                 result.users[uid] = touch = _touch(list(kept.state.recent), outputs)
                 for (_kind, item, _ts), (partition, offset) in zip(touch.actions, touch.positions, strict=True):
-                    result.item_offsets.setdefault(partition, {}).setdefault(item, []).append(offset)
-                    category = meta.get(item, (None, None))[0]
+                    by_item = item_offsets.get(partition)
+                    if by_item is None:
+                        by_item = item_offsets[partition] = {}
+                    at = by_item.get(item)
+                    if at is None:
+                        by_item[item] = [offset]
+                    else:
+                        at.append(offset)
+                    category = meta.get(item, _NO_META)[0]
                     if category:
-                        result.categories[item] = category
-                result.max_ts = max(result.max_ts, touch.last_ts)
+                        categories[item] = category
+                if touch.last_ts > result.max_ts:
+                    result.max_ts = touch.last_ts
         self._apply_zsets(list(items.values()))
         self._apply_users(writes, kepts)
         self._keep(writes, kepts)
@@ -489,7 +530,8 @@ class StateStore:
     @staticmethod
     def _dedupe(bucket: int, events: list[Positioned], guards: dict[tuple[int, int], int],
                 seen: Seen) -> tuple[list[Positioned], list[Positioned]]:
-        """(events to apply, events with outputs): copies of an event ``seen`` remembers are neither.
+        """(events to apply, events with outputs) of one user's events in source order: copies of an event
+        ``seen`` remembers are neither.
         ``seen`` learns the applied events and the dropped copies' positions.
 
         An id remembered at the event's own position is the event itself: applied by an earlier pass
@@ -497,7 +539,7 @@ class StateStore:
         landed before this one's (it is applied now)."""
         fresh: list[Positioned] = []
         outputs: list[Positioned] = []
-        for pe in sorted(events, key=lambda x: (x.partition, x.offset)):
+        for pe in events:
             ev = pe.event
             first = seen.first(ev.event_id)
             applied_before = pe.offset <= guards.get((bucket, pe.partition), -1)
@@ -572,7 +614,7 @@ class StateStore:
             return guards, kepts, meta
         pipe = self.redis.pipeline(transaction=False)
         for bucket, missing, unknown in reads:
-            self._user_read(keys=[self.keys.user_guard(bucket), *map(self.keys.user_state, unknown)],
+            self._user_read(keys=[self.keys.user_guard(bucket), *(self._user_key(u)[1] for u in unknown)],
                             args=missing, client=pipe)
         for iids in items_by_bucket.values():
             self._hmget(keys=[self.keys.item_meta(i) for i in iids], args=["category", "brand"], client=pipe)
@@ -599,11 +641,13 @@ class StateStore:
 
     def _update(self, state: UserState, events: list[Positioned], meta: dict[str, tuple[str | None, str | None]],
                 items: dict[tuple[str, int], ZsetCall]) -> None:
-        """Apply one user's new events to their state, in source order; adds the item contributions."""
-        s, k = self.settings, self.keys
+        """Apply one user's new events (in source order) to their state; adds the item contributions."""
+        s = self.settings.state
         counts, weights, affinity, buys, recent = state.counts, state.items, state.affinity, state.buys, state.recent
-        cap = s.state.recent_items_cap
-        for pe in sorted(events, key=lambda x: (x.partition, x.offset)):
+        cap, window, covis_cap, ttl_s = s.recent_items_cap, s.covis_window, s.covis_cap, s.item_ttl_s
+        pop_guard, pop_key = self._pop_keys
+        covis_key = self._covis_key
+        for pe in events:
             ev = pe.event
             counts[ev.type] = counts.get(ev.type, 0) + 1
             if ev.ts > state.last_seen:
@@ -617,20 +661,19 @@ class StateStore:
                 buys[item] = (n + 1, min(first, ev.ts), max(last, ev.ts))
             aw = self.affinity_decay.weight(w, ev.ts)
             weights[item] = weights.get(item, 0.0) + aw
-            category, brand = meta.get(item, (None, None))
+            category, brand = meta.get(item, _NO_META)
             if category:
                 key = f"c:{category}"
                 affinity[key] = affinity.get(key, 0.0) + aw
             if brand:
                 key = f"b:{brand}"
                 affinity[key] = affinity.get(key, 0.0) + aw
-            pop = _call(items, k.popularity_guard(), pe.partition, s.state.popularity_cap, True)
-            pop.entries[k.popularity()].append((pe.offset, item, self.popularity_decay.weight(w, ev.ts)))
+            pop = _call(items, pop_guard, pe.partition, s.popularity_cap, True)
+            pop.entries[pop_key].append((pe.offset, item, self.popularity_decay.weight(w, ev.ts)))
             # Directional co-visitation: what users went on to interact with after each recent item.
-            for other in _window(recent, item, s.state.covis_window):
-                call = _call(items, k.item_guard(k.bucket(other)), pe.partition, s.state.covis_cap, False,
-                             s.state.item_ttl_s)
-                call.entries[k.item_covis(other)].append((pe.offset, item, w))
+            for other in _window(recent, item, window):
+                guard, key = covis_key(other)
+                _call(items, guard, pe.partition, covis_cap, False, ttl_s).entries[key].append((pe.offset, item, w))
             _push_recent(recent, item, cap)
 
     def _apply_zsets(self, calls: list[ZsetCall]) -> None:
@@ -670,7 +713,7 @@ class StateStore:
             for uid in write.users:
                 kept = kepts[uid]
                 args.extend((kept.version, kept.state.last_seen, kept.encode()))
-            self._user_store(keys=[self.keys.user_guard(bucket), *map(self.keys.user_state, write.users)],
+            self._user_store(keys=[self.keys.user_guard(bucket), *(self._user_key(u)[1] for u in write.users)],
                              args=args, client=pipe)
         guards = users = 0
         for write, reply in zip(writes.values(), pipe.execute(), strict=True):
@@ -719,16 +762,30 @@ class StateStore:
         return len(added) + len(removed)
 
 
-def _touch(recent: list[str], events: list[Positioned]) -> UserTouch:
-    ordered = sorted(events, key=lambda pe: (pe.partition, pe.offset))
-    acted = [pe for pe in ordered if pe.event.item_id is not None and pe.event.type != "impression"]
-    shown = [str(i) for pe in ordered if pe.event.type == "impression" for i in (pe.event.items_shown or ())]
+_offset = operator.itemgetter(0)
+
+
+def _position(pe: Positioned) -> tuple[int, int]:
+    return pe.partition, pe.offset
+
+
+def _touch(recent: list[str], ordered: list[Positioned]) -> UserTouch:
+    """One user's :class:`UserTouch` from their events in source order."""
+    actions: list[tuple[str, str, int]] = []
+    positions: list[tuple[int, int]] = []
+    shown: list[str] = []
     upto: dict[int, int] = {}
-    for pe in ordered:
-        upto[pe.partition] = pe.offset
-    return UserTouch(recent=recent, last_ts=max(pe.event.ts for pe in events),
-                     actions=[(str(pe.event.type), str(pe.event.item_id), pe.event.ts) for pe in acted],
-                     shown=shown, positions=[(pe.partition, pe.offset) for pe in acted], upto=upto)
+    last_ts = ordered[0].event.ts
+    for partition, offset, ev in ordered:
+        upto[partition] = offset
+        if ev.ts > last_ts:
+            last_ts = ev.ts
+        if ev.type == "impression":
+            shown.extend(str(i) for i in ev.items_shown or ())
+        elif ev.item_id is not None:
+            actions.append((str(ev.type), str(ev.item_id), ev.ts))
+            positions.append((partition, offset))
+    return UserTouch(recent=recent, last_ts=last_ts, actions=actions, shown=shown, positions=positions, upto=upto)
 
 
 def _catalog_fields(ev: CatalogEvent) -> list[str]:
@@ -770,7 +827,8 @@ def _push_recent(recent: list[str], item: str, cap: int) -> None:
     if item in recent:
         recent.remove(item)
     recent.insert(0, item)
-    del recent[cap:]
+    if len(recent) > cap:
+        del recent[cap:]
 
 
 def _s(raw: bytes | str) -> str:

@@ -51,7 +51,6 @@ writes an item's blob and its vector-set entry atomically.
 
 from __future__ import annotations
 
-import functools
 import re
 import zlib
 from typing import TYPE_CHECKING
@@ -69,9 +68,7 @@ ID_PATTERN = re.compile(rf"[^{ID_EXCLUDED}]{{1,128}}\Z")
 ID_REGEX = rf"^[^{ID_EXCLUDED}]{{1,128}}$"
 
 
-@functools.lru_cache(maxsize=1 << 18)
-def _bucket(ident: str, buckets: int) -> int:
-    return zlib.crc32(ident.encode()) % buckets
+BUCKET_CACHE = 1 << 18  # ids whose bucket a Keys remembers (all forgotten beyond: computed again)
 
 
 class Keys:
@@ -80,13 +77,19 @@ class Keys:
     def __init__(self, prefix: str = "fr", buckets: int = 64) -> None:
         self.prefix = prefix
         self.buckets = buckets
+        self._buckets: dict[str, int] = {}
 
     @classmethod
     def for_settings(cls, settings: Settings) -> Keys:
         return cls(settings.redis.prefix, settings.redis.buckets)
 
     def bucket(self, ident: str) -> int:
-        return _bucket(ident, self.buckets)
+        known = self._buckets.get(ident)
+        if known is None:
+            if len(self._buckets) >= BUCKET_CACHE:
+                self._buckets.clear()
+            known = self._buckets[ident] = zlib.crc32(ident.encode()) % self.buckets
+        return known
 
     # --- per user
     def user_tag(self, bucket: int) -> str:
