@@ -417,9 +417,10 @@ def freshness(base: Settings, ds: datasets.Dataset, rate: float,
         worker.start()
         time.sleep(s.effective_session_timeout_ms() / 1000)  # past the first group join
         producer = publish(s, ds, rate)
-        ranking = getattr(pipeline.writer, "pid", None)
+        rankers = [pid for pid in getattr(pipeline.writer, "pids", []) if pid]
         cpu.pids.update({"consumer": os.getpid(), "learner": learner.pid, "producer": producer.pid or 0,
-                         **({"ranking": ranking} if ranking else {}), **(services or {})})
+                         **({"ranking": rankers[0]} if len(rankers) == 1 else
+                            {f"ranking-{i}": pid for i, pid in enumerate(rankers)}), **(services or {})})
         producer.join()
         ended = time.time()
         worker.join()

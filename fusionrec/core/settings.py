@@ -237,6 +237,9 @@ class RecSettings:
     process: bool = setting(True, env="REC_PROCESS",
                             doc="rank in a process of its own beside the consumer (off: in a thread of the "
                                 "consuming process, sharing its interpreter with ingest)")
+    processes: int = setting(2, env="REC_PROCESSES",
+                             doc="ranking processes beside the consumer (with `REC_PROCESS`): the scheduler takes a "
+                                 "chunk of due users for each, split among them by user bucket, and they rank at once")
     threads: int = setting(1, env="REC_THREADS",
                            doc="threads of the ranking process's numeric libraries (torch, OpenMP, BLAS); 0: one "
                                "per core")
@@ -541,6 +544,8 @@ class Settings:
         rec = self.rec
         if rec.debounce_ms < 0 or rec.cycle_ms <= 0 or rec.budget_ms <= 0 or rec.max_dirty <= 0:
             raise ConfigError("rec debounce must be >= 0; ranking cycle, budget and max dirty users must be > 0")
+        if rec.processes < 1:
+            raise ConfigError(f"{PREFIX}REC_PROCESSES must be >= 1, got {rec.processes}")
         if rec.content_cache < 0:
             raise ConfigError(f"{PREFIX}REC_CONTENT_CACHE must be >= 0, got {rec.content_cache}")
         if rec.fresh_candidates < 0 or rec.fresh_scan < rec.fresh_candidates or rec.fresh_below < 0 \

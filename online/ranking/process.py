@@ -15,6 +15,12 @@ and runs that writer in a child process:
 3. the reply carries the encoded decisions, which this process produces through its
    :class:`~fusionrec.online.learning.feedback.FeedbackPublisher`.
 
+With ``FUSIONREC_REC_PROCESSES`` above 1, :class:`RankProcess` keeps that many children and the
+scheduler hands it a chunk for each: the chunk is split among them by whole buckets, sent to all, and
+their answers awaited together, so they rank at once. The decisions are produced only when every
+child answered without an error; a child's error or loss is raised after the others answered (each
+pipe stays in step), and the retry ranks the whole chunk again.
+
 Nothing about exactly once changes: the scheduler still holds each user's events offsets back
 until the list is written (the reply comes after the write) and the decision acknowledged (the
 publisher lives here, with the offsets it holds back). An error in the child comes back as itself
@@ -38,6 +44,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import TYPE_CHECKING, Any
@@ -46,6 +53,7 @@ from prometheus_client.metrics_core import Metric
 
 from fusionrec.core.collector import fewer_collections
 from fusionrec.core.errors import WorkerLostError
+from fusionrec.core.keys import Keys
 from fusionrec.core.metrics import Metrics, MetricSet, counter
 from fusionrec.core.settings import Settings
 from fusionrec.online.learning.feedback import Encoded, encode_feedback
@@ -83,102 +91,177 @@ class _Relayed:
         return []  # names are the child's: nothing to check against this registry
 
 
+@dataclass
+class _Child:
+    """One ranking process as its parent sees it."""
+
+    proc: BaseProcess | None = None
+    conn: Connection | None = None
+    ready: bool = False  # the child said it is ready
+    families: list[Metric] = field(default_factory=list)  # its metrics, as last relayed
+
+
 class RankProcess:
-    """``refresh(users)`` done by a child process (see the module docstring)."""
+    """``refresh(users)`` done by ``processes`` child processes (see the module docstring)."""
 
     def __init__(self, settings: Settings, metrics: Metrics | None = None,
-                 sink: Callable[[list[Encoded]], None] | None = None, *, answer_timeout_s: float = 300.0) -> None:
+                 sink: Callable[[list[Encoded]], None] | None = None, *, answer_timeout_s: float = 300.0,
+                 processes: int | None = None) -> None:
         self.settings = settings
         self.sink = sink  # produces the encoded decisions (FeedbackPublisher.publish); None: none logged
         self.answer_timeout_s = answer_timeout_s
+        self.keys = Keys.for_settings(settings)
         self._ctx = mp.get_context("spawn")
         self._lock = threading.Lock()
-        self._proc: BaseProcess | None = None
-        self._conn: Connection | None = None
-        self._ready = False  # the child said it is ready
+        self._children = [_Child() for _ in range(processes or settings.rec.processes)]
         self._relay = _Relayed()
         self.metrics = metrics.of(RankProcessMetrics) if metrics is not None else None
         if metrics is not None:
             metrics.registry.register(self._relay)
-        self.started = 0  # children started, the first included
-        self._start()
+        self.started = 0  # children started, the first ones included
+        for i in range(len(self._children)):
+            self._start(i)
+
+    @property
+    def parallel(self) -> int:
+        """How many children rank at once."""
+        return len(self._children)
 
     @property
     def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
+        """The first child's process id."""
+        return self.pids[0]
+
+    @property
+    def pids(self) -> list[int | None]:
+        return [c.proc.pid if c.proc is not None else None for c in self._children]
 
     def wait_ready(self) -> None:
-        """Block until a child is ready to rank (a ranking does this itself)."""
+        """Block until every child is ready to rank (a ranking does this itself)."""
         with self._lock:
-            self._ensure()
+            for i in range(len(self._children)):
+                self._ensure(i)
 
     def refresh(self, users: dict[str, UserTouch]) -> int:
+        """Rank and write the users' lists: each child ranks the users of its share of the buckets, all
+        at once. Any child's error (or loss) is raised once every other child has answered; the
+        decisions go to the sink only when all of them succeeded (a retry ranks every user again)."""
         with self._lock:
-            self._ensure()
-            reply = self._call(users)
-        if reply[0] == "error":
-            raise reply[1]
-        _kind, n, messages, families = reply
-        if families is not None:
-            self._relay.families = families
+            parts = self._split(users)
+            for i in parts:
+                self._ensure(i)
+            for i, part in parts.items():
+                conn = self._children[i].conn
+                assert conn is not None
+                with contextlib.suppress(OSError):  # a dead child: the receive reports it
+                    conn.send(part)
+            replies: list[tuple[int, tuple[Any, ...]]] = []
+            lost: RankProcessLost | None = None
+            for i in parts:  # every child that was sent a chunk answers before anything is raised
+                try:
+                    replies.append((i, self._receive(i, self.answer_timeout_s, "ranking")))
+                except RankProcessLost as exc:
+                    lost = lost or exc
+            for i, reply in replies:
+                if reply[0] == "ok" and reply[3] is not None:
+                    self._children[i].families = reply[3]
+            self._relay.families = self._families()
+        if lost is not None:
+            raise lost
+        for _i, reply in replies:
+            if reply[0] == "error":
+                raise reply[1]
+        messages = [m for _i, reply in replies for m in reply[2]]
         if self.sink is not None and messages:
             self.sink(messages)
-        return int(n)
+        return sum(int(reply[1]) for _i, reply in replies)
 
     def close(self) -> None:
         with self._lock:
-            self._stop()
+            for i in range(len(self._children)):
+                self._stop(i)
 
-    # ------------------------------------------------------------------ the child's lifetime
-    def _ensure(self) -> None:
-        if self._conn is None:
-            self._start()
-        if not self._ready:
-            self._await_ready()
+    def _split(self, users: dict[str, UserTouch]) -> dict[int, dict[str, UserTouch]]:
+        """Child -> its users: whole buckets per child (each ranks with one call per bucket, as one child
+        would), the largest buckets first to the child with the fewest users so far. Not by bucket number:
+        a chunk often comes from one events partition, and partitions are whole buckets too."""
+        n = len(self._children)
+        if n == 1:
+            return {0: users}
+        by_bucket: dict[int, dict[str, UserTouch]] = {}
+        for uid, touch in users.items():
+            by_bucket.setdefault(self.keys.bucket(uid), {})[uid] = touch
+        loads = [0] * n
+        parts: dict[int, dict[str, UserTouch]] = {}
+        for group in sorted(by_bucket.values(), key=len, reverse=True):
+            i = loads.index(min(loads))
+            parts.setdefault(i, {}).update(group)
+            loads[i] += len(group)
+        return parts
 
-    def _call(self, users: dict[str, UserTouch]) -> tuple[Any, ...]:
-        assert self._conn is not None
-        with contextlib.suppress(OSError):  # a dead child: the receive reports it
-            self._conn.send(users)
-        return self._receive(self.answer_timeout_s, "ranking")
+    def _families(self) -> list[Metric]:
+        """The children's metrics as one set of families; with several children each sample is labelled
+        with its child's index (``ranker``)."""
+        if len(self._children) == 1:
+            return self._children[0].families
+        merged: dict[str, Metric] = {}
+        for i, child in enumerate(self._children):
+            for family in child.families:
+                out = merged.get(family.name)
+                if out is None:
+                    out = merged[family.name] = Metric(family.name, family.documentation, family.type, family.unit)
+                out.samples.extend(sample._replace(labels={**sample.labels, "ranker": str(i)})
+                                   for sample in family.samples)
+        return list(merged.values())
 
-    def _receive(self, timeout_s: float, doing: str) -> tuple[Any, ...]:
-        """The child's next message; a child that is gone or silent for ``timeout_s`` is stopped and
+    # ------------------------------------------------------------------ the children's lifetimes
+    def _ensure(self, i: int) -> None:
+        child = self._children[i]
+        if child.conn is None:
+            self._start(i)
+        if not child.ready:
+            self._await_ready(i)
+
+    def _receive(self, i: int, timeout_s: float, doing: str) -> tuple[Any, ...]:
+        """Child ``i``'s next message; a child that is gone or silent for ``timeout_s`` is stopped and
         reported lost."""
-        assert self._conn is not None
-        proc = self._proc
+        child = self._children[i]
+        assert child.conn is not None
+        proc = child.proc
         try:
-            if self._conn.poll(timeout_s):
-                reply: tuple[Any, ...] = self._conn.recv()
+            if child.conn.poll(timeout_s):
+                reply: tuple[Any, ...] = child.conn.recv()
                 return reply
             problem = f"did not answer within {timeout_s:.0f}s while {doing}"
         except (EOFError, OSError):
             problem = f"is gone while {doing} (exit code {proc.exitcode if proc is not None else None})"
-        self._stop()
+        self._stop(i)
         raise RankProcessLost(f"the ranking process (pid {proc.pid if proc is not None else None}) {problem}")
 
-    def _start(self) -> None:
-        """Spawn a child; it gets ready (imports, connections) while this process goes on."""
+    def _start(self, i: int) -> None:
+        """Spawn child ``i``; it gets ready (imports, connections) while this process goes on."""
         parent, child = self._ctx.Pipe()
         proc = self._ctx.Process(target=rank_main, args=(self.settings, child, self.sink is not None),
-                                 name="fusionrec-ranker", daemon=True)
+                                 name=f"fusionrec-ranker-{i}", daemon=True)
         proc.start()
         child.close()  # the child holds its end: EOF here when it exits
-        self._proc, self._conn, self._ready = proc, parent, False
+        self._children[i] = _Child(proc, parent, False, self._children[i].families)
         self.started += 1
         if self.metrics is not None:
             self.metrics.starts.inc()
 
-    def _await_ready(self) -> None:
-        ready = self._receive(START_TIMEOUT_S, "starting")
+    def _await_ready(self, i: int) -> None:
+        ready = self._receive(i, START_TIMEOUT_S, "starting")
         if ready[0] == "error":
-            self._stop()
+            self._stop(i)
             raise ready[1]
-        self._ready = True
+        self._children[i].ready = True
         log.info("ranking process %d started", ready[1])
 
-    def _stop(self) -> None:
-        conn, proc, self._conn, self._proc = self._conn, self._proc, None, None
+    def _stop(self, i: int) -> None:
+        child = self._children[i]
+        conn, proc = child.conn, child.proc
+        child.conn, child.proc, child.ready = None, None, False
         if conn is not None:
             conn.close()  # the child sees EOF and exits
         if proc is not None:

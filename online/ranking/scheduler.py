@@ -37,7 +37,7 @@ from fusionrec.streams.state import BatchResult, UserTouch
 
 log = logging.getLogger(__name__)
 
-CHUNK = 256  # users ranked in one go (one candidate read and one write round trip)
+CHUNK = 256  # users ranked in one go by one ranking process (one candidate read and one write round trip)
 
 
 class Refresher(Protocol):
@@ -99,6 +99,8 @@ class RankScheduler:
         self.cycle_s = settings.rec.cycle_ms / 1000.0
         self.budget_s = settings.rec.budget_ms / 1000.0
         self.max_dirty = settings.rec.max_dirty
+        # a writer that ranks with several processes at once takes a chunk for each
+        self.chunk = CHUNK * max(1, int(getattr(writer, "parallel", 1)))
         self._pending: dict[str, Pending] = {}
         self._inflight: dict[str, Pending] = {}  # being ranked right now: still pending for floor()
         self._ranked_at: dict[str, float] = {}  # user -> monotonic time of their last ranking
@@ -158,7 +160,7 @@ class RankScheduler:
         with self._rank_lock:
             while deadline is None or time.monotonic() < deadline:
                 with self._lock:
-                    batch = {uid: self._pending.pop(uid) for uid in list(self._pending)[:CHUNK]}
+                    batch = {uid: self._pending.pop(uid) for uid in list(self._pending)[: self.chunk]}
                     self._inflight.update(batch)
                 if not batch:
                     break
@@ -220,14 +222,14 @@ class RankScheduler:
                 self._rank(batch)
 
     def _due(self, now: float) -> dict[str, Pending]:
-        """Up to CHUNK pending users not ranked within the debounce interval, oldest first (taken out):
+        """Up to ``chunk`` pending users not ranked within the debounce interval, oldest first (taken out):
         the pending dict keeps arrival order, so the first due ones are the oldest."""
         with self._lock:
             due = []
             for uid in self._pending:
                 if now - self._ranked_at.get(uid, 0.0) >= self.debounce_s:
                     due.append(uid)
-                    if len(due) == CHUNK:
+                    if len(due) == self.chunk:
                         break
             batch = {uid: self._pending.pop(uid) for uid in due}
             self._inflight.update(batch)

@@ -52,7 +52,10 @@ def make_settings(services: RunningServices, partitions: int = 4, **overrides: A
                 group_state=f"group-{tag}", group_embed=f"embed-{tag}", topic_partitions=partitions,
                 topic_feedback=f"feedback-{tag}", topic_item_deltas=f"deltas-{tag}", group_learner=f"learner-{tag}",
                 session_timeout_ms=6000,
-                metrics_port=0, trending_metrics_port=0, learn_metrics_port=0, batch_size=500)
+                metrics_port=0, trending_metrics_port=0, learn_metrics_port=0, batch_size=500,
+                # one ranking process per pipeline keeps the suite's spawns down; the tests of the ranking
+                # processes (test_rank_process.py) run the default's two
+                rec_processes=1)
     base.update(overrides)
     return Settings.from_env({}, **base)
 

@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from fusionrec.apps.pipeline import StatePipeline
 from fusionrec.core.keys import Keys
 from fusionrec.core.metrics import Metrics
+from fusionrec.core.settings import Settings
 from fusionrec.online.learning.feedback import Encoded, Snapshot, decode_snapshot, encode_feedback
 from fusionrec.online.ranking.process import RankProcess, RankProcessLost
 from fusionrec.online.ranking.scheduler import SchedulerMetrics
@@ -92,6 +93,64 @@ def test_the_process_writes_what_the_writer_writes(services, rclient: redis.Redi
     assert _decisions(published) == expected
     # the child's metrics are scraped through this process's registry
     assert metrics.registry.get_sample_value("fusionrec_recs_written_total") == len(users)
+
+
+def test_two_processes_write_what_the_writer_writes_each_ranking_a_share(services, rclient: redis.Redis):
+    s = make_settings(services)
+    keys = Keys.for_settings(s)
+    _ds, touches = _applied(s, rclient, 2_000)
+    users = sorted(touches)
+    in_thread: list[Snapshot] = []
+    RecommendationWriter(rclient, s, sink=in_thread.extend).refresh(touches)
+    expected_lists = _lists(rclient, keys, users)
+    expected = sorted(_decisions(encode_feedback(in_thread)), key=lambda d: d[0])
+    for uid in users:
+        rclient.delete(keys.user_rec(uid))
+
+    published: list[Encoded] = []
+    metrics = Metrics()
+    proc = RankProcess(s, metrics, sink=published.extend, processes=2)
+    try:
+        assert proc.parallel == 2 and len({*proc.pids, os.getpid()}) == 3
+        shares = proc._split(touches)
+        # whole buckets per child, both children busy
+        assert sorted(shares) == [0, 1] and abs(len(shares[0]) - len(shares[1])) <= len(users) // 2
+        assert not {keys.bucket(u) for u in shares[0]} & {keys.bucket(u) for u in shares[1]}
+        assert proc.refresh(touches) == len(users)
+    finally:
+        proc.close()
+    assert _lists(rclient, keys, users) == expected_lists
+    assert sorted(_decisions(published), key=lambda d: d[0]) == expected
+    # each child's metrics, labelled with its index, in one family per name
+    written = [metrics.registry.get_sample_value("fusionrec_recs_written_total", {"ranker": r}) for r in ("0", "1")]
+    assert written == [len(shares[0]), len(shares[1])]
+    families = [f.name for f in text_string_to_metric_families(generate_latest(metrics.registry).decode())]
+    assert len(families) == len(set(families))
+
+
+def test_one_of_two_processes_killed_loses_the_whole_chunk_and_is_replaced(services, rclient: redis.Redis):
+    s = make_settings(services)
+    _ds, touches = _applied(s, rclient, 1_000)
+    published: list[Encoded] = []
+    proc = RankProcess(s, sink=published.extend, processes=2)
+    try:
+        assert proc.refresh(touches) == len(touches)
+        victim = proc.pids[1]
+        assert victim is not None
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: not _alive(victim), 10, "the ranking process to die")
+        try:
+            proc.refresh(touches)
+            raise AssertionError("a dead ranking process answered")
+        except RankProcessLost as exc:
+            assert "gone" in str(exc)
+        # the surviving child's decisions of that chunk were not published: the retry ranks every user
+        assert len(published) == len(touches)
+        assert proc.refresh(touches) == len(touches)
+        assert proc.started == 3 and proc.pids[1] not in (None, victim) and _alive(proc.pids[0] or 0)
+    finally:
+        proc.close()
+    assert len(published) == 2 * len(touches)
 
 
 def test_a_killed_process_is_reported_lost_and_replaced(services, rclient: redis.Redis):
@@ -180,8 +239,9 @@ def test_the_process_never_outlives_the_consuming_process(services, tmp_path):
 
 
 def test_a_pipeline_whose_ranking_process_is_killed_derives_outputs_exactly_once(services, rclient: redis.Redis):
-    s = make_settings(services, partitions=2, batch_size=300, rec_debounce_ms=0, state_flush_ms=40)
-    assert s.rec.process
+    s = make_settings(services, partitions=2, batch_size=300, rec_debounce_ms=0, state_flush_ms=40,
+                      rec_processes=Settings().rec.processes)
+    assert s.rec.process and s.rec.processes == 2
     ds = preloaded(s)
     metrics = Metrics()
     pipeline = StatePipeline(s, metrics=metrics)
@@ -201,7 +261,7 @@ def test_a_pipeline_whose_ranking_process_is_killed_derives_outputs_exactly_once
     writer.refresh = killing  # type: ignore[method-assign]
     writer.wait_ready()  # spawned with the pipeline: killed while ranking, not while starting
     drive(pipeline, len(ds.events))
-    assert len(kills) == 1 and writer.started >= 2, "the ranking process was not killed and replaced"
+    assert len(kills) == 1 and writer.started >= writer.parallel + 1, "the ranking process was not killed and replaced"
     assert metrics.registry.get_sample_value("fusionrec_recs_rank_process_starts_total") == writer.started
     # one scrape shows the child's metrics beside the consumer's, each family once
     families = [f.name for f in text_string_to_metric_families(generate_latest(metrics.registry).decode())]

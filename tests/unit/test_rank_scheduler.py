@@ -190,3 +190,27 @@ def test_a_flush_retries_transient_failures_while_it_has_time():
         sch.flush(0.5)
     assert sch.floor() == {0: 9}
     sch.close()
+
+
+def test_a_writer_ranking_with_several_processes_gets_a_chunk_for_each():
+    from fusionrec.online.ranking.scheduler import CHUNK
+
+    class TwoAtOnce(FakeWriter):
+        parallel = 2
+
+    w = TwoAtOnce()
+    sch = scheduler(w, rec_debounce_ms=10_000)  # nothing ranks on its own: the flush takes the chunks
+    try:
+        assert sch.chunk == 2 * CHUNK
+        sch(BatchResult(users={f"u{i}": touch([("a", 0, i)]) for i in range(2 * CHUNK + 3)}))
+        sch.flush(5)
+        assert [len(c) for c in w.calls] == [2 * CHUNK, 3]
+    finally:
+        sch.close()
+
+
+def test_ranking_processes_must_be_at_least_one():
+    from fusionrec.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="FUSIONREC_REC_PROCESSES"):
+        Settings.from_env({"FUSIONREC_REC_PROCESSES": "0"})
