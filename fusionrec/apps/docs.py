@@ -80,7 +80,10 @@ def metrics() -> str:
     lines = ["# Metrics reference", "",
              "Generated from the components' metric sets by `python -m fusionrec.apps.docs`; do not edit.", "",
              "Each component declares its metrics in one `MetricSet` beside its code and registers it on its",
-             "process's registry. Labels are low-cardinality; never user or item ids.", ""]
+             "process's registry. Labels are low-cardinality; never user or item ids.", "",
+             "The ranking processes' metrics (the recommendation writer's, the served model's) are relayed",
+             "through the consumer's registry; with `FUSIONREC_REC_PROCESSES` above 1 each of their samples",
+             "also carries `ranker`, the child's index.", ""]
     for kind in metric_sets():
         lines += [f"## {kind.component}", "", f"`{kind.__module__}.{kind.__qualname__}`", "",
                   "| metric | type | labels | meaning |", "|---|---|---|---|"]

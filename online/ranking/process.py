@@ -75,7 +75,8 @@ class RankProcessLost(WorkerLostError):
 class RankProcessMetrics(MetricSet):
     component = "ranking process (fusionrec.online.ranking.process)"
     starts = counter("fusionrec_recs_rank_process_starts_total",
-                     "Ranking processes started by this consumer (more than one: a child died or hung)")
+                     "Ranking processes started by this consumer (more than FUSIONREC_REC_PROCESSES: a child "
+                     "died or hung)")
 
 
 class _Relayed:
