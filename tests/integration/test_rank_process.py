@@ -137,13 +137,7 @@ def test_one_of_two_processes_killed_loses_the_whole_chunk_and_is_replaced(servi
         assert proc.refresh(touches) == len(touches)
         victim = proc.pids[1]
         assert victim is not None
-        os.kill(victim, signal.SIGKILL)
-        wait_for(lambda: not _alive(victim), 10, "the ranking process to die")
-        try:
-            proc.refresh(touches)
-            raise AssertionError("a dead ranking process answered")
-        except RankProcessLost as exc:
-            assert "gone" in str(exc)
+        _killed_then_lost(proc, victim, touches)
         # the surviving child's decisions of that chunk were not published: the retry ranks every user
         assert len(published) == len(touches)
         assert proc.refresh(touches) == len(touches)
@@ -163,13 +157,7 @@ def test_a_killed_process_is_reported_lost_and_replaced(services, rclient: redis
         first = proc.pid
         assert first is not None
         assert proc.refresh(touches) == len(touches)
-        os.kill(first, signal.SIGKILL)
-        wait_for(lambda: not _alive(first), 10, "the ranking process to die")
-        try:
-            proc.refresh(touches)
-            raise AssertionError("a dead ranking process answered")
-        except RankProcessLost as exc:
-            assert "gone" in str(exc)
+        _killed_then_lost(proc, first, touches)
         assert proc.refresh(touches) == len(touches)  # a new child
         assert proc.started == 2 and proc.pid not in (None, first)
     finally:
@@ -271,6 +259,17 @@ def test_a_pipeline_whose_ranking_process_is_killed_derives_outputs_exactly_once
     assert metrics.of(SchedulerMetrics).recs_dirty._value.get() == 0
     assert not any(_alive(pid) for pid in kills)
     assert_outputs_exactly_once(s, rclient, ds)
+
+
+def _killed_then_lost(proc: RankProcess, pid: int, touches: dict[str, UserTouch]) -> None:
+    """SIGKILL one of ``proc``'s children; the next ranking reports it gone."""
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not _alive(pid), 10, "the ranking process to die")
+    try:
+        proc.refresh(touches)
+        raise AssertionError("a dead ranking process answered")
+    except RankProcessLost as exc:
+        assert "gone" in str(exc)
 
 
 def _alive(pid: int) -> bool:
