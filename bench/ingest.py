@@ -57,7 +57,8 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
@@ -119,7 +120,7 @@ def _produce(settings: Settings, ds: datasets.Dataset, rate: float) -> None:
             p.produce(settings.kafka.topic_events, value, key=key)
 
 
-def publish(settings: Settings, ds: datasets.Dataset, rate: float = 0.0) -> mp.Process:
+def publish(settings: Settings, ds: datasets.Dataset, rate: float = 0.0) -> BaseProcess:
     """The dataset's user events from a producer process of its own (started, not joined)."""
     proc = mp.get_context("spawn").Process(target=_produce, args=(settings, ds, rate), daemon=True)
     proc.start()
@@ -382,7 +383,7 @@ def freshness(base: Settings, ds: datasets.Dataset, rate: float,
                 stamps[(pe.partition, pe.offset)] = ts
         handle(batch)
 
-    def timed(events: list[Positioned]) -> BatchResult:
+    def timed(events: Sequence[Positioned]) -> BatchResult:
         result = apply(events)  # the state is in Redis when this returns (write-behind: several batches)
         now = time.time() * 1000
         with lock:
@@ -403,7 +404,7 @@ def freshness(base: Settings, ds: datasets.Dataset, rate: float,
         return n
 
     pipeline.handler.handle = taken  # type: ignore[method-assign]
-    pipeline.store.apply = timed  # type: ignore[method-assign]
+    pipeline.store.apply = timed  # type: ignore[method-assign, assignment]
     pipeline.writer.refresh = written  # type: ignore[method-assign]
     stop = threading.Event()
     # the learner in a process of its own, as deployed, learning from the decisions the ranking logs;
