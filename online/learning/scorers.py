@@ -231,14 +231,18 @@ class RiverScorer(LogisticScorer):
 
     def learn_pool_rows(self, X: np.ndarray, y: np.ndarray) -> None:
         """Learn from pool feature rows (all :data:`FEATURES` columns)."""
-        self.learn_matrix(X[:, self._pool_columns()].astype(np.float64), y)
+        self.learn_matrix(self._own_columns(X), y)
 
     def predict_pool_rows(self, X: np.ndarray) -> np.ndarray:
         """P(True) per pool feature row."""
-        return self.proba_matrix(X[:, self._pool_columns()].astype(np.float64))
+        return self.proba_matrix(self._own_columns(X))
 
-    def _pool_columns(self) -> list[int]:
-        return [INDEX[f] for f in self.names]
+    def _own_columns(self, X: np.ndarray) -> np.ndarray:
+        """This model's columns of pool rows, as float64: the rows as they are when it reads every
+        feature in pool order (no gather), else the columns it reads."""
+        if tuple(self.names) == FEATURES:  # row-major as the gather's result: the same sums in the products
+            return np.ascontiguousarray(X, dtype=np.float64)
+        return X[:, [INDEX[f] for f in self.names]].astype(np.float64)
 
 
 class TorchScorer(base.Classifier):
