@@ -61,7 +61,7 @@ import msgspec
 import redis
 
 from fusionrec.core.errors import StateStoreError
-from fusionrec.core.keys import Keys
+from fusionrec.core.keys import Keys, Remembered
 from fusionrec.core.scripts import CATALOG_APPLY, MULTI_HMGET, USER_READ, USER_STORE, ZSET_APPLY, register
 from fusionrec.core.settings import DECAY_MAX_EXPONENT, Settings
 from fusionrec.streams.contract import CatalogEvent, UserEvent
@@ -79,6 +79,7 @@ META_CACHE_ITEMS = 200_000
 TTL_REFRESH_S = 3600.0
 EXPIRED_KEYS = 500_000  # sets whose last TTL write is remembered (all forgotten beyond: written again)
 KEY_CACHE = 500_000  # ids whose Redis keys are remembered (all forgotten beyond: built again)
+_NO_META: tuple[None, None] = (None, None)  # an item without category or brand
 
 
 class StaleStateError(StateStoreError):
@@ -88,8 +89,6 @@ class StaleStateError(StateStoreError):
 class UserMovedError(StaleStateError):
     """Another consumer wrote some of the batch's users since they were read (a user whose events arrive
     on two partitions); no guard moved."""
-
-_NO_META: tuple[None, None] = (None, None)
 
 # How many times a batch is recomputed at once when only users moved, before the caller's back-off.
 USER_MOVED_RETRIES = 3
@@ -400,9 +399,10 @@ class StateStore:
         self._dedupe_ids = settings.state.dedupe_ids if self._window_ms > 0 else 0
         self._meta: dict[str, tuple[str | None, str | None, float]] = {}  # item -> category, brand, until
         self._expired: dict[str, float] = {}  # sorted set -> when this process last set its TTL (monotonic)
-        # keys built once: an item's co-visitation (guard, set), a user's (bucket, state hash)
-        self._covis_keys: dict[str, tuple[str, str]] = {}
-        self._user_keys: dict[str, tuple[int, str]] = {}
+        # keys built once per id: an item's co-visitation (guard, set), a user's (bucket, state hash)
+        k = self.keys
+        self._covis_keys = Remembered(lambda item: (k.item_guard(k.bucket(item)), k.item_covis(item)), KEY_CACHE)
+        self._user_keys = Remembered(lambda uid: (k.bucket(uid), k.user_state(uid)), KEY_CACHE)
         self._pop_keys = (self.keys.popularity_guard(), self.keys.popularity())
 
     def reset(self) -> None:
@@ -450,31 +450,12 @@ class StateStore:
                 raise
         raise AssertionError("unreachable")
 
-    def _user_key(self, uid: str) -> tuple[int, str]:
-        """(bucket, state hash key) of a user."""
-        known = self._user_keys.get(uid)
-        if known is None:
-            if len(self._user_keys) >= KEY_CACHE:
-                self._user_keys.clear()
-            known = self._user_keys[uid] = (self.keys.bucket(uid), self.keys.user_state(uid))
-        return known
-
-    def _covis_key(self, item: str) -> tuple[str, str]:
-        """(guard, co-visitation set) of an item."""
-        known = self._covis_keys.get(item)
-        if known is None:
-            if len(self._covis_keys) >= KEY_CACHE:
-                self._covis_keys.clear()
-            k = self.keys
-            known = self._covis_keys[item] = (k.item_guard(k.bucket(item)), k.item_covis(item))
-        return known
-
     def _apply(self, batch: Sequence[Positioned]) -> BatchResult:
         by_bucket: dict[int, dict[str, list[Positioned]]] = defaultdict(lambda: defaultdict(list))
-        user_key = self._user_key
+        user_keys = self._user_keys
         for pe in batch:
             uid = str(pe.event.user_id)  # validated ids are already str; this tells the type checker
-            by_bucket[user_key(uid)[0]][uid].append(pe)
+            by_bucket[user_keys[uid][0]][uid].append(pe)
         for group in by_bucket.values():
             for events in group.values():
                 events.sort(key=_position)  # source order, which every step below relies on
@@ -614,7 +595,7 @@ class StateStore:
             return guards, kepts, meta
         pipe = self.redis.pipeline(transaction=False)
         for bucket, missing, unknown in reads:
-            self._user_read(keys=[self.keys.user_guard(bucket), *(self._user_key(u)[1] for u in unknown)],
+            self._user_read(keys=[self.keys.user_guard(bucket), *(self._user_keys[u][1] for u in unknown)],
                             args=missing, client=pipe)
         for iids in items_by_bucket.values():
             self._hmget(keys=[self.keys.item_meta(i) for i in iids], args=["category", "brand"], client=pipe)
@@ -646,7 +627,7 @@ class StateStore:
         counts, weights, affinity, buys, recent = state.counts, state.items, state.affinity, state.buys, state.recent
         cap, window, covis_cap, ttl_s = s.recent_items_cap, s.covis_window, s.covis_cap, s.item_ttl_s
         pop_guard, pop_key = self._pop_keys
-        covis_key = self._covis_key
+        covis_keys = self._covis_keys
         for pe in events:
             ev = pe.event
             counts[ev.type] = counts.get(ev.type, 0) + 1
@@ -672,7 +653,7 @@ class StateStore:
             pop.entries[pop_key].append((pe.offset, item, self.popularity_decay.weight(w, ev.ts)))
             # Directional co-visitation: what users went on to interact with after each recent item.
             for other in _window(recent, item, window):
-                guard, key = covis_key(other)
+                guard, key = covis_keys[other]
                 _call(items, guard, pe.partition, covis_cap, False, ttl_s).entries[key].append((pe.offset, item, w))
             _push_recent(recent, item, cap)
 
@@ -713,7 +694,7 @@ class StateStore:
             for uid in write.users:
                 kept = kepts[uid]
                 args.extend((kept.version, kept.state.last_seen, kept.encode()))
-            self._user_store(keys=[self.keys.user_guard(bucket), *(self._user_key(u)[1] for u in write.users)],
+            self._user_store(keys=[self.keys.user_guard(bucket), *(self._user_keys[u][1] for u in write.users)],
                              args=args, client=pipe)
         guards = users = 0
         for write, reply in zip(writes.values(), pipe.execute(), strict=True):

@@ -53,7 +53,8 @@ from __future__ import annotations
 
 import re
 import zlib
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 if TYPE_CHECKING:
     from fusionrec.core.settings import Settings
@@ -70,6 +71,29 @@ ID_REGEX = rf"^[^{ID_EXCLUDED}]{{1,128}}$"
 
 BUCKET_CACHE = 1 << 18  # ids whose bucket a Keys remembers (all forgotten beyond: computed again)
 
+V = TypeVar("V")
+
+
+class Remembered(dict[str, V], Generic[V]):
+    """``build(id)`` per id, built at its first lookup (``memo[id]``) and remembered; beyond ``limit``
+    ids everything is forgotten and built again. A lookup of a remembered id is one dict lookup.
+
+    >>> lengths = Remembered(len, limit=2)
+    >>> lengths["abc"], lengths["de"], len(lengths), lengths["f"], len(lengths)
+    (3, 2, 2, 1, 1)
+    """
+
+    def __init__(self, build: Callable[[str], V], limit: int) -> None:
+        super().__init__()
+        self.build = build
+        self.limit = limit
+
+    def __missing__(self, ident: str) -> V:
+        if len(self) >= self.limit:
+            self.clear()
+        value = self[ident] = self.build(ident)
+        return value
+
 
 class Keys:
     """Builds fusionrec's Redis keys under one prefix."""
@@ -77,19 +101,17 @@ class Keys:
     def __init__(self, prefix: str = "fr", buckets: int = 64) -> None:
         self.prefix = prefix
         self.buckets = buckets
-        self._buckets: dict[str, int] = {}
+        self._buckets = Remembered(self._hash_bucket, BUCKET_CACHE)
 
     @classmethod
     def for_settings(cls, settings: Settings) -> Keys:
         return cls(settings.redis.prefix, settings.redis.buckets)
 
     def bucket(self, ident: str) -> int:
-        known = self._buckets.get(ident)
-        if known is None:
-            if len(self._buckets) >= BUCKET_CACHE:
-                self._buckets.clear()
-            known = self._buckets[ident] = zlib.crc32(ident.encode()) % self.buckets
-        return known
+        return self._buckets[ident]
+
+    def _hash_bucket(self, ident: str) -> int:
+        return zlib.crc32(ident.encode()) % self.buckets
 
     # --- per user
     def user_tag(self, bucket: int) -> str:
