@@ -310,11 +310,12 @@ class Kept:
 
 @dataclass
 class ZsetCall:
-    """Sorted-set contributions for one guard (an item bucket, or popularity) and one partition.
+    """Sorted-set contributions for one guard (an item bucket, or popularity) from one partition.
 
     ``entries[key]`` holds (offset, member, weight) in the order they were produced. With
     ``aggregate`` the weights per member are summed into one record (uncapped sets: order does not
-    change the result); otherwise there is one record per offset, applied in offset order.
+    change the result); otherwise there is one record per offset, applied in offset order. The calls
+    of one guard go to Redis together (:func:`zset_args`).
     """
 
     guard: str
@@ -324,12 +325,10 @@ class ZsetCall:
     ttl_s: int = 0  # the sets expire this long after their last update (0: never)
     entries: dict[str, list[tuple[int, str, float]]] = field(default_factory=lambda: defaultdict(list))
 
-    def args(self, floor: int, due: Callable[[str], bool] = lambda _key: True
-             ) -> tuple[list[str], Args, list[str]] | None:
-        """Script keys and args for the entries above ``floor``, and the sets whose TTL they set (those
-        ``due`` says are due, first); None when nothing is left."""
-        refresh: list[tuple[str, list[list[Any]]]] = []
-        keep: list[tuple[str, list[list[Any]]]] = []
+    def fresh(self, floor: int) -> tuple[dict[str, list[list[Any]]], int, int] | None:
+        """Each set's records of the entries above ``floor``, and the lowest and highest offset among
+        them; None when nothing is left."""
+        out: dict[str, list[list[Any]]] = {}
         lo, hi = None, -1
         for key, entries in self.entries.items():
             # offsets are never negative: the first send (floor -1) takes every entry
@@ -338,13 +337,8 @@ class ZsetCall:
                 continue
             lo = fresh[0][0] if lo is None else min(lo, fresh[0][0])
             hi = max(hi, fresh[-1][0])
-            (refresh if self.ttl_s > 0 and due(key) else keep).append((key, self._records(fresh)))
-        if lo is None:
-            return None
-        ordered = refresh + keep
-        payload = _msgpack.encode([records for _key, records in ordered])
-        return ([self.guard, *(key for key, _r in ordered)],
-                [self.partition, self.cap, lo, hi, payload, self.ttl_s, len(refresh)], [key for key, _r in refresh])
+            out[key] = self._records(fresh)
+        return None if lo is None else (out, lo, hi)
 
     def _records(self, fresh: list[tuple[int, str, float]]) -> list[list[Any]]:
         if self.aggregate:
@@ -360,6 +354,39 @@ class ZsetCall:
                 last = off
             records[-1].extend((member, w))
         return records
+
+
+def zset_args(calls: Sequence[ZsetCall], floors: Mapping[int, int],
+              due: Callable[[str], bool] = lambda _key: True) -> tuple[list[str], Args, list[str]] | None:
+    """One :data:`~fusionrec.core.scripts.ZSET_APPLY` call for the calls of one guard (one per
+    partition): script keys and args for the entries above each partition's floor (``floors``, -1
+    where absent), and the sets whose TTL it sets (those ``due`` says are due, first); None when
+    nothing is left. A set's records go partition by partition, in the order of ``calls``."""
+    first = calls[0]
+    records: dict[str, list[list[Any]]] = {}
+    spans: Args = []
+    for call in calls:
+        built = call.fresh(floors.get(call.partition, -1))
+        if built is None:
+            continue
+        sets, lo, hi = built
+        spans.extend((call.partition, lo, hi))
+        for key, recs in sets.items():
+            if key in records:
+                records[key].extend(recs)
+            else:
+                records[key] = recs
+    if not spans:
+        return None
+    refresh = [key for key in records if due(key)] if first.ttl_s > 0 else []
+    if refresh:
+        chosen = set(refresh)
+        ordered = [*refresh, *(key for key in records if key not in chosen)]
+    else:
+        ordered = list(records)
+    payload = _msgpack.encode([records[key] for key in ordered])
+    return ([first.guard, *ordered], [first.cap, payload, first.ttl_s, len(refresh), len(spans) // 3, *spans],
+            refresh)
 
 
 @dataclass
@@ -658,24 +685,31 @@ class StateStore:
             _push_recent(recent, item, cap)
 
     def _apply_zsets(self, calls: list[ZsetCall]) -> None:
-        """Send every call; where a guard is already past some offsets, resend the rest. A set's TTL is
-        set again only when this process has not set it for ``TTL_REFRESH_S`` (or a tenth of the TTL)."""
+        """One call per guard, for all its partitions; where a guard is already past some offsets,
+        resend the rest. A set's TTL is set again only when this process has not set it for
+        ``TTL_REFRESH_S`` (or a tenth of the TTL)."""
         now = time.monotonic()
         expired = self._expired
-        pending = [(call, -1) for call in calls]
+        by_guard: dict[str, list[ZsetCall]] = {}
+        for call in calls:
+            by_guard.setdefault(call.guard, []).append(call)
+        pending: list[tuple[list[ZsetCall], dict[int, int]]] = [(group, {}) for group in by_guard.values()]
         while pending:
             pipe = self.redis.pipeline(transaction=False)
             sent = []
-            for call, floor in pending:
-                built = call.args(floor, functools.partial(_due, expired, now, min(TTL_REFRESH_S, call.ttl_s / 10)))
+            for group, floors in pending:
+                every = min(TTL_REFRESH_S, group[0].ttl_s / 10)
+                built = zset_args(group, floors, functools.partial(_due, expired, now, every))
                 if built is not None:
                     self._zset_apply(keys=built[0], args=built[1], client=pipe)
-                    sent.append((call, built[2]))
+                    sent.append((group, floors, built[1][5::3], built[2]))
             replies = pipe.execute() if sent else []
             pending = []
-            for (call, refreshed), g in zip(sent, replies, strict=True):
-                if int(g) != -1:  # nothing applied: the rest is sent again
-                    pending.append((call, int(g)))
+            for (group, floors, partitions, refreshed), reply in zip(sent, replies, strict=True):
+                if isinstance(reply, list):  # nothing applied: the rest is sent again
+                    for partition, guard in zip(partitions, reply, strict=True):
+                        floors[partition] = max(floors.get(partition, -1), int(guard))
+                    pending.append((group, floors))
                     continue
                 for key in refreshed:
                     expired[key] = now

@@ -88,19 +88,31 @@ for i = 0, np - 1 do redis.call('HSET', KEYS[1], ARGV[3 + 3 * i], ARGV[5 + 3 * i
 return out
 """
 
-# Sorted-set increments for one item bucket (co-visitation) or the global popularity set. Records are
-# applied in offset order and, with a cap, the set is trimmed to its strongest ``cap`` members after
-# every record, so the result does not depend on how events were cut into batches. Membership count is
-# tracked from ZINCRBY replies (a reply equal to the increment means a new member; weights are > 0).
+# Sorted-set increments for one item bucket (co-visitation) or the global popularity set, from every
+# partition the caller has records of: one call per bucket, whatever the number of partitions. Records
+# are applied in the order given (a partition's in offset order) and, with a cap, the set is trimmed
+# to its strongest ``cap`` members after every record, so the result does not depend on how events
+# were cut into batches. Membership count is tracked from ZINCRBY replies (a reply equal to the
+# increment means a new member; weights are > 0).
 # KEYS: bucket guard, then the zsets
-# ARGV: partition, cap (0 = uncapped), min_offset, max_offset,
-#       msgpack([per zset: [per record: [member, weight, member, weight, ...]]]), ttl_s (0 = none),
-#       how many of the zsets, from the first, get their TTL set to ttl_s
+# ARGV: cap (0 = uncapped), msgpack([per zset: [per record: [member, weight, member, weight, ...]]]),
+#       ttl_s (0 = none), how many of the zsets, from the first, get their TTL set to ttl_s, the number
+#       of partitions, then per partition: partition, min_offset, max_offset
+# Nothing is applied if any partition's guard is at or past its min_offset: then the guard of each
+# partition is returned (-1 where none is stored), for the caller to send again what is above them.
+# Otherwise everything is applied, each guard moves to its partition's max_offset, and -1 is returned.
 ZSET_APPLY = """
-local g = redis.call('HGET', KEYS[1], ARGV[1])
-if g and tonumber(g) >= tonumber(ARGV[3]) then return tonumber(g) end
-local cap = tonumber(ARGV[2])
-local data = cmsgpack.unpack(ARGV[5])
+local np = tonumber(ARGV[5])
+local guards, stale = {}, false
+for i = 0, np - 1 do
+  local g = redis.call('HGET', KEYS[1], ARGV[6 + 3 * i])
+  guards[i + 1] = g or -1
+  if g and tonumber(g) >= tonumber(ARGV[7 + 3 * i]) then stale = true end
+end
+if stale then return guards end
+local cap = tonumber(ARGV[1])
+local data = cmsgpack.unpack(ARGV[2])
+local ttl, refresh = tonumber(ARGV[3]), tonumber(ARGV[4])
 for k = 2, #KEYS do
   local key = KEYS[k]
   local records = data[k - 1]
@@ -118,9 +130,9 @@ for k = 2, #KEYS do
       card = cap
     end
   end
-  if k - 1 <= tonumber(ARGV[7]) and tonumber(ARGV[6]) > 0 then redis.call('EXPIRE', key, ARGV[6]) end
+  if k - 1 <= refresh and ttl > 0 then redis.call('EXPIRE', key, ARGV[3]) end
 end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[4])
+for i = 0, np - 1 do redis.call('HSET', KEYS[1], ARGV[6 + 3 * i], ARGV[8 + 3 * i]) end
 return -1
 """
 

@@ -1,7 +1,7 @@
 import msgspec
 
 from fusionrec.streams.replay import Pacer
-from fusionrec.streams.state import ZsetCall
+from fusionrec.streams.state import ZsetCall, zset_args
 
 
 class FakeClock:
@@ -49,13 +49,29 @@ def test_zset_call_filters_by_guard_and_orders_records():
     call = ZsetCall("g", partition=3, cap=10, aggregate=False)
     call.entries["k1"] += [(7, "b", 1.0), (5, "a", 2.0), (7, "c", 1.0)]
     call.entries["k2"] += [(4, "z", 1.0)]
-    keys, args, refreshed = call.args(floor=-1)
+    keys, args, refreshed = zset_args([call], {})
     assert keys == ["g", "k1", "k2"] and refreshed == []  # no TTL: none is set
-    assert args[:4] == [3, 10, 4, 7] and args[5:] == [0, 0]
-    assert msgspec.msgpack.decode(args[4]) == [[["a", 2.0], ["b", 1.0, "c", 1.0]], [["z", 1.0]]]
-    keys, args, _ = call.args(floor=5)
-    assert keys == ["g", "k1"] and args[2:4] == [7, 7]
-    assert call.args(floor=7) is None
+    assert args[0] == 10 and args[2:] == [0, 0, 1, 3, 4, 7]
+    assert msgspec.msgpack.decode(args[1]) == [[["a", 2.0], ["b", 1.0, "c", 1.0]], [["z", 1.0]]]
+    keys, args, _ = zset_args([call], {3: 5})
+    assert keys == ["g", "k1"] and args[4:] == [1, 3, 7, 7]
+    assert zset_args([call], {3: 7}) is None
+
+
+def test_one_call_carries_every_partition_of_a_guard():
+    """A set's records go partition by partition, in the calls' order; each partition has its span
+    and its own floor."""
+    p2 = ZsetCall("g", partition=2, cap=10, aggregate=False)
+    p2.entries["k1"] += [(9, "x", 1.0), (8, "w", 1.0)]
+    p0 = ZsetCall("g", partition=0, cap=10, aggregate=False)
+    p0.entries["k2"] += [(1, "a", 1.0)]
+    p0.entries["k1"] += [(3, "b", 2.0)]
+    keys, args, _ = zset_args([p2, p0], {})
+    assert keys == ["g", "k1", "k2"] and args[4:] == [2, 2, 8, 9, 0, 1, 3]
+    assert msgspec.msgpack.decode(args[1]) == [[["w", 1.0], ["x", 1.0], ["b", 2.0]], [["a", 1.0]]]
+    keys, args, _ = zset_args([p2, p0], {2: 9, 0: 1})
+    assert keys == ["g", "k1"] and args[4:] == [1, 0, 3, 3]
+    assert msgspec.msgpack.decode(args[1]) == [[["b", 2.0]]]
 
 
 def test_zset_call_puts_the_sets_whose_ttl_is_due_first():
@@ -63,14 +79,14 @@ def test_zset_call_puts_the_sets_whose_ttl_is_due_first():
     call.entries["k1"] += [(1, "a", 1.0)]
     call.entries["k2"] += [(2, "b", 2.0)]
     call.entries["k3"] += [(3, "c", 3.0)]
-    keys, args, refreshed = call.args(-1, due=lambda key: key != "k1")
-    assert keys == ["g", "k2", "k3", "k1"] and refreshed == ["k2", "k3"] and args[5:] == [60, 2]
-    assert msgspec.msgpack.decode(args[4]) == [[["b", 2.0]], [["c", 3.0]], [["a", 1.0]]]
-    assert call.args(-1)[1][5:] == [60, 3]  # every set is due by default
+    keys, args, refreshed = zset_args([call], {}, due=lambda key: key != "k1")
+    assert keys == ["g", "k2", "k3", "k1"] and refreshed == ["k2", "k3"] and args[2:4] == [60, 2]
+    assert msgspec.msgpack.decode(args[1]) == [[["b", 2.0]], [["c", 3.0]], [["a", 1.0]]]
+    assert zset_args([call], {})[1][2:4] == [60, 3]  # every set is due by default
 
 
 def test_aggregated_call_sums_per_member():
     call = ZsetCall("g", partition=0, cap=0, aggregate=True)
     call.entries["pop"] += [(1, "a", 1.5), (2, "b", 1.0), (3, "a", 0.5)]
-    _, args, _ = call.args(-1)
-    assert msgspec.msgpack.decode(args[4]) == [[["a", 2.0, "b", 1.0]]]
+    _, args, _ = zset_args([call], {})
+    assert msgspec.msgpack.decode(args[1]) == [[["a", 2.0, "b", 1.0]]]
