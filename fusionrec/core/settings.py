@@ -224,7 +224,9 @@ class RecSettings:
     profile_items: int = setting(20, env="REC_PROFILE_ITEMS",
                                  doc="the profile vector is the weighted mean of the user's N strongest items")
     trending_candidates: int = setting(20, env="REC_TRENDING_CANDIDATES", doc="trending items read per batch")
-    repeat_candidates: int = setting(40, env="REC_REPEAT_CANDIDATES", doc="the user's own strongest items considered")
+    repeat_candidates: int = setting(120, env="REC_REPEAT_CANDIDATES",
+                                     doc="the user's own strongest items considered (the pool keeps the best "
+                                         "`FUSIONREC_REC_POOL` of all candidates by the fixed blend)")
     ranker: str = setting("fusion", env="REC_RANKER", doc="fusion (learned, hot-reloaded) | simple (fixed blend)")
     pool: int = setting(100, env="REC_POOL",
                         doc="candidates per user the fusion scores (cut by the fixed blend) and logs for the learner")
