@@ -234,6 +234,13 @@ def _table(report: dict[str, Any]) -> str:
     for name, m in report["cold_start"].items():
         lines.append(f"{name:19s} {m['hit_rate@10']:10.4f} {m['recall@20']:10.4f} {m['ndcg@10']:10.4f}"
                      f" {m['ndcg@10_basket']:10.4f}")
+    lines.append("the system against each method on the same baskets (HitRate@10): baskets only the system hit, "
+                 "only the method hit, exact sign test p; overall, then cold start")
+    cold = report["paired"]["cold_start"]
+    for name, m in report["paired"]["overall"].items():
+        c = cold[name]
+        lines.append(f"{name:19s} {m['wins']:7d} {m['losses']:7d} {m['p']:8.4f}   {c['wins']:7d} {c['losses']:7d}"
+                     f" {c['p']:8.4f}")
     return "\n".join(lines)
 
 

@@ -38,6 +38,15 @@ def test_evaluate_reports_every_method_as_json_and_plots(settings, tmp_path, tin
         assert set(m) == figures
     for m in [*report["methods"].values(), *report["cold_start"].values()]:
         assert all(0.0 <= v <= 1.0 for k, v in m.items() if k in figures)
+    # the system against every other method basket by basket (the published ones from their worker process):
+    # wins less losses over the baskets is the difference of the two hit rates (each rounded to 4 places)
+    for split, by, count in (("overall", report["methods"], report["evaluated"]),
+                             ("cold_start", report["cold_start"], report["cold_start_evaluated"])):
+        assert set(report["paired"][split]) == set(by) - {"system"}
+        for name, p in report["paired"][split].items():
+            diff = by["system"]["hit_rate@10"] - by[name]["hit_rate@10"]
+            assert abs((p["wins"] - p["losses"]) / count - diff) <= 1.0001e-4
+            assert 0.0 <= p["p"] <= 1.0
     assert report["methods"]["content"]["recall@20"] > 0  # profile vectors were built and searched
     assert report["methods"]["system"]["hit_rate@10"] > report["methods"]["popularity"]["hit_rate@10"]
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

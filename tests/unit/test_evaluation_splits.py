@@ -3,10 +3,11 @@
 import math
 from collections import Counter
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fusionrec.apps.evaluation.metrics import MethodScore, SplitScores, basket_parts
+from fusionrec.apps.evaluation.metrics import MethodScore, SplitScores, basket_parts, paired, sign_test
 
 
 def test_basket_ndcg_divides_by_every_item_of_the_basket():
@@ -42,3 +43,34 @@ def test_splits_add_up_to_the_whole(baskets):
     assert overall.n == len(baskets) and repeat.n <= overall.n and explore.n <= overall.n
     report = s.report()
     assert report["repeat"]["found@20"] + report["explore"]["found@20"] == overall.found  # type: ignore[index]
+
+
+def test_sign_test_against_worked_binomial_tails():
+    # all five discordant baskets one way: 2 * 0.5^5; ten to none: 2 * 0.5^10; 1 against 7 (n = 8):
+    # 2 * (C(8,0) + C(8,1)) / 2^8
+    assert sign_test(0, 5) == 0.0625 and sign_test(5, 0) == 0.0625
+    assert math.isclose(sign_test(10, 0), 2 / 1024)
+    assert math.isclose(sign_test(1, 7), 18 / 256)
+    assert sign_test(4, 4) == 1.0 and sign_test(0, 0) == 1.0
+    # large counts stay finite: 10,000 against 10,300 is p ≈ 0.035 (normal approximation: z = 2.12)
+    assert 0.02 < sign_test(10_000, 10_300) < 0.05
+
+
+@given(st.lists(st.tuples(st.booleans(), st.booleans()), max_size=60))
+def test_paired_counts_are_the_difference_of_the_hit_rates(hits):
+    a, b = MethodScore(), MethodScore()
+    for ts, (x, y) in enumerate(hits):
+        a.add(["t"] if x else ["f"], {"t"}, ts)
+        b.add(["t"] if y else ["f"], {"t"}, ts)
+    p = paired(a, b)
+    assert p["wins"] == sum(x and not y for x, y in hits) and p["losses"] == sum(y and not x for x, y in hits)
+    assert p["wins"] - p["losses"] == a.hits - b.hits
+    assert paired(b, a) == {"wins": p["losses"], "losses": p["wins"], "p": p["p"]}
+
+
+def test_paired_refuses_methods_scored_on_other_baskets():
+    a, b = MethodScore(), MethodScore()
+    a.add(["t"], {"t"}, 1)
+    b.add(["t"], {"t"}, 2)
+    with pytest.raises(ValueError):
+        paired(a, b)

@@ -41,7 +41,10 @@ items (:mod:`~fusionrec.apps.evaluation.metrics`), reported under ``methods.<nam
 ``methods.<name>.explore`` and ``cold_start``.
 
 Metrics per unit: HitRate@10 (any purchased item in the top 10), Recall@20, NDCG@10 (binary) with
-two ideal DCGs (``ndcg@10``, ``ndcg@10_basket``).
+two ideal DCGs (``ndcg@10``, ``ndcg@10_basket``). ``paired.<split>.<method>``: the system against that
+method basket by basket, overall and on cold start: the baskets only the system hit (``wins``), only
+the method hit (``losses``), and the exact sign test's ``p`` on them
+(:func:`~fusionrec.apps.evaluation.metrics.paired`).
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ import numpy as np
 import redis
 from tqdm import tqdm
 
-from fusionrec.apps.evaluation.metrics import RECALL_K, SplitScores, TopCounter, basket_parts
+from fusionrec.apps.evaluation.metrics import RECALL_K, SplitScores, TopCounter, basket_parts, paired
 from fusionrec.apps.evaluation.published_pass import Method, Observed, PublishedPass, PublishedProcess, Scored
 from fusionrec.core.settings import Settings
 from fusionrec.models.backfill import version_info
@@ -278,6 +281,9 @@ class Evaluator:
                 "methods": {m: s.report() for m, s in self.scores.items()},
                 "cold_start_evaluated": cold["system"].n,
                 "cold_start": {m: s.summary() for m, s in cold.items()},
+                # the system against each other method on the same baskets (HitRate@10)
+                "paired": {split: {m: paired(by["system"], s) for m, s in by.items() if m != "system"}
+                           for split, by in (("overall", overall), ("cold_start", cold))},
                 "learner": {"examples": self.learner.model.examples,
                             "explore_share": self.learner.model.explore.report(),
                             "served_order": self.learner.model.choice.report(),

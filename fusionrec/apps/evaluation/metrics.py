@@ -8,7 +8,10 @@ Each scored basket is judged on up to four target sets, each a :class:`MethodSco
 * ``cold_start``: the basket's items with fewer than ``COLD_START_BELOW`` prior interactions by anyone.
 
 A split is scored only on baskets where its target set is not empty, always against the method's
-whole ranked list. Two NDCG@10 are reported, each named: ``ndcg@10`` divides by the ideal DCG of
+whole ranked list. Every method sees the same baskets in the same order, so two methods compare basket
+by basket (:func:`paired`): the baskets only one of them hit, and the exact sign test on those
+(McNemar's exact test), which says whether a difference in HitRate@10 is more than the baskets'
+chance. Two NDCG@10 are reported, each named: ``ndcg@10`` divides by the ideal DCG of
 ``min(|basket|, 10)`` hits (the usual top-k definition), ``ndcg@10_basket`` by the ideal DCG over
 every item in the basket, as the next-basket papers' published code does (TIFU-KNN's ``get_NDCG``,
 the reality-check study's evaluation), which is lower for baskets of more than ten items.
@@ -84,6 +87,35 @@ class SplitScores:
             s = self.splits[split]
             out[split] = {**s.summary(), "baskets": s.n, "items": s.targets, "found@20": s.found}
         return out
+
+
+def sign_test(wins: int, losses: int) -> float:
+    """Two-sided exact sign test: the chance of a split at least this uneven between ``wins`` and
+    ``losses`` if each discordant basket were a fair coin (McNemar's exact test).
+
+    >>> sign_test(0, 5)
+    0.0625
+    >>> sign_test(4, 4)
+    1.0
+    """
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    k = min(wins, losses)
+    base = math.lgamma(n + 1) + n * math.log(0.5)
+    tail = sum(math.exp(base - math.lgamma(i + 1) - math.lgamma(n - i + 1)) for i in range(k + 1))
+    return min(1.0, 2.0 * tail)
+
+
+def paired(a: MethodScore, b: MethodScore) -> dict[str, float]:
+    """HitRate@10 of ``a`` against ``b`` basket by basket (the same baskets, in the same order): how many
+    only ``a`` hit (``wins``), only ``b`` hit (``losses``), and the sign test's ``p`` on them. Their
+    difference over the baskets is the difference of the two HitRate@10."""
+    if [ts for ts, _h in a.timeline] != [ts for ts, _h in b.timeline]:
+        raise ValueError("the two methods were not scored on the same baskets")
+    wins = sum(1 for (_t, x), (_u, y) in zip(a.timeline, b.timeline, strict=True) if x and not y)
+    losses = sum(1 for (_t, x), (_u, y) in zip(a.timeline, b.timeline, strict=True) if y and not x)
+    return {"wins": wins, "losses": losses, "p": round(sign_test(wins, losses), 4)}
 
 
 def basket_parts(targets: set[str], seen: set[str], interactions: Counter[str]) -> dict[str, set[str]]:
