@@ -37,6 +37,15 @@ def _store(services, **kw):
     return s, client, StateStore(client, s), RecommendationWriter(client, s)
 
 
+def _crash_after_items(store, events):
+    """Apply ``events`` with Redis going away after the item write and before the users' write."""
+    original = store._apply_users
+    store._apply_users = lambda *_: (_ for _ in ()).throw(ConnectionError("redis went away"))
+    with pytest.raises(ConnectionError):
+        store.apply(events)
+    store._apply_users = original
+
+
 def _run(store, writer, events, size):
     for i in range(0, len(events), size):
         writer(store.apply(events[i: i + size]))
@@ -66,11 +75,7 @@ def test_crash_between_item_and_user_writes_converges(services, slice_events):
         store.apply_catalog(catalog)
         _run(store, writer, events[:2000], 400)
         if crash:
-            original = store._apply_users
-            store._apply_users = lambda *_: (_ for _ in ()).throw(ConnectionError("redis went away"))
-            with pytest.raises(ConnectionError):
-                store.apply(events[2000:2600])
-            store._apply_users = original
+            _crash_after_items(store, events[2000:2600])
             _run(store, writer, events[2000:], 300)  # replay from the last "committed" offset
         else:
             _run(store, writer, events[2000:], 600)
@@ -93,11 +98,7 @@ def test_item_guards_past_one_partition_hold_the_call_and_the_rest_is_sent_again
         store.apply_catalog(catalog)
         _run(store, writer, keyed[:2000], 400)
         if crash:
-            original = store._apply_users
-            store._apply_users = lambda *_: (_ for _ in ()).throw(ConnectionError("redis went away"))
-            with pytest.raises(ConnectionError):
-                store.apply(keyed[2000:2600])
-            store._apply_users = original
+            _crash_after_items(store, keyed[2000:2600])
             sent = []
             apply = store._zset_apply
 
