@@ -239,8 +239,8 @@ def _table(report: dict[str, Any]) -> str:
     cold = report["paired"]["cold_start"]
     for name, m in report["paired"]["overall"].items():
         c = cold[name]
-        lines.append(f"{name:19s} {m['wins']:7d} {m['losses']:7d} {m['p']:8.4f}   {c['wins']:7d} {c['losses']:7d}"
-                     f" {c['p']:8.4f}")
+        lines.append(f"{name:19s} {m['wins']:7d} {m['losses']:7d} {m['p']:8.2g}   {c['wins']:7d} {c['losses']:7d}"
+                     f" {c['p']:8.2g}")
     return "\n".join(lines)
 
 

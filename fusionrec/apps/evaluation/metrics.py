@@ -109,13 +109,13 @@ def sign_test(wins: int, losses: int) -> float:
 
 def paired(a: MethodScore, b: MethodScore) -> dict[str, float]:
     """HitRate@10 of ``a`` against ``b`` basket by basket (the same baskets, in the same order): how many
-    only ``a`` hit (``wins``), only ``b`` hit (``losses``), and the sign test's ``p`` on them. Their
-    difference over the baskets is the difference of the two HitRate@10."""
+    only ``a`` hit (``wins``), only ``b`` hit (``losses``), and the sign test's ``p`` on them (three
+    significant digits). Their difference over the baskets is the difference of the two HitRate@10."""
     if [ts for ts, _h in a.timeline] != [ts for ts, _h in b.timeline]:
         raise ValueError("the two methods were not scored on the same baskets")
     wins = sum(1 for (_t, x), (_u, y) in zip(a.timeline, b.timeline, strict=True) if x and not y)
     losses = sum(1 for (_t, x), (_u, y) in zip(a.timeline, b.timeline, strict=True) if y and not x)
-    return {"wins": wins, "losses": losses, "p": round(sign_test(wins, losses), 4)}
+    return {"wins": wins, "losses": losses, "p": float(f"{sign_test(wins, losses):.3g}")}
 
 
 def basket_parts(targets: set[str], seen: set[str], interactions: Counter[str]) -> dict[str, set[str]]:
