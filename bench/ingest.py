@@ -92,6 +92,26 @@ from fusionrec.streams.topics import ensure_topics
 TAOBAO = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "taobao-userbehavior-110k.csv"
 
 
+def taobao(n: int | None = None) -> datasets.Dataset | None:
+    """The Taobao clickstream sample (its first ``n`` events), or None where ``../shared`` is not there."""
+    if not TAOBAO.is_file():
+        return None
+    ds = datasets.load("file", events=str(TAOBAO), preset="taobao")
+    return ds if n is None else ds.head(n)
+
+
+@contextlib.contextmanager
+def embedded_redis() -> Iterator[Settings]:
+    """Settings on an embedded, memory-only Redis (no broker) for the benches that need Redis alone."""
+    with tempfile.TemporaryDirectory() as tmp:
+        svc = EmbeddedServices(tmp)
+        running = svc.up(kafka=False, persistence="none")
+        try:
+            yield Settings.from_env({}, redis_url=running.redis_url, metrics_port=0)
+        finally:
+            svc.down()
+
+
 def fresh_settings(base: Settings, partitions: int = 4) -> Settings:
     tag = uuid.uuid4().hex[:8]
     s = base.replace(redis_prefix=f"b{tag}", topic_events=f"ev-{tag}", topic_catalog=f"cat-{tag}",
@@ -467,7 +487,7 @@ def main() -> None:
     n_naive = 5_000 if args.quick else 20_000
     n_fresh = int(args.rate * (5 if args.quick else 20))
     data = datasets.completejourney()
-    clicks = datasets.load("file", events=str(TAOBAO), preset="taobao") if TAOBAO.is_file() else None
+    clicks = taobao()
     with tempfile.TemporaryDirectory() as tmp:
         svc = EmbeddedServices(tmp)
         running = svc.up(persistence="none")

@@ -30,7 +30,6 @@ import json
 import logging
 import statistics
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -38,7 +37,6 @@ from typing import Any
 
 import msgspec
 
-from fusionrec.apps.services import EmbeddedServices
 from fusionrec.core.collector import fewer_collections
 from fusionrec.core.redis_client import connect
 from fusionrec.core.settings import Settings
@@ -51,7 +49,7 @@ from fusionrec.streams.contract import UserEvent
 from fusionrec.streams.state import Positioned, StateStore, UserTouch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ingest import TAOBAO, redis_usec  # noqa: E402  (the ingest bench's dataset path and Redis CPU probe)
+from ingest import embedded_redis, redis_usec, taobao  # noqa: E402  (the ingest bench's helpers)
 
 
 def applied(base: Settings, ds: datasets.Dataset) -> tuple[Settings, dict[str, UserTouch]]:
@@ -115,16 +113,10 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     n_cj, n_click = (30_000, 10_000) if args.quick else (100_000, 30_000)
     data = datasets.completejourney().head(n_cj)
-    clicks = datasets.load("file", events=str(TAOBAO), preset="taobao").head(n_click) if TAOBAO.is_file() else None
-    with tempfile.TemporaryDirectory() as tmp:
-        svc = EmbeddedServices(tmp)
-        running = svc.up(kafka=False, persistence="none")
-        try:
-            base = Settings.from_env({}, redis_url=running.redis_url, metrics_port=0)
-            cj = one_dataset(base, data, args.runs)
-            click: dict[str, Any] = one_dataset(base, clicks, args.runs) if clicks is not None else {}
-        finally:
-            svc.down()
+    clicks = taobao(n_click)
+    with embedded_redis() as base:
+        cj = one_dataset(base, data, args.runs)
+        click: dict[str, Any] = one_dataset(base, clicks, args.runs) if clicks is not None else {}
     print(json.dumps({
         "users_per_s": round(cj["users_per_s"]), "baseline_users_per_s": round(cj["baseline_users_per_s"]),
         "ratio": round(cj["ratio"], 2), "us_per_user": round(cj["us_per_user"], 1),

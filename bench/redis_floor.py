@@ -38,7 +38,6 @@ import json
 import logging
 import statistics
 import sys
-import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
@@ -46,7 +45,6 @@ from typing import Any
 import msgspec
 import redis
 
-from fusionrec.apps.services import EmbeddedServices
 from fusionrec.core.redis_client import connect
 from fusionrec.core.settings import Settings
 from fusionrec.streams import datasets
@@ -54,7 +52,7 @@ from fusionrec.streams.contract import UserEvent
 from fusionrec.streams.state import Positioned, StateStore, ZsetCall
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ingest import TAOBAO, redis_usec  # noqa: E402  (the ingest bench's dataset path and Redis CPU probe)
+from ingest import embedded_redis, redis_usec, taobao  # noqa: E402  (the ingest bench's helpers)
 
 PARTITIONS = 4
 WINDOWS = (2_000, 20_000)
@@ -147,18 +145,12 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     n_cj, n_click = (60_000, 60_000) if args.quick else (300_000, 110_000)
     data = datasets.completejourney().head(n_cj)
-    clicks = datasets.load("file", events=str(TAOBAO), preset="taobao").head(n_click) if TAOBAO.is_file() else None
-    with tempfile.TemporaryDirectory() as tmp:
-        svc = EmbeddedServices(tmp)
-        running = svc.up(kafka=False, persistence="none")
-        try:
-            base = Settings.from_env({}, redis_url=running.redis_url, metrics_port=0)
-            found = {"": increments(base, data)}
-            if clicks is not None:
-                found["clickstream_"] = increments(base, clicks)
-            costs = update_costs(connect(base), base.state.covis_cap)
-        finally:
-            svc.down()
+    clicks = taobao(n_click)
+    with embedded_redis() as base:
+        found = {"": increments(base, data)}
+        if clicks is not None:
+            found["clickstream_"] = increments(base, clicks)
+        costs = update_costs(connect(base), base.state.covis_cap)
     # ZADD's cost as one part per command and one per member, from its one- and eight-member figures
     per_member = (PER_CALL * costs["zadd8"] - costs["zadd1"]) / (PER_CALL - 1)
     per_command = costs["zadd1"] - per_member
