@@ -35,6 +35,8 @@ FEATURES: tuple[str, ...] = (
 INDEX = {name: i for i, name in enumerate(FEATURES)}
 # What a model without LLM vectors may not look at.
 VECTOR_FEATURES = ("content", "content_sim", "has_vector", "src_content", "fresh", "src_fresh")
+# What the river scorer reads (with or without vectors: see fusionrec.online.learning.model.FusionModel).
+SPARSE_FEATURES = tuple(f for f in FEATURES if f not in VECTOR_FEATURES)
 
 # Fixed pre-ranking blend used to cut a pool to size (and the fusion's prior weights).
 PRIOR = {"repeat": 1.0, "covis": 0.6, "content": 0.3, "fresh": 0.3, "popular": 0.1, "trending": 0.1}

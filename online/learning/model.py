@@ -18,7 +18,7 @@ from itertools import chain
 import numpy as np
 
 from fusionrec.models.vectors import VectorLookup
-from fusionrec.online.candidates.features import FEATURES, INDEX, VECTOR_FEATURES, CandidatePool
+from fusionrec.online.candidates.features import FEATURES, INDEX, SPARSE_FEATURES, VECTOR_FEATURES, CandidatePool
 from fusionrec.online.learning.choice import OrderChoice
 from fusionrec.online.learning.explore import ExploreShare, new_items
 from fusionrec.online.learning.scorers import SCORERS, FusionStacker, RiverScorer, SearchMix, TorchScorer, scorer_inputs
@@ -76,9 +76,12 @@ class Prediction:
 class FusionModel:
     """River scorer + torch head + fusion stacker; ``use_vectors=False`` is the model without LLM vectors.
 
-    With vectors it also learns ``plain``, a second stacker over the same inputs less the torch head
-    and the vector sources' scores (river's logit, which reads the vector features, stays), on the same
-    rows. Lists are served in the order each segment of users has learned to prefer (:attr:`choice`,
+    River reads the sparse features alone (:data:`SPARSE_FEATURES`), with or without vectors: what the
+    vectors say reaches the fused score through the torch head and the vector sources' scores, each
+    weighed by the stacker. With vectors it also learns ``plain``, a second stacker over the same inputs
+    less the torch head and the vector sources' scores, on the same rows: the model without vectors,
+    weight for weight, so serving its order (below) falls back exactly to what the vectors add nothing
+    to. Lists are served in the order each segment of users has learned to prefer (:attr:`choice`,
     :mod:`fusionrec.online.learning.choice`): the stacker's, unless one of its parts (``river``,
     ``torch_head``, ``fusion_plain``) or the reciprocal rank fusion of the learned scorers' orders
     (``reciprocal_rank``, :func:`order_scores`) clearly ranks that segment better.
@@ -99,7 +102,7 @@ class FusionModel:
         self.examples = 0
 
     def _features(self) -> tuple[str, ...]:
-        return FEATURES if self.use_vectors else tuple(f for f in FEATURES if f not in VECTOR_FEATURES)
+        return SPARSE_FEATURES
 
     def _scorers(self) -> tuple[str, ...]:
         return SCORERS if self.use_vectors else self._plain_scorers()
@@ -123,6 +126,7 @@ class FusionModel:
         # features and sources added since the checkpoint start at weight 0 and are learned from now on
         # (the torch head, whose input width changed, abstains until it has learned the new width)
         self.river.extend(self._features())
+        self.river.drop(VECTOR_FEATURES)  # checkpoints from when river read the vector features as well
         self.fusion.extend(self._scorers())
         if self.plain is not None:
             self.plain.extend(self._plain_scorers())

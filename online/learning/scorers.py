@@ -1,7 +1,7 @@
 """Online learners that score (user, candidate) pairs; each one is a river estimator.
 
 * :class:`RiverScorer`: logistic regression over the sparse pool features
-  (:data:`~fusionrec.online.candidates.features.FEATURES`).
+  (:data:`~fusionrec.online.candidates.features.SPARSE_FEATURES` in the fusion model).
 * :class:`TorchScorer`: :class:`fusionrec.models.heads.InteractionHead` over the profile vector, the item vector,
   their product and the pool features, trained by one Adam step per mini-batch.
 * :class:`FusionStacker`: the final score, a logistic-regression stacker over the scorers' outputs.
@@ -198,6 +198,16 @@ class LogisticScorer(base.MiniBatchClassifier):
             self._index = {n: i for i, n in enumerate(self.names)}
         return added
 
+    def drop(self, names: Sequence[str]) -> list[str]:
+        """Remove the inputs of ``names`` it has, with their weights; returns them."""
+        gone = [n for n in self.names if n in set(names)]
+        if gone:
+            keep = [i for i, n in enumerate(self.names) if n not in gone]
+            self.names = [self.names[i] for i in keep]
+            self._coef = self._coef[keep].copy()
+            self._index = {n: i for i, n in enumerate(self.names)}
+        return gone
+
     # -- checkpoints
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Restore a pickle; one from when the scorer wrapped river's ``LogisticRegression`` is migrated."""
@@ -216,7 +226,7 @@ class LogisticScorer(base.MiniBatchClassifier):
 class RiverScorer(LogisticScorer):
     """Logistic regression over the sparse pool features, SGD with gradient clipping.
 
-    ``features`` picks the columns (a model without LLM vectors leaves the vector features out).
+    ``features`` picks the columns (the fusion model leaves the vector features out).
     ``learn_many``/``predict_proba_many`` take a DataFrame with those columns, as river's own
     mini-batch learners do; :meth:`learn_pool_rows` is the path over pool matrices.
     """

@@ -17,7 +17,7 @@ import pytest
 import torch
 from river import checks, linear_model, optim
 
-from fusionrec.online.candidates.features import FEATURES, CandidatePool
+from fusionrec.online.candidates.features import FEATURES, SPARSE_FEATURES, VECTOR_FEATURES, CandidatePool
 from fusionrec.online.learning.model import FusionModel, Rows
 from fusionrec.online.learning.scorers import (
     SCORERS,
@@ -325,14 +325,48 @@ def test_a_checkpoint_from_before_new_inputs_predicts_as_it_did_and_learns_them(
     state["fusion"]._index = {n: i for i, n in enumerate(state["fusion"].names)}
     old = FusionModel.__new__(FusionModel)
     old.__setstate__(state)
-    assert set(old.river.names) == set(FEATURES) and "fresh" in old.fusion.names
-    assert all(old.river.weights()[n] == 0.0 for n in new) and old.fusion.weights()["fresh"] == 0.0
+    assert set(old.river.names) == set(SPARSE_FEATURES) and "fresh" in old.fusion.names
+    read = [n for n in new if n in SPARSE_FEATURES]  # river's new inputs (it reads no vector feature)
+    assert read and all(old.river.weights()[n] == 0.0 for n in read) and old.fusion.weights()["fresh"] == 0.0
     rows = _rows(40, seed=5)
     rows.X[:, [FEATURES.index(n) for n in new]] = 0.0  # on the inputs it knew, the same scores
     np.testing.assert_allclose(old.predict(rows).fused, model.predict(rows).fused, rtol=1e-12)
     rows = _rows(300, seed=6)
     old.learn(rows, _labels(rows.dense()))
-    assert any(old.river.weights()[n] != 0.0 for n in new)
+    assert any(old.river.weights()[n] != 0.0 for n in read)
+
+
+def test_river_reads_no_vector_feature_and_a_checkpoint_whose_river_did_drops_them():
+    model = FusionModel(seed=2)
+    assert tuple(model.river.names) == SPARSE_FEATURES and not set(VECTOR_FEATURES) & set(model.river.names)
+    rows = _rows(200)
+    model.learn(rows, _labels(rows.dense()))
+    state = pickle.loads(pickle.dumps(model)).__dict__  # as a checkpoint from when river read them too
+    assert state["river"].extend(VECTOR_FEATURES) == list(VECTOR_FEATURES)
+    state["river"]._coef[-len(VECTOR_FEATURES):] = 0.5
+    old = FusionModel.__new__(FusionModel)
+    old.__setstate__(state)
+    assert tuple(old.river.names) == SPARSE_FEATURES
+    rows = _rows(40, seed=5)  # the vector features set: only the dropped weights would have read them
+    np.testing.assert_array_equal(old.predict(rows).fused, model.predict(rows).fused)
+
+
+def test_the_plain_stacker_of_the_model_with_vectors_is_the_model_without_them():
+    """Trained on the same rows, ``fusion_plain`` scores exactly as the fusion without vectors (so serving
+    the plain order serves that model)."""
+    with_vectors, without = FusionModel(use_vectors=True, seed=3), FusionModel(use_vectors=False, seed=3)
+    for seed in range(4):
+        rows = _rows(150, seed=seed)
+        y = _labels(rows.dense())
+        plain = Rows(X=rows.X.copy(), items=rows.items, profile=rows.profile[:, :0], item=rows.item[:, :0],
+                     version=None)
+        with_vectors.learn(rows, y)
+        without.learn(plain, y)
+    rows = _rows(60, seed=9)
+    plain = Rows(X=rows.X.copy(), items=rows.items, profile=rows.profile[:, :0], item=rows.item[:, :0], version=None)
+    fused_plain = with_vectors.predict(rows).scorers["fusion_plain"]
+    np.testing.assert_allclose(fused_plain, without.predict(plain).fused, rtol=1e-12)
+    assert not np.allclose(fused_plain, with_vectors.predict(rows).fused)  # the vectors' scorers do count
 
 
 def test_the_fused_model_survives_pickle_with_identical_predictions():
