@@ -262,6 +262,9 @@ class LearnSettings:
                             doc="an action counts as the outcome of a decision this long after it")
     sampled_negatives: int = setting(30, env="LEARN_SAMPLED_NEGATIVES",
                                      doc="unshown pool candidates added as negatives per decision")
+    view_positives: bool = setting(True, env="LEARN_VIEW_POSITIVES",
+                                   doc="a decision whose outcome clicked, carted or bought no pool item learns "
+                                       "from the pool items viewed instead (false: such a decision labels nothing)")
     checkpoint_s: float = setting(2.0, env="LEARN_CHECKPOINT_S", doc="checkpoint at least this often while learning")
     checkpoint_examples: int = setting(50_000, env="LEARN_CHECKPOINT_EXAMPLES",
                                        doc="... or after this many examples")

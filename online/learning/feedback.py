@@ -6,7 +6,9 @@ the user's events of the batch that caused this ranking. The learner keeps each 
 snapshot; when the next one arrives, its events are the *outcome* of the previous one:
 
 * positives: pool items the user then clicked, added to cart or purchased within ``window_ms`` of
-  the previous decision;
+  the previous decision; where the user did none of those to a pool item, the pool items the user
+  viewed (``views``: on a clickstream most decisions are followed by views alone, and the items
+  viewed are what the list should have held; counted as ``labelled_views``);
 * negatives: the shown items not acted on (explicit impressions included), plus up to
   ``sampled_negatives`` other pool candidates drawn at random.
 
@@ -144,8 +146,10 @@ class Group:
 class FeedbackJoiner:
     """Pairs each user's previous snapshot with the events of the next one (see module docstring)."""
 
-    def __init__(self, window_ms: int, sampled_negatives: int = 30, max_users: int = 200_000, seed: int = 0) -> None:
+    def __init__(self, window_ms: int, sampled_negatives: int = 30, max_users: int = 200_000, seed: int = 0,
+                 views: bool = True) -> None:
         self.window_ms = window_ms
+        self.views = views
         self.sampled_negatives = sampled_negatives
         self.max_users = max_users
         self.seed = seed
@@ -177,17 +181,23 @@ class FeedbackJoiner:
         return groups
 
     def _label(self, prev: Snapshot, nxt: Snapshot) -> Group | None:
-        acted = {item for kind, item, ts in nxt.actions
-                 if kind in POSITIVE_TYPES and prev.ts < ts <= prev.ts + self.window_ms}
+        inside = [(kind, item) for kind, item, ts in nxt.actions if prev.ts < ts <= prev.ts + self.window_ms]
+        acted = {item for kind, item in inside if kind in POSITIVE_TYPES}
+        index = {item: r for r, item in enumerate(prev.items)}
+        hits = [index[i] for i in acted if i in index]
+        outcome = "labelled"
+        if not hits and self.views:  # nothing stronger happened to a pool item: the items viewed
+            viewed = {item for kind, item in inside if kind == "view"}
+            hits = [index[i] for i in viewed if i in index]
+            acted |= viewed
+            outcome = "labelled_views"
         if not acted:
             self.outcomes["no_positive"] += 1
             return None
-        index = {item: r for r, item in enumerate(prev.items)}
-        hits = [index[i] for i in acted if i in index]
         if not hits:
             self.outcomes["positive_outside_pool"] += 1
             return None
-        self.outcomes["labelled"] += 1
+        self.outcomes[outcome] += 1
         hit_rows = set(hits)
         rest = [r for r in range(prev.shown, len(prev.items)) if r not in hit_rows]
         rng = np.random.default_rng(zlib.crc32(f"{self.seed}:{prev.user_id}:{prev.ts}".encode()))

@@ -37,7 +37,8 @@ class LearnerMetrics(MetricSet):
     learn_search_examples = counter("fusionrec_learner_search_examples_total",
                                     "Labelled search results the search mix learned from")
     learn_decisions = counter("fusionrec_learner_decisions_total", "Logged decisions by join outcome (labelled, "
-                              "no_positive, positive_outside_pool, expired, duplicate, ...)", ("outcome",))
+                              "labelled_views, no_positive, positive_outside_pool, expired, duplicate, ...)",
+                              ("outcome",))
     learn_rejected = counter("fusionrec_learner_rejected_total", "Training rows rejected by the input guards",
                              ("reason",))
     learn_hit_rate = gauge("fusionrec_learner_prequential_hit_rate",

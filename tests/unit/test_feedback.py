@@ -69,12 +69,36 @@ def test_the_next_decision_labels_the_previous_one():
     groups = j.add([_snap("u1", 5000, ["a"], actions=[("view", "p", 4000), ("purchase", "t", 4500)])])
     assert len(groups) == 1
     g = groups[0]
-    # shown a, c; positive t (unshown); one sampled negative from p/e; the view is not a positive
+    # shown a, c; positive t (unshown); one sampled negative from p/e; the view is not a positive (a
+    # purchase of a pool item is the stronger outcome)
     assert g.pool.items[:2] == ["a", "c"] and "t" in g.pool.items and len(g.pool.items) == 4
     assert dict(zip(g.pool.items, g.y, strict=True))["t"] == 1 and g.y.sum() == 1 and g.shown == 2
     # the whole pool goes along, in logged order, with its positives: what the share of new items replays
     assert g.full is not None and g.full.items == ["a", "c", "p", "t", "e"]
     assert g.positive is not None and g.positive.tolist() == [0, 0, 0, 1, 0]
+
+
+def test_views_label_a_decision_only_where_nothing_stronger_happened_to_a_pool_item():
+    j = FeedbackJoiner(window_ms=DAY, sampled_negatives=0, seed=1)
+    for user in ("strong", "views", "outside", "late"):
+        j.add([_snap(user, 1000, ["a", "c", "p", "t", "e"])])
+    # a purchase of a pool item: the views beside it are not positives
+    strong = j.add([_snap("strong", 5000, ["a"], actions=[("view", "p", 4000), ("purchase", "t", 4500)])])
+    assert dict(zip(strong[0].pool.items, strong[0].y, strict=True)) == {"a": 0, "c": 0, "t": 1}
+    # a purchase outside the pool: the pool items viewed label the decision
+    views = j.add([_snap("views", 5000, ["a"], actions=[("view", "p", 4000), ("view", "e", 4100),
+                                                        ("purchase", "zzz", 4500), ("impression", "c", 4600)])])
+    assert dict(zip(views[0].pool.items, views[0].y, strict=True)) == {"a": 0, "c": 0, "p": 1, "e": 1}
+    assert views[0].positive is not None and views[0].positive.tolist() == [0, 0, 1, 0, 1]
+    # views outside the pool or the window label nothing
+    assert j.add([_snap("outside", 5000, ["a"], actions=[("view", "zzz", 4000)])]) == []
+    assert j.add([_snap("late", DAY + 5000, ["a"], actions=[("view", "p", DAY + 4000)])]) == []
+    assert (j.outcomes["labelled"], j.outcomes["labelled_views"]) == (1, 1)
+    assert (j.outcomes["positive_outside_pool"], j.outcomes["no_positive"]) == (1, 1)
+    off = FeedbackJoiner(window_ms=DAY, sampled_negatives=0, views=False)
+    off.add([_snap("u", 1000, ["a", "p"])])
+    assert off.add([_snap("u", 5000, ["a"], actions=[("view", "p", 4000)])]) == []
+    assert off.outcomes["no_positive"] == 1
 
 
 def test_outcomes_outside_the_window_or_pool_label_nothing():
