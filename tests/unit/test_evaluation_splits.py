@@ -3,6 +3,7 @@
 import math
 from collections import Counter
 
+import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -74,3 +75,14 @@ def test_paired_refuses_methods_scored_on_other_baskets():
     b.add(["t"], {"t"}, 2)
     with pytest.raises(ValueError):
         paired(a, b)
+
+
+def test_plot_buckets_leave_empty_windows_as_gaps_and_count_each_windows_baskets():
+    from fusionrec.apps.evaluation.plots import bucket_counts, bucket_means
+
+    timeline = [(0, 1), (5, 0), (12, 1), (35, 0)]  # windows of 10: [0, 10) two baskets, [10, 20) one, [30, 40) one
+    means = bucket_means(timeline, origin=0, bucket=10, n=4)
+    assert means[0] == 0.5 and means[1] == 1.0 and np.isnan(means[2]) and means[3] == 0.0
+    assert bucket_counts(timeline, origin=0, bucket=10, n=4).tolist() == [2, 1, 0, 1]
+    assert bucket_counts([], origin=0, bucket=10, n=3).tolist() == [0, 0, 0]
+    assert np.isnan(bucket_means([], 0, 10, 3)).all()

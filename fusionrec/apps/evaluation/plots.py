@@ -14,13 +14,21 @@ def bucket_means(timeline: list[tuple[int, int]], origin: int, bucket: int, n: i
     """Mean hit per time bucket; NaN where no basket fell in the bucket (drawn as a gap, not a zero)."""
     means = np.full(n, np.nan)
     if timeline:
-        ts = np.array([t for t, _ in timeline], dtype=np.int64)
-        hits = np.array([h for _, h in timeline], dtype=float)
-        b = (ts - origin) // bucket
-        count = np.bincount(b, minlength=n)[:n]
-        total = np.bincount(b, weights=hits, minlength=n)[:n]
+        count, total = _bucketed(timeline, origin, bucket, n)
         np.divide(total, count, out=means, where=count > 0)
     return means
+
+
+def bucket_counts(timeline: list[tuple[int, int]], origin: int, bucket: int, n: int) -> np.ndarray:
+    """Baskets per time bucket (drawn under the lines, so a thin bucket reads as one)."""
+    return _bucketed(timeline, origin, bucket, n)[0] if timeline else np.zeros(n, dtype=np.int64)
+
+
+def _bucketed(timeline: list[tuple[int, int]], origin: int, bucket: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    ts = np.array([t for t, _ in timeline], dtype=np.int64)
+    hits = np.array([h for _, h in timeline], dtype=float)
+    b = (ts - origin) // bucket
+    return np.bincount(b, minlength=n)[:n], np.bincount(b, weights=hits, minlength=n)[:n]
 
 
 def bucket_size(span_ms: int) -> int:
@@ -43,7 +51,19 @@ def plot(scores: dict[str, SplitScores], path: str, title: str) -> None:
     x = (origin + np.arange(n) * bucket).astype("datetime64[ms]")
     colours = plt.get_cmap("tab20")
     fig, axes = plt.subplots(2, 2, figsize=(14, 7.5), sharex=True, sharey=True)
+    width = np.timedelta64(bucket, "ms")
     for ax, split in zip(axes.flat, SPLITS, strict=True):
+        # every method is scored on the same baskets: the first one's timeline counts them
+        counts = bucket_counts(next(iter(scores.values())).splits[split].timeline, origin, bucket, n)
+        if counts.any():
+            bars = ax.twinx()
+            bars.bar(x, counts, width=width, color="0.9", zorder=0)
+            bars.set_ylim(0, counts.max() * 4)  # the bars keep to the panel's lowest quarter
+            bars.set_yticks([0, int(counts.max())])
+            bars.tick_params(labelsize=7, colors="0.5")
+            bars.set_ylabel("baskets", fontsize=7, color="0.5")
+            ax.set_zorder(bars.get_zorder() + 1)
+            ax.patch.set_visible(False)
         for c, (name, s) in enumerate(scores.items()):
             score: MethodScore = s.splits[split]
             if score.n:
