@@ -157,6 +157,12 @@ class FeedbackJoiner:
         self.outcomes: Counter[str] = Counter()
         self._watermark = 0
 
+    @classmethod
+    def of(cls, settings: Settings) -> FeedbackJoiner:
+        """The join as ``settings.learn`` configures it (the learner's and the evaluation's)."""
+        s = settings.learn
+        return cls(s.window_s * 1000, s.sampled_negatives, seed=s.seed, views=s.view_positives)
+
     def add(self, snapshots: list[Snapshot]) -> list[Group]:
         groups: list[Group] = []
         for snap in snapshots:

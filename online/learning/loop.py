@@ -95,8 +95,7 @@ class LearnerLoop(BaseProcessor[Feedback]):
         """A fresh model and joins: what the next lease resumes from is the head checkpoint alone."""
         s = self.settings
         self.learner = Learner(s, self.store, self.lookup, self.metrics)
-        self.joiner = FeedbackJoiner(s.learn.window_s * 1000, s.learn.sampled_negatives, seed=s.learn.seed,
-                                     views=s.learn.view_positives)
+        self.joiner = FeedbackJoiner.of(s)
         self.searches = SearchJoiner(s.learn.window_s * 1000)
         self.offsets: dict[str, int] = {}
         self._lost_lease = False

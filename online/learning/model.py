@@ -92,7 +92,7 @@ class FusionModel:
 
     def __init__(self, use_vectors: bool = True, seed: int = 0, hidden: int = 64) -> None:
         self.use_vectors = use_vectors
-        self.river = RiverScorer(self._features())
+        self.river = RiverScorer(SPARSE_FEATURES)
         self.torch = TorchScorer(hidden=hidden, seed=seed) if use_vectors else None
         self.fusion = FusionStacker(self._scorers())
         self.plain = FusionStacker(self._plain_scorers()) if use_vectors else None
@@ -100,9 +100,6 @@ class FusionModel:
         self.explore = ExploreShare()
         self.choice = OrderChoice(self._orders())
         self.examples = 0
-
-    def _features(self) -> tuple[str, ...]:
-        return SPARSE_FEATURES
 
     def _scorers(self) -> tuple[str, ...]:
         return SCORERS if self.use_vectors else self._plain_scorers()
@@ -125,7 +122,7 @@ class FusionModel:
         self.choice.extend(self._orders())
         # features and sources added since the checkpoint start at weight 0 and are learned from now on
         # (the torch head, whose input width changed, abstains until it has learned the new width)
-        self.river.extend(self._features())
+        self.river.extend(SPARSE_FEATURES)
         self.river.drop(VECTOR_FEATURES)  # checkpoints from when river read the vector features as well
         self.fusion.extend(self._scorers())
         if self.plain is not None:

@@ -131,8 +131,7 @@ class Evaluator:
         self.store = StateStore(client, settings)
         self.learner = Learner(settings, None, None)
         self.no_llm = Learner(settings, None, None, model=FusionModel(use_vectors=False, seed=settings.learn.seed))
-        self.joiner = FeedbackJoiner(settings.learn.window_s * 1000, settings.learn.sampled_negatives,
-                                     seed=settings.learn.seed, views=settings.learn.view_positives)
+        self.joiner = FeedbackJoiner.of(settings)
         self.ranker = FusionRanker(client, settings, LiveModel(self.learner))  # type: ignore[arg-type]
         self.learner.lookup = self.ranker.lookup
         self._logged: list[Snapshot] = []

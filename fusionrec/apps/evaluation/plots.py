@@ -13,15 +13,14 @@ _TITLES = {"overall": "all items", "repeat": "repeat (items the user had before)
 def bucket_means(timeline: list[tuple[int, int]], origin: int, bucket: int, n: int) -> np.ndarray:
     """Mean hit per time bucket; NaN where no basket fell in the bucket (drawn as a gap, not a zero)."""
     means = np.full(n, np.nan)
-    if timeline:
-        count, total = _bucketed(timeline, origin, bucket, n)
-        np.divide(total, count, out=means, where=count > 0)
+    count, total = _bucketed(timeline, origin, bucket, n)
+    np.divide(total, count, out=means, where=count > 0)
     return means
 
 
 def bucket_counts(timeline: list[tuple[int, int]], origin: int, bucket: int, n: int) -> np.ndarray:
     """Baskets per time bucket (drawn under the lines, so a thin bucket reads as one)."""
-    return _bucketed(timeline, origin, bucket, n)[0] if timeline else np.zeros(n, dtype=np.int64)
+    return _bucketed(timeline, origin, bucket, n)[0]
 
 
 def _bucketed(timeline: list[tuple[int, int]], origin: int, bucket: int, n: int) -> tuple[np.ndarray, np.ndarray]:
