@@ -74,7 +74,7 @@ class BatchHandler(Protocol):
     def accepting(self) -> bool: ...
     def tick(self) -> None: ...  # between batches: finish what is due
     def poll_wait(self) -> float | None: ...  # longest the next poll may wait (None: the batch timeout)
-    def flush(self, timeout_s: float | None = None) -> None: ...  # finish everything pending now
+    def flush(self, timeout_s: float | None = None) -> int: ...  # finish everything pending now (events written)
     def forget(self, partitions: Collection[int]) -> None: ...  # revoked events partitions: drop their pending
     def drop(self) -> None: ...  # the partitions were lost: drop everything pending
     def settle(self, done: dict[int, int]) -> None: ...  # events partition -> last offset no replay goes back to
@@ -238,7 +238,9 @@ class EventsProcessor(BaseProcessor[Event]):
 
     def _flush(self, why: str, timeout_s: float) -> None:
         try:
-            self.handler.flush(timeout_s)
+            written = self.handler.flush(timeout_s)
+            if written:
+                log.info("%s: wrote the state of %d waiting events before the commit", why, written)
         except TRANSIENT as exc:  # the offsets stay at the floor: a replay derives the outputs again
             log.warning("pending outputs not finished at %s (%s: %s); they are derived again on replay",
                         why, type(exc).__name__, exc)

@@ -112,10 +112,13 @@ class UserStateHandler:
             return self.flush_s
         return max(0.0, self._since + self.flush_s - time.monotonic())
 
-    def flush(self, timeout_s: float | None = None) -> None:
+    def flush(self, timeout_s: float | None = None) -> int:
+        """Write the waiting events and finish the hooks' pending outputs; returns the events written."""
+        written = len(self._waiting)
         self.write()
         for hook in self.deferred:
             hook.flush(timeout_s)
+        return written
 
     def forget(self, partitions: Collection[int]) -> None:
         """Revoked partitions: their waiting events (a revocation that could not write them) are

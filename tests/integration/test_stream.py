@@ -19,7 +19,14 @@ from fusionrec.streams import datasets
 from fusionrec.streams.producer import EventProducer
 from fusionrec.streams.replay import replay
 from fusionrec.streams.topics import ensure_topics
-from tests.integration.helpers import consume_until, dump_state, make_settings, purchases_in, read_topic
+from tests.integration.helpers import (
+    consume_until,
+    dump_state,
+    make_settings,
+    on_one_redis_and_a_cluster,
+    purchases_in,
+    read_topic,
+)
 
 NOW = int(time.time() * 1000)
 
@@ -97,8 +104,9 @@ def test_invalid_payloads_go_to_the_dlq_with_reasons_and_valid_ones_apply(settin
     assert pipeline.consumer.consumed == len(invalid) + len(valid)
 
 
-def test_consuming_the_same_range_twice_leaves_identical_state(services):
-    s = make_settings(services, partitions=2)
+@on_one_redis_and_a_cluster
+def test_consuming_the_same_range_twice_leaves_identical_state(services, redis_target):
+    s = make_settings(services, partitions=2, **redis_target)
     ensure_topics(s)
     ds = datasets.completejourney(households=30).head(4000)
     with EventProducer(s) as p:

@@ -18,6 +18,7 @@ from fusionrec.streams.state import (
     USER_MOVED_RETRIES,
     BatchResult,
     Positioned,
+    StaleStateError,
     StateStore,
     UserMovedError,
     decode_user_state,
@@ -143,6 +144,36 @@ def test_a_user_that_keeps_moving_fails_the_batch_after_the_retries_and_loses_no
     store._apply_zsets = original
     assert store.apply(ev[1:]).recomputed == 0
     assert _count(client, store.keys, "m", "click") == 3 and store.stored("m").recent == ["i2", "i1", "i0"]
+
+
+def test_a_stale_writer_is_detected_and_its_batch_counts_once(services):
+    """Two writers of one partition (a consumer that lost it and does not know yet, and its new owner):
+    the new owner applies the same events between the stale writer's item and user writes. The stale
+    writer's user write is refused by the partition guard (StaleStateError), and its retry skips the
+    offsets: every event counts once, in the items and in the users."""
+    s = make_settings(services)
+    client = connect(s)
+    stale, owner = StateStore(client, s), StateStore(client, s)
+    ev = [Positioned(0, n, UserEvent(event_id=f"e{n}", type="purchase", user_id=f"u{n % 3}", item_id=f"i{n % 4}",
+                                     ts=T0 + n)) for n in range(12)]
+    stale.apply(ev[:4])
+    original = stale._apply_zsets
+
+    def owner_meanwhile(zsets):
+        original(zsets)
+        owner.apply(ev[4:])
+
+    stale._apply_zsets = owner_meanwhile
+    with pytest.raises(StaleStateError) as raised:
+        stale.apply(ev[4:])
+    assert not isinstance(raised.value, UserMovedError)
+    stale._apply_zsets = original
+    assert stale.apply(ev[4:]).skipped == len(ev) - 4  # the runtime's retry: all of it applied already
+    assert sum(_count(client, stale.keys, f"u{k}", "purchase") for k in range(3)) == len(ev)
+    # the items' sets too: a clean pass of the same events under another prefix writes the same
+    clean = s.replace(redis_prefix=s.redis.prefix + "c")
+    StateStore(client, clean).apply(ev)
+    assert _state(client, s.redis.prefix) == _state(client, clean.redis.prefix)
 
 
 class Recorder:

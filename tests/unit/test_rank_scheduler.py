@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from fusionrec.core.settings import Settings
-from fusionrec.online.ranking.scheduler import RankScheduler
+from fusionrec.online.ranking.scheduler import CHUNK, RankScheduler
 from fusionrec.streams.state import BatchResult, UserTouch
 
 
@@ -193,8 +193,6 @@ def test_a_flush_retries_transient_failures_while_it_has_time():
 
 
 def test_a_writer_ranking_with_several_processes_gets_a_chunk_for_each():
-    from fusionrec.online.ranking.scheduler import CHUNK
-
     class TwoAtOnce(FakeWriter):
         parallel = 2
 
@@ -214,3 +212,34 @@ def test_ranking_processes_must_be_at_least_one():
 
     with pytest.raises(ConfigError, match="FUSIONREC_REC_PROCESSES"):
         Settings.from_env({"FUSIONREC_REC_PROCESSES": "0"})
+
+
+class SlowWriter(FakeWriter):
+    """Takes ``seconds`` per chunk of users it ranks."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+
+    def refresh(self, users: dict[str, UserTouch]) -> int:
+        time.sleep(self.seconds)
+        return super().refresh(users)
+
+
+def test_a_cycle_ranks_chunks_until_its_time_budget_is_spent():
+    w = SlowWriter(0.02)
+    sch = scheduler(w, rec_budget_ms=15)
+    sch.close()  # no thread: the cycles below run here, one at a time
+    sch(result(**{f"u{n}": [("a", 0, n)] for n in range(10 * CHUNK)}))
+    sch._cycle(time.monotonic())
+    # a chunk of 20 ms overran the 15 ms budget: the cycle ends after it, the rest waits for the next
+    assert [len(c) for c in w.calls] == [CHUNK]
+    assert len(sch._pending) == 9 * CHUNK
+    sch.budget_s = 0.1
+    sch._cycle(time.monotonic())
+    # 100 ms: chunks are taken while the cycle's time lasts, and no chunk starts after it (the sixth
+    # would start at 100 ms or later); the oldest users go first
+    taken = len(w.calls) - 1
+    assert 2 <= taken <= 5
+    assert all(len(c) == CHUNK for c in w.calls)
+    assert sch.floor() == {0: (1 + taken) * CHUNK}

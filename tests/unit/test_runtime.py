@@ -392,3 +392,33 @@ def test_a_poll_never_waits_past_the_processors_due_time() -> None:
     rt.run(threading.Event(), until_consumed(consumer, 4))
     # the batch timeout when nothing is due, the due time when sooner, never below 0
     assert consumer.timeouts == [0.5, 0.03, 0.5, 0.0]
+
+
+class Clocked(Recorder):
+    """Records the clock reading each message was decoded with, by the batch it came in."""
+
+    def __init__(self, log: list[tuple[Any, ...]]) -> None:
+        super().__init__(log)
+        self.decoded: list[int] = []
+        self.batches: list[list[int]] = []
+
+    def decode(self, msg: Any, now_ms: int) -> str:
+        self.decoded.append(now_ms)
+        return super().decode(msg, now_ms)
+
+    def process(self, batch: Polled[str]) -> None:
+        self.batches.append(self.decoded)
+        self.decoded = []
+        super().process(batch)
+
+
+def test_a_batch_is_decoded_with_one_clock_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    ticks = iter(range(1_000, 10**9, 1_000))  # every clock read one second later than the one before
+    monkeypatch.setattr("fusionrec.streams.runtime.time.time", lambda: next(ticks))
+    consumer = FakeConsumer({0: [b"ok:a", b"ok:b", b"ok:c"], 1: [b"ok:d", b"ok:e", b"ok:f"]})
+    proc = Clocked(consumer.log)
+    runtime(consumer, proc, max_messages=3).run(threading.Event(), until_consumed(consumer, 2))
+    assert [len(b) for b in proc.batches] == [3, 3]
+    # each batch's messages were checked against one reading of the clock; the next batch reads it anew
+    assert all(len(set(b)) == 1 for b in proc.batches)
+    assert proc.batches[0][0] < proc.batches[1][0]
