@@ -110,6 +110,7 @@ def test_two_processes_split_partitions_and_totals_are_exact(services, tmp_path,
     s = make_settings(services, partitions=4, batch_size=400, **redis_target)
     ensure_topics(s)
     ds = datasets.completejourney(households=80).head(15_000)
+    store_catalog(s, ds)  # the affinities need item metadata as each event is applied
     logs = [tmp_path / "a.log", tmp_path / "b.log"]
     procs = [_consumer(s, logs[0]), _consumer(s, logs[1])]
     try:
@@ -137,8 +138,24 @@ def test_two_processes_split_partitions_and_totals_are_exact(services, tmp_path,
         assert state[key]["state"]["counts"]["purchase"] == n
     pop_key = next(k for k in state if k.endswith("{g}:pop"))
     assert set(state[pop_key]) == set(ds.events.item_id)
-    # partitions moved between the processes while users waited to be ranked: outputs exactly once
+    # what the two processes derived from their partitions: outputs exactly once, and every user's
+    # state that of one process consuming everything
     assert_outputs_exactly_once(s, client, ds)
+    _assert_users_as_one_pass(client, s, ds)
+
+
+def _assert_users_as_one_pass(client, s, ds):
+    """Every user's state under ``s`` equals a clean single-consumer pass's (a user's events are on one
+    partition, in order); the item sets, sums whose order across partitions differs, have the same members."""
+    clean = s.replace(redis_prefix=s.redis.prefix + "c", group_state=s.stream.group + "-clean")
+    store_catalog(clean, ds)
+    consume_until(clean, len(ds.events) + len(ds.items))
+    split = {k.split(":", 1)[1]: v for k, v in dump_state(client, s.redis.prefix).items()}
+    whole = {k.split(":", 1)[1]: v for k, v in dump_state(client, clean.redis.prefix).items()}
+    users = sorted(k for k in whole if k.startswith("{u:") and k.endswith(":s"))
+    assert len(users) == ds.events.user_id.nunique()
+    assert {k: split.get(k) for k in users} == {k: whole[k] for k in users}
+    assert split["{g}:pop"].keys() == whole["{g}:pop"].keys()
 
 
 @pytest.mark.slow
@@ -179,19 +196,8 @@ def test_partitions_revoked_while_their_events_wait_are_written_before_the_commi
     assert wrote is not None, first[-3000:]
     assert first.rfind("assigned") > wrote.start(), first[-3000:]
     assert "assigned" in logs[1].read_text()
-
-    clean = s.replace(redis_prefix=s.redis.prefix + "c", group_state=s.stream.group + "-clean")
-    store_catalog(clean, ds)
-    consume_until(clean, len(ds.events) + len(ds.items))
-    # each user's state (their events are on one partition, in order) equals the clean pass's; item sets
-    # are sums over users whose order across partitions differs between the passes: same members
-    split = {k.split(":", 1)[1]: v for k, v in dump_state(client, s.redis.prefix).items()}
-    whole = {k.split(":", 1)[1]: v for k, v in dump_state(client, clean.redis.prefix).items()}
-    users = sorted(k for k in whole if k.startswith("{u:") and k.endswith(":s"))
-    assert len(users) == ds.events.user_id.nunique()
-    assert {k: split.get(k) for k in users} == {k: whole[k] for k in users}
-    assert split["{g}:pop"].keys() == whole["{g}:pop"].keys()
     assert_outputs_exactly_once(s, client, ds)
+    _assert_users_as_one_pass(client, s, ds)
 
 
 # A consumer that kills itself inside a write-behind flush: ``when`` is "items" (the batch's item sets

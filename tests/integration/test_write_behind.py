@@ -74,6 +74,30 @@ def test_kept_state_saves_the_reads_and_changes_nothing(services, events):
     assert dumps[0] == dumps[1]
 
 
+def test_a_cold_batch_reads_its_users_and_guards_in_one_round_trip(services, events):
+    catalog, evs = events
+    s = make_settings(services)
+    client = connect(s)
+    store = StateStore(client, s)
+    store.apply_catalog(catalog)
+    batch = evs[:600]
+    users = {str(pe.event.user_id) for pe in batch}
+    buckets = {store.keys.bucket(u) for u in users}
+    read, calls = store._user_read, []
+
+    def recorded(*, keys, args, client):
+        calls.append((id(client), keys[0], len(keys) - 1))
+        return read(keys=keys, args=args, client=client)
+
+    store._user_read = recorded
+    store.apply(batch)
+    # one read script per bucket, all in one pipeline: the bucket's guard and each of its users' states
+    assert len({pipe for pipe, _, _ in calls}) == 1
+    assert sorted(guard for _, guard, _ in calls) == sorted(store.keys.user_guard(b) for b in buckets)
+    assert sum(n for _, _, n in calls) == len(users)
+    assert len(users) > 10 and len(buckets) > 5
+
+
 def test_kept_states_stay_within_their_byte_bound(services):
     """Three users of about 0.5 MiB each under a 1 MiB bound: the least recently touched go first, and the
     bound counts each kept state's stored size."""
