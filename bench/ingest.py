@@ -270,9 +270,10 @@ def ceiling(base: Settings, ds: datasets.Dataset) -> float:
         msgs = consumer.consume(s.stream.batch_size, 1.0)
         if msgs and not t0:
             t0 = time.perf_counter()
+        now_ms = int(time.time() * 1000)  # one clock read per batch, as the runtime decodes
         for msg in msgs:
             if msg.error() is None:
-                validator.user_event(msg.value())
+                validator.user_event(msg.value(), now_ms)
                 done += 1
     elapsed = time.perf_counter() - t0
     consumer.close()
