@@ -95,11 +95,7 @@ def test_sigkill_at_random_points_then_restart_equals_one_clean_pass(services, t
                                                    (tmp_path / "crashy.log").read_text()))
     assert replayed > 0, "no kill fell between a state write and its outputs"
 
-    clean = crashy.replace(redis_prefix=crashy.redis.prefix + "c", group_state=crashy.stream.group + "-clean")
-    store_catalog(clean, ds)
-    consume_until(clean, len(ds.events) + len(ds.items))
-    crashed_state = {k.split(":", 1)[1]: v for k, v in dump_state(client, crashy.redis.prefix).items()}
-    clean_state = {k.split(":", 1)[1]: v for k, v in dump_state(client, clean.redis.prefix).items()}
+    crashed_state, clean_state = _and_one_clean_pass(client, crashy, ds)
     assert crashed_state.keys() == clean_state.keys()
     assert crashed_state == clean_state
 
@@ -144,14 +140,20 @@ def test_two_processes_split_partitions_and_totals_are_exact(services, tmp_path,
     _assert_users_as_one_pass(client, s, ds)
 
 
-def _assert_users_as_one_pass(client, s, ds):
-    """Every user's state under ``s`` equals a clean single-consumer pass's (a user's events are on one
-    partition, in order); the item sets, sums whose order across partitions differs, have the same members."""
+def _and_one_clean_pass(client, s, ds):
+    """Every key under ``s``'s prefix, and under the prefix of a clean single-consumer pass over the same
+    topics (a group of its own), each without its prefix."""
     clean = s.replace(redis_prefix=s.redis.prefix + "c", group_state=s.stream.group + "-clean")
     store_catalog(clean, ds)
     consume_until(clean, len(ds.events) + len(ds.items))
-    split = {k.split(":", 1)[1]: v for k, v in dump_state(client, s.redis.prefix).items()}
-    whole = {k.split(":", 1)[1]: v for k, v in dump_state(client, clean.redis.prefix).items()}
+    return ({k.split(":", 1)[1]: v for k, v in dump_state(client, s.redis.prefix).items()},
+            {k.split(":", 1)[1]: v for k, v in dump_state(client, clean.redis.prefix).items()})
+
+
+def _assert_users_as_one_pass(client, s, ds):
+    """Every user's state under ``s`` equals a clean single-consumer pass's (a user's events are on one
+    partition, in order); the item sets, sums whose order across partitions differs, have the same members."""
+    split, whole = _and_one_clean_pass(client, s, ds)
     users = sorted(k for k in whole if k.startswith("{u:") and k.endswith(":s"))
     assert len(users) == ds.events.user_id.nunique()
     assert {k: split.get(k) for k in users} == {k: whole[k] for k in users}
@@ -255,10 +257,6 @@ def test_sigkill_mid_flush_then_restart_equals_one_clean_pass(services, tmp_path
         assert proc.wait(60) == 0, log_path.read_text()[-3000:]
     assert_outputs_exactly_once(s, client, ds)
 
-    clean = s.replace(redis_prefix=s.redis.prefix + "c", group_state=s.stream.group + "-clean")
-    store_catalog(clean, ds)
-    consume_until(clean, len(ds.events) + len(ds.items))
-    crashed_state = {k.split(":", 1)[1]: v for k, v in dump_state(client, s.redis.prefix).items()}
-    clean_state = {k.split(":", 1)[1]: v for k, v in dump_state(client, clean.redis.prefix).items()}
+    crashed_state, clean_state = _and_one_clean_pass(client, s, ds)
     assert crashed_state.keys() == clean_state.keys()
     assert crashed_state == clean_state
