@@ -53,7 +53,7 @@ def popular_list(user_id: str, ranked: list[tuple[bytes, float]], deleted: list[
 
 
 class OnReadRanker:
-    """Ranks one user from their state now, with the served fusion model (see the module docstring).
+    """Ranks users from their state now, with the served fusion model (see the module docstring).
 
     Built on first use: only then does the process load the model (and import torch). Rankings are
     serialised (the item and vector caches are shared); each takes about a millisecond.
@@ -82,6 +82,10 @@ class OnReadRanker:
 
     def rank(self, user_id: str, stored_id: str, last_seen: bytes | str, k: int) -> RecList:
         """``user_id``'s list from the state stored under ``stored_id`` (its pseudonym, where used)."""
+        return self.rank_many([(user_id, stored_id, last_seen)], k)[user_id]
+
+    def rank_many(self, users: list[tuple[str, str, bytes | str]], k: int) -> dict[str, RecList]:
+        """:meth:`rank` for several (user id, stored id, last seen) at once: one read, one ranking."""
         with self._lock:
             if self._ranker is None:
                 from fusionrec.online.candidates.context import CandidateReader
@@ -91,13 +95,18 @@ class OnReadRanker:
                 serving = ServingModel(CheckpointStore(self.redis, self.settings, self.keys), self.settings)
                 self._ranker = FusionRanker(self.redis, self.settings, serving, self.keys)
                 self._candidates = CandidateReader(self.redis, self.settings, self.keys)
-            ts = int(last_seen)
-            [ctx] = self._candidates.for_stored_users({stored_id: ts})
-            [ranked] = self._ranker.rank_many([ctx], k)
-        if self.counted is not None:
-            self.counted()
-        return RecList(user_id=user_id, items=ranked.items, model=model_label(self._ranker.name, ranked.model),
-                       generated_at=int(time.time() * 1000), event_ts=ts, on_read=True)
+            at = {stored: int(seen) for _, stored, seen in users}  # each stored user once
+            contexts = self._candidates.for_stored_users(at)
+            ranked = dict(zip(at, self._ranker.rank_many(contexts, k), strict=True))
+        now = int(time.time() * 1000)
+        out = {}
+        for uid, stored, _ in users:
+            if self.counted is not None:
+                self.counted()
+            r = ranked[stored]
+            out[uid] = RecList(user_id=uid, items=r.items, model=model_label(self._ranker.name, r.model),
+                               generated_at=now, event_ts=at[stored], on_read=True)
+        return out
 
 
 class RecommendationReader:
@@ -129,18 +138,39 @@ class RecommendationReader:
         return recs if recs is not None else self.popular(uid, k)
 
     def many(self, user_ids: list[str], k: int | None = None) -> dict[str, RecList]:
-        """``top_k`` for many users in one round trip (plus one for the fallback if needed)."""
+        """``top_k`` for many users in one round trip (plus one for the fallback if needed; with rank on
+        read, the users whose state is newer than their list are ranked together)."""
         k = self.settings.rec.k if k is None else k
-        raws = self.redis.mget([self.keys.user_rec(self.pseudonyms(u)) for u in user_ids]) if user_ids else []
+        if k <= 0:
+            raise ValueError(f"k must be positive, got {k}")
+        stored_ids = [self.pseudonyms(u) for u in user_ids]
+        if not user_ids:
+            return {}
+        if self.on_read is None:
+            raws = self.redis.mget([self.keys.user_rec(u) for u in stored_ids])
+            seen: list[bytes | None] = [None] * len(user_ids)
+        else:
+            pipe = self.redis.pipeline(transaction=False)
+            for u in stored_ids:
+                pipe.get(self.keys.user_rec(u))
+                pipe.hget(self.keys.user_state(u), "last_seen")
+            replies = pipe.execute()
+            raws, seen = replies[0::2], replies[1::2]
         out: dict[str, RecList] = {}
+        stale: list[tuple[str, str, bytes | str]] = []
         fallback: RecList | None = None
-        for uid, raw in zip(user_ids, raws, strict=True):
-            if raw is not None:
-                out[uid] = stored_list(cast(bytes, raw), k, uid)
+        for uid, stored_id, raw, last_seen in zip(user_ids, stored_ids, raws, seen, strict=True):
+            recs = stored_list(cast(bytes, raw), k, uid) if raw is not None else None
+            if self.on_read is not None and last_seen is not None and self.on_read.stale(recs, last_seen):
+                stale.append((uid, stored_id, last_seen))
+            elif recs is not None:
+                out[uid] = recs
             else:
                 fallback = fallback or self.popular("", k)
                 out[uid] = msgspec.structs.replace(fallback, user_id=uid)
-        return out
+        if stale and self.on_read is not None:
+            out.update(self.on_read.rank_many(stale, k))
+        return {uid: out[uid] for uid in user_ids}
 
     def popular(self, user_id: str, k: int) -> RecList:
         """Most popular items right now, skipping deleted ones."""

@@ -51,12 +51,20 @@ def test_a_reader_ranks_a_user_whose_state_is_newer_than_their_list(settings: Se
     assert newcomer.on_read and newcomer.items[0].item_id == "dates" and len(newcomer.items) == 3
     unknown = reader.top_k("nobody")
     assert unknown.fallback and not unknown.on_read
+    # many users at once: the stale ones ranked together, each as top_k answers it alone
+    together = reader.many(["a", "b", "nobody", "a"])
+    assert list(together) == ["a", "b", "nobody"]
+    assert together["a"].on_read and together["a"].items == fresh.items and together["a"].event_ts == T0 + 2
+    assert together["b"].on_read and together["b"].items[0].item_id == "dates"
+    assert together["nobody"].fallback and not together["nobody"].on_read
+    assert RecommendationReader(rclient, settings).many(["a"])["a"] == stored  # rank on read off
     assert _rec_keys(rclient, s) == before  # a reader writes nothing
 
     # once the stream has ranked "a" from the newest state, the stored list is served again
     writer.refresh({"a": store.apply([_event(2, "a", "cheese", T0 + 2)]).users["a"]})
     again = reader.top_k("a")
     assert not again.on_read and again.event_ts == T0 + 2
+    assert reader.many(["a"])["a"] == again
 
 
 def test_the_api_ranks_on_read_in_a_worker_thread_and_counts_it(settings: Settings, rclient: redis.Redis):
