@@ -120,32 +120,18 @@ class RecommendationReader:
         self.on_read = on_read or (OnReadRanker(client, settings, self.keys) if settings.rec.rank_on_read else None)
 
     def top_k(self, user_id: str | int, k: int | None = None) -> RecList:
-        k = self.settings.rec.k if k is None else k
-        if k <= 0:
-            raise ValueError(f"k must be positive, got {k}")
         uid = str(user_id)
-        stored_id = self.pseudonyms(uid)
-        if self.on_read is None:
-            raw = self.redis.get(self.keys.user_rec(stored_id))
-            return stored_list(cast(bytes, raw), k, uid) if raw is not None else self.popular(uid, k)
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.get(self.keys.user_rec(stored_id))
-        pipe.hget(self.keys.user_state(stored_id), "last_seen")
-        raw, last_seen = pipe.execute()
-        recs = stored_list(raw, k, uid) if raw is not None else None
-        if last_seen is not None and self.on_read.stale(recs, last_seen):
-            return self.on_read.rank(uid, stored_id, last_seen, k)
-        return recs if recs is not None else self.popular(uid, k)
+        return self.many([uid], k)[uid]
 
     def many(self, user_ids: list[str], k: int | None = None) -> dict[str, RecList]:
-        """``top_k`` for many users in one round trip (plus one for the fallback if needed; with rank on
-        read, the users whose state is newer than their list are ranked together)."""
+        """Each user's list in one round trip (plus one for the fallback if needed; with rank on read,
+        the users whose state is newer than their list are ranked together)."""
         k = self.settings.rec.k if k is None else k
         if k <= 0:
             raise ValueError(f"k must be positive, got {k}")
-        stored_ids = [self.pseudonyms(u) for u in user_ids]
         if not user_ids:
             return {}
+        stored_ids = [self.pseudonyms(u) for u in user_ids]
         if self.on_read is None:
             raws = self.redis.mget([self.keys.user_rec(u) for u in stored_ids])
             seen: list[bytes | None] = [None] * len(user_ids)

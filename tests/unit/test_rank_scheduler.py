@@ -214,32 +214,41 @@ def test_ranking_processes_must_be_at_least_one():
         Settings.from_env({"FUSIONREC_REC_PROCESSES": "0"})
 
 
-class SlowWriter(FakeWriter):
-    """Takes ``seconds`` per chunk of users it ranks."""
+class Clock:
+    """A monotonic clock that moves only when told (the scheduler's ``time`` in a test)."""
 
-    def __init__(self, seconds: float) -> None:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+class SlowWriter(FakeWriter):
+    """Takes ``seconds`` of ``clock`` per chunk of users it ranks."""
+
+    def __init__(self, clock: Clock, seconds: float) -> None:
         super().__init__()
-        self.seconds = seconds
+        self.clock, self.seconds = clock, seconds
 
     def refresh(self, users: dict[str, UserTouch]) -> int:
-        time.sleep(self.seconds)
+        self.clock.now += self.seconds
         return super().refresh(users)
 
 
-def test_a_cycle_ranks_chunks_until_its_time_budget_is_spent():
-    w = SlowWriter(0.02)
+def test_a_cycle_ranks_chunks_until_its_time_budget_is_spent(monkeypatch: pytest.MonkeyPatch):
+    clock = Clock()
+    w = SlowWriter(clock, 0.02)
     sch = scheduler(w, rec_budget_ms=15)
     sch.close()  # no thread: the cycles below run here, one at a time
+    monkeypatch.setattr("fusionrec.online.ranking.scheduler.time", clock)
     sch(result(**{f"u{n}": [("a", 0, n)] for n in range(10 * CHUNK)}))
-    sch._cycle(time.monotonic())
+    sch._cycle(clock.monotonic())
     # a chunk of 20 ms overran the 15 ms budget: the cycle ends after it, the rest waits for the next
     assert [len(c) for c in w.calls] == [CHUNK]
     assert len(sch._pending) == 9 * CHUNK
-    sch.budget_s = 0.1
-    sch._cycle(time.monotonic())
-    # 100 ms: chunks are taken while the cycle's time lasts, and no chunk starts after it (the sixth
-    # would start at 100 ms or later); the oldest users go first
-    taken = len(w.calls) - 1
-    assert 2 <= taken <= 5
-    assert all(len(c) == CHUNK for c in w.calls)
-    assert sch.floor() == {0: (1 + taken) * CHUNK}
+    sch.budget_s = 0.05
+    sch._cycle(clock.monotonic())
+    # 50 ms: chunks start at 0, 20 and 40 ms; none starts after the budget is spent; the oldest users first
+    assert [len(c) for c in w.calls] == [CHUNK] * 4
+    assert sch.floor() == {0: 4 * CHUNK}
