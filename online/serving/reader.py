@@ -1,7 +1,7 @@
 """``RecommendationReader``: how applications read recommendations straight from Redis.
 
-One GET per user; users without a stored list (unknown, or expired) get the currently popular items,
-marked ``fallback=True``.
+One ``MGET`` reads the stored lists of the users asked for; users without a stored list (unknown, or
+expired) get the currently popular items, marked ``fallback=True``.
 
 Rank on read (``FUSIONREC_REC_RANK_ON_READ``): the stream ranks a touched user off its ingest path,
 at most every ``FUSIONREC_REC_DEBOUNCE_MS``, so for a moment after an event the user's state is
