@@ -245,6 +245,10 @@ class RecSettings:
     threads: int = setting(1, env="REC_THREADS",
                            doc="threads of the ranking process's numeric libraries (torch, OpenMP, BLAS); 0: one "
                                "per core")
+    nice: int = setting(10, env="REC_NICE",
+                        doc="how much lower the ranking processes' CPU priority is than the consumer's (added to "
+                            "their nice value, 0-19): where cores are short, ingest runs first and ranking takes "
+                            "what is left, merging the users' further events meanwhile")
     rank_on_read: bool = setting(False, env="REC_RANK_ON_READ",
                                  doc="readers (the API, RecommendationReader) rank a user whose state is newer "
                                      "than their stored list, with the served fusion model, instead of serving it")
@@ -551,6 +555,8 @@ class Settings:
             raise ConfigError("rec debounce must be >= 0; ranking cycle, budget and max dirty users must be > 0")
         if rec.processes < 1:
             raise ConfigError(f"{PREFIX}REC_PROCESSES must be >= 1, got {rec.processes}")
+        if not 0 <= rec.nice <= 19:
+            raise ConfigError(f"{PREFIX}REC_NICE must be in 0-19, got {rec.nice}")
         if rec.content_cache < 0:
             raise ConfigError(f"{PREFIX}REC_CONTENT_CACHE must be >= 0, got {rec.content_cache}")
         if rec.fresh_candidates < 0 or rec.fresh_scan < rec.fresh_candidates or rec.fresh_below < 0 \

@@ -6,7 +6,9 @@ ingest for one interpreter. :class:`RankProcess` has the same ``refresh(users)``
 and runs that writer in a child process:
 
 0. the child is spawned when the consumer starts and gets ready (imports, connections) beside it;
-   the first ranking waits for it;
+   the first ranking waits for it. It runs ``FUSIONREC_REC_NICE`` below the consumer's CPU priority:
+   where cores are short, ingest goes first and the ranking takes what is left (a user's events
+   meanwhile merge into one ranking);
 1. the scheduler's thread sends a chunk of touched users (their merged touches) through a pipe and
    waits, without holding the interpreter;
 2. the child reads their candidates, ranks them with the served fusion model (it loads and
@@ -297,6 +299,8 @@ def rank_main(settings: Settings, conn: Connection, feedback: bool) -> None:
         encoded.extend(encode_feedback(snapshots))
 
     try:
+        if settings.rec.nice:
+            os.nice(settings.rec.nice)  # ingest first (see RecSettings.nice)
         limit_threads(settings.rec.threads)
         metrics = Metrics()
         client = connect(settings)

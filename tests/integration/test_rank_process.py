@@ -117,6 +117,10 @@ def test_two_processes_write_what_the_writer_writes_each_ranking_a_share(service
         assert sorted(shares) == [0, 1] and abs(len(shares[0]) - len(shares[1])) <= len(users) // 2
         assert not {keys.bucket(u) for u in shares[0]} & {keys.bucket(u) for u in shares[1]}
         assert proc.refresh(touches) == len(users)
+        # ingest first: each child runs FUSIONREC_REC_NICE below this process's priority
+        assert s.rec.nice == 10
+        assert [os.getpriority(os.PRIO_PROCESS, pid) for pid in proc.pids if pid] == [os.getpriority(
+            os.PRIO_PROCESS, 0) + s.rec.nice] * 2
     finally:
         proc.close()
     assert _lists(rclient, keys, users) == expected_lists

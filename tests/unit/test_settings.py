@@ -32,7 +32,8 @@ def test_overrides_win_and_settings_are_frozen():
 
 @pytest.mark.parametrize("env", [{"FUSIONREC_BATCH_SIZE": "many"}, {"FUSIONREC_BATCH_SIZE": "0"},
                                  {"FUSIONREC_KAFKA_OPTIONS": "[1, 2]"}, {"FUSIONREC_REDIS_PREFIX": "a{b}"},
-                                 {"FUSIONREC_REDIS_PERSISTENCE": "rdb"}])
+                                 {"FUSIONREC_REDIS_PERSISTENCE": "rdb"}, {"FUSIONREC_REC_NICE": "20"},
+                                 {"FUSIONREC_REC_NICE": "-1"}])
 def test_bad_values_are_clear_errors(env):
     with pytest.raises(ConfigError, match="FUSIONREC_"):
         Settings.from_env(env)
