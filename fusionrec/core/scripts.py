@@ -5,11 +5,19 @@ Cluster. Large payloads travel as one msgpack argument (unpacked by Redis' built
 doubles survive exactly, and Redis formats Lua numbers for commands in shortest round-trip form.
 """
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import redis
+from redis.client import Pipeline
 from redis.cluster import ClusterPipeline, RedisCluster
+
+# How often a pipeline makes sure a script is loaded (``SCRIPT EXISTS``, one round trip before the
+# pipeline runs); in between it sends ``EVALSHA`` alone. A Redis that lost its scripts (a restart)
+# answers NOSCRIPT to those calls, which callers retry as any transient error, until the next check
+# loads them.
+CHECK_EVERY_S = 1.0
 
 
 def is_cluster(client: Any) -> bool:
@@ -21,18 +29,26 @@ class LuaScript:
     """A Lua script called like redis-py's ``Script`` (``script(keys=…, args=…, client=pipe)``) on a
     Redis or a Redis Cluster client and their pipelines.
 
-    On a single Redis it is redis-py's ``Script`` (``EVALSHA``, loaded before a pipeline runs). A
-    Redis Cluster pipeline cannot send ``EVALSHA`` through redis-py, so there each call is an ``EVAL``
-    routed by its keys' slot; every script's keys share one hash tag, so one node runs it.
+    On a single Redis it is redis-py's ``Script`` (``EVALSHA``; loaded when Redis answers NOSCRIPT),
+    except that in a pipeline its ``SCRIPT EXISTS`` check, a round trip of its own, is made at most
+    every :data:`CHECK_EVERY_S`, not before every pipeline. A Redis Cluster pipeline cannot send
+    ``EVALSHA`` through redis-py, so there each call is an ``EVAL`` routed by its keys' slot; every
+    script's keys share one hash tag, so one node runs it.
     """
 
     def __init__(self, client: redis.Redis, source: str) -> None:
         self.client = client
         self.source = source
         self._script = None if is_cluster(client) else client.register_script(source)
+        self._checked = -CHECK_EVERY_S  # monotonic time a pipeline last made sure the script is loaded
 
     def __call__(self, keys: Sequence[Any] = (), args: Sequence[Any] = (), client: Any = None) -> Any:
         if self._script is not None:
+            if isinstance(client, Pipeline):
+                now = time.monotonic()
+                if now - self._checked < CHECK_EVERY_S:
+                    return client.evalsha(self._script.sha, len(keys), *keys, *args)
+                self._checked = now
             return self._script(keys=keys, args=args, client=client)
         target = self.client if client is None else client
         return target.execute_command("EVAL", self.source, len(keys), *keys, *args)

@@ -225,3 +225,33 @@ def test_a_covisitation_sets_ttl_is_set_when_due_not_at_every_write(services):
     time.sleep(1.1)
     visit("a", "d")
     assert client.zscore(key, "d") is not None and 0 < client.ttl(key) <= 10
+
+
+def test_a_pipeline_checks_a_script_is_loaded_once_a_second_and_loads_it_again_after_a_flush(services, monkeypatch):
+    from redis.exceptions import NoScriptError
+
+    from fusionrec.core import scripts
+
+    s = make_settings(services)
+    client = connect(s)
+    script = scripts.LuaScript(client, "return 'fusionrec-script-check:' .. ARGV[1]")
+
+    def checks() -> int:
+        return int(client.info("commandstats").get("cmdstat_script|exists", {}).get("calls", 0))
+
+    def run(i: int) -> list:
+        pipe = client.pipeline(transaction=False)
+        script(args=[i], client=pipe)
+        return pipe.execute()
+
+    before = checks()
+    assert [run(i) for i in range(5)] == [[f"fusionrec-script-check:{i}".encode()] for i in range(5)]
+    assert checks() - before == 1  # the first pipeline made sure; the next four sent EVALSHA alone
+    client.script_flush()  # what a restarted Redis has lost
+    with pytest.raises(NoScriptError):
+        run(5)
+    assert script(args=[6]) == b"fusionrec-script-check:6"  # a call of its own loads it
+    client.script_flush()
+    monkeypatch.setattr(scripts, "CHECK_EVERY_S", 0.0)  # the next check is due: the pipeline loads it
+    assert run(7) == [b"fusionrec-script-check:7"]
+    client.close()
