@@ -60,7 +60,9 @@ def test_an_event_at_the_size_limit_is_dead_lettered_cut_with_its_size_and_hash(
 
 
 def test_a_missing_dead_letter_topic_stops_the_consumer_by_name_and_loses_nothing(settings: Settings) -> None:
-    absent = settings.replace(dlq_suffix=".absent")
+    # librdkafka waits topic.metadata.propagation.max.ms (30 s by default) for a topic to appear
+    absent = settings.replace(dlq_suffix=".absent", kafka_options={**settings.kafka.options,
+                                                                  "topic.metadata.propagation.max.ms": 3000})
     with EventProducer(settings) as p:
         p.produce(settings.kafka.topic_events, b"not json", key="k")
         p.user_event({"event_id": "ok", "type": "purchase", "user_id": "u1", "item_id": "i1", "ts": NOW})
