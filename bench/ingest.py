@@ -24,8 +24,10 @@ events are published by a producer in a process of its own.
    event: Kafka timestamp → its state written (``freshness_state``) and → its user's next list written
    (``freshness_recs``), with the learner (``fusionrec learner``, one numeric thread) running in a
    process of its own.
-   The producer is connected before its first event is stamped. The line before the JSON gives the
-   CPU each process used while the producer sent (``/proc``), as a share of one core. ``kept_up``:
+   The producer is connected before its first event is stamped. The lines before the JSON give where
+   the time goes (Kafka timestamp → the state handler took the event; each write-behind write's events
+   and time; each ranking's users and time) and the CPU each process used while the producer sent
+   (``/proc``), as a share of one core. ``kept_up``:
    every event was applied within 1 s of the producer's end.
 
 With ``--embedded-catalog`` every run starts with the catalog's item vectors active in Redis (encoded
@@ -390,6 +392,9 @@ def freshness(base: Settings, ds: datasets.Dataset, rate: float,
     first_event: list[float] = []
     state_ms: list[float] = []
     recs_ms: list[float] = []
+    received_ms: list[float] = []  # Kafka timestamp → the state handler took the event
+    writes: list[tuple[int, float]] = []  # per write-behind write: events, ms
+    rankings: list[tuple[int, float]] = []  # per ranking: users, ms
     waiting: dict[str, list[int]] = {}
     lock = threading.Lock()
     applied_at = [0.0]
@@ -400,12 +405,16 @@ def freshness(base: Settings, ds: datasets.Dataset, rate: float,
         if not first_event and batch.events:
             first_event.append(time.monotonic())
         if not batch.taken:
+            now = time.time() * 1000
             for pe, ts in zip(batch.events, batch.timestamps, strict=True):
                 stamps[(pe.partition, pe.offset)] = ts
+                received_ms.append(now - ts)
         handle(batch)
 
     def timed(events: Sequence[Positioned]) -> BatchResult:
+        t0 = time.perf_counter()
         result = apply(events)  # the state is in Redis when this returns (write-behind: several batches)
+        writes.append((len(events), (time.perf_counter() - t0) * 1000))
         now = time.time() * 1000
         with lock:
             for pe in events:
@@ -418,7 +427,9 @@ def freshness(base: Settings, ds: datasets.Dataset, rate: float,
     def written(users: dict[str, UserTouch]) -> int:
         with lock:  # what waited for these users before this ranking started
             mine = {u: waiting.pop(u, []) for u in users}
+        t0 = time.perf_counter()
         n = refresh(users)
+        rankings.append((len(users), (time.perf_counter() - t0) * 1000))
         now = time.time() * 1000
         with lock:
             recs_ms.extend(now - ts for stamps in mine.values() for ts in stamps)
@@ -447,7 +458,8 @@ def freshness(base: Settings, ds: datasets.Dataset, rate: float,
         ended = time.time()
         worker.join()
     shares = cpu.shares(first_event[0], "producer") if first_event else {}
-    return {"state": state_ms, "recs": recs_ms, "caught_up_s": applied_at[0] - ended, "cpu": shares}
+    return {"state": state_ms, "recs": recs_ms, "caught_up_s": applied_at[0] - ended, "cpu": shares,
+            "received": received_ms, "writes": writes, "rankings": rankings}
 
 
 @contextlib.contextmanager
@@ -531,6 +543,13 @@ def main() -> None:
           f"median state p99 reported (state p99 of each: "
           f"{', '.join(str(pct(f['state'], 99)) for f in runs)} ms); caught up {fresh['caught_up_s']:.2f} s after "
           f"the producer's end; item vectors active: {len(VECTORS.vectors) if VECTORS else 0}")
+    if fresh["writes"] and fresh["rankings"]:
+        w, r = np.array(fresh["writes"]), np.array(fresh["rankings"])
+        print(f"where the freshness goes: an event reaches the state handler {pct(fresh['received'], 50)} / "
+              f"{pct(fresh['received'], 99)} ms (p50 / p99) after its Kafka timestamp; {len(w)} state writes of "
+              f"{pct(w[:, 0], 50):.0f} events (p50) taking {pct(w[:, 1], 50)} / {pct(w[:, 1], 99)} ms; "
+              f"{len(r)} rankings of {pct(r[:, 0], 50):.0f} users (p50) taking {pct(r[:, 1], 50)} / "
+              f"{pct(r[:, 1], 90)} ms (p50 / p90)")
     if fresh["cpu"]:
         used = sorted(fresh["cpu"].items(), key=lambda kv: -kv[1])
         cores = os.cpu_count() or 1
