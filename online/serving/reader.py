@@ -98,15 +98,13 @@ class OnReadRanker:
             at = {stored: int(seen) for _, stored, seen in users}  # each stored user once
             contexts = self._candidates.for_stored_users(at)
             ranked = dict(zip(at, self._ranker.rank_many(contexts, k), strict=True))
-        now = int(time.time() * 1000)
-        out = {}
-        for uid, stored, _ in users:
-            if self.counted is not None:
+        if self.counted is not None:
+            for _ in at:  # one list ranked per user, however often it was asked for
                 self.counted()
-            r = ranked[stored]
-            out[uid] = RecList(user_id=uid, items=r.items, model=model_label(self._ranker.name, r.model),
-                               generated_at=now, event_ts=at[stored], on_read=True)
-        return out
+        now = int(time.time() * 1000)
+        name = self._ranker.name
+        return {uid: RecList(user_id=uid, items=ranked[stored].items, model=model_label(name, ranked[stored].model),
+                             generated_at=now, event_ts=at[stored], on_read=True) for uid, stored, _ in users}
 
 
 class RecommendationReader:

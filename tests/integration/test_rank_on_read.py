@@ -52,8 +52,12 @@ def test_a_reader_ranks_a_user_whose_state_is_newer_than_their_list(settings: Se
     unknown = reader.top_k("nobody")
     assert unknown.fallback and not unknown.on_read
     # many users at once: the stale ones ranked together, each as top_k answers it alone
+    ranked: list[int] = []
+    assert reader.on_read is not None
+    reader.on_read.counted = lambda: ranked.append(1)
     together = reader.many(["a", "b", "nobody", "a"])
     assert list(together) == ["a", "b", "nobody"]
+    assert len(ranked) == 2  # "a", asked for twice, is one list ranked
     assert together["a"].on_read and together["a"].items == fresh.items and together["a"].event_ts == T0 + 2
     assert together["b"].on_read and together["b"].items[0].item_id == "dates"
     assert together["nobody"].fallback and not together["nobody"].on_read
